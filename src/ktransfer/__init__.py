@@ -1,0 +1,8 @@
+"""ktransfer: knowledge transfer for sequence generation (forward KD and backward KA distillation)."""
+
+__version__ = "0.1.0"
+
+from ktransfer.divergences import KINDS, divergence  # noqa: E402
+from ktransfer.objectives import TransferLoss, transfer_loss  # noqa: E402
+
+__all__ = ["KINDS", "TransferLoss", "__version__", "divergence", "transfer_loss"]

@@ -1,0 +1,5 @@
+import sys
+
+from ktransfer.cli import main
+
+sys.exit(main())

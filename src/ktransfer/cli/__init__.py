@@ -1,0 +1,73 @@
+"""The ``ktransfer`` command line: a thin layer that parses arguments and calls library functions.
+
+Each sub-command lives in its own module ``ktransfer.cli.<name>`` with two functions:
+
+- ``add_arguments(parser: argparse.ArgumentParser) -> None`` declares its options (with help text);
+- ``run(args: argparse.Namespace) -> int`` calls the library and returns the exit status.
+
+Only the module of the command being run is imported, so ``ktransfer --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "toy": ("ktransfer.cli.toy", "the paper's 4-action toy experiment (Fig. 3) and gradient picture (Fig. 2)"),
+    "data": ("ktransfer.cli.data", "download, check and inspect parallel corpora"),
+    "train": ("ktransfer.cli.train", "train a teacher or learner (nll) or distil a learner (kd, ka, half, ...)"),
+    "evaluate": ("ktransfer.cli.evaluate", "beam-search a corpus split or file and score it with sacreBLEU"),
+    "translate": ("ktransfer.cli.translate", "translate stdin to stdout with a trained model"),
+}
+
+DESCRIPTION = """\
+ktransfer: knowledge transfer for sequence generation.
+
+A small learner p learns from a frozen teacher q by minimising
+    L = (1 - lam) * NLL(reference) + lam * sum_t D(p(.|h_t), q(.|h_t))
+where D is forward KL(q || p) (KD: the teacher tells) or backward KL(p || q)
+(KA: the learner proposes, the teacher judges), or another divergence.
+
+Run `ktransfer COMMAND --help` for the options of one command.
+"""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported to declare its options."""
+    parser = argparse.ArgumentParser(
+        prog="ktransfer", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from ktransfer import __version__
+
+    parser.add_argument("--version", action="version", version=f"ktransfer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
