@@ -1,0 +1,397 @@
+"""Divergences between a learner p and a frozen teacher q, computed from logits in chunks with exact gradients.
+
+Notation (per position): z = learner logits, u = teacher logits, both ``[..., V]``; T = temperature;
+p = softmax(z / T), q = softmax(u / T); S = the support (all of V unless ``top_k`` is given).
+
+Every kind is a sum over y in S of a term f(p_y, q_y):
+
+=================  ===============================================  =====================  ================
+kind               value                                            default top-k support  also known as
+=================  ===============================================  =====================  ================
+forward_kl         sum_S q (log q - log p) = KL(q || p)             teacher (q tells)      KD, "Forward"
+reverse_kl         sum_S p (log p - log q) = KL(p || q)             learner (p proposes)   KA, "Backward"
+half               1/2 forward_kl + 1/2 reverse_kl (own supports)   each its own           paper's "1/2KA+1/2KD"
+jsd                b KL(q || m) + (1-b) KL(p || m), m = b q+(1-b) p  union                  TRL generalized JSD
+skew_forward_kl    KL(q || a q + (1-a) p)                            teacher                DistiLLM SKL
+skew_reverse_kl    KL(p || a p + (1-a) q)                            learner                DistiLLM SRKL
+tvd                1/2 sum_S |p - q|                                 union                  total variation
+=================  ===============================================  =====================  ================
+
+Gradient. Write s = z / T and w_y = p_y * df/dp_y (y in S). For a support without renormalisation
+
+    dD/ds = w * 1_S - p * sum_S w          and      dD/dz = dD/ds / T,
+
+which is what the chunked sweep writes (see ``docs/divergences.md`` for w of every kind). With
+``renormalize=True``, p and q are first renormalised over S (p~ = p / p(S)), and dD/ds = (w~ - p~ sum_S w~) on S, 0 off S.
+
+Memory. Rows are processed ``chunk_size`` at a time: both log-normalisers, the value and the gradient of a chunk are
+computed in one sweep while the chunk is hot in cache, and only the gradient ``[N, V]`` (needed anyway) is kept for the
+backward pass. Extra memory is O(chunk_size x V) and does not grow with the number of positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+SUPPORTS = ("learner", "teacher", "union")
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_SUPPORT = {
+    "forward_kl": "teacher",
+    "skew_forward_kl": "teacher",
+    "reverse_kl": "learner",
+    "skew_reverse_kl": "learner",
+    "jsd": "union",
+    "tvd": "union",
+}
+# A chunk holds about this many elements per [chunk, V] temporary (2 MiB in float32): big enough that per-op overhead
+# is small, small enough that a chunk's ~8 temporaries stay in the L2/L3 caches of a CPU.
+CHUNK_ELEMENTS = 1 << 19
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One summand of a divergence: ``weight * sum_{y in S} f_kind(p_y, q_y)``; support None = all of V."""
+
+    kind: str
+    support: str | None
+    weight: float
+
+
+@dataclass(frozen=True)
+class _Spec:
+    terms: tuple[_Term, ...]
+    top_k: int | None
+    temperature: float
+    beta: float
+    alpha: float
+    renormalize: bool
+    label_smoothing: float = 0.0
+
+
+def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, alpha, reduction, chunk_size):
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if len(shape_l) == 0:
+        raise ValueError("logits must have a vocabulary dimension: got a 0-dimensional tensor")
+    if shape_l != shape_t:
+        if shape_l[:-1] == shape_t[:-1]:
+            raise ValueError(
+                f"vocabulary sizes differ: learner V={shape_l[-1]}, teacher V={shape_t[-1]} "
+                f"(learner_logits {list(shape_l)}, teacher_logits {list(shape_t)}); the two models must share a vocabulary"
+            )
+        raise ValueError(
+            f"learner_logits and teacher_logits must have the same shape, got learner {list(shape_l)} "
+            f"and teacher {list(shape_t)}"
+        )
+    vocab = shape_l[-1]
+    if vocab < 1:
+        raise ValueError(f"the vocabulary dimension is empty (logits shape {list(shape_l)})")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+        raise ValueError(f"top_k must be None or an integer in [1, V={vocab}], got {top_k!r}")
+    if support is not None and support not in SUPPORTS:
+        raise ValueError(f"unknown support {support!r}; valid supports: {', '.join(SUPPORTS)} (or None for the default)")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(beta, (int, float)) and 0 < beta < 1):
+        raise ValueError(f"beta must be in the open interval (0, 1), got {beta!r}")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(REDUCTIONS)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+
+
+def _terms(kind: str, top_k: int | None, support: str | None) -> tuple[_Term, ...]:
+    def one(k, weight):
+        return _Term(k, None if top_k is None else (support or DEFAULT_SUPPORT[k]), weight)
+
+    if kind == "half":
+        return (one("forward_kl", 0.5), one("reverse_kl", 0.5))
+    return (one(kind, 1.0),)
+
+
+def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float):
+    """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN)."""
+    p, q = logp.exp(), logq.exp()
+    zero = logp.new_zeros(())
+    if kind == "forward_kl":
+        f = torch.where(q > 0, q * (logq - logp), zero)
+        w = -q
+    elif kind == "reverse_kl":
+        f = torch.where(p > 0, p * (logp - logq), zero)
+        w = f + p
+    elif kind == "jsd":
+        logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+        fp = torch.where(p > 0, p * (logp - logm), zero)
+        f = beta * torch.where(q > 0, q * (logq - logm), zero) + (1 - beta) * fp
+        w = (1 - beta) * fp
+    elif kind == "skew_forward_kl":
+        logm = torch.logaddexp(logq + math.log(alpha), logp + math.log1p(-alpha))
+        f = torch.where(q > 0, q * (logq - logm), zero)
+        w = -(1 - alpha) * torch.where(q > 0, (logp + logq - logm).exp(), zero)
+    elif kind == "skew_reverse_kl":
+        logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        f = torch.where(p > 0, p * (logp - logm), zero)
+        w = f + p - alpha * torch.where(p > 0, (2 * logp - logm).exp(), zero)
+    elif kind == "tvd":
+        d = p - q
+        f = 0.5 * d.abs()
+        w = 0.5 * p * d.sign()
+    else:  # pragma: no cover - guarded by _check_options
+        raise ValueError(kind)
+    return f, w
+
+
+def _support_index(s: torch.Tensor, t: torch.Tensor, support: str, k: int):
+    """Indices ``[c, k']`` of the support and a validity mask (False for duplicates of a union); no gradient."""
+    if support == "learner":
+        return s.topk(k, dim=-1, sorted=False).indices, None
+    if support == "teacher":
+        return t.topk(k, dim=-1, sorted=False).indices, None
+    ip = s.topk(k, dim=-1, sorted=False).indices
+    iq = t.topk(k, dim=-1, sorted=False).indices
+    dup = (iq.unsqueeze(-1) == ip.unsqueeze(-2)).any(-1)  # (c, k): q's pick already among p's
+    valid = torch.cat([torch.ones_like(dup), ~dup], dim=-1)
+    return torch.cat([ip, iq], dim=-1), valid
+
+
+def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool):
+    """Value, NLL and gradient of one chunk of rows.
+
+    Args:
+        z: learner logits ``[c, V]``; u: teacher logits ``[c, V]`` or None (NLL only); labels ``[c]`` or None.
+        div_coef, nll_coef: ``[c, 1]`` factors of d(divergence)/dz and d(NLL)/dz in the returned gradient.
+    Returns:
+        values ``[c]`` (divergence per row, None without teacher), nll ``[c]`` or None, grad ``[c, V]`` or None,
+        and a ``[c]`` bool tensor marking rows with no finite logit.
+    """
+    cdt = torch.float64 if (z.dtype == torch.float64 or (u is not None and u.dtype == torch.float64)) else torch.float32
+    T = spec.temperature
+    z = z.to(cdt)
+    s = z if T == 1 else z / T
+    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)  # (c, 1)
+    bad = torch.isneginf(lse_s.squeeze(-1))
+    p = None
+    grad = None
+    values = None
+    if u is not None:
+        t = u.to(cdt)
+        t = t if T == 1 else t / T
+        lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
+        bad = bad | torch.isneginf(lse_t.squeeze(-1))
+        values = s.new_zeros(s.shape[0])
+        coef = s.new_zeros(s.shape[0], 1)  # sum over terms of weight * sum_S w (non-renormalised terms)
+        if need_grad:
+            grad = torch.zeros_like(s)
+        for term in spec.terms:
+            if term.support is None:
+                logp, logq = s - lse_s, t - lse_t
+                f, w = _value_and_w(term.kind, logp, logq, spec.beta, spec.alpha)
+                values += term.weight * f.sum(-1)
+                if need_grad:
+                    grad.add_(w, alpha=term.weight)
+                    coef += term.weight * w.sum(-1, keepdim=True)
+                continue
+            idx, valid = _support_index(s, t, term.support, spec.top_k)
+            logp = s.gather(-1, idx) - lse_s
+            logq = t.gather(-1, idx) - lse_t
+            if spec.renormalize:
+                if valid is not None:
+                    logp = logp.masked_fill(~valid, -math.inf)
+                    logq = logq.masked_fill(~valid, -math.inf)
+                logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+                logq = logq - torch.logsumexp(logq, dim=-1, keepdim=True)
+            f, w = _value_and_w(term.kind, logp, logq, spec.beta, spec.alpha)
+            if valid is not None:  # duplicates of a union count once
+                f, w = torch.where(valid, f, 0.0), torch.where(valid, w, 0.0)
+            values += term.weight * f.sum(-1)
+            if need_grad:
+                w_sum = w.sum(-1, keepdim=True)
+                if spec.renormalize:  # gradient lives on S only: w~ - p~ * sum_S w~
+                    w = w - logp.exp().nan_to_num(0.0) * w_sum
+                else:
+                    coef += term.weight * w_sum
+                grad.scatter_add_(-1, idx, term.weight * w)
+        if need_grad:
+            p = (s - lse_s).exp()
+            grad.addcmul_(p, coef, value=-1.0)
+            grad.mul_(div_coef / T)
+    nll = None
+    if labels is not None:
+        lse_z = lse_s if T == 1 else torch.logsumexp(z, dim=-1, keepdim=True)
+        logp_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse_z.squeeze(-1)
+        nll = -logp_y
+        eps = spec.label_smoothing
+        if eps > 0:
+            nll = (1 - eps) * nll + eps * (lse_z.squeeze(-1) - z.mean(-1))
+        if need_grad:
+            p1 = p if (T == 1 and p is not None) else (z - lse_z).exp()
+            g = p1 * nll_coef
+            if eps > 0:
+                g.sub_(nll_coef * (eps / z.shape[-1]))
+            g.scatter_add_(-1, labels.unsqueeze(-1), -(1 - eps) * nll_coef)
+            grad = g if grad is None else grad.add_(g)
+    return values, nll, grad, bad
+
+
+def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_size):
+    """Run ``_sweep_chunk`` over selected rows of ``z2``/``u2`` ``[N, V]``.
+
+    Returns per-row divergence ``[N]`` and NLL ``[N]`` (0 at unselected rows) and the gradient ``[N, V]`` in z2's dtype,
+    with each row's divergence gradient scaled by ``div_scale`` and its NLL gradient by ``nll_scale`` (``[N]`` each).
+    """
+    N, V = z2.shape
+    cdt = torch.float64 if (z2.dtype == torch.float64 or (u2 is not None and u2.dtype == torch.float64)) else torch.float32
+    n_sel = N if rows is None else rows.numel()
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // V)
+    values = z2.new_zeros(N, dtype=cdt) if u2 is not None else None
+    nll = z2.new_zeros(N, dtype=cdt) if labels is not None else None
+    grad = None
+    if need_grad:
+        grad = torch.empty_like(z2) if rows is None else torch.zeros_like(z2)
+    bad_rows = []
+    for start in range(0, n_sel, chunk):
+        if rows is None:
+            sel = slice(start, min(start + chunk, n_sel))
+            zc = z2[sel]
+            uc = u2[sel] if u2 is not None else None
+        else:
+            sel = rows[start : start + chunk]
+            zc = z2.index_select(0, sel)
+            uc = u2.index_select(0, sel) if u2 is not None else None
+        lc = labels[sel] if labels is not None else None
+        dc = div_scale[sel].to(cdt).unsqueeze(-1) if need_grad else None
+        nc = nll_scale[sel].to(cdt).unsqueeze(-1) if (need_grad and labels is not None) else None
+        v, n, g, bad = _sweep_chunk(zc, uc, lc, spec, dc, nc, need_grad)
+        if v is not None:
+            values[sel] = v
+        if n is not None:
+            nll[sel] = n
+        if g is not None:
+            grad[sel] = g
+        bad_rows.append(bad)
+    if bad_rows:
+        bad = torch.cat(bad_rows)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            row = first if rows is None else int(rows[first])
+            raise ValueError(
+                f"position {row} (flattened) has no finite logit in the learner or the teacher: "
+                "every logit is -inf, so softmax is undefined there; mask that position out"
+            )
+    return values, nll, grad
+
+
+class _Fused(torch.autograd.Function):
+    """Value in forward, gradient computed in the same sweep; backward only scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, z2, u2, labels, rows, spec, div_scale, nll_scale, out_mode, chunk_size):
+        need_grad = ctx.needs_input_grad[0]
+        values, nll, grad = _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_size)
+        ctx.out_mode = out_mode
+        if need_grad:
+            ctx.save_for_backward(grad)
+        if out_mode == "rows":  # per-row divergence; gradient rows scaled by grad_output in backward
+            return values, values.new_zeros(()), values.new_zeros(())
+        div_total = (values * div_scale.to(values.dtype)).sum() if values is not None else None
+        nll_total = (nll * nll_scale.to(nll.dtype)).sum() if nll is not None else None
+        loss = sum(x for x in (div_total, nll_total) if x is not None)
+        extra_div = values.sum() if values is not None else loss.new_zeros(())
+        extra_nll = nll.sum() if nll is not None else loss.new_zeros(())
+        ctx.mark_non_differentiable(extra_div, extra_nll)
+        return loss, extra_div, extra_nll
+
+    @staticmethod
+    def backward(ctx, grad_out, _g1, _g2):
+        (grad,) = ctx.saved_tensors
+        if ctx.out_mode == "rows":
+            grad = grad * grad_out.to(grad.dtype).unsqueeze(-1)
+        elif not bool(grad_out == 1):
+            grad = grad * grad_out.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _flatten(learner_logits, teacher_logits, mask):
+    V = learner_logits.shape[-1]
+    z2 = learner_logits.reshape(-1, V)
+    u2 = teacher_logits.detach().reshape(-1, V) if teacher_logits is not None else None
+    rows = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(learner_logits.shape[:-1]):
+            raise ValueError(
+                f"mask shape {list(mask.shape)} must equal the logits shape without the vocabulary dimension, "
+                f"{list(learner_logits.shape[:-1])} (logits {list(learner_logits.shape)})"
+            )
+        flat = mask.reshape(-1).to(z2.device)
+        if not bool(flat.all()):
+            rows = flat.nonzero().squeeze(-1)
+    return z2, u2, rows
+
+
+def divergence(
+    learner_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    *,
+    top_k: int | None = None,
+    support: str | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    renormalize: bool = False,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Divergence D(p, q) between learner p = softmax(z/T) and teacher q = softmax(u/T), per position, reduced.
+
+    Args:
+        learner_logits: z ``[..., V]``, any float dtype (bf16/fp16 are computed in float32); receives the gradient.
+        teacher_logits: u ``[..., V]``, same shape; treated as a constant (never receives a gradient).
+        kind: one of ``KINDS`` (see the module docstring for each formula).
+        top_k: keep only k tokens per position (the support S); None = all V tokens.
+        support: which top-k: ``"learner"`` (top-k of p), ``"teacher"`` (top-k of q) or ``"union"``; None = the kind's
+            default (learner for reverse KLs, teacher for forward KLs, union for jsd/tvd; ``half`` keeps each term's
+            own default unless ``support`` is given, which then applies to both). Selecting S is not differentiated.
+        temperature: T > 0 divides both logits. No T^2 factor is applied: multiply the result by ``T**2`` for
+            Hinton et al.'s gradient scaling.
+        beta: mixture weight of ``jsd``, m = beta q + (1 - beta) p, 0 < beta < 1 (TRL's convention).
+        alpha: skew of ``skew_forward_kl`` / ``skew_reverse_kl``, 0 < alpha < 1 (DistiLLM's convention).
+        renormalize: renormalise p and q over S before the sum (default False: terms outside S are just dropped, the
+            paper's Sec. 3.3 formula).
+        mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
+        reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
+            (a float tensor of shape ``[...]``, 0 at unselected positions).
+        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**19 / V.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
+
+    Raises:
+        ValueError: unknown kind/support/reduction, shape or vocabulary mismatch, bad top_k/beta/alpha/temperature,
+            bad mask, or a selected position whose logits are all -inf.
+    """
+    if not isinstance(learner_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
+        raise ValueError("learner_logits and teacher_logits must be tensors")
+    _check_options(kind, tuple(learner_logits.shape), tuple(teacher_logits.shape), top_k, support, temperature, beta,
+                   alpha, reduction, chunk_size)
+    spec = _Spec(_terms(kind, top_k, support), top_k, float(temperature), float(beta), float(alpha), bool(renormalize))
+    z2, u2, rows = _flatten(learner_logits, teacher_logits, mask)
+    N = z2.shape[0]
+    n_sel = N if rows is None else rows.numel()
+    if reduction == "none":
+        scale = z2.new_ones(N, dtype=torch.float32)
+        values, _, _ = _Fused.apply(z2, u2, None, rows, spec, scale, None, "rows", chunk_size)
+        return values.reshape(learner_logits.shape[:-1])
+    per_row = 1.0 / n_sel if (reduction == "mean" and n_sel > 0) else 1.0
+    scale = torch.full((N,), per_row, dtype=torch.float64, device=z2.device)
+    loss, _, _ = _Fused.apply(z2, u2, None, rows, spec, scale, None, "total", chunk_size)
+    return loss
