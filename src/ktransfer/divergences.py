@@ -47,9 +47,9 @@ DEFAULT_SUPPORT = {
     "jsd": "union",
     "tvd": "union",
 }
-# A chunk holds about this many elements per [chunk, V] temporary (2 MiB in float32): big enough that per-op overhead
-# is small, small enough that a chunk's ~8 temporaries stay in the L2/L3 caches of a CPU.
-CHUNK_ELEMENTS = 1 << 19
+# A chunk holds about this many elements per [chunk, V] temporary (512 KiB in float32): big enough that per-op overhead
+# is small, small enough that a chunk's few temporaries stay in a CPU's L2/L3 caches (measured: bench/divergence.py).
+CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,10 @@ def _terms(kind: str, top_k: int | None, support: str | None) -> tuple[_Term, ..
     return (one(kind, 1.0),)
 
 
-def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float):
+def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float, p=None, q=None):
     """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN)."""
-    p, q = logp.exp(), logq.exp()
+    p = logp.exp() if p is None else p
+    q = logq.exp() if q is None else q
     zero = logp.new_zeros(())
     if kind == "forward_kl":
         f = torch.where(q > 0, q * (logq - logp), zero)
@@ -160,6 +161,52 @@ def _support_index(s: torch.Tensor, t: torch.Tensor, support: str, k: int):
     return torch.cat([ip, iq], dim=-1), valid
 
 
+def _softmax_lse(x: torch.Tensor):
+    """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim with a single exp pass (rows of -inf give lse -inf)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = (x - m).exp_()
+    Z = e.sum(-1, keepdim=True)
+    return e.div_(Z), m + Z.log()
+
+
+def _guard(x: torch.Tensor) -> torch.Tensor:
+    """Zero-weight terms (0 * -inf, -inf - -inf) give NaN in the fast path: set them to 0, keep +-inf."""
+    return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _accumulate(grad, x, weight):
+    """grad + weight * x, reusing x's memory when grad is still empty (None)."""
+    if grad is None:
+        return x if weight == 1 else x.mul_(weight)
+    return grad.add_(x, alpha=weight)
+
+
+def _full_kl(kind, s, t, p, lse_s, q, lse_t, weight, values, grad, coef, need_grad):
+    """Fast path of forward/reverse KL over all of V: few in-place passes over a cache-resident chunk.
+
+    Returns the updated gradient accumulator (the part before ``- p * coef``); ``coef`` is updated in place.
+    """
+    if kind == "forward_kl":  # sum q (log q - log p); w = -q, sum w = -1  =>  grad_s = -q + p
+        d = torch.sub(t, s)
+        d.sub_(lse_t - lse_s).mul_(q)
+        values += weight * _guard(d).sum(-1)
+        if need_grad:
+            grad = _accumulate(grad, q, -weight) if grad is not None else torch.mul(q, -weight)
+            coef -= weight
+        return grad
+    # reverse: r = p (log p - log q); w = r + p, sum w = KL + 1  =>  grad_s = r + p - p (KL + 1) = r - p KL
+    d = torch.sub(s, t)
+    d.sub_(lse_s - lse_t).mul_(p)
+    _guard(d)
+    kl = d.sum(-1, keepdim=True)
+    values += weight * kl.squeeze(-1)
+    if need_grad:
+        grad = _accumulate(grad, d, weight)
+        coef += weight * kl
+    return grad
+
+
 def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool):
     """Value, NLL and gradient of one chunk of rows.
 
@@ -174,28 +221,33 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
     T = spec.temperature
     z = z.to(cdt)
     s = z if T == 1 else z / T
-    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)  # (c, 1)
+    p, lse_s = _softmax_lse(s)  # (c, V), (c, 1)
     bad = torch.isneginf(lse_s.squeeze(-1))
-    p = None
     grad = None
     values = None
     if u is not None:
         t = u.to(cdt)
         t = t if T == 1 else t / T
-        lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
+        full_fast = all(term.support is None and term.kind in ("forward_kl", "reverse_kl") for term in spec.terms)
+        needs_q = any(term.kind != "reverse_kl" or term.support is not None for term in spec.terms)
+        if needs_q or not full_fast:
+            q, lse_t = _softmax_lse(t)
+        else:
+            q, lse_t = None, torch.logsumexp(t, dim=-1, keepdim=True)
         bad = bad | torch.isneginf(lse_t.squeeze(-1))
         values = s.new_zeros(s.shape[0])
         coef = s.new_zeros(s.shape[0], 1)  # sum over terms of weight * sum_S w (non-renormalised terms)
-        if need_grad:
-            grad = torch.zeros_like(s)
         for term in spec.terms:
+            if term.support is None and term.kind in ("forward_kl", "reverse_kl"):
+                grad = _full_kl(term.kind, s, t, p, lse_s, q, lse_t, term.weight, values, grad, coef, need_grad)
+                continue
             if term.support is None:
                 logp, logq = s - lse_s, t - lse_t
-                f, w = _value_and_w(term.kind, logp, logq, spec.beta, spec.alpha)
+                f, w = _value_and_w(term.kind, logp, logq, spec.beta, spec.alpha, p, q)
                 values += term.weight * f.sum(-1)
                 if need_grad:
-                    grad.add_(w, alpha=term.weight)
                     coef += term.weight * w.sum(-1, keepdim=True)
+                    grad = _accumulate(grad, w, term.weight)
                 continue
             idx, valid = _support_index(s, t, term.support, spec.top_k)
             logp = s.gather(-1, idx) - lse_s
@@ -216,21 +268,24 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
                     w = w - logp.exp().nan_to_num(0.0) * w_sum
                 else:
                     coef += term.weight * w_sum
+                if grad is None:
+                    grad = torch.zeros_like(s)
                 grad.scatter_add_(-1, idx, term.weight * w)
         if need_grad:
-            p = (s - lse_s).exp()
             grad.addcmul_(p, coef, value=-1.0)
             grad.mul_(div_coef / T)
     nll = None
     if labels is not None:
-        lse_z = lse_s if T == 1 else torch.logsumexp(z, dim=-1, keepdim=True)
+        if T == 1:
+            p1, lse_z = p, lse_s
+        else:
+            p1, lse_z = _softmax_lse(z) if need_grad else (None, torch.logsumexp(z, dim=-1, keepdim=True))
         logp_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse_z.squeeze(-1)
         nll = -logp_y
         eps = spec.label_smoothing
         if eps > 0:
             nll = (1 - eps) * nll + eps * (lse_z.squeeze(-1) - z.mean(-1))
         if need_grad:
-            p1 = p if (T == 1 and p is not None) else (z - lse_z).exp()
             g = p1 * nll_coef
             if eps > 0:
                 g.sub_(nll_coef * (eps / z.shape[-1]))
@@ -370,7 +425,7 @@ def divergence(
         mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).
-        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**19 / V.
+        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**17 / V.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
