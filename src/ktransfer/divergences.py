@@ -328,7 +328,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         if n is not None:
             nll[sel] = n
         if g is not None:
-            grad[sel] = g
+            grad[sel] = g.to(grad.dtype)
         bad_rows.append(bad)
     if bad_rows:
         bad = torch.cat(bad_rows)
