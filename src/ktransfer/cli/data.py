@@ -1,0 +1,83 @@
+"""``ktransfer data``: download, check and list parallel corpora."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  ktransfer data list
+  ktransfer data check multi30k-de-en
+  ktransfer data download multi30k                      # train/valid/test2016 into $KTRANSFER_DATA/multi30k-de-en
+  ktransfer data download wmt16:de-en                   # newstest2016 as wmt16-de-en/test.{de,en}
+  ktransfer data download wmt16:de-en --corpus wmt-news-de-en --split valid
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("download", help="fetch a public corpus, verify checksums, lay it out as SPLIT.LANG files")
+    p.add_argument("name", help="multi30k[-SRC-TGT] (Multi30k task 1) or TESTSET:SRC-TGT (a sacrebleu test set, "
+                                "e.g. wmt16:de-en)")
+    p.add_argument("--dest", default=None, help="folder that receives the corpus folder (default: $KTRANSFER_DATA, "
+                                                "else ~/.cache/ktransfer/data)")
+    p.add_argument("--base-url", default=None, help="fetch each file from BASE_URL/FILE_NAME (a mirror)")
+    p.add_argument("--corpus", default=None, help="name of the corpus folder (default: multi30k-SRC-TGT or "
+                                                  "TESTSET-SRC-TGT); may be an existing corpus to add a split to")
+    p.add_argument("--split", default=None, help="split name for a sacrebleu test set (default: test)")
+    p.add_argument("--checksum", action="append", default=[], metavar="FILE=HEX",
+                   help="expected MD5 (32 hex) or SHA-256 (64 hex) of a downloaded file; replaces the built-in "
+                        "table (repeat for each file)")
+    p.add_argument("--force", action="store_true", help="replace SPLIT.LANG files that already exist")
+
+    p = sub.add_parser("check", help="line counts, lengths, empty and duplicated pairs, length ratios per split")
+    p.add_argument("name", help="corpus name (under $KTRANSFER_DATA) or path")
+    p.add_argument("--src", default=None, help="source language (default: from the corpus name, e.g. de in "
+                                               "multi30k-de-en)")
+    p.add_argument("--tgt", default=None, help="target language")
+    p.add_argument("--splits", nargs="+", default=None, help="splits to check (default: all)")
+
+    sub.add_parser("list", help="corpora under $KTRANSFER_DATA and their files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktransfer import data
+
+    try:
+        if args.action == "download":
+            checksums = _parse_checksums(args.checksum) if args.checksum else None
+            data.download_corpus(args.name, args.dest, base_url=args.base_url, checksums=checksums,
+                                 corpus=args.corpus, split=args.split, force=args.force)
+            return 0
+        if args.action == "check":
+            if (args.src is None) != (args.tgt is None):
+                raise data.CorpusError("give both --src and --tgt, or neither")
+            folder, src, tgt, stats, errors = data.check_corpus(args.name, args.src, args.tgt, args.splits)
+            print(data.format_stats(folder, src, tgt, stats, errors))
+            return 1 if errors else 0
+        if args.action == "list":
+            root = data.data_dir()
+            names = data.list_corpora(root)
+            print(f"corpora in {root}:" if names else f"no corpora in {root} (set ${data.DATA_ENV} or download one)")
+            for name in names:
+                print(f"  {name}: {data.describe_layout(root / name)}")
+            return 0
+    except (data.CorpusError, data.DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled action {args.action!r}")  # argparse only allows the actions above
+
+
+def _parse_checksums(items: list[str]) -> dict[str, str]:
+    from ktransfer.data import DownloadError
+
+    table = {}
+    for item in items:
+        file_name, sep, digest = item.partition("=")
+        if not sep or not file_name or not digest:
+            raise DownloadError(f"--checksum must be FILE=HEX, got {item!r}")
+        table[file_name] = digest
+    return table
