@@ -1,0 +1,540 @@
+"""Checkpoints as folders of safetensors + JSON, written atomically and verified on load; nothing is ever unpickled.
+
+A checkpoint folder holds:
+
+- ``model.safetensors``: the model's weights; tied matrices (shared embeddings, output layer) are stored once and
+  their other names recorded in ``state.json``;
+- ``optimizer.safetensors`` (when an optimizer is saved): every tensor of ``optimizer.state_dict()`` under its path,
+  e.g. ``state.0.exp_avg``; the rest (param groups, non-tensor values) is in ``state.json``;
+- ``state.json``: the model config and generation config, the run config, the tokenizer JSON, the scheduler state, the
+  train state (epoch, step, batch position, best metric, RNG states, ...), library versions, the size and sha256 of
+  each safetensors file, and a sha256 of its own content.
+
+``save_checkpoint`` writes everything into a hidden sibling folder ``.NAME.tmp-XXXX``, fsyncs it, then swaps it into
+place: the old folder is renamed aside (``.NAME.old-XXXX``), the new one renamed to NAME, the old one deleted. A kill at
+any moment leaves either the old or the new checkpoint whole; if it lands between the two renames, ``load_checkpoint``
+reads the aside copy and the next ``save_checkpoint`` puts it back in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+FORMAT = "ktransfer-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupt; the message says what is wrong and names a good fallback."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything ``load_checkpoint`` read from a checkpoint folder.
+
+    Attributes:
+        path: the folder read (the aside copy when a swap was interrupted).
+        model_state: complete ``state_dict`` of the model (tied names point to one tensor), on CPU.
+        model_config: ``model.config.to_dict()``; model_class: e.g. ``"MarianMTModel"``.
+        generation_config: ``model.generation_config.to_dict()`` or None.
+        tokenizer: the ``ktransfer.tokenizer.Tokenizer`` the model was trained with.
+        config: the run config as a dict (``config_to_dict``).
+        optimizer_state: ready for ``optimizer.load_state_dict`` (None if not saved or not loaded).
+        scheduler_state: ``scheduler.state_dict()`` or None.
+        train_state: the dict given to ``save_checkpoint`` plus ``"rng"`` (see ``capture_rng``).
+        versions: library versions at save time.
+    """
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    model_config: dict[str, Any]
+    model_class: str
+    generation_config: dict[str, Any] | None
+    tokenizer: Any
+    config: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+    scheduler_state: dict[str, Any] | None
+    train_state: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+# --- RNG ---------------------------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) global generators, as JSON-ready lists."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": cached},
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(train_state: dict[str, Any]) -> None:
+    """Set the global generators from ``capture_rng()`` output, or from a train state holding it under ``"rng"``.
+
+    Raises:
+        CheckpointError: no RNG state found, or one of the wrong shape.
+    """
+    rng = train_state.get("rng", train_state) if isinstance(train_state, dict) else None
+    if not isinstance(rng, dict) or "torch" not in rng:
+        raise CheckpointError("no RNG state to restore (expected capture_rng() output or a train state with 'rng')")
+    try:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = rng["numpy"]
+        np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"invalid RNG state in checkpoint: {e}") from e
+
+
+# --- nested state <-> JSON + tensors -------------------------------------------------------------------------------
+def _split(obj: Any, key: str, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """JSON-ready copy of ``obj``; tensors go into ``tensors`` under their dotted path (inline when it is None)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        if tensors is None:
+            return {"__tensor_inline__": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                                          "data": t.flatten().tolist()}}
+        tensors[key] = t.contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        sub = lambda k: f"{key}.{k}" if key else str(k)  # noqa: E731
+        if all(isinstance(k, str) for k in obj):
+            return {k: _split(v, sub(k), tensors) for k, v in obj.items()}
+        return {"__items__": [[_split(k, "", None), _split(v, sub(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_split(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_split(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} at {key!r} in a checkpoint (use JSON types or tensors)")
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``_split``."""
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tensor_inline__" in obj:
+        d = obj["__tensor_inline__"]
+        return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+    if "__tuple__" in obj:
+        return tuple(_join(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_join(k, tensors): _join(v, tensors) for k, v in obj["__items__"]}
+    return {k: _join(v, tensors) for k, v in obj.items()}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop names that alias an earlier tensor (tied weights): safetensors refuses shared storage."""
+    kept: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in state.items():
+        t = t.detach()
+        alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and alias in first:
+            tied[name] = first[alias]
+            continue
+        first[alias] = name
+        ptr = t.untyped_storage().data_ptr()
+        # distinct views of one storage must be copied apart
+        kept[name] = t.cpu().clone() if ptr in storages and t.numel() else t.cpu().contiguous()
+        storages.add(ptr)
+    return kept, tied
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    """Fsync ``path`` and return its size and sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _body_checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from ktransfer import __version__
+
+    return {"ktransfer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
+
+
+def _config_dict(config) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        from ktransfer.config import config_to_dict
+
+        return config_to_dict(config)
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))  # a plain-JSON copy (tuples become lists); fails early if not JSON
+    raise TypeError(f"config must be a RunConfig dataclass or a dict, got {type(config).__name__}")
+
+
+# --- save ----------------------------------------------------------------------------------------------------------
+def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler=None, train_state=None) -> Path:
+    """Write a checkpoint folder at ``path`` atomically (see the module docstring); returns ``path``.
+
+    Args:
+        path: the folder, e.g. ``RUN/checkpoints/last``; an existing checkpoint there is replaced.
+        model: a Hugging Face model (weights, ``config``, ``generation_config``).
+        tokenizer: has ``to_json()``.
+        config: the run config (``RunConfig`` or its dict).
+        optimizer, scheduler: saved through their ``state_dict()`` when given.
+        train_state: JSON-ready dict (epoch, step, batch position, best metric, ...; tensors allowed). When it has
+            no ``"rng"`` entry, the current ``capture_rng()`` is added.
+
+    Raises:
+        TypeError: a value in the states that is neither JSON nor a tensor.
+        OSError: the folder cannot be written (the previous checkpoint is left as it was).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_swap(path)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # leftovers of a killed save; NAME itself is whole
+
+    train_state = dict(train_state or {})
+    train_state.setdefault("rng", capture_rng())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        weights, tied = _dedupe(model.state_dict())
+        safetensors.torch.save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
+        files = {MODEL_FILE: _digest(tmp / MODEL_FILE)}
+        optimizer_json = None
+        if optimizer is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            optimizer_json = _split(optimizer.state_dict(), "", tensors)
+            safetensors.torch.save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
+            files[OPTIMIZER_FILE] = _digest(tmp / OPTIMIZER_FILE)
+        gen = getattr(model, "generation_config", None)
+        body = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),
+            "model_class": type(model).__name__,
+            "model_config": json.loads(model.config.to_json_string(use_diff=False)),
+            "generation_config": json.loads(gen.to_json_string(use_diff=False)) if gen is not None else None,
+            "tied": tied,
+            "tokenizer": tokenizer.to_json(),
+            "config": _config_dict(config),
+            "optimizer": optimizer_json,
+            "scheduler": _split(scheduler.state_dict(), "", None) if scheduler is not None else None,
+            "train_state": _split(train_state, "", None),
+            "files": files,
+        }
+        body["checksum"] = _body_checksum(body)
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
+            json.dump(body, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old)  # an empty directory target is replaced
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)  # put the previous checkpoint back
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _asides(path: Path) -> list[Path]:
+    """Whole copies left by a save killed between its two renames, newest first."""
+    found = []
+    for d in [*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.tmp-*")]:
+        problem, body = _inspect(d)
+        if problem is None:
+            found.append((_step(body), d.stat().st_mtime, d))
+    return [d for *_, d in sorted(found, reverse=True)]
+
+
+def _finish_interrupted_swap(path: Path) -> None:
+    if not path.exists():
+        asides = _asides(path)
+        if asides:
+            os.replace(asides[0], path)
+            _fsync_dir(path.parent)
+
+
+# --- verify --------------------------------------------------------------------------------------------------------
+def _read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of ``path``, checked; raises CheckpointError without a fallback hint."""
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    state_path = path / STATE_FILE
+    try:
+        text = state_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path} is missing (incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {state_path}: {e}") from e
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{state_path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): truncated or corrupt"
+        ) from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CheckpointError(f"{state_path} is not a ktransfer checkpoint state (no format {FORMAT!r})")
+    if body.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state_path} has format version {body.get('format_version')!r}; this ktransfer reads {FORMAT_VERSION}"
+        )
+    checksum = body.pop("checksum", None)
+    if checksum != _body_checksum(body):
+        raise CheckpointError(f"{state_path}: checksum mismatch (the file was edited or is corrupt)")
+    missing = [k for k in ("model_config", "tokenizer", "train_state", "files") if k not in body]
+    if missing or MODEL_FILE not in body["files"]:
+        raise CheckpointError(f"{state_path} lacks {missing or [MODEL_FILE]}")
+    return body
+
+
+def _read_file(path: Path, name: str, expect: dict[str, Any]) -> bytes:
+    """The bytes of ``path/name`` after checking its size and sha256 against ``expect``."""
+    file = path / name
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing (incomplete checkpoint)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+    if len(data) != expect["bytes"]:
+        what = "truncated" if len(data) < expect["bytes"] else "longer than written"
+        raise CheckpointError(f"{file} is {what}: {len(data)} bytes, expected {expect['bytes']}")
+    if hashlib.sha256(data).hexdigest() != expect["sha256"]:
+        raise CheckpointError(f"{file}: sha256 checksum mismatch (corrupt: bytes changed after it was written)")
+    return data
+
+
+def _inspect(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(problem or None, state body) of a checkpoint folder, checking every file's checksum."""
+    try:
+        body = _read_state(path)
+        for name, expect in body["files"].items():
+            _read_file(path, name, expect)
+    except CheckpointError as e:
+        return str(e), None
+    return None, body
+
+
+def _step(body: dict[str, Any] | None) -> int:
+    step = (body or {}).get("train_state", {}).get("step", -1)
+    return step if isinstance(step, int) else -1
+
+
+def find_good_checkpoint(run_dir, *, exclude=()) -> Path | None:
+    """The intact checkpoint with the most training steps among the folders of ``run_dir`` (or ``run_dir/checkpoints``).
+
+    ``exclude``: folders not to consider (e.g. the one that just failed). Returns None when there is none.
+    """
+    run_dir = Path(run_dir)
+    skip = {Path(p).resolve() for p in ([exclude] if isinstance(exclude, str | os.PathLike) else exclude)}
+    found = []
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for d in parent.iterdir():
+            if d.name.startswith(".") or not d.is_dir() or d.resolve() in skip or not (d / STATE_FILE).exists():
+                continue
+            problem, body = _inspect(d)
+            if problem is None:
+                found.append((_step(body), d.stat().st_mtime, d))
+    return max(found)[2] if found else None
+
+
+def _fail(path: Path, problem: str) -> CheckpointError:
+    good = find_good_checkpoint(path.parent, exclude=[path])
+    hint = f"; the checkpoint at {good} is intact: use it instead" if good else "; no other intact checkpoint beside it"
+    return CheckpointError(problem + hint)
+
+
+def verify_checkpoint(path) -> None:
+    """Check every file of a checkpoint (sizes, sha256, JSON); raise CheckpointError naming a fallback if bad."""
+    path = Path(path)
+    if not path.exists() and _asides(path):
+        return
+    problem, _ = _inspect(path)
+    if problem is not None:
+        raise _fail(path, problem)
+
+
+# --- load ----------------------------------------------------------------------------------------------------------
+def load_checkpoint(path, *, with_optimizer: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint folder (safetensors and JSON only; nothing is unpickled).
+
+    Args:
+        path: the checkpoint folder.
+        with_optimizer: also read ``optimizer.safetensors`` (False leaves ``optimizer_state`` None).
+
+    Raises:
+        CheckpointError: missing folder or file, truncated or corrupt file, invalid JSON; names an intact sibling.
+    """
+    path = Path(path)
+    attempts = 5  # a reader racing a writer that saves in a loop reads again after each swap
+    for attempt in range(attempts):
+        inode = _inode(path)
+        target = path
+        if inode is None:
+            asides = _asides(path)
+            if asides:  # a save was killed between its two renames: its whole copy stands in
+                target = asides[0]
+        try:
+            return _read_checkpoint(target, with_optimizer)
+        except CheckpointError as e:
+            if attempt < attempts - 1 and _inode(path) != inode:
+                continue  # a save swapped the folder while we read it: read the new one
+            raise _fail(target, str(e)) from None
+    raise AssertionError("unreachable")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def _read_checkpoint(path: Path, with_optimizer: bool) -> Checkpoint:
+    try:
+        body = _read_state(path)
+        weights = safetensors.torch.load(_read_file(path, MODEL_FILE, body["files"][MODEL_FILE]))
+        optimizer_state = None
+        if with_optimizer and body.get("optimizer") is not None:
+            tensors = safetensors.torch.load(_read_file(path, OPTIMIZER_FILE, body["files"][OPTIMIZER_FILE]))
+            optimizer_state = _join(body["optimizer"], tensors)
+        for name, target in body.get("tied", {}).items():
+            weights[name] = weights[target]
+        from ktransfer.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_json(body["tokenizer"])
+        return Checkpoint(
+            path=path,
+            model_state=weights,
+            model_config=body["model_config"],
+            model_class=body.get("model_class", ""),
+            generation_config=body.get("generation_config"),
+            tokenizer=tokenizer,
+            config=body.get("config", {}),
+            optimizer_state=optimizer_state,
+            scheduler_state=_join(body.get("scheduler"), {}),
+            train_state=_join(body["train_state"], {}),
+            versions=body.get("versions", {}),
+        )
+    except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"{path}: invalid checkpoint content ({type(e).__name__}: {e})") from e
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device="cpu", **config_overrides):
+    """Build the model class recorded in ``ckpt`` from its config and load its weights (eval mode, on ``device``)."""
+    import transformers
+    from transformers import AutoModelForSeq2SeqLM, GenerationConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        cfg = {**ckpt.model_config, **config_overrides}
+        config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+        cls = getattr(transformers, ckpt.model_class, None)
+        model = cls(config) if isinstance(cls, type) else AutoModelForSeq2SeqLM.from_config(config)
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the saved model config: {e}") from e
+    if ckpt.generation_config is not None:
+        model.generation_config = GenerationConfig.from_dict(ckpt.generation_config)
+    return model.to(device).eval()
+
+
+def load_model(path, device="cpu", **config_overrides):
+    """``(model, tokenizer)`` from a checkpoint folder; the model is in eval mode on ``device``.
+
+    ``config_overrides`` change settings that keep the weights' shapes, e.g. ``dropout=0.1``.
+    """
+    ckpt = load_checkpoint(path, with_optimizer=False)
+    return model_from_checkpoint(ckpt, device, **config_overrides), ckpt.tokenizer
+
+
+def restore_optimizer(optimizer, ckpt: Checkpoint) -> None:
+    """Load the saved optimizer state into ``optimizer`` (built over the same parameters, in the same order).
+
+    Create the scheduler *before* calling this, then ``scheduler.load_state_dict(ckpt.scheduler_state)``: building
+    a ``LambdaLR`` rewrites the learning rate of every param group, which would undo the restored one.
+
+    Raises:
+        CheckpointError: the checkpoint has no optimizer state, or it does not match ``optimizer``'s parameters.
+    """
+    if ckpt.optimizer_state is None:
+        raise CheckpointError(f"{ckpt.path} has no optimizer state (saved without one, or loaded without_optimizer)")
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt.path}: optimizer state does not match this optimizer: {e}") from e

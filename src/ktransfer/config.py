@@ -1,0 +1,524 @@
+"""Typed run configuration: nested dataclasses filled from defaults < a YAML file < ``key=value`` overrides.
+
+A run is described by one ``RunConfig`` with six sections (``data``, ``model``, ``optim``, ``objective``, ``train``,
+``eval``). Keys are dotted: ``optim.lr=3e-4``, ``objective.top_k=8``. Values are read as YAML scalars and converted to
+the field's type (``1e-4`` is a float, ``null``/``none`` is None for optional fields, ``0.9,0.98`` or ``[0.9, 0.98]`` a
+tuple). Every field carries help text and a range check; a bad key or value raises ``ConfigError`` naming the key, the
+value and where it came from (``file.yaml:LINE`` or the override), with close key names suggested for typos.
+
+The resolved config is saved with each run (``save_config``) and loads back equal (``load_config(saved, [])``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from ktransfer.divergences import SUPPORTS
+from ktransfer.objectives import OBJECTIVES
+
+Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
+Support = Literal[SUPPORTS]
+Schedule = Literal["constant", "inverse_sqrt"]
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key, the bad value and its source (file:line)."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _field(default, help: str, *, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with help text and bounds (applied to each element of a tuple)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Base of the config sections: converts every field to its declared type and checks its bounds."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.name}.{f.name}"
+            value = _convert(getattr(self, f.name), hints[f.name], key)
+            _check_bounds(value, f.metadata, key)
+            object.__setattr__(self, f.name, value)
+        self._check_more()
+
+    def _check_more(self) -> None:
+        """Checks that involve more than one field or more than a type and bounds."""
+
+
+@dataclass
+class DataConfig(_Section):
+    name: ClassVar[str] = "data"
+    corpus: str = _field("multi30k-de-en", "corpus name (under $KTRANSFER_DATA) or a folder with SPLIT.LANG files")
+    src_lang: str = _field("de", "source language suffix of the corpus files")
+    tgt_lang: str = _field("en", "target language suffix of the corpus files")
+    train: str = _field("train", "name of the training split")
+    valid: str = _field("valid", "name of the validation split (early stopping, best checkpoint)")
+    test: str = _field("test2016", "name of the test split")
+    max_tokens: int = _field(4096, "batch size in tokens: padded rows x longest sentence, per side", ge=1)
+    max_length: int = _field(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
+    vocab_size: int = _field(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
+    tokenizer: str | None = _field(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
+    valid_subset: int | None = _field(None, "use only the first N validation pairs (None = the whole split)", ge=1)
+    train_limit: int | None = _field(None, "use only the first N training pairs (None = all)", ge=1)
+
+    def _check_more(self) -> None:
+        if self.src_lang == self.tgt_lang:
+            raise ConfigError(f"data.tgt_lang: must differ from data.src_lang, both are {self.src_lang!r}",
+                              key="data.tgt_lang")
+
+
+@dataclass
+class ModelConfig(_Section):
+    name: ClassVar[str] = "model"
+    preset: str = _field("cpu-learner", "architecture: a preset name (see ktransfer.models.PRESETS) or a model folder")
+    init: str | None = _field(None, "checkpoint folder whose weights start training (None = random init)")
+    teacher: str | None = _field(None, "teacher checkpoint folder (needed by every objective but nll)")
+    dropout: float | None = _field(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
+
+    def _check_more(self) -> None:
+        from ktransfer.models import PRESETS
+
+        p = self.preset
+        if p not in PRESETS and not ("/" in p or os.sep in p or p.startswith(".") or Path(p).exists()):
+            close = difflib.get_close_matches(p, list(PRESETS), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"model.preset: unknown preset {p!r} and no such folder{hint} (presets: {', '.join(PRESETS)})",
+                key="model.preset",
+            )
+
+
+@dataclass
+class OptimConfig(_Section):
+    name: ClassVar[str] = "optim"
+    lr: float = _field(1e-4, "peak learning rate (Adam)", gt=0.0)
+    betas: tuple[float, float] = _field((0.9, 0.98), "Adam beta1, beta2", ge=0.0, lt=1.0)
+    eps: float = _field(1e-8, "Adam epsilon", gt=0.0)
+    weight_decay: float = _field(0.0, "decoupled weight decay (AdamW)", ge=0.0)
+    schedule: Schedule = _field("constant", "learning-rate schedule after warm-up: constant or inverse_sqrt")
+    warmup_steps: int = _field(0, "linear warm-up from 0 over this many updates", ge=0)
+    clip_norm: float | None = _field(None, "clip the gradient's global L2 norm to this (None = no clipping)", gt=0.0)
+    accumulate: int = _field(1, "batches whose gradients are summed per update", ge=1)
+
+
+@dataclass
+class ObjectiveConfig(_Section):
+    name: ClassVar[str] = "objective"
+    objective: Objective = _field(
+        "nll", "nll (no teacher), kd (forward KL), ka (reverse KL), half, or a divergence kind of ktransfer.divergences"
+    )
+    lam: float = _field(0.5, "weight of the divergence: (1 - lam) * NLL + lam * D", ge=0.0, le=1.0)
+    top_k: int | None = _field(None, "restrict the divergence to the top-k support (None = all of V)", ge=1)
+    temperature: float = _field(1.0, "softmax temperature of both models inside the divergence", gt=0.0)
+    label_smoothing: float = _field(0.0, "label smoothing of the NLL term", ge=0.0, lt=1.0)
+    support: Support | None = _field(None, "top-k support: learner, teacher or union (None = the kind's default)")
+    beta: float = _field(0.5, "mixture weight of jsd", gt=0.0, lt=1.0)
+    alpha: float = _field(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
+    renormalize: bool = _field(False, "renormalise p and q over the top-k support")
+
+
+@dataclass
+class TrainConfig(_Section):
+    name: ClassVar[str] = "train"
+    out_dir: str = _field("runs/run", "run folder: config, tokenizer, metrics, checkpoints")
+    epochs: int = _field(10, "passes over the training data", ge=1)
+    max_steps: int | None = _field(None, "stop after this many updates (None = after the epochs)", ge=1)
+    patience: int = _field(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
+    seed: int = _field(1, "seed of every random generator", ge=0)
+    bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
+    log_every: int = _field(100, "log training metrics every this many updates", ge=1)
+    save_every: int = _field(500, "also save checkpoints/last every this many updates (0 = only after each epoch)",
+                             ge=0)
+    max_nonfinite: int = _field(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1)
+    valid_bleu: bool = _field(False, "select and stop early on validation BLEU (beam search) instead of loss")
+    num_threads: int | None = _field(None, "torch CPU threads (None = torch's default)", ge=1)
+    resume: bool = _field(True, "continue from out_dir/checkpoints/last when it exists")
+    device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+
+    def _check_more(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device: must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}",
+                              key="train.device")
+
+
+@dataclass
+class EvalConfig(_Section):
+    name: ClassVar[str] = "eval"
+    beam: int = _field(6, "beam size", ge=1)
+    length_penalty: float = _field(1.0, "beam-search length penalty (exponent on length; 1.0 = average log-prob)")
+    max_length: int = _field(256, "longest translation in sub-words", ge=1)
+    batch_size: int = _field(64, "sentences per beam-search batch", ge=1)
+    valid_beam: int | None = _field(None, "beam of the per-epoch validation BLEU (None = beam with valid_bleu, else 1)",
+                                    ge=1)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, model, optimiser, objective, training loop and evaluation settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: must be a {cls.__name__}, got {type(getattr(self, name)).__name__}",
+                                  key=name)
+        _check_run(self)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _check_run(cfg: RunConfig) -> None:
+    from ktransfer.models import PRESETS
+
+    positions = PRESETS.get(cfg.model.preset, {}).get("max_position_embeddings")
+    for key, value in (("data.max_length", cfg.data.max_length), ("eval.max_length", cfg.eval.max_length)):
+        if positions is not None and value > positions:
+            raise ConfigError(
+                f"{key}: {value} exceeds the {positions} positions of model.preset={cfg.model.preset!r}", key=key
+            )
+    if cfg.objective.objective != "nll" and not cfg.model.teacher:
+        raise ConfigError(
+            f"model.teacher: objective.objective={cfg.objective.objective!r} needs a teacher checkpoint "
+            "(set model.teacher=PATH, or use objective.objective=nll)",
+            key="model.teacher",
+        )
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Re-run every check (after fields were changed in code); returns ``cfg``. Raises ConfigError."""
+    for name in SECTIONS:
+        getattr(cfg, name).check()
+    _check_run(cfg)
+    return cfg
+
+
+# --- types and values ---------------------------------------------------------------------------------------------
+_HINTS: dict[type, dict[str, Any]] = {}
+_NONE_WORDS = ("none", "null", "~", "")
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` (int, float, bool, str, Literal, tuple, X | None); ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _convert(value, rest[0], key)
+        errors = []
+        for a in rest:
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0], key=key)
+    if value is None:
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, got None (this key cannot be empty)", key=key)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}{hint}", key=key)
+    if origin is tuple:
+        items = value
+        if isinstance(value, str):
+            text = value.strip().strip("()[]")
+            items = [v.strip() for v in text.split(",")] if text else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = items if isinstance(items, list | tuple) else [items]
+            return tuple(_convert(v, args[0], key) for v in items)
+        if not isinstance(items, list | tuple) or len(items) != len(args):
+            raise ConfigError(f"{key}: must have {len(args)} values ({_type_name(tp)}), got {value!r}", key=key)
+        return tuple(_convert(v, a, key) for v, a in zip(items, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise ConfigError(f"{key}: must be true or false, got {value!r}", key=key)
+    if tp is int:
+        number = value
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    pass
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise ConfigError(f"{key}: must be an integer, got {value!r}", key=key)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a number, got {value!r}", key=key)
+        try:
+            number = float(value) if isinstance(value, int | float | str) else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}", key=key)
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: must be a string, got {value!r} (quote it)", key=key)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}", key=key)
+
+
+def _check_bounds(value: Any, meta, key: str) -> None:
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is None or not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        for bound, ok in (
+            (meta.get("ge"), lambda x, b: x >= b),
+            (meta.get("gt"), lambda x, b: x > b),
+            (meta.get("le"), lambda x, b: x <= b),
+            (meta.get("lt"), lambda x, b: x < b),
+        ):
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{key}: must be {_bounds_text(meta)}, got {value!r}", key=key)
+
+
+def _bounds_text(meta) -> str:
+    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    parts = [f"{op} {meta[k]}" for k, op in ops if meta.get(k) is not None]
+    return " and ".join(parts)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + "/".join(map(str, args))
+    if origin is tuple:
+        return "(" + ", ".join(_type_name(a) for a in args) + ")"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+# --- keys ---------------------------------------------------------------------------------------------------------
+def all_keys() -> list[str]:
+    """Every dotted key, e.g. ``optim.lr``."""
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    leaf = key.rsplit(".", 1)[-1]
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    hint = f"; did you mean {' or '.join(close[:3])}?" if close else "; run with --help-config for every key"
+    return ConfigError(f"{source}: unknown config key {key!r}{hint}", key=key)
+
+
+def _field_type(key: str, source: str) -> Any:
+    section, _, name = key.partition(".")
+    if section in SECTIONS and not name:
+        raise ConfigError(f"{source}: {key!r} is a section; set its keys as {key}.KEY=VALUE", key=key)
+    cls = SECTIONS.get(section)
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        raise _unknown_key(key, source)
+    return _hints(cls)[name]
+
+
+def _parse_text(raw: str, tp: Any) -> Any:
+    """A ``key=value`` override's value: plain text for string fields, otherwise a YAML scalar."""
+    if tp is str or (_is_union(tp) and str in typing.get_args(tp)):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw  # converted (or reported) against the field type
+
+
+def _yaml_entries(path: Path) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, 'file:line') for every key of a YAML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: a config file must be a mapping of sections to keys")
+    constructor = yaml.SafeLoader("")
+    entries = []
+
+    def visit(node: yaml.MappingNode, prefix: str) -> None:
+        for knode, vnode in node.value:
+            key = f"{prefix}{knode.value}"
+            source = f"{path}:{knode.start_mark.line + 1}"
+            if isinstance(vnode, yaml.MappingNode) and not prefix and knode.value in SECTIONS:
+                visit(vnode, key + ".")
+            else:
+                try:
+                    value = constructor.construct_object(vnode, deep=True)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{source}: {key}: invalid YAML value: {e}") from None
+                entries.append((key, value, source))
+
+    visit(root, "")
+    return entries
+
+
+def _build(entries: list[tuple[str, Any, str]]) -> RunConfig:
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sources: dict[str, str] = {}
+    for key, value, source in entries:
+        _field_type(key, source)
+        section, _, name = key.partition(".")
+        values[section][name] = value
+        sources[key] = source
+    try:
+        sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+        return RunConfig(**sections)
+    except ConfigError as e:
+        source = sources.get(e.key or "")
+        raise ConfigError(f"{source}: {e}" if source else str(e), key=e.key) from None
+
+
+# --- public API -----------------------------------------------------------------------------------------------------
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config: defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides in order.
+
+    Raises:
+        ConfigError: unreadable or invalid YAML (file and line), unknown key (with close matches), a value of the
+            wrong type or out of range (key, value and its source).
+    """
+    entries = _yaml_entries(Path(path)) if path is not None else []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        source = f"override {item!r}"
+        if not sep or not key:
+            raise ConfigError(f"{source}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+        entries.append((key, _parse_text(raw, _field_type(key, source)), source))
+    return _build(entries)
+
+
+def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
+    """A RunConfig from a nested dict (``config_to_dict`` output, e.g. a checkpoint's); unknown keys are errors."""
+    entries = []
+    for section, sub in d.items():
+        if isinstance(sub, dict):
+            entries += [(f"{section}.{k}", v, source) for k, v in sub.items()]
+        else:
+            entries.append((section, sub, source))
+    return _build(entries)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}`` with plain YAML/JSON types (tuples become lists)."""
+    return {
+        name: {f.name: list(v) if isinstance(v := getattr(getattr(cfg, name), f.name), tuple) else v
+               for f in dataclasses.fields(getattr(cfg, name))}
+        for name in SECTIONS
+    }
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML (atomically: temporary file, then rename); ``load_config(path, [])`` gives it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# ktransfer run config (resolved: defaults < YAML < overrides)\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_help(cfg: RunConfig | None = None) -> str:
+    """Every key with its type, current value (defaults when ``cfg`` is None) and help text, section by section."""
+    cfg = RunConfig() if cfg is None else cfg
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, name), f.name)
+            bounds = _bounds_text(f.metadata)
+            typ = _type_name(hints[f.name]) + (f", {bounds}" if bounds else "")
+            lines.append(f"  {name}.{f.name}={_show(value)}  ({typ})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
