@@ -237,6 +237,7 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
         bad = bad | torch.isneginf(lse_t.squeeze(-1))
         values = s.new_zeros(s.shape[0])
         coef = s.new_zeros(s.shape[0], 1)  # sum over terms of weight * sum_S w (non-renormalised terms)
+        sparse = []  # (indices, weight * w) of top-k terms, added to the gradient at the end
         for term in spec.terms:
             if term.support is None and term.kind in ("forward_kl", "reverse_kl"):
                 grad = _full_kl(term.kind, s, t, p, lse_s, q, lse_t, term.weight, values, grad, coef, need_grad)
@@ -268,12 +269,15 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
                     w = w - logp.exp().nan_to_num(0.0) * w_sum
                 else:
                     coef += term.weight * w_sum
-                if grad is None:
-                    grad = torch.zeros_like(s)
-                grad.scatter_add_(-1, idx, term.weight * w)
+                sparse.append((idx, term.weight * w))
         if need_grad:
-            grad.addcmul_(p, coef, value=-1.0)
-            grad.mul_(div_coef / T)
+            k = div_coef / T  # (c, 1)
+            if grad is None:  # top-k terms only: one pass for -p * coef, then k-sparse updates
+                grad = torch.mul(p, coef.mul_(k).neg_())
+            else:
+                grad.addcmul_(p, coef, value=-1.0).mul_(k)
+            for idx, w in sparse:
+                grad.scatter_add_(-1, idx, w.mul_(k))
     nll = None
     if labels is not None:
         if T == 1:
