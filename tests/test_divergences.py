@@ -80,7 +80,7 @@ def ref(z, u, kind, reduction="mean", mask=None, **kw):
     lead = z.shape[:-1]
     zf, uf = z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1])
     mf = np.ones(len(zf), bool) if mask is None else np.asarray(mask).reshape(-1)
-    vals = np.array([ref_row(a, b, kind, **kw) if m else 0.0 for a, b, m in zip(zf, uf, mf)])
+    vals = np.array([ref_row(a, b, kind, **kw) if m else 0.0 for a, b, m in zip(zf, uf, mf, strict=True)])
     if reduction == "none":
         return vals.reshape(lead)
     if reduction == "sum":

@@ -22,7 +22,8 @@ Gradient. Write s = z / T and w_y = p_y * df/dp_y (y in S). For a support withou
     dD/ds = w * 1_S - p * sum_S w          and      dD/dz = dD/ds / T,
 
 which is what the chunked sweep writes (see ``docs/divergences.md`` for w of every kind). With
-``renormalize=True``, p and q are first renormalised over S (p~ = p / p(S)), and dD/ds = (w~ - p~ sum_S w~) on S, 0 off S.
+``renormalize=True``, p and q are first renormalised over S (p~ = p / p(S)), and dD/ds = (w~ - p~ sum_S w~) on S,
+0 off S.
 
 Memory. Rows are processed ``chunk_size`` at a time: both log-normalisers, the value and the gradient of a chunk are
 computed in one sweep while the chunk is hot in cache, and only the gradient ``[N, V]`` (needed anyway) is kept for the
@@ -50,6 +51,9 @@ DEFAULT_SUPPORT = {
 # A chunk holds about this many elements per [chunk, V] temporary (512 KiB in float32): big enough that per-op overhead
 # is small, small enough that a chunk's few temporaries stay in a CPU's L2/L3 caches (measured: bench/divergence.py).
 CHUNK_ELEMENTS = 1 << 17
+# On a GPU the cost is kernel launches, not cache misses: chunks of 2**24 elements (64 MiB in float32); measured on an
+# H100, 2**17 left the sweep launch-bound, ~100x slower than the unchunked composition (docs/benchmarks.md).
+CHUNK_ELEMENTS_CUDA = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, al
         if shape_l[:-1] == shape_t[:-1]:
             raise ValueError(
                 f"vocabulary sizes differ: learner V={shape_l[-1]}, teacher V={shape_t[-1]} "
-                f"(learner_logits {list(shape_l)}, teacher_logits {list(shape_t)}); the two models must share a vocabulary"
+                f"(learner_logits {list(shape_l)}, teacher_logits {list(shape_t)}); "
+                "the two models must share a vocabulary"
             )
         raise ValueError(
             f"learner_logits and teacher_logits must have the same shape, got learner {list(shape_l)} "
@@ -93,7 +98,9 @@ def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, al
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
         raise ValueError(f"top_k must be None or an integer in [1, V={vocab}], got {top_k!r}")
     if support is not None and support not in SUPPORTS:
-        raise ValueError(f"unknown support {support!r}; valid supports: {', '.join(SUPPORTS)} (or None for the default)")
+        raise ValueError(
+            f"unknown support {support!r}; valid supports: {', '.join(SUPPORTS)} (or None for the default)"
+        )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not (isinstance(beta, (int, float)) and 0 < beta < 1):
@@ -161,6 +168,11 @@ def _support_index(s: torch.Tensor, t: torch.Tensor, support: str, k: int):
     return torch.cat([ip, iq], dim=-1), valid
 
 
+def _compute_dtype(z, u):
+    """float64 when either input is float64, else float32 (bf16/fp16 inputs are computed in float32)."""
+    return torch.float64 if torch.float64 in (z.dtype, getattr(u, "dtype", None)) else torch.float32
+
+
 def _softmax_lse(x: torch.Tensor):
     """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim with a single exp pass (rows of -inf give lse -inf)."""
     m = x.amax(-1, keepdim=True)
@@ -217,7 +229,7 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
         values ``[c]`` (divergence per row, None without teacher), nll ``[c]`` or None, grad ``[c, V]`` or None,
         and a ``[c]`` bool tensor marking rows with no finite logit.
     """
-    cdt = torch.float64 if (z.dtype == torch.float64 or (u is not None and u.dtype == torch.float64)) else torch.float32
+    cdt = _compute_dtype(z, u)
     T = spec.temperature
     z = z.to(cdt)
     s = z if T == 1 else z / T
@@ -305,9 +317,10 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
     with each row's divergence gradient scaled by ``div_scale`` and its NLL gradient by ``nll_scale`` (``[N]`` each).
     """
     N, V = z2.shape
-    cdt = torch.float64 if (z2.dtype == torch.float64 or (u2 is not None and u2.dtype == torch.float64)) else torch.float32
+    cdt = _compute_dtype(z2, u2)
     n_sel = N if rows is None else rows.numel()
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // V)
+    per_chunk = CHUNK_ELEMENTS if z2.device.type == "cpu" else CHUNK_ELEMENTS_CUDA
+    chunk = chunk_size or max(1, per_chunk // V)
     values = z2.new_zeros(N, dtype=cdt) if u2 is not None else None
     nll = z2.new_zeros(N, dtype=cdt) if labels is not None else None
     grad = None
@@ -429,7 +442,8 @@ def divergence(
         mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).
-        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**17 / V.
+        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**17 / V on a CPU,
+            2**24 / V on a GPU.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
