@@ -1,0 +1,84 @@
+"""``ktransfer train``: train a teacher or learner with NLL, or distil a learner from a frozen teacher."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  ktransfer train configs/teacher.yaml
+  ktransfer train configs/teacher.yaml train.out_dir=runs/teacher optim.lr=3e-4 train.epochs=20
+  ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
+      objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
+  ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
+  ktransfer train --help-config             # every key, its default and help
+
+Settings: defaults < CONFIG.yaml < KEY=VALUE overrides (dotted keys; --help-config lists them all). The run folder
+(train.out_dir) receives config.yaml, tokenizer.json, metrics.jsonl, train.log and checkpoints/{last,best}. A run
+folder that holds checkpoints/last is resumed (train.resume=true, the default). SIGINT or SIGTERM saves
+checkpoints/last and exits with status 130 or 143; a configuration error exits with status 2.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | RUN | KEY=VALUE",
+                        help="a YAML config file or a run folder (its config.yaml), then KEY=VALUE overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from train.out_dir/checkpoints/last; an error when there is none")
+    parser.add_argument("--save-every", type=int, default=None, metavar="N",
+                        help="same as train.save_every=N: also save checkpoints/last every N updates")
+    parser.add_argument("--max-nonfinite", type=int, default=None, metavar="N",
+                        help="same as train.max_nonfinite=N: stop after N consecutive non-finite steps")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+
+
+def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config file or None, overrides); a run folder stands for its config.yaml."""
+    from ktransfer.config import ConfigError
+
+    files = [i for i in items if "=" not in i]
+    if len(files) > 1:
+        raise ConfigError(f"expected one config file and KEY=VALUE overrides, got several files: {files}")
+    path = files[0] if files else None
+    overrides = [i for i in items if "=" in i]
+    if path is not None and Path(path).is_dir():  # a run folder: its resolved config, training into that folder
+        overrides.insert(0, f"train.out_dir={path}")
+        path = str(Path(path) / "config.yaml")
+    return path, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktransfer.config import ConfigError, config_help, load_config
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    from ktransfer.checkpoint import CheckpointError
+    from ktransfer.data import CorpusError
+    from ktransfer.train import NonFiniteLossError, train
+
+    try:
+        path, overrides = _split_items(args.items)
+        for key, value in (("train.save_every", args.save_every), ("train.max_nonfinite", args.max_nonfinite)):
+            if value is not None:
+                overrides.append(f"{key}={value}")  # checked, and saved with the run, like any override
+        cfg = load_config(path, overrides)
+        result = train(cfg, require_resume=args.resume)
+    except ConfigError as e:
+        print(f"ktransfer train: config error: {e}", file=sys.stderr)
+        return 2
+    except (CorpusError, CheckpointError, NonFiniteLossError) as e:
+        print(f"ktransfer train: error: {e}", file=sys.stderr)
+        return 1
+    stopped = result["stopped"] or ""
+    if stopped.startswith("signal:"):
+        return 128 + int(signal.Signals[stopped.removeprefix("signal:")])
+    valid = result["valid"] or {}
+    print(f"{result['out_dir']}: {result['stopped']} after {result['step']} steps; best "
+          f"{'BLEU' if cfg.train.valid_bleu else 'valid loss'} {result['best']} (epoch {result['best_epoch']}); "
+          f"last valid BLEU {valid.get('bleu', float('nan')):.2f}")
+    return 0

@@ -1,0 +1,626 @@
+"""The training loop: pre-training with NLL, and distillation of a learner from a frozen teacher, with exact resume.
+
+Stages, in the order a reader meets them (torchtune-recipe style):
+
+- ``setup(cfg)``: run folder, tokenizer, data, learner, teacher, optimiser and schedule, or all of them restored from
+  ``RUN/checkpoints/last``;
+- ``train(cfg)``: the epochs; each one ends with ``validate`` (loss and BLEU), the ``best`` and ``last`` checkpoints
+  and the early-stopping check;
+- ``train_step(run, batches)``: one update from one or more (accumulated) batches;
+- ``save_checkpoint(run, name)``: everything needed to continue exactly.
+
+Exact resume: a checkpoint holds the weights, the optimiser and schedule, the RNG states (dropout), the epoch and how
+many batches of it were used. The batches of an epoch are a function of ``(seed, epoch)``, so a resumed run skips the
+used ones and goes on with the same random stream: killed and resumed, it ends with the weights of a run that was
+never interrupted.
+
+A run folder::
+
+    RUN/config.yaml  tokenizer.json  metrics.jsonl  train.log
+    RUN/checkpoints/last/  RUN/checkpoints/best/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ktransfer import checkpoint as ckpt_lib
+from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
+from ktransfer.data import CorpusError, TokenBatchSampler, collate, encode_pairs, read_split, resolve_corpus
+from ktransfer.objectives import TransferLoss, transfer_loss
+from ktransfer.tokenizer import Tokenizer, train_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; ``last`` was saved before raising."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (with the RNG states) so that a resume continues exactly."""
+
+    epoch: int = 0  # current epoch, 0-based (== train.epochs when all are done)
+    batch: int = 0  # batches of `epoch` already used
+    step: int = 0  # optimizer updates done (skipped non-finite steps excluded)
+    tokens: int = 0  # target tokens trained on
+    best: float | None = None  # best validation value (BLEU with train.valid_bleu, else loss)
+    best_epoch: int | None = None
+    bad_validations: int = 0  # validations since the best one (early stopping)
+    nonfinite: int = 0  # consecutive non-finite steps
+    metrics_lines: int = 0  # lines of metrics.jsonl written up to this state
+    elapsed: float = 0.0  # seconds spent training (validation included)
+    stopped: str | None = None  # why training ended: epochs, max_steps, early_stopping, nonfinite, signal:NAME
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` built; ``train`` and its helpers read and update it."""
+
+    cfg: RunConfig
+    out_dir: Path
+    device: torch.device
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: TokenBatchSampler
+    train_ids: tuple[list[list[int]], list[list[int]]]  # (source ids, target ids), each row ending with </s>
+    valid_ids: tuple[list[list[int]], list[list[int]]]
+    valid_pairs: list[tuple[str, str]]  # raw text of the validation (subset) for BLEU
+    state: TrainState
+    log: RunLog
+    metrics: MetricsFile
+    writer: Any = None  # a TensorBoard SummaryWriter when tensorboard is installed
+    stop_signal: list[int] = field(default_factory=list)  # filled by the SIGINT/SIGTERM handler
+    clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
+
+    def elapsed(self) -> float:
+        """Seconds of training in this run folder so far, resumed sessions included."""
+        now = time.perf_counter()
+        self.state.elapsed, self.clock = self.state.elapsed + now - self.clock, now
+        return self.state.elapsed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------------------
+def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
+    """Build (or restore from ``RUN/checkpoints/last``) everything a run needs.
+
+    Raises:
+        ConfigError: a setting that cannot work (naming its key): missing teacher/init/tokenizer, teacher and learner
+            with different tokenizers, a run folder that holds a run while ``train.resume`` is false, ...
+        CorpusError: the corpus is missing or malformed.
+    """
+    out_dir = Path(cfg.train.out_dir)
+    last = out_dir / "checkpoints" / "last"
+    resume_from = _find_resume(cfg, last, require_resume)
+    train_pairs, valid_pairs = _read_data(cfg)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    _seed_everything(cfg.train.seed)
+    device = _device(cfg.train.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir / "train.log")
+
+    resumed = ckpt_lib.load_checkpoint(resume_from) if resume_from else None
+    if resumed is not None:
+        state = TrainState.from_dict(resumed.train_state)
+        if state.stopped == "nonfinite":
+            state.nonfinite = 0  # the user changed something; count afresh
+        state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
+        log(f"resuming from {resumed.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
+        _warn_config_changes(log, resumed.config, config_to_dict(cfg))
+    else:
+        state = TrainState()
+        log(f"new run in {out_dir}")
+    save_config(cfg, out_dir / "config.yaml")
+    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0)
+
+    d = cfg.data
+    teacher, teacher_tokenizer = _load_teacher(cfg, device, log)
+    init = _load_init(cfg) if cfg.model.init and resumed is None else None
+    tokenizer = _tokenizer(cfg, resumed or init, teacher_tokenizer, train_pairs, log)
+    tokenizer.save(out_dir / "tokenizer.json")
+
+    model = _build_learner(cfg, tokenizer, resumed or init).to(device)
+    if init is not None:
+        log(f"learner initialised from {cfg.model.init} (model.preset not used)")
+    if teacher is not None:
+        from ktransfer.models import check_compatible
+
+        try:
+            check_compatible(teacher, model, teacher_tokenizer, tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"model.teacher: {cfg.model.teacher}: {e}", key="model.teacher") from None
+    if cfg.objective.objective == "nll":
+        teacher = None  # its tokenizer was wanted, not its predictions
+
+    src, tgt = encode_pairs(train_pairs, tokenizer, d.max_length, log=log)
+    if not src:
+        raise ConfigError(f"data.max_length: no training pair fits in {d.max_length} tokens", key="data.max_length")
+    positions = int(getattr(model.config, "max_position_embeddings", 1024))
+    valid_ids = encode_pairs(valid_pairs, tokenizer, positions, log=log)
+    sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], d.max_tokens, seed=cfg.train.seed)
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
+    if resumed is not None:
+        ckpt_lib.restore_optimizer(optimizer, resumed)
+        scheduler.load_state_dict(resumed.scheduler_state)
+        ckpt_lib.restore_rng(resumed.train_state)  # last: nothing after this may draw random numbers
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"learner: {n_params:,} parameters on {device}; objective {cfg.objective.objective}"
+        + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
+        + f"; {len(src)} training pairs in {len(sampler.epoch_batches(state.epoch))} batches, "
+          f"{len(valid_ids[0])} validation pairs")
+    return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, teacher=teacher,
+               optimizer=optimizer, scheduler=scheduler, sampler=sampler, train_ids=(src, tgt), valid_ids=valid_ids,
+               valid_pairs=valid_pairs, state=state, log=log, metrics=metrics, writer=_tensorboard(out_dir))
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate for update ``step + 1``: linear warm-up, then constant or 1/sqrt(step)."""
+    n = step + 1
+    if warmup_steps and n <= warmup_steps:
+        return n / warmup_steps
+    if schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup_steps, 1) / n)
+    return 1.0
+
+
+def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
+    exists = last.exists() or any(last.parent.glob(".last.old-*"))  # an interrupted swap leaves an aside copy
+    if require and not exists:
+        raise ConfigError(f"train.out_dir: nothing to resume: no checkpoint at {last}", key="train.out_dir")
+    if exists and not (cfg.train.resume or require):
+        raise ConfigError(
+            f"train.resume: {cfg.train.out_dir} already holds a run ({last}); resume it (train.resume=true or "
+            "--resume) or choose another train.out_dir", key="train.resume")
+    return last if exists else None
+
+
+def _read_data(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The training pairs (first data.train_limit) and validation pairs (first data.valid_subset)."""
+    d = cfg.data
+    try:
+        resolve_corpus(d.corpus)
+    except CorpusError as e:
+        raise ConfigError(f"data.corpus: {e}", key="data.corpus") from None
+    train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    valid_pairs = read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+    return train_pairs, valid_pairs
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available", key="train.device")
+    return torch.device(name)
+
+
+def _load_teacher(cfg: RunConfig, device: torch.device, log) -> tuple[torch.nn.Module | None, Tokenizer | None]:
+    """The teacher of ``model.teacher``, frozen: eval mode, no gradients; ``(None, None)`` without one."""
+    if not cfg.model.teacher:
+        return None, None
+    try:
+        teacher, tokenizer = ckpt_lib.load_model(cfg.model.teacher, device=device)
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"model.teacher: {e}", key="model.teacher") from None
+    teacher.eval().requires_grad_(False)
+    log(f"teacher: {cfg.model.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters, frozen)")
+    return teacher, tokenizer
+
+
+def _load_init(cfg: RunConfig) -> ckpt_lib.Checkpoint:
+    try:
+        return ckpt_lib.load_checkpoint(cfg.model.init, with_optimizer=False)
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"model.init: {e}", key="model.init") from None
+
+
+def _tokenizer(cfg: RunConfig, start: ckpt_lib.Checkpoint | None, teacher_tokenizer, train_pairs, log) -> Tokenizer:
+    """The checkpoint's (resumed or init), else data.tokenizer, else the teacher's, else a joint BPE trained on the
+    training split. A data.tokenizer that differs from the checkpoint's is an error (the teacher's: see setup)."""
+    given = None
+    if cfg.data.tokenizer:
+        try:
+            given = Tokenizer.load(cfg.data.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
+    if start is not None:
+        if given is not None and given.to_json() != start.tokenizer.to_json():
+            raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} differs from the tokenizer of the checkpoint "
+                              f"{start.path} the learner starts from", key="data.tokenizer")
+        return start.tokenizer
+    if given is not None or teacher_tokenizer is not None:
+        return given or teacher_tokenizer
+    t0 = time.time()
+    tokenizer = train_tokenizer([text for pair in train_pairs for text in pair], vocab_size=cfg.data.vocab_size)
+    log(f"trained a joint BPE tokenizer on {len(train_pairs)} pairs: {tokenizer.vocab_size} tokens "
+        f"({time.time() - t0:.1f}s)")
+    return tokenizer
+
+
+def _build_learner(cfg: RunConfig, tokenizer: Tokenizer, start: ckpt_lib.Checkpoint | None) -> torch.nn.Module:
+    """The learner in train mode: the model of the resumed or init checkpoint, else a new one from model.preset."""
+    from ktransfer.models import build_model
+
+    overrides = {} if cfg.model.dropout is None else {"dropout": cfg.model.dropout}
+    if start is not None:
+        return ckpt_lib.model_from_checkpoint(start, **overrides).train()
+    try:
+        return build_model(cfg.model.preset, tokenizer, **overrides).train()
+    except ValueError as e:
+        raise ConfigError(f"model.preset: {e}", key="model.preset") from None
+
+
+def _warn_config_changes(log, saved: dict, now: dict) -> None:
+    changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
+               if s in saved and k in saved[s] and saved[s][k] != v]
+    if changed:
+        log("warning: config differs from the checkpoint's (the resumed run is not exact): " + "; ".join(changed))
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+def train(cfg: RunConfig, *, require_resume: bool = False) -> dict:
+    """Train (or distil) as ``cfg`` says; resumes from ``RUN/checkpoints/last`` when it exists and
+    ``train.resume`` is true (``require_resume``: fail when there is nothing to resume).
+
+    Returns:
+        The final metrics: ``epoch``, ``step``, ``best``, ``best_epoch``, ``stopped``, ``valid`` (last validation),
+        ``out_dir``.
+
+    Raises:
+        ConfigError, CorpusError: see ``setup``.
+        NonFiniteLossError: ``train.max_nonfinite`` consecutive non-finite steps (``last`` is saved first).
+    """
+    run = setup(cfg, require_resume=require_resume)
+    try:
+        with _stop_on_signals(run):
+            _train_loop(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    s = run.state
+    return {"epoch": s.epoch, "step": s.step, "tokens": s.tokens, "best": s.best, "best_epoch": s.best_epoch,
+            "stopped": s.stopped, "valid": run.metrics.last_valid, "out_dir": str(run.out_dir)}
+
+
+def _train_loop(run: Run) -> None:
+    cfg, s = run.cfg, run.state
+    if _finished(run):
+        run.log(f"nothing to do: the run is complete ({s.stopped})")
+        return
+    accumulate, save_every = cfg.optim.accumulate, cfg.train.save_every
+    while not _finished(run):
+        batches = run.sampler.epoch_batches(s.epoch)
+        bar, window = _progress(run, len(batches)), _Throughput()
+        while s.batch < len(batches) and not run.stop_signal:
+            group = batches[s.batch:s.batch + accumulate]
+            result = train_step(run, [collate_batch(run, run.train_ids, idx) for idx in group])
+            s.batch += len(group)
+            bar.update(len(group))
+            if not result["finite"]:
+                _skip_nonfinite(run, result)
+                continue
+            s.step, s.tokens, s.nonfinite = s.step + 1, s.tokens + result["batch_tokens"], 0
+            window.add(result["batch_tokens"])
+            bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{result['lr']:.2e}", tok_s=f"{window.rate():.0f}")
+            if s.step % cfg.train.log_every == 0:
+                run.metrics.write(run, {"kind": "train", **result, "tokens_per_s": window.rate()})
+                run.log(f"epoch {s.epoch} batch {s.batch}/{len(batches)} step {s.step}: loss {result['loss']:.4f} "
+                        f"nll {result['nll']:.4f} div {result['divergence']:.4f} lr {result['lr']:.2e} "
+                        f"|g| {result['grad_norm']:.3f} {window.rate():.0f} tok/s")
+                window = _Throughput()
+            if cfg.train.max_steps and s.step >= cfg.train.max_steps:
+                break
+            if save_every and s.step % save_every == 0 and s.batch < len(batches):
+                save_checkpoint(run, "last")
+        bar.close()
+        if run.stop_signal:
+            return _stop_for_signal(run)
+        if s.batch >= len(batches):
+            s.epoch, s.batch = s.epoch + 1, 0
+        _end_of_epoch(run)  # also after max_steps mid-epoch: validate and save before stopping
+    run.log(f"done ({s.stopped}): {s.step} steps, {s.tokens:,} target tokens, "
+            f"{run.elapsed():.0f}s; best {_metric_name(run)} {s.best} after epoch {s.best_epoch}")
+
+
+def train_step(run: Run, batches: list[dict]) -> dict:
+    """One update from ``batches`` (one, or ``optim.accumulate`` of them): their gradients are summed with each
+    loss divided by the tokens of all of them, so the update equals that of one batch holding them all.
+
+    A non-finite loss or gradient norm skips the update (the gradients are dropped); ``finite`` tells.
+    """
+    model, o = run.model, run.cfg.optim
+    num_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    loss = nll = div = 0.0
+    for batch in batches:
+        out = compute_loss(run, batch, num_tokens)
+        out.loss.backward()
+        loss, nll, div = loss + out.loss.item(), nll + out.nll.item(), div + out.divergence.item()
+    clip = o.clip_norm if o.clip_norm is not None else float("inf")  # inf: only measure the norm
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "nll": nll, "divergence": div, "grad_norm": grad_norm, "lr": lr,
+            "batch_tokens": num_tokens, "finite": finite}
+
+
+def compute_loss(run: Run, batch: dict, num_tokens: int | None = None) -> TransferLoss:
+    """The objective on one batch: ``(1 - lam) * NLL + lam * D(learner, teacher)`` (plain NLL for ``nll``).
+
+    The teacher runs under ``torch.no_grad`` in eval mode; ``num_tokens`` replaces the batch's own token count as
+    the denominator (gradient accumulation).
+    """
+    ob = run.cfg.objective
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    with _autocast(run):
+        logits = run.model(**inputs, use_cache=False).logits  # (B, T, V)
+        teacher_logits = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(**inputs, use_cache=False).logits  # (B, T, V)
+    extra = {"support": ob.support} if ob.support is not None else {}
+    return transfer_loss(logits, teacher_logits, batch["labels"], objective=ob.objective, lam=ob.lam,
+                         top_k=ob.top_k, temperature=ob.temperature, label_smoothing=ob.label_smoothing,
+                         num_tokens=num_tokens, beta=ob.beta, alpha=ob.alpha, renormalize=ob.renormalize, **extra)
+
+
+def _skip_nonfinite(run: Run, result: dict) -> None:
+    s, limit = run.state, run.cfg.train.max_nonfinite
+    s.nonfinite += 1
+    run.log(f"warning: non-finite loss {result['loss']} / gradient norm {result['grad_norm']} at epoch {s.epoch} "
+            f"batch {s.batch}: update skipped ({s.nonfinite} in a row, stop at {limit})")
+    run.metrics.write(run, {"kind": "nonfinite", **result})
+    if s.nonfinite >= limit:
+        s.stopped = "nonfinite"
+        path = save_checkpoint(run, "last")
+        message = (f"{s.nonfinite} consecutive non-finite steps: training stopped at epoch {s.epoch}, step {s.step} "
+                   f"(weights saved to {path} are those before the first of them); lower optim.lr, set "
+                   "optim.clip_norm, or check the data")
+        run.log(message)
+        raise NonFiniteLossError(message)
+
+
+def _finished(run: Run) -> bool:
+    """Whether training is over; sets ``state.stopped`` to the reason (but for a run of all epochs)."""
+    cfg, s = run.cfg, run.state
+    if s.epoch >= cfg.train.epochs:
+        s.stopped = "epochs"
+        return True
+    if cfg.train.max_steps and s.step >= cfg.train.max_steps:
+        s.stopped = "max_steps"
+        return True
+    if cfg.train.patience and s.bad_validations >= cfg.train.patience:
+        s.stopped = "early_stopping"
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation and the end of an epoch
+# --------------------------------------------------------------------------------------------------------------
+def _end_of_epoch(run: Run) -> None:
+    """Validate, keep the best checkpoint, save ``last``, count validations without improvement."""
+    s = run.state
+    valid = validate(run)
+    value = valid["bleu"] if run.cfg.train.valid_bleu else valid["loss"]
+    improved = s.best is None or (value > s.best if run.cfg.train.valid_bleu else value < s.best)
+    if improved:
+        s.best, s.best_epoch, s.bad_validations = value, s.epoch, 0
+    else:
+        s.bad_validations += 1
+    run.metrics.write(run, {"kind": "valid", **valid, "best": s.best, "improved": improved,
+                            "elapsed": run.elapsed()})
+    run.log(f"epoch {s.epoch}/{run.cfg.train.epochs} (step {s.step}): valid loss {valid['loss']:.4f} "
+            f"nll {valid['nll']:.4f} BLEU {valid['bleu']:.2f} (beam {valid['beam']})"
+            + (" (best)" if improved else f" (best {_metric_name(run)} {s.best:.4f} after epoch {s.best_epoch})"))
+    if improved:
+        save_checkpoint(run, "best")
+    save_checkpoint(run, "last")
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict:
+    """Validation loss (the training objective, NLL and divergence; token means) and BLEU/chrF of the
+    translations of the validation sources (beam ``eval.valid_beam``; other ``eval.*`` settings)."""
+    from ktransfer.evaluate import score, translate
+
+    model, cfg = run.model, run.cfg
+    model.eval()
+    src, tgt = run.valid_ids
+    sampler = TokenBatchSampler([len(x) for x in src], [len(x) for x in tgt], cfg.data.max_tokens, shuffle=False)
+    sums, total = {"loss": 0.0, "nll": 0.0, "divergence": 0.0}, 0
+    for idx in sampler.epoch_batches(0):
+        batch = collate_batch(run, run.valid_ids, idx)
+        n = int((batch["labels"] != -100).sum())
+        out = compute_loss(run, batch)
+        for key, value in (("loss", out.loss), ("nll", out.nll), ("divergence", out.divergence)):
+            sums[key] += float(value) * n
+        total += n
+    valid = {k: v / max(total, 1) for k, v in sums.items()}
+    valid["ppl"] = math.exp(min(valid["nll"], 50.0))
+    beam = cfg.eval.valid_beam or (cfg.eval.beam if cfg.train.valid_bleu else 1)
+    sources, references = [p[0] for p in run.valid_pairs], [p[1] for p in run.valid_pairs]
+    t0 = time.time()
+    hyps = translate(model, run.tokenizer, sources, beam=beam, length_penalty=cfg.eval.length_penalty,
+                     max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
+    scores = score(hyps, references)
+    model.train()
+    return {**valid, "bleu": scores["bleu"], "chrf": scores["chrf"], "beam": beam, "sentences": len(sources),
+            "translate_s": time.time() - t0, "bleu_signature": scores["bleu_signature"]}
+
+
+def _metric_name(run: Run) -> str:
+    return "BLEU" if run.cfg.train.valid_bleu else "valid loss"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints, signals
+# --------------------------------------------------------------------------------------------------------------
+def save_checkpoint(run: Run, name: str) -> Path:
+    """Save ``RUN/checkpoints/NAME``: weights, optimiser, schedule, train state and RNG states (atomically)."""
+    run.elapsed()
+    path = ckpt_lib.save_checkpoint(
+        run.out_dir / "checkpoints" / name, model=run.model, tokenizer=run.tokenizer, config=run.cfg,
+        optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state))
+    return path
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT/SIGTERM ask the loop to stop after the current step (it saves ``last``); a second SIGINT interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_signal.append(signum)
+        print(f"\n{signal.Signals(signum).name}: saving checkpoints/last after this step", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_for_signal(run: Run) -> None:
+    s = run.state
+    s.stopped = f"signal:{signal.Signals(run.stop_signal[0]).name}"
+    path = save_checkpoint(run, "last")
+    run.log(f"stopped by {s.stopped[7:]} at epoch {s.epoch}, batch {s.batch}, step {s.step}; saved {path} "
+            "(run the same command again to resume)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers: batches, autocast, logging, throughput
+# --------------------------------------------------------------------------------------------------------------
+def collate_batch(run: Run, ids, idx: list[int]) -> dict:
+    """The padded tensors (``collate``) of examples ``idx`` of ``ids`` = (source ids, target ids), on the device."""
+    src, tgt = ids
+    batch = collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id,
+                    run.model.config.decoder_start_token_id)
+    return {k: v.to(run.device) for k, v in batch.items()}
+
+
+def _autocast(run: Run):
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16)
+
+
+def _progress(run: Run, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=run.state.batch, desc=f"epoch {run.state.epoch}", unit="batch",
+                file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
+
+
+class _Throughput:
+    """Target tokens per second since it was made."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+
+class RunLog:
+    """The human-readable ``train.log`` (timestamped lines, appended) mirrored to stderr; callable with a message."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        from tqdm import tqdm
+
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        tqdm.write(line, file=sys.stderr)
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object a line (train steps, validations, skipped steps).
+
+    On resume the file is cut back to the lines the checkpoint had seen, so no line appears twice.
+    """
+
+    def __init__(self, path: Path, keep_lines: int = 0):
+        self.path, self.last_valid = path, None
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
+        path.write_text("".join(lines), encoding="utf-8")
+        self.lines = len(lines)
+        for line in lines:  # the last validation, for a resumed run that has nothing left to do
+            record = json.loads(line)
+            if record.get("kind") == "valid":
+                self.last_valid = record
+
+    def write(self, run: Run, record: dict) -> None:
+        s = run.state
+        record = {"kind": record["kind"], "epoch": s.epoch, "batch": s.batch, "step": s.step, "tokens": s.tokens,
+                  "time": time.time(), **record}
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}  # JSON
+        if record["kind"] == "valid":
+            self.last_valid = record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+        s.metrics_lines = self.lines
+        if run.writer is not None:
+            for key, value in record.items():
+                if type(value) in (int, float) and key not in ("epoch", "batch", "step", "time"):  # bools excluded
+                    run.writer.add_scalar(f"{record['kind']}/{key}", value, s.step)
