@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.divergences import KINDS, _check_options, _flatten, _Fused, _Spec, _terms
+from ktransfer.divergences import KINDS, _check_options, _Fused, _Spec, _terms
 
 ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
 OBJECTIVES = ("nll", "kd", "ka", *KINDS)
@@ -69,6 +69,39 @@ def transfer_loss(
     Raises:
         ValueError: unknown objective or option, missing teacher, labels of the wrong shape or out of range.
     """
+    plan = _plan(tuple(learner_logits.shape), None if teacher_logits is None else tuple(teacher_logits.shape),
+                 labels, learner_logits.device, objective=objective, lam=lam, top_k=top_k, temperature=temperature,
+                 ignore_index=ignore_index, label_smoothing=label_smoothing, num_tokens=num_tokens,
+                 divergence_options=divergence_options)
+    V = learner_logits.shape[-1]
+    z2 = learner_logits.reshape(-1, V)
+    u2 = teacher_logits.detach().reshape(-1, V) if plan.spec.terms else None
+    loss, div_sum, nll_sum = _Fused.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale, plan.nll_scale,
+                                          "total", plan.chunk_size)
+    return plan.result(loss, div_sum, nll_sum)
+
+
+@dataclass
+class _Plan:
+    """Everything a fused sweep needs, validated: flat labels ``[N]``, selected rows, per-row gradient scales."""
+
+    spec: _Spec
+    labels: torch.Tensor
+    rows: torch.Tensor | None
+    div_scale: torch.Tensor
+    nll_scale: torch.Tensor
+    count: torch.Tensor
+    inv: torch.Tensor
+    chunk_size: int | None
+
+    def result(self, loss, div_sum, nll_sum) -> TransferLoss:
+        return TransferLoss(loss=loss, nll=(nll_sum * self.inv).to(loss.dtype),
+                            divergence=(div_sum * self.inv).to(loss.dtype), num_tokens=self.count)
+
+
+def _plan(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k, temperature, ignore_index,
+          label_smoothing, num_tokens, divergence_options) -> _Plan:
+    """Validate the arguments of Eq. 12 and work out the rows and scales; shared by the fused linear path."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
     unknown = sorted(set(divergence_options) - set(_DIVERGENCE_OPTIONS))
@@ -78,43 +111,36 @@ def transfer_loss(
         raise ValueError(f"lam must be in [0, 1], got {lam!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if tuple(labels.shape) != tuple(learner_logits.shape[:-1]):
+    if tuple(labels.shape) != tuple(learner_shape[:-1]):
         raise ValueError(
             f"labels shape {list(labels.shape)} must equal the logits shape without the vocabulary dimension, "
-            f"{list(learner_logits.shape[:-1])} (logits {list(learner_logits.shape)})"
+            f"{list(learner_shape[:-1])} (logits {list(learner_shape)})"
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     kind = ALIASES.get(objective, objective)
     opts = {"support": None, "beta": 0.5, "alpha": 0.1, "renormalize": False, "chunk_size": None, **divergence_options}
     if kind == "nll":
-        teacher_logits, lam = None, 0.0
-    elif teacher_logits is None:
+        lam = 0.0
+    elif teacher_shape is None:
         raise ValueError(f"objective {objective!r} needs teacher_logits (only 'nll' trains without a teacher)")
-    check_kind = "forward_kl" if kind == "nll" else kind
-    _check_options(check_kind, tuple(learner_logits.shape),
-                   tuple(teacher_logits.shape) if teacher_logits is not None else tuple(learner_logits.shape),
+    _check_options("forward_kl" if kind == "nll" else kind, tuple(learner_shape),
+                   tuple(learner_shape) if kind == "nll" else tuple(teacher_shape),
                    top_k, opts["support"], temperature, opts["beta"], opts["alpha"], "mean", opts["chunk_size"])
 
-    mask = labels != ignore_index
-    V = learner_logits.shape[-1]
-    flat_labels = labels.reshape(-1).to(learner_logits.device)
-    counted = flat_labels[mask.reshape(-1)]
+    V = learner_shape[-1]
+    mask = (labels != ignore_index).reshape(-1).to(device)
+    flat_labels = labels.reshape(-1).to(device)
+    counted = flat_labels[mask]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= V):
         bad = counted[(counted < 0) | (counted >= V)][0]
         raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {V}) (ignore_index is {ignore_index})")
-    z2, u2, rows = _flatten(learner_logits, teacher_logits, mask)
-    safe_labels = flat_labels.clamp(0, V - 1)  # ignored positions are never gathered; clamp keeps indexing legal
-
-    count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64,
-                            device=z2.device)
+    rows = None if bool(mask.all()) else mask.nonzero().squeeze(-1)
+    count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64, device=device)
     inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-12), torch.zeros_like(count))
-    N = z2.shape[0]
-    div_scale = (lam * inv).expand(N)
-    nll_scale = ((1.0 - lam) * inv).expand(N)
+    N = flat_labels.numel()
     spec = _Spec(_terms(kind, top_k, opts["support"]) if kind != "nll" else (), top_k, float(temperature),
                  float(opts["beta"]), float(opts["alpha"]), bool(opts["renormalize"]), float(label_smoothing))
-    loss, div_sum, nll_sum = _Fused.apply(z2, u2, safe_labels, rows, spec, div_scale, nll_scale, "total",
-                                          opts["chunk_size"])
-    return TransferLoss(loss=loss, nll=(nll_sum * inv).to(loss.dtype), divergence=(div_sum * inv).to(loss.dtype),
-                        num_tokens=count)
+    return _Plan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
+                 rows=rows, div_scale=(lam * inv).expand(N), nll_scale=((1.0 - lam) * inv).expand(N), count=count,
+                 inv=inv, chunk_size=opts["chunk_size"])

@@ -1,0 +1,154 @@
+"""Output projection and Eq. 12 fused, for large vocabularies: the ``[N, V]`` logits of either model never exist.
+
+For chunks of c positions at a time:
+
+    z_c = h_c W^T + b          (learner logits, [c, V])     u_c = g_c Wt^T + bt    (teacher logits, [c, V], no grad)
+    value, dL/dz_c             (the chunked sweep of ``ktransfer.divergences``, NLL and divergence together)
+    dL/dh_c = dL/dz_c W        dL/dW += dL/dz_c^T h_c       dL/db += sum_rows dL/dz_c
+
+so the extra memory is O(c x V) plus the gradients of h, W and b, whatever N is. The value and every gradient equal
+those of ``transfer_loss(h @ W.T + b, g @ Wt.T + bt, labels, ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _sweep_chunk
+from ktransfer.objectives import TransferLoss, _plan
+
+# Matrix products want more rows than the divergence sweep alone: at least 32 per chunk on a CPU.
+CHUNK_ELEMENTS_CPU = 1 << 21
+
+
+def _weight_and_bias(head, bias):
+    if isinstance(head, torch.nn.Linear):
+        return head.weight, head.bias if bias is None else bias
+    return head, bias
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, b, ht, Wt, bt, plan, chunk):
+        need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        need = need_h or need_W or need_b
+        N = h.shape[0]
+        cdt = _compute_dtype(h, ht)
+        rows = plan.rows
+        n_sel = N if rows is None else rows.numel()
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_W = torch.zeros(W.shape, dtype=cdt, device=W.device) if need_W else None
+        grad_b = torch.zeros(b.shape, dtype=cdt, device=b.device) if need_b else None
+        div_sum = h.new_zeros((), dtype=cdt)
+        nll_sum = h.new_zeros((), dtype=cdt)
+        loss = h.new_zeros((), dtype=cdt)
+        for start in range(0, n_sel, chunk):
+            sel = slice(start, min(start + chunk, n_sel)) if rows is None else rows[start : start + chunk]
+            hc = h[sel]
+            z = F.linear(hc, W, b)  # (c, V)
+            u = F.linear(ht[sel], Wt, bt) if plan.spec.terms else None
+            dc = plan.div_scale[sel].to(cdt).unsqueeze(-1)
+            nc = plan.nll_scale[sel].to(cdt).unsqueeze(-1)
+            v, n, g, bad = _sweep_chunk(z, u, plan.labels[sel], plan.spec, dc, nc, need)
+            if bool(bad.any()):
+                raise ValueError("a position has no finite logit in the learner or the teacher (all -inf)")
+            if v is not None:
+                div_sum += v.sum()
+                loss += (v * dc.squeeze(-1)).sum()
+            nll_sum += n.sum()
+            loss += (n * nc.squeeze(-1)).sum()
+            if need:
+                if need_h:
+                    grad_h[sel] = (g.to(W.dtype) @ W).to(h.dtype)
+                if need_W:
+                    grad_W.addmm_(g.t(), hc.to(cdt))
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_W, grad_b) if x is not None))
+        ctx.which = (need_h, need_W, need_b)
+        ctx.dtypes = (W.dtype, None if b is None else b.dtype)
+        ctx.mark_non_differentiable(div_sum, nll_sum)
+        return loss, div_sum, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_out, _g1, _g2):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if need else None for need in ctx.which]
+        scale = None if bool(grad_out == 1) else grad_out
+        out = []
+        for g, dtype in zip(grads, (None, *ctx.dtypes), strict=True):
+            if g is not None:
+                g = g if scale is None else g * scale.to(g.dtype)
+                g = g if dtype is None else g.to(dtype)
+            out.append(g)
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def fused_linear_divergence(
+    learner_hidden: torch.Tensor,
+    learner_head: torch.Tensor | torch.nn.Linear,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | torch.nn.Linear | None,
+    kind: str = "ka",
+    *,
+    labels: torch.Tensor | None = None,
+    lam: float = 1.0,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    num_tokens: int | torch.Tensor | None = None,
+    learner_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **divergence_options,
+) -> TransferLoss:
+    """``transfer_loss`` on ``h W^T + b`` and ``g Wt^T + bt`` without materialising either ``[N, V]`` logits.
+
+    Args:
+        learner_hidden: h ``[..., H]`` (receives a gradient).
+        learner_head: W ``[V, H]`` or an ``nn.Linear`` (weight and bias receive gradients).
+        teacher_hidden: g ``[..., Ht]``, frozen; None only for ``kind="nll"``.
+        teacher_head: Wt ``[V, Ht]`` or an ``nn.Linear``, frozen.
+        kind: any objective of ``transfer_loss`` (``"kd"``, ``"ka"``, ``"half"``, a divergence kind, or ``"nll"``).
+        labels: ``[...]`` reference tokens (``ignore_index`` = not counted). None: every position counts, and
+            ``lam`` must be 1 (pure divergence).
+        lam, top_k, temperature, label_smoothing, num_tokens, **divergence_options: as in ``transfer_loss``.
+        chunk_size: positions per chunk; None = about 2**21 / V on a CPU (at least 32), 2**24 / V on a GPU.
+
+    Returns:
+        ``TransferLoss`` with the same value as ``transfer_loss`` on the materialised logits.
+    """
+    W, b = _weight_and_bias(learner_head, learner_bias)
+    H = learner_hidden.shape[-1]
+    if W.dim() != 2 or W.shape[1] != H:
+        raise ValueError(f"learner_head must be [V, H={H}], got {list(W.shape)}")
+    V = W.shape[0]
+    lead = tuple(learner_hidden.shape[:-1])
+    Wt = bt = None
+    if teacher_head is not None:
+        Wt, bt = _weight_and_bias(teacher_head, teacher_bias)
+        if teacher_hidden is None or Wt.dim() != 2 or Wt.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(f"teacher_head must be [V, Ht] matching teacher_hidden [..., Ht], got {list(Wt.shape)} "
+                             f"and {None if teacher_hidden is None else list(teacher_hidden.shape)}")
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden positions {list(teacher_hidden.shape[:-1])} differ from "
+                             f"learner_hidden positions {list(lead)}")
+    if labels is None:
+        if lam != 1.0:
+            raise ValueError(f"lam={lam} < 1 mixes in an NLL term, which needs labels")
+        labels = torch.zeros(lead, dtype=torch.long, device=learner_hidden.device)
+    plan = _plan((*lead, V), None if Wt is None else (*lead, Wt.shape[0]), labels, learner_hidden.device,
+                 objective=kind, lam=lam, top_k=top_k, temperature=temperature, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, num_tokens=num_tokens,
+                 divergence_options={**divergence_options, "chunk_size": chunk_size})
+    if chunk_size is None:
+        chunk_size = max(32, CHUNK_ELEMENTS_CPU // V) if learner_hidden.device.type == "cpu" else \
+            max(1, CHUNK_ELEMENTS_CUDA // V)
+    h2 = learner_hidden.reshape(-1, H)
+    ht2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]) if plan.spec.terms else None
+    if ht2 is not None:
+        Wt, bt = Wt.detach(), None if bt is None else bt.detach()
+    loss, div_sum, nll_sum = _FusedLinear.apply(h2, W, b, ht2, Wt, bt, plan, chunk_size)
+    return plan.result(loss, div_sum, nll_sum)
