@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from ktransfer.divergences import KINDS, divergence  # noqa: E402
-from ktransfer.objectives import TransferLoss, transfer_loss  # noqa: E402
 from ktransfer.fused_linear import fused_linear_divergence  # noqa: E402
+from ktransfer.objectives import TransferLoss, transfer_loss  # noqa: E402
 
 __all__ = ["KINDS", "TransferLoss", "__version__", "divergence", "fused_linear_divergence", "transfer_loss"]

@@ -14,6 +14,12 @@ many batches of it were used. The batches of an epoch are a function of ``(seed,
 used ones and goes on with the same random stream: killed and resumed, it ends with the weights of a run that was
 never interrupted.
 
+Several processes (``torchrun``, see ``ktransfer.distributed`` and ``docs/distributed.md``): the learner is wrapped in
+``DistributedDataParallel``; a global step takes ``optim.accumulate x world_size`` consecutive batches of the epoch,
+rank r the r-th of each run of ``world_size``; losses divide by the global token count, so an update equals the
+single-process update with ``optim.accumulate x world_size``. Rank 0 alone writes the run folder; checkpoints hold the
+unwrapped learner and the global batch position, so they resume with any number of processes.
+
 A run folder::
 
     RUN/config.yaml  tokenizer.json  metrics.jsonl  train.log
@@ -38,6 +44,7 @@ import numpy as np
 import torch
 
 from ktransfer import checkpoint as ckpt_lib
+from ktransfer import distributed
 from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
 from ktransfer.data import CorpusError, TokenBatchSampler, collate, encode_pairs, read_split, resolve_corpus
 from ktransfer.objectives import TransferLoss, transfer_loss
@@ -80,7 +87,7 @@ class Run:
     out_dir: Path
     device: torch.device
     tokenizer: Tokenizer
-    model: torch.nn.Module
+    model: torch.nn.Module  # the learner itself (checkpoints, validation, translation)
     teacher: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -92,8 +99,14 @@ class Run:
     log: RunLog
     metrics: MetricsFile
     writer: Any = None  # a TensorBoard SummaryWriter when tensorboard is installed
+    ddp: torch.nn.Module | None = None  # the learner in DistributedDataParallel (several processes), else None
     stop_signal: list[int] = field(default_factory=list)  # filled by the SIGINT/SIGTERM handler
+    on_epoch_end: Any = None  # optional callable(run) run after each validation, before `last` is saved
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
+
+    def trained_model(self) -> torch.nn.Module:
+        """What training steps run forward/backward through: the DDP wrapper when there is one, else the learner."""
+        return self.model if self.ddp is None else self.ddp
 
     def elapsed(self) -> float:
         """Seconds of training in this run folder so far, resumed sessions included."""
@@ -121,8 +134,9 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         torch.set_num_threads(cfg.train.num_threads)
     _seed_everything(cfg.train.seed)
     device = _device(cfg.train.device)
+    main = distributed.is_main()  # rank 0 alone writes into the run folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out_dir / "train.log")
+    log = RunLog(out_dir / "train.log", enabled=main)
 
     resumed = ckpt_lib.load_checkpoint(resume_from) if resume_from else None
     if resumed is not None:
@@ -135,14 +149,18 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     else:
         state = TrainState()
         log(f"new run in {out_dir}")
-    save_config(cfg, out_dir / "config.yaml")
-    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0)
+    if main:
+        save_config(cfg, out_dir / "config.yaml")
+    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0, enabled=main)
 
     d = cfg.data
     teacher, teacher_tokenizer = _load_teacher(cfg, device, log)
     init = _load_init(cfg) if cfg.model.init and resumed is None else None
     tokenizer = _tokenizer(cfg, resumed or init, teacher_tokenizer, train_pairs, log)
-    tokenizer.save(out_dir / "tokenizer.json")
+    if distributed.world_size() > 1:  # every rank uses rank 0's (a BPE trained here could differ in a tie)
+        tokenizer = Tokenizer.from_json(distributed.broadcast(tokenizer.to_json()))
+    if main:
+        tokenizer.save(out_dir / "tokenizer.json")
 
     model = _build_learner(cfg, tokenizer, resumed or init).to(device)
     if init is not None:
@@ -164,6 +182,12 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     valid_ids = encode_pairs(valid_pairs, tokenizer, positions, log=log)
     sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], d.max_tokens, seed=cfg.train.seed)
 
+    ddp = None
+    if distributed.world_size() > 1:  # the teacher stays outside: frozen, no gradients to synchronise
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -174,13 +198,16 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         ckpt_lib.restore_rng(resumed.train_state)  # last: nothing after this may draw random numbers
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"learner: {n_params:,} parameters on {device}; objective {cfg.objective.objective}"
+    log(f"learner: {n_params:,} parameters on {device}"
+        + (f" x {distributed.world_size()} processes (DDP)" if ddp is not None else "")
+        + f"; objective {cfg.objective.objective}"
         + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
         + f"; {len(src)} training pairs in {len(sampler.epoch_batches(state.epoch))} batches, "
           f"{len(valid_ids[0])} validation pairs")
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, teacher=teacher,
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, train_ids=(src, tgt), valid_ids=valid_ids,
-               valid_pairs=valid_pairs, state=state, log=log, metrics=metrics, writer=_tensorboard(out_dir))
+               valid_pairs=valid_pairs, state=state, log=log, metrics=metrics,
+               writer=_tensorboard(out_dir) if main else None, ddp=ddp)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
@@ -223,10 +250,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def _device(name: str) -> torch.device:
+    """``train.device`` as a device; under torchrun, ``auto`` and ``cuda`` mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} requested but CUDA is not available", key="train.device")
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -304,9 +334,11 @@ def _tensorboard(out_dir: Path):
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
-def train(cfg: RunConfig, *, require_resume: bool = False) -> dict:
+def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) -> dict:
     """Train (or distil) as ``cfg`` says; resumes from ``RUN/checkpoints/last`` when it exists and
-    ``train.resume`` is true (``require_resume``: fail when there is nothing to resume).
+    ``train.resume`` is true (``require_resume``: fail when there is nothing to resume). ``on_epoch_end(run)``, if
+    given, runs after each epoch's validation and before its ``last`` checkpoint (per-epoch analyses); it must not
+    draw random numbers (exact resume).
 
     Returns:
         The final metrics: ``epoch``, ``step``, ``best``, ``best_epoch``, ``stopped``, ``valid`` (last validation),
@@ -316,13 +348,15 @@ def train(cfg: RunConfig, *, require_resume: bool = False) -> dict:
         ConfigError, CorpusError: see ``setup``.
         NonFiniteLossError: ``train.max_nonfinite`` consecutive non-finite steps (``last`` is saved first).
     """
-    run = setup(cfg, require_resume=require_resume)
-    try:
-        with _stop_on_signals(run):
-            _train_loop(run)
-    finally:
-        if run.writer is not None:
-            run.writer.close()
+    with distributed.session(cfg.train.device):  # joins torchrun's process group; a no-op for one process
+        run = setup(cfg, require_resume=require_resume)
+        run.on_epoch_end = on_epoch_end
+        try:
+            with _stop_on_signals(run):
+                _train_loop(run)
+        finally:
+            if run.writer is not None:
+                run.writer.close()
     s = run.state
     return {"epoch": s.epoch, "step": s.step, "tokens": s.tokens, "best": s.best, "best_epoch": s.best_epoch,
             "stopped": s.stopped, "valid": run.metrics.last_valid, "out_dir": str(run.out_dir)}
@@ -333,13 +367,16 @@ def _train_loop(run: Run) -> None:
     if _finished(run):
         run.log(f"nothing to do: the run is complete ({s.stopped})")
         return
-    accumulate, save_every = cfg.optim.accumulate, cfg.train.save_every
+    save_every = cfg.train.save_every
+    # one update takes `per_step` consecutive batches of the epoch, whatever the number of processes holding them
+    per_step = cfg.optim.accumulate * distributed.world_size()
     while not _finished(run):
         batches = run.sampler.epoch_batches(s.epoch)
         bar, window = _progress(run, len(batches)), _Throughput()
-        while s.batch < len(batches) and not run.stop_signal:
-            group = batches[s.batch:s.batch + accumulate]
-            result = train_step(run, [collate_batch(run, run.train_ids, idx) for idx in group])
+        while s.batch < len(batches) and not _stop_requested(run):
+            group = batches[s.batch:s.batch + per_step]
+            mine, padding = rank_batches(group, distributed.rank(), distributed.world_size())
+            result = train_step(run, [collate_batch(run, run.train_ids, idx) for idx in mine], padding=padding)
             s.batch += len(group)
             bar.update(len(group))
             if not result["finite"]:
@@ -359,7 +396,7 @@ def _train_loop(run: Run) -> None:
             if save_every and s.step % save_every == 0 and s.batch < len(batches):
                 save_checkpoint(run, "last")
         bar.close()
-        if run.stop_signal:
+        if _stop_requested(run):
             return _stop_for_signal(run)
         if s.batch >= len(batches):
             s.epoch, s.batch = s.epoch + 1, 0
@@ -368,21 +405,46 @@ def _train_loop(run: Run) -> None:
             f"{run.elapsed():.0f}s; best {_metric_name(run)} {s.best} after epoch {s.best_epoch}")
 
 
-def train_step(run: Run, batches: list[dict]) -> dict:
+def rank_batches(group: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], int]:
+    """Rank ``rank``'s micro-batches of one global step's ``group`` of batches: the ``rank``-th of each run of
+    ``world`` consecutive ones (``group[rank::world]``), and how many stand-ins end the list.
+
+    Every rank must run the same number of forward/backward passes (DDP synchronises each update); where the group
+    does not divide evenly (the end of an epoch) the short ranks repeat the group's first batch as a stand-in whose
+    loss ``train_step`` multiplies by 0. For one process this is ``(group, 0)``.
+    """
+    mine = group[rank::world]
+    steps = -(-len(group) // world)  # ceil
+    padding = steps - len(mine)
+    return mine + [group[0]] * padding, padding
+
+
+def train_step(run: Run, batches: list[dict], *, padding: int = 0) -> dict:
     """One update from ``batches`` (one, or ``optim.accumulate`` of them): their gradients are summed with each
     loss divided by the tokens of all of them, so the update equals that of one batch holding them all.
 
+    Several processes: each passes its own micro-batches (``rank_batches``; the last ``padding`` are stand-ins that
+    count nothing). The token count is summed over processes, and each loss is multiplied by the number of
+    processes before ``backward`` because DDP averages gradients: the update equals the single-process one on the
+    batches of all processes. Gradients are synchronised on the last micro-batch only (``no_sync`` before).
+
     A non-finite loss or gradient norm skips the update (the gradients are dropped); ``finite`` tells.
     """
-    model, o = run.model, run.cfg.optim
-    num_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    model, o, world = run.trained_model(), run.cfg.optim, distributed.world_size()
+    real = len(batches) - padding
+    num_tokens = sum(int((b["labels"] != -100).sum()) for b in batches[:real])
+    num_tokens = int(distributed.all_reduce_sum([num_tokens])[0])  # global count: the loss denominator
     loss = nll = div = 0.0
-    for batch in batches:
-        out = compute_loss(run, batch, num_tokens)
-        out.loss.backward()
-        loss, nll, div = loss + out.loss.item(), nll + out.nll.item(), div + out.divergence.item()
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
+            out = compute_loss(run, batch, num_tokens, model=model)
+            (out.loss * (world if i < real else 0.0)).backward()  # x world: DDP divides the summed gradients by it
+        if i < real:
+            loss, nll, div = loss + out.loss.item(), nll + out.nll.item(), div + out.divergence.item()
+    loss, nll, div = distributed.all_reduce_sum([loss, nll, div])  # every rank agrees on skipping a step
     clip = o.clip_norm if o.clip_norm is not None else float("inf")  # inf: only measure the norm
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lr = run.optimizer.param_groups[0]["lr"]
     if finite:
@@ -393,16 +455,17 @@ def train_step(run: Run, batches: list[dict]) -> dict:
             "batch_tokens": num_tokens, "finite": finite}
 
 
-def compute_loss(run: Run, batch: dict, num_tokens: int | None = None) -> TransferLoss:
+def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=None) -> TransferLoss:
     """The objective on one batch: ``(1 - lam) * NLL + lam * D(learner, teacher)`` (plain NLL for ``nll``).
 
     The teacher runs under ``torch.no_grad`` in eval mode; ``num_tokens`` replaces the batch's own token count as
-    the denominator (gradient accumulation).
+    the denominator (gradient accumulation, several processes). ``model``: the learner to run (default
+    ``run.model``; ``train_step`` passes the DDP wrapper).
     """
     ob = run.cfg.objective
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
     with _autocast(run):
-        logits = run.model(**inputs, use_cache=False).logits  # (B, T, V)
+        logits = (run.model if model is None else model)(**inputs, use_cache=False).logits  # (B, T, V)
         teacher_logits = None
         if run.teacher is not None:
             with torch.no_grad():
@@ -464,6 +527,8 @@ def _end_of_epoch(run: Run) -> None:
             + (" (best)" if improved else f" (best {_metric_name(run)} {s.best:.4f} after epoch {s.best_epoch})"))
     if improved:
         save_checkpoint(run, "best")
+    if run.on_epoch_end is not None:  # before `last`: a kill in the hook redoes the epoch, and the hook, on resume
+        run.on_epoch_end(run)
     save_checkpoint(run, "last")
 
 
@@ -477,22 +542,24 @@ def validate(run: Run) -> dict:
     model.eval()
     src, tgt = run.valid_ids
     sampler = TokenBatchSampler([len(x) for x in src], [len(x) for x in tgt], cfg.data.max_tokens, shuffle=False)
-    sums, total = {"loss": 0.0, "nll": 0.0, "divergence": 0.0}, 0
-    for idx in sampler.epoch_batches(0):
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
+    for idx in distributed.shard(sampler.epoch_batches(0)):  # several processes: each takes a share of batches
         batch = collate_batch(run, run.valid_ids, idx)
         n = int((batch["labels"] != -100).sum())
         out = compute_loss(run, batch)
-        for key, value in (("loss", out.loss), ("nll", out.nll), ("divergence", out.divergence)):
-            sums[key] += float(value) * n
-        total += n
-    valid = {k: v / max(total, 1) for k, v in sums.items()}
+        for i, value in enumerate((out.loss, out.nll, out.divergence)):
+            sums[i] += float(value) * n
+        sums[3] += n
+    *sums, total = distributed.all_reduce_sum(sums)
+    valid = {k: v / max(total, 1) for k, v in zip(("loss", "nll", "divergence"), sums, strict=True)}
     valid["ppl"] = math.exp(min(valid["nll"], 50.0))
     beam = cfg.eval.valid_beam or (cfg.eval.beam if cfg.train.valid_bleu else 1)
     sources, references = [p[0] for p in run.valid_pairs], [p[1] for p in run.valid_pairs]
     t0 = time.time()
-    hyps = translate(model, run.tokenizer, sources, beam=beam, length_penalty=cfg.eval.length_penalty,
-                     max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
-    scores = score(hyps, references)
+    hyps = distributed.map_sharded(  # several processes: each translates a share; hypotheses in source order
+        lambda part: translate(model, run.tokenizer, part, beam=beam, length_penalty=cfg.eval.length_penalty,
+                               max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size), sources)
+    scores = distributed.broadcast(score(hyps, references) if distributed.is_main() else None)  # rank 0 scores
     model.train()
     return {**valid, "bleu": scores["bleu"], "chrf": scores["chrf"], "beam": beam, "sentences": len(sources),
             "translate_s": time.time() - t0, "bleu_signature": scores["bleu_signature"]}
@@ -506,11 +573,17 @@ def _metric_name(run: Run) -> str:
 # Checkpoints, signals
 # --------------------------------------------------------------------------------------------------------------
 def save_checkpoint(run: Run, name: str) -> Path:
-    """Save ``RUN/checkpoints/NAME``: weights, optimiser, schedule, train state and RNG states (atomically)."""
+    """Save ``RUN/checkpoints/NAME``: weights, optimiser, schedule, train state and RNG states (atomically).
+
+    Several processes: rank 0 writes (the unwrapped learner and its own RNG states) while the others wait at a
+    barrier, so none goes on before the checkpoint is whole; the weights and optimiser are the same on every rank.
+    """
     run.elapsed()
-    path = ckpt_lib.save_checkpoint(
-        run.out_dir / "checkpoints" / name, model=run.model, tokenizer=run.tokenizer, config=run.cfg,
-        optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state))
+    path = run.out_dir / "checkpoints" / name
+    if distributed.is_main():
+        ckpt_lib.save_checkpoint(path, model=run.model, tokenizer=run.tokenizer, config=run.cfg,
+                                 optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state))
+    distributed.barrier()
     return path
 
 
@@ -533,6 +606,15 @@ def _stop_on_signals(run: Run):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _stop_requested(run: Run) -> bool:
+    """Whether SIGINT/SIGTERM arrived; with several processes, whether it arrived at any of them (a collective:
+    every rank calls it at the same point, so all stop after the same step)."""
+    signum = distributed.all_reduce_max(run.stop_signal[0] if run.stop_signal else 0)
+    if signum and not run.stop_signal:
+        run.stop_signal.append(signum)
+    return bool(signum)
 
 
 def _stop_for_signal(run: Run) -> None:
@@ -562,7 +644,7 @@ def _progress(run: Run, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=run.state.batch, desc=f"epoch {run.state.epoch}", unit="batch",
-                file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
+                file=sys.stderr, dynamic_ncols=True, disable=None if distributed.is_main() else True, leave=False)
 
 
 class _Throughput:
@@ -579,14 +661,17 @@ class _Throughput:
 
 
 class RunLog:
-    """The human-readable ``train.log`` (timestamped lines, appended) mirrored to stderr; callable with a message."""
+    """The human-readable ``train.log`` (timestamped lines, appended) mirrored to stderr; callable with a message.
+    Not ``enabled`` (ranks other than 0): says nothing."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def __call__(self, message: str) -> None:
         from tqdm import tqdm
 
+        if not self.enabled:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -596,11 +681,15 @@ class RunLog:
 class MetricsFile:
     """``metrics.jsonl``: one JSON object a line (train steps, validations, skipped steps).
 
-    On resume the file is cut back to the lines the checkpoint had seen, so no line appears twice.
+    On resume the file is cut back to the lines the checkpoint had seen, so no line appears twice. Not ``enabled``
+    (ranks other than 0): counts the lines, remembers the last validation, touches no file.
     """
 
-    def __init__(self, path: Path, keep_lines: int = 0):
-        self.path, self.last_valid = path, None
+    def __init__(self, path: Path, keep_lines: int = 0, *, enabled: bool = True):
+        self.path, self.last_valid, self.enabled = path, None, enabled
+        if not enabled:
+            self.lines = keep_lines
+            return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
         path.write_text("".join(lines), encoding="utf-8")
         self.lines = len(lines)
@@ -616,8 +705,9 @@ class MetricsFile:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}  # JSON
         if record["kind"] == "valid":
             self.last_valid = record
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         self.lines += 1
         s.metrics_lines = self.lines
         if run.writer is not None:

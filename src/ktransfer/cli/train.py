@@ -10,6 +10,7 @@ from pathlib import Path
 EPILOG = """\
 examples:
   ktransfer train configs/teacher.yaml
+  torchrun --nproc_per_node 8 -m ktransfer train configs/teacher.yaml   # 8 processes (DDP), docs/distributed.md
   ktransfer train configs/teacher.yaml train.out_dir=runs/teacher optim.lr=3e-4 train.epochs=20
   ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
       objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ktransfer.checkpoint import CheckpointError
     from ktransfer.data import CorpusError
+    from ktransfer.distributed import launch_rank
     from ktransfer.train import NonFiniteLossError, train
 
     try:
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     stopped = result["stopped"] or ""
     if stopped.startswith("signal:"):
         return 128 + int(signal.Signals[stopped.removeprefix("signal:")])
+    if launch_rank() != 0:  # torchrun: rank 0 alone reports
+        return 0
     valid = result["valid"] or {}
     print(f"{result['out_dir']}: {result['stopped']} after {result['step']} steps; best "
           f"{'BLEU' if cfg.train.valid_bleu else 'valid loss'} {result['best']} (epoch {result['best_epoch']}); "
