@@ -1,0 +1,548 @@
+"""``reproduce``: the paper's experiment as resumable stages in one run folder.
+
+Stages, in order (each is skipped when ``RUN/stages.json`` marks it done; a stage cut short resumes through
+``train``'s own resume from its ``checkpoints/last``)::
+
+    bpe                      RUN/tokenizer.json: one joint BPE, shared by every model
+    teacher                  RUN/teacher/            the teacher q, NLL
+    learner                  RUN/learner/            the learner p pre-trained with NLL
+    analysis0                RUN/analysis/           entropy / top-16 of the pre-trained learner (epoch 0) and
+                                                     the teacher's entropy on the analysis sample
+    finetune/OBJ/seedS       RUN/finetune/OBJ/seedS/ the pre-trained learner (init: RUN/learner/checkpoints/best)
+                                                     fine-tuned with OBJ in kd, ka, half, ... and with nll alone
+                                                     (the control, same epochs); per-epoch analyses in .../analysis/
+    sweep/OBJ/kK             RUN/sweep/OBJ/kK/       (sweep=topk) KD and KA with top-k = K, first seed; valid BLEU
+    eval/NAME                RUN/eval/NAME/          test-split beam search and sacreBLEU scores of every model
+    significance             RUN/significance.json   paired bootstrap resampling (sacreBLEU) per seed
+    report                   RUN/results.json, RUN/report.md, RUN/figures/*.png
+
+Overrides (``key=value``; later ones win):
+
+- ``SECTION.KEY=V`` (e.g. ``train.num_threads=1``): every training stage;
+- ``STAGE.SECTION.KEY=V`` with STAGE in teacher, learner, finetune, sweep (e.g. ``teacher.train.epochs=3``,
+  ``finetune.objective.top_k=8``): that stage only (``finetune`` includes the nll control);
+- options of the experiment: ``seeds=1,2,3``, ``objectives=kd,ka,half``, ``control=true``, ``sweep=topk|none``,
+  ``topk_values=2,4,8,16,V`` (``V`` = the whole vocabulary), ``analysis_sample=2000``, ``table_sentences=3``,
+  ``test_limit=N``, ``bootstrap=1000``, ``stop_after=STAGE`` (bpe, teacher, learner, analysis0, finetune, sweep,
+  eval, significance).
+
+Settings the layout needs are set by the stages themselves and cannot be overridden: ``train.out_dir``,
+``data.tokenizer``, ``model.init`` and ``model.teacher`` (fine-tuning), ``objective.objective`` and ``train.seed``
+(fine-tuning), ``objective.top_k`` (sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
+
+STAGE_KINDS = ("bpe", "teacher", "learner", "analysis0", "finetune", "sweep", "eval", "significance")
+TRAIN_STAGES = ("teacher", "learner", "finetune", "sweep")
+
+
+@dataclass
+class Options:
+    """Settings of the experiment (not of one training run); ``key=value`` overrides set them too."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    objectives: list[str] = field(default_factory=lambda: ["kd", "ka", "half"])
+    control: bool = True  # also fine-tune with nll alone, for the same epochs
+    sweep: str = "none"  # "topk": KD and KA with each of topk_values (Fig. 4a)
+    topk_values: list[int | None] = field(default_factory=lambda: [2, 4, 8, 16, None])  # None = |V|
+    analysis_sample: int = 2000  # training pairs of the Sec. 5 analyses
+    table_sentences: int = 3  # sentences of the sample whose top-10 tokens are kept (Table 3)
+    test_limit: int | None = None  # only the first N test sentences
+    bootstrap: int = 1000  # paired bootstrap resamples
+    stop_after: str | None = None  # a stage kind: stop once its stages are done
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    doc: str
+    base: tuple[str, ...]  # every training stage
+    teacher: tuple[str, ...] = ()
+    learner: tuple[str, ...] = ()
+    finetune: tuple[str, ...] = ()
+    sweep: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_PAPER = ("objective.lam=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        doc="Seconds to a minute on 2 cores (the tests run it): tiny models, 300 Multi30k pairs, 1-2 epochs, "
+            "2 seeds, greedy decoding of 30 test sentences.",
+        base=("data.corpus=multi30k-de-en", "data.train_limit=300", "data.valid_subset=30", "data.vocab_size=400",
+              "data.max_tokens=400", "model.preset=tiny", "optim.lr=1e-3", "train.epochs=1", "train.num_threads=1",
+              "train.log_every=20", "train.save_every=0", "eval.beam=1", "eval.max_length=24", "objective.lam=0.5",
+              "train.patience=0"),
+        teacher=("train.epochs=2", "model.dropout=0.1"),
+        finetune=("train.epochs=2", "objective.top_k=8"),
+        sweep=("train.epochs=1",),
+        options={"seeds": [1, 2], "topk_values": [2, None], "analysis_sample": 40, "table_sentences": 2,
+                 "test_limit": 30, "bootstrap": 100},
+    ),
+    "multi30k-cpu": Preset(
+        doc="The whole Multi30k de-en (29k pairs; valid; test2016 as test), cpu-teacher (8.2M) / cpu-learner (2.0M), "
+            "one 10K joint BPE, lam 0.5, top-k 8, 3 seeds, beam 5 on the test set. Teacher 3 epochs, learner 4, "
+            "then fine-tuning 2 epochs on the first 10,000 training pairs (kd, ka, half and the nll control). "
+            "Estimated 2-2.5 hours on 2 cores; see MULTI30K_CPU_ESTIMATE.",
+        base=("data.corpus=multi30k-de-en", "data.test=test2016", "data.vocab_size=10000", "data.max_tokens=4096",
+              "optim.lr=5e-4", "optim.warmup_steps=100", "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0",
+              "train.num_threads=2", "train.save_every=50", "train.log_every=20", "train.patience=0",
+              "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5", "eval.length_penalty=1.0",
+              "eval.max_length=80", "objective.lam=0.5", "objective.top_k=8"),
+        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
+        learner=("model.preset=cpu-learner", "train.epochs=4"),
+        finetune=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=2", "train.valid_bleu=true",
+                  "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=2e-4"),
+        sweep=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=1", "optim.warmup_steps=0",
+               "optim.schedule=constant", "optim.lr=2e-4"),
+        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+    ),
+    "wmt-news-cpu": Preset(
+        doc="wmt-news-de-en (27.5k news pairs) with newstest2016 as the valid split; the corpus has no test split, "
+            "so data.test is valid too until you name another (data.test=SPLIT). multi30k-cpu's models and "
+            "settings; news sentences are about twice as long, so expect about twice its time (not measured).",
+        base=("data.corpus=wmt-news-de-en", "data.valid=valid", "data.test=valid", "data.vocab_size=10000",
+              "data.max_tokens=4096", "optim.lr=5e-4", "optim.warmup_steps=100", "optim.schedule=inverse_sqrt",
+              "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50", "train.log_every=20",
+              "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5",
+              "eval.max_length=128", "objective.lam=0.5", "objective.top_k=8"),
+        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
+        learner=("model.preset=cpu-learner", "train.epochs=4"),
+        finetune=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=2", "train.valid_bleu=true",
+                  "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=2e-4"),
+        sweep=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=1", "optim.warmup_steps=0",
+               "optim.schedule=constant", "optim.lr=2e-4"),
+        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+    ),
+    "paper-deen": Preset(
+        doc="The paper's De-En sizes (Table 1: 6/6x1024 teacher, 6/1x512 learner), lam 0.5, beam 6, length penalty "
+            "1.0, top-k tuned on valid with sweep=topk over {2,4,8,16,|V|}. Needs WMT'17 De-En (4M pairs, not "
+            "shipped: point data.corpus at it) and a GPU; the epochs here are placeholders to set for that data.",
+        base=("data.corpus=wmt-news-de-en", "data.valid=valid", "data.test=valid", "data.vocab_size=32000",
+              "data.max_tokens=8192", "optim.lr=5e-4", "optim.warmup_steps=4000", "optim.schedule=inverse_sqrt",
+              "optim.clip_norm=1.0", "train.bf16=true", "train.patience=5", *_PAPER, "objective.top_k=8"),
+        teacher=("model.preset=paper-deen-teacher", "train.epochs=30"),
+        learner=("model.preset=paper-deen-learner", "train.epochs=30"),
+        finetune=("model.preset=paper-deen-learner", "train.epochs=10", "optim.warmup_steps=0"),
+        sweep=("model.preset=paper-deen-learner", "train.epochs=5", "optim.warmup_steps=0"),
+        options={"seeds": [1, 2, 3], "sweep": "topk"},
+    ),
+    "paper-then": Preset(
+        doc="The paper's Th-En sizes (Table 1: 3/1x256 teacher, 1/1x128 learner), lam 0.5, beam 6, length penalty "
+            "1.0, top-k tuned on valid with sweep=topk over {2,4,8,16,|V|}, on th-en-lowres (4k training pairs; "
+            "the paper's IWSLT'15 dev and test sets). A GPU makes it quick; 2 CPU cores take a few hours.",
+        base=("data.corpus=th-en-lowres", "data.src_lang=th", "data.tgt_lang=en", "data.test=test",
+              "data.vocab_size=8000", "data.max_tokens=4096", "optim.lr=5e-4", "optim.warmup_steps=500",
+              "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.patience=10", *_PAPER,
+              "objective.top_k=8"),
+        teacher=("model.preset=paper-then-teacher", "train.epochs=60"),
+        learner=("model.preset=paper-then-learner", "train.epochs=60"),
+        finetune=("model.preset=paper-then-learner", "train.epochs=20", "optim.warmup_steps=0"),
+        sweep=("model.preset=paper-then-learner", "train.epochs=10", "optim.warmup_steps=0"),
+        options={"seeds": [1, 2, 3], "sweep": "topk"},
+    ),
+}
+
+MULTI30K_CPU_ESTIMATE = """\
+How the multi30k-cpu epochs were chosen (2 cores, float32, data.max_tokens=4096: 113 batches of ~3,700 target
+tokens per epoch of the whole corpus, 39 for the 10,000-pair fine-tuning subset). Step times were measured on the
+development machine (2 cores shared with other jobs at load 4-11, so the numbers are noisy; the best of 4 steps, as
+process CPU time, is taken as the 2-core wall time of a quiet machine, divided by 2 threads and rounded up):
+cpu-teacher NLL step ~7 s (CPU 11-15 s), cpu-learner NLL step ~1.8 s (CPU 3.2 s), distillation step (learner +
+frozen teacher forward) ~4 s (CPU 3.3-5.2 s).
+
+    teacher   3 epochs x 113 steps x 7 s                          ~40 min
+    learner   4 epochs x 113 steps x 1.8 s                        ~14 min
+    finetune  3 seeds x 2 epochs x 39 steps x (3 x 4 s + 1.8 s)   ~54 min   (kd, ka, half + the nll control)
+    validation (500 valid sentences, greedy) after each of ~31 epochs   ~10 min
+    test: 14 models x 1000 sentences, beam 5                     ~10 min
+    analyses (1,000 pairs teacher-forced per epoch), bootstrap     ~5 min
+    total                                                       ~2 h 15 min (1.5-3 h given the noise)
+
+sweep=topk adds 2 x 3 one-epoch fine-tunings (~16 min). seeds=1 takes about 1 h 25 min.
+
+Caveat: a check of the whole preset with a few steps per stage (load 4 on the same 2 cores) averaged ~20 s per
+teacher step and ~35 s per distillation step, first steps of fresh processes included; if a quiet machine is that
+slow, the estimate above is 2-3x optimistic. Time the teacher first (`stop_after=teacher`, then tokens_per_s in
+RUN/teacher/metrics.jsonl) and scale the epochs (teacher.train.epochs=..., finetune.train.epochs=...) to fit.
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------------------------
+def parse_overrides(preset: Preset, items: list[str]) -> tuple[Options, dict[str, list[str]]]:
+    """The experiment's options (preset, then overrides) and the config overrides by stage (``"all"`` = every stage).
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown option or stage, or a bad option value.
+    """
+    opts = Options(**{**dataclasses.asdict(Options()), **preset.options})
+    by_stage: dict[str, list[str]] = {"all": [], **{s: [] for s in TRAIN_STAGES}}
+    names = {f.name for f in dataclasses.fields(Options)}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. train.num_threads=1, "
+                              "teacher.train.epochs=3 or seeds=1,2,3)")
+        head, _, rest = key.partition(".")
+        if head in SECTIONS:
+            by_stage["all"].append(f"{key}={value}")
+        elif head in TRAIN_STAGES and rest.partition(".")[0] in SECTIONS:
+            by_stage[head].append(f"{rest}={value}")
+        elif key in names:
+            setattr(opts, key, _option_value(key, value))
+        else:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}; use SECTION.KEY=V (every stage), "
+                              f"STAGE.SECTION.KEY=V (STAGE in {', '.join(TRAIN_STAGES)}) or an option "
+                              f"({', '.join(sorted(names))})", key=key)
+    _check_options(opts)
+    return opts, by_stage
+
+
+def _option_value(key: str, value: str) -> Any:
+    v = value.strip()
+    try:
+        if key in ("seeds",):
+            return [int(x) for x in v.strip("[]").split(",") if x.strip()]
+        if key == "objectives":
+            return [x.strip() for x in v.strip("[]").split(",") if x.strip()]
+        if key == "topk_values":
+            return [None if x.strip() in ("V", "v", "none", "None") else int(x)
+                    for x in v.strip("[]").split(",") if x.strip()]
+        if key == "control":
+            if v.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(v)
+            return v.lower() in ("true", "yes", "1")
+        if key in ("analysis_sample", "table_sentences", "bootstrap"):
+            return int(v)
+        if key == "test_limit":
+            return None if v.lower() in ("none", "null", "") else int(v)
+        return None if v.lower() in ("none", "null", "") else v
+    except ValueError:
+        raise ConfigError(f"option {key}: bad value {value!r}", key=key) from None
+
+
+def _check_options(o: Options) -> None:
+    from ktransfer.objectives import OBJECTIVES
+
+    if not o.seeds or len(set(o.seeds)) != len(o.seeds) or min(o.seeds) < 0:
+        raise ConfigError(f"option seeds: distinct non-negative integers needed, got {o.seeds}", key="seeds")
+    bad = [x for x in o.objectives if x not in OBJECTIVES or x == "nll"]
+    if bad or not o.objectives:
+        raise ConfigError(f"option objectives: {bad or 'none given'}; choose among "
+                          f"{', '.join(x for x in OBJECTIVES if x != 'nll')} (nll is the control)", key="objectives")
+    if o.sweep not in ("none", "topk"):
+        raise ConfigError(f"option sweep: none or topk, got {o.sweep!r}", key="sweep")
+    if any(k is not None and k < 1 for k in o.topk_values) or not o.topk_values:
+        raise ConfigError(f"option topk_values: positive integers or V, got {o.topk_values}", key="topk_values")
+    if o.stop_after is not None and o.stop_after not in STAGE_KINDS:
+        raise ConfigError(f"option stop_after: one of {', '.join(STAGE_KINDS)}, got {o.stop_after!r}",
+                          key="stop_after")
+    for key in ("analysis_sample", "table_sentences", "bootstrap"):
+        if getattr(o, key) < (1 if key != "table_sentences" else 0):
+            raise ConfigError(f"option {key}: must be positive, got {getattr(o, key)}", key=key)
+    if o.test_limit is not None and o.test_limit < 1:
+        raise ConfigError(f"option test_limit: must be positive, got {o.test_limit}", key="test_limit")
+
+
+def stage_config(preset: Preset, by_stage: dict[str, list[str]], kind: str, fixed: list[str]) -> RunConfig:
+    """The config of one training stage: preset base < preset stage < user (every stage) < user stage < ``fixed``."""
+    return load_config(None, [*preset.base, *getattr(preset, kind), *by_stage["all"], *by_stage[kind], *fixed])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# --------------------------------------------------------------------------------------------------------------
+class Stages:
+    """``RUN/stages.json``: per stage, whether it is done and its wall time (all sessions together)."""
+
+    def __init__(self, run_dir: Path, log):
+        self.path, self.log = run_dir / "stages.json", log
+        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, name: str) -> bool:
+        return bool(self.data.get(name, {}).get("done"))
+
+    def run(self, name: str, fn, *, index: str = "") -> Any:
+        """Run ``fn()`` as stage ``name`` unless it is done; record its wall time."""
+        if self.done(name):
+            self.log(f"---- {index} {name}: done already, skipped")
+            return None
+        self.log(f"==== {index} {name} " + "=" * max(4, 60 - len(name)))
+        entry = self.data.setdefault(name, {"done": False, "wall_s": 0.0, "sessions": 0})
+        t0 = time.time()
+        try:
+            result = fn()
+        finally:
+            entry["wall_s"] = round(entry["wall_s"] + time.time() - t0, 2)
+            entry["sessions"] += 1
+            self._save()
+        entry["done"], entry["finished"] = True, time.strftime("%Y-%m-%d %H:%M:%S")
+        self._save()
+        self.log(f"---- {name}: done in {time.time() - t0:.1f}s")
+        return result
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(".stages.json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        print(line, file=sys.stderr, flush=True)
+
+
+class StopAfter(Exception):
+    """Raised internally when ``stop_after`` is reached."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------------------------
+def model_names(opts: Options) -> list[str]:
+    """Every model evaluated on the test split: teacher, learner, then finetune/OBJ/seedS (nll = the control)."""
+    objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
+    return ["teacher", "learner", *(f"finetune/{o}/seed{s}" for o in objectives for s in opts.seeds)]
+
+
+def sweep_names(opts: Options) -> list[str]:
+    if opts.sweep != "topk":
+        return []
+    return [f"sweep/{o}/k{'V' if k is None else k}" for o in ("kd", "ka") for k in opts.topk_values]
+
+
+def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Run (or resume) every stage of ``preset_name`` in ``run_dir``; returns the results (``results.json``).
+
+    Raises:
+        ConfigError: unknown preset, bad override, or a config a stage cannot use.
+    """
+    if preset_name not in PRESETS:
+        raise ConfigError(f"unknown reproduce preset {preset_name!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    opts, by_stage = parse_overrides(preset, list(overrides))
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    log = _Log(run / "reproduce.log")
+    spec = {"preset": preset_name, "overrides": list(overrides), "options": dataclasses.asdict(opts)}
+    spec_path = run / "reproduce.json"
+    if spec_path.exists():
+        saved = json.loads(spec_path.read_text())
+        if saved.get("preset") != preset_name:
+            raise ConfigError(f"{run} holds a reproduce run of preset {saved.get('preset')!r}, not {preset_name!r}")
+        if saved.get("overrides") != spec["overrides"]:
+            log(f"warning: overrides differ from the run's first call ({saved.get('overrides')} -> "
+                f"{spec['overrides']}); stages done already are not redone")
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    stages = Stages(run, log)
+    log(f"reproduce {preset_name} in {run} (overrides: {' '.join(overrides) or 'none'})")
+    try:
+        _run_stages(preset, opts, by_stage, run, stages, log)
+    except StopAfter:
+        log(f"stopped after the {opts.stop_after} stages (stop_after); run the same command without it to go on")
+        return {"stopped_after": opts.stop_after}
+    from ktransfer.report import write_report
+
+    results = write_report(run)
+    log(f"report: {run / 'report.md'}")
+    return results
+
+
+def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stages, log) -> None:
+    tok = str(run / "tokenizer.json")
+    teacher_ckpt, learner_ckpt = str(run / "teacher/checkpoints/best"), str(run / "learner/checkpoints/best")
+
+    def cfg(kind: str, out: str, *fixed: str) -> RunConfig:
+        return stage_config(preset, by_stage, kind, [f"train.out_dir={run / out}", f"data.tokenizer={tok}", *fixed])
+
+    def stop(kind: str) -> None:
+        if opts.stop_after == kind:
+            raise StopAfter
+
+    from ktransfer.train import train
+
+    base_cfg = stage_config(preset, by_stage, "teacher", [])
+    stages.run("bpe", lambda: _train_bpe(base_cfg, run / "tokenizer.json", log), index="[bpe]")
+    stop("bpe")
+    stages.run("teacher", lambda: train(cfg("teacher", "teacher", "objective.objective=nll")), index="[teacher]")
+    stop("teacher")
+    stages.run("learner", lambda: train(cfg("learner", "learner", "objective.objective=nll")), index="[learner]")
+    stop("learner")
+    sample_cfg = cfg("finetune", "analysis", f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}")
+    stages.run("analysis0", lambda: _analysis0(sample_cfg, opts, run, teacher_ckpt, learner_ckpt), index="[analysis]")
+    stop("analysis0")
+
+    from ktransfer.analysis import EpochAnalyzer
+
+    sample = _analysis_sample(sample_cfg, opts)
+    objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
+    runs = [(o, s) for s in opts.seeds for o in objectives]
+    for i, (objective, seed) in enumerate(runs, 1):
+        name = f"finetune/{objective}/seed{seed}"
+        teacher = [f"model.teacher={teacher_ckpt}"] if objective != "nll" else []
+        c = cfg("finetune", name, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
+                f"train.seed={seed}")
+
+        def fine_tune(c=c, name=name):
+            folder = run / name / "analysis"
+            folder.mkdir(parents=True, exist_ok=True)
+            for suffix in ("json", "safetensors"):  # epoch 0: the pre-trained learner, shared by every run
+                shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
+            return train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
+
+        stages.run(name, fine_tune, index=f"[finetune {i}/{len(runs)}]")
+    stop("finetune")
+
+    sweeps = [(o, k) for o in ("kd", "ka") for k in opts.topk_values] if opts.sweep == "topk" else []
+    for i, (objective, k) in enumerate(sweeps, 1):
+        name = f"sweep/{objective}/k{'V' if k is None else k}"
+        c = cfg("sweep", name, f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}",
+                f"objective.objective={objective}", f"objective.top_k={'null' if k is None else k}",
+                f"train.seed={opts.seeds[0]}")
+        stages.run(name, lambda c=c, name=name: _train_and_validate(c, run / "eval" / name),
+                   index=f"[sweep {i}/{len(sweeps)}]")
+    stop("sweep")
+
+    test_cfg = cfg("finetune", "eval", f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}")
+    names = model_names(opts)
+    for i, name in enumerate(names, 1):
+        stages.run(f"eval/{name}", lambda name=name: _evaluate(test_cfg, run / name, run / "eval" / name,
+                                                               test_cfg.data.test, opts.test_limit),
+                   index=f"[eval {i}/{len(names)}]")
+    stop("eval")
+    stages.run("significance", lambda: _significance(test_cfg, opts, run), index="[significance]")
+    stop("significance")
+
+
+def _train_bpe(cfg: RunConfig, path: Path, log) -> None:
+    """One joint BPE on the training split (first data.train_limit pairs), shared by every model."""
+    from ktransfer.data import read_split
+    from ktransfer.tokenizer import train_tokenizer
+
+    d = cfg.data
+    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    tokenizer = train_tokenizer([t for pair in pairs for t in pair], vocab_size=d.vocab_size)
+    tokenizer.save(path)
+    log(f"joint BPE of {tokenizer.vocab_size} tokens on {len(pairs)} pairs of {d.corpus}/{d.train}: {path}")
+
+
+def _analysis_sample(cfg: RunConfig, opts: Options) -> list[tuple[str, str]]:
+    from ktransfer.analysis import sample_pairs
+    from ktransfer.data import read_split
+
+    d = cfg.data
+    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    return sample_pairs(pairs, opts.analysis_sample)
+
+
+def _analysis0(cfg: RunConfig, opts: Options, run: Path, teacher_ckpt: str, learner_ckpt: str) -> None:
+    """Epoch 0 of the analyses (the pre-trained learner) and the teacher's entropy, on the fixed sample."""
+    from ktransfer.analysis import analyze_model, save_epoch
+    from ktransfer.checkpoint import load_model
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    sample = _analysis_sample(cfg, opts)
+    learner, tokenizer = load_model(learner_ckpt)
+    summary, top16 = analyze_model(learner, tokenizer, sample, table_sentences=opts.table_sentences,
+                                   max_length=cfg.data.max_length)
+    save_epoch(run / "analysis", 0, summary, top16)
+    teacher, _ = load_model(teacher_ckpt)
+    t_summary, _ = analyze_model(teacher, tokenizer, sample, table_sentences=0, max_length=cfg.data.max_length)
+    (run / "analysis" / "teacher.json").write_text(json.dumps(
+        {"entropy": t_summary["entropy"], "positions": t_summary["positions"], "sample": len(sample)}) + "\n")
+
+
+def _device(cfg: RunConfig) -> str:
+    import torch
+
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit: int | None) -> dict:
+    """Beam search (eval.*) of ``split`` with ``model_dir/checkpoints/best``; scores in ``out_dir``."""
+    from ktransfer.evaluate import evaluate
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    d, e = cfg.data, cfg.eval
+    result = evaluate(model_dir / "checkpoints" / "best", corpus=d.corpus, split=split, src_lang=d.src_lang,
+                      tgt_lang=d.tgt_lang, beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
+                      batch_size=e.batch_size, out_dir=out_dir, limit=limit, device=_device(cfg))
+    print(f"  {out_dir}: {split} BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f}", file=sys.stderr)
+    return result
+
+
+def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
+    """A sweep point: fine-tune, then the valid BLEU of its best checkpoint (beam eval.beam, data.valid_subset)."""
+    from ktransfer.train import train
+
+    train(cfg)
+    return _evaluate(cfg, Path(cfg.train.out_dir), out_dir, cfg.data.valid, cfg.data.valid_subset)
+
+
+def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
+    """Paired bootstrap resampling (sacreBLEU, ``opts.bootstrap`` resamples) on the test split, per seed: KA against
+    KD, and every objective against the nll control. Writes ``RUN/significance.json``."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    from ktransfer.data import read_split
+
+    d = cfg.data
+    refs = [t for _, t in read_split(d.corpus, d.test, d.src_lang, d.tgt_lang)][:opts.test_limit]
+    pairs = []
+    if "kd" in opts.objectives and "ka" in opts.objectives:
+        pairs.append(("kd", "ka"))
+    if opts.control:
+        pairs += [("nll", o) for o in opts.objectives]
+    tests, signature = [], None
+    for seed in opts.seeds:
+        for base, system in pairs:
+            hyps = {}
+            for o in (base, system):
+                hyp_file = next((run / "eval" / "finetune" / o / f"seed{seed}").glob(f"hyp.{d.test}.*"))
+                hyps[o] = hyp_file.read_text(encoding="utf-8").split("\n")[:len(refs)]
+            test = PairedTest([(base, hyps[base]), (system, hyps[system])], {"BLEU": BLEU()}, [refs],
+                              test_type="bs", n_samples=opts.bootstrap)
+            sigs, res = test()
+            signature = str(sigs["BLEU"])
+            b, s = res["BLEU"]
+            identical = hyps[base] == hyps[system]  # the bootstrap's p is meaningless then
+            tests.append({"seed": seed, "baseline": base, "system": system, "baseline_bleu": b.score,
+                          "system_bleu": s.score, "delta": s.score - b.score,
+                          "p_value": None if identical else s.p_value, "identical": identical})
+    (run / "significance.json").write_text(json.dumps(
+        {"test": "paired bootstrap resampling (sacreBLEU), per seed, on the test split", "split": d.test,
+         "sentences": len(refs), "signature": signature, "tests": tests}, indent=1) + "\n")

@@ -1,0 +1,203 @@
+"""``reproduce``: the smoke preset end to end (every stage, results, report), stop-and-resume, skipping of done
+stages, ``ktransfer report`` rebuilding the same report; the Sec. 5 analyses against direct computations.
+
+One smoke run (tiny models, 200 Multi30k pairs, one thread) is shared by the module's end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktransfer.analysis import novel_token_counts, token_entropy
+from ktransfer.config import ConfigError
+from ktransfer.reproduce import PRESETS, model_names, parse_overrides, reproduce
+
+FAST = ["data.train_limit=200", "data.valid_subset=20", "data.vocab_size=300", "test_limit=20",
+        "analysis_sample=20", "sweep=topk", "topk_values=2", "bootstrap=50"]
+
+
+@pytest.fixture(scope="module")
+def smoke(shared_data, tmp_path_factory):
+    """A smoke run stopped after the teacher, then run to completion with the same command minus stop_after."""
+    with pytest.MonkeyPatch.context() as mp:  # corpus names resolve under the shared data (module scope)
+        mp.setenv("KTRANSFER_DATA", str(shared_data))
+        yield _smoke_run(tmp_path_factory.mktemp("smoke"))
+
+
+def _smoke_run(run: Path) -> dict:
+    stopped = reproduce("smoke", run, [*FAST, "stop_after=teacher"])
+    stages_then = json.loads((run / "stages.json").read_text())
+    teacher_ckpt = run / "teacher/checkpoints/best/model.safetensors"
+    teacher_state = (teacher_ckpt.stat().st_mtime_ns, (run / "teacher/train.log").read_text())
+    t0 = time.time()
+    results = reproduce("smoke", run, FAST)
+    return {"run": run, "stopped": stopped, "stages_then": stages_then, "teacher_state": teacher_state,
+            "results": results, "seconds": time.time() - t0}
+
+
+def test_stop_after_then_resume(smoke):
+    assert smoke["stopped"] == {"stopped_after": "teacher"}
+    assert list(smoke["stages_then"]) == ["bpe", "teacher"]
+    run = smoke["run"]
+    # the rerun went on from the learner: the teacher was neither retrained nor resumed
+    mtime, log = smoke["teacher_state"]
+    assert (run / "teacher/checkpoints/best/model.safetensors").stat().st_mtime_ns == mtime
+    assert (run / "teacher/train.log").read_text() == log
+    assert "teacher: done already, skipped" in (run / "reproduce.log").read_text()
+
+
+def test_smoke_end_to_end(smoke):
+    run, results = smoke["run"], smoke["results"]
+    opts, _ = parse_overrides(PRESETS["smoke"], FAST)
+    names = model_names(opts)
+    assert len(names) == 2 + 4 * len(opts.seeds)  # teacher, learner, (kd, ka, half, nll) x seeds
+    for name in names:
+        assert (run / name / "checkpoints/best/model.safetensors").is_file(), name  # every model kept
+        assert 0 <= results["models"][name]["bleu"] <= 100, name
+    saved = json.loads((run / "results.json").read_text())
+    assert set(saved["models"]) == set(names) and all(m["bleu"] is not None for m in saved["models"].values())
+    assert {r["key"] for r in saved["table2"]} == {"teacher", "learner", "nll", "kd", "ka", "half"}
+    assert all(r["n"] == len(opts.seeds) for r in saved["table2"] if r["key"] not in ("teacher", "learner"))
+    tests = saved["significance"]["tests"]
+    assert len(tests) == len(opts.seeds) * 4  # KA vs KD, and kd, ka, half vs nll, per seed
+    assert {(t["baseline"], t["system"]) for t in tests} == {("kd", "ka"), ("nll", "kd"), ("nll", "ka"),
+                                                              ("nll", "half")}
+    assert set(saved["sweep"]) == {"kd", "ka"} and all(v["2"] is not None for v in saved["sweep"].values())
+    for objective in ("kd", "ka", "half", "nll"):
+        for seed in map(str, opts.seeds):
+            a = saved["analysis"][objective][seed]
+            assert a["epochs"] == [0, 1, 2] and len(a["novel"]) == 3 and a["novel"][1] > 0
+            assert all(e > 0 for e in a["entropy"])
+    report = (run / "report.md").read_text()
+    for needle in ("## Table 2", "| KA |", "| KD |", "| 1/2KA+1/2KD |", "| Learner + nll (control) |",
+                   "| Teacher |", "paper (De-En / Th-En)", "BLEU signature", "## Significance",
+                   "## Table 3", "## Wall time per stage", "## Resolved configs"):
+        assert needle in report, needle
+    for figure in ("fig3_toy.png", "fig4a_topk.png", "fig4b_novel.png", "fig5_entropy.png"):
+        assert (run / "figures" / figure).stat().st_size > 1000, figure
+        assert f"figures/{figure}" in report
+
+
+def test_rerun_skips_completed_stages(smoke):
+    run = smoke["run"]
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("**/checkpoints/*/model.safetensors")}
+    stages = (run / "stages.json").read_text()
+    log_lines = len((run / "reproduce.log").read_text().splitlines())
+    report = (run / "report.md").read_text()
+    t0 = time.time()
+    reproduce("smoke", run, FAST)
+    elapsed = time.time() - t0
+    assert {p: p.stat().st_mtime_ns for p in run.glob("**/checkpoints/*/model.safetensors")} == stamps
+    assert (run / "stages.json").read_text() == stages
+    new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
+    assert not any("====" in line for line in new)  # no stage started
+    assert sum("skipped" in line for line in new) == len(json.loads(stages))
+    assert (run / "report.md").read_text() == report
+    assert elapsed < smoke["seconds"] / 2
+
+
+def test_interrupted_stage_resumes_through_train(smoke):
+    """A stage killed after its training ended but before it was marked done: rerun, train finds nothing to do."""
+    run, name = smoke["run"], "finetune/ka/seed2"
+    stages = json.loads((run / "stages.json").read_text())
+    stages[name]["done"] = False
+    (run / "stages.json").write_text(json.dumps(stages))
+    weights = (run / name / "checkpoints/best/model.safetensors").read_bytes()
+    reproduce("smoke", run, FAST)
+    assert json.loads((run / "stages.json").read_text())[name]["done"]
+    assert "nothing to do: the run is complete" in (run / name / "train.log").read_text()
+    assert (run / name / "checkpoints/best/model.safetensors").read_bytes() == weights
+
+
+def test_report_command_rebuilds_the_same_report(smoke):
+    from ktransfer.cli import main
+
+    run = smoke["run"]
+    before = (run / "report.md").read_text()
+    (run / "report.md").unlink()
+    for png in (run / "figures").glob("*.png"):
+        png.unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == before
+    assert len(list((run / "figures").glob("*.png"))) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overrides
+# ----------------------------------------------------------------------------------------------------------------
+def test_overrides_split_by_stage_and_options():
+    opts, by_stage = parse_overrides(PRESETS["smoke"], [
+        "train.num_threads=1", "teacher.train.epochs=3", "finetune.objective.top_k=4", "seeds=1,2,3",
+        "objectives=kd,ka", "topk_values=2,V", "control=false", "stop_after=learner"])
+    assert by_stage["all"] == ["train.num_threads=1"]
+    assert by_stage["teacher"] == ["train.epochs=3"] and by_stage["finetune"] == ["objective.top_k=4"]
+    assert opts.seeds == [1, 2, 3] and opts.objectives == ["kd", "ka"] and opts.topk_values == [2, None]
+    assert opts.control is False and opts.stop_after == "learner"
+    for bad in ("nonsense=1", "teacher.nonsense=1", "objectives=nll", "stop_after=lunch", "seeds=1,1", "noequals"):
+        with pytest.raises(ConfigError):
+            parse_overrides(PRESETS["smoke"], [bad])
+    with pytest.raises(ConfigError, match="unknown reproduce preset"):
+        reproduce("nope", "/nonexistent", [])
+
+
+def test_cli_lists_presets(capsys):
+    from ktransfer.cli import main
+
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analyses against direct computations
+# ----------------------------------------------------------------------------------------------------------------
+def test_token_entropy_matches_direct_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    total, count = token_entropy(logits, labels)
+    direct = []
+    for b, t in ((0, 0), (0, 1), (1, 0)):
+        p = [math.exp(x) for x in logits[b, t].tolist()]
+        p = [x / sum(p) for x in p]
+        direct.append(-sum(x * math.log(x) for x in p))
+    assert count == 3
+    assert total == pytest.approx(sum(direct), rel=1e-5)
+    uniform, n = token_entropy(torch.zeros(1, 2, 8), torch.tensor([[0, 0]]))
+    assert uniform / n == pytest.approx(math.log(8))
+
+
+def test_novel_token_counts_match_sets():
+    torch.manual_seed(1)
+    V, N, k, epochs = 12, 5, 4, 5
+    tops = [torch.stack([torch.randperm(V)[:k] for _ in range(N)]) for _ in range(epochs)]  # (N, k) per epoch
+    expected, seen = [0], [set(tops[0][i].tolist()) for i in range(N)]
+    for top in tops[1:]:
+        expected.append(sum(len(set(top[i].tolist()) - seen[i]) for i in range(N)))
+        for i in range(N):
+            seen[i] |= set(top[i].tolist())
+    assert novel_token_counts(tops, V) == expected
+    # hand-built: position 0 gains token 9 at epoch 1, then nothing new; position 1 swaps in 7 then back
+    a = torch.tensor([[1, 2], [3, 4]])
+    b = torch.tensor([[1, 9], [3, 7]])
+    c = torch.tensor([[9, 2], [4, 3]])
+    assert novel_token_counts([a, b, c], 10) == [0, 2, 0]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_gives_valid_stage_configs(name):
+    from ktransfer.reproduce import stage_config
+
+    preset = PRESETS[name]
+    opts, by_stage = parse_overrides(preset, ["train.num_threads=1", "finetune.objective.top_k=4"])
+    configs = {kind: stage_config(preset, by_stage, kind, ["train.out_dir=/tmp/unused"])
+               for kind in ("teacher", "learner", "finetune", "sweep")}
+    assert all(c.train.num_threads == 1 for c in configs.values())
+    assert configs["finetune"].objective.top_k == 4 and configs["teacher"].objective.top_k != 4
+    assert opts.seeds and preset.doc
