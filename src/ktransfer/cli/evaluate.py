@@ -1,0 +1,72 @@
+"""``ktransfer evaluate``: beam-search a corpus split (or a source file) with a checkpoint and score it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples:
+  ktransfer evaluate runs/teacher --corpus multi30k-de-en --split test2016
+  ktransfer evaluate runs/kd/checkpoints/last --split valid --beam 4 --length-penalty 0.6
+  ktransfer evaluate runs/ka --src test.de --ref test.en --out results/ka
+
+CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Hypotheses go to
+OUT/hyp.SPLIT.TGT and the scores to OUT/scores.SPLIT.json (OUT defaults to RUN/eval/CHECKPOINT_NAME).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder, or run folder (uses "
+                                                                 "RUN/checkpoints/best)")
+    data = parser.add_argument_group("data (a corpus split, or a source file with its reference file)")
+    data.add_argument("--corpus", default=None, help="corpus name under $KTRANSFER_DATA or path (default: the "
+                                                     "checkpoint's training corpus)")
+    data.add_argument("--split", default=None, help="split to evaluate (default: the run's data.test for its own "
+                                                    "corpus, else test; with --src: the source file's name without "
+                                                    "its language suffix)")
+    data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N sentences")
+    data.add_argument("--src", default=None, metavar="FILE", help="source sentences, one per line")
+    data.add_argument("--ref", default=None, metavar="FILE", help="reference translations, line-aligned with --src")
+    data.add_argument("--src-lang", default=None, help="source language (default: from the checkpoint's config, "
+                                                       "else the corpus name)")
+    data.add_argument("--tgt-lang", default=None, help="target language (default: as --src-lang; with --ref: its "
+                                                       "suffix)")
+    dec = parser.add_argument_group("decoding")
+    dec.add_argument("--beam", type=int, default=6, help="beam width; 1 = greedy (default: 6)")
+    dec.add_argument("--length-penalty", type=float, default=1.0,
+                     help="length normalisation exponent: hypotheses ranked by log p / length**LP (default: 1.0)")
+    dec.add_argument("--max-length", type=int, default=256,
+                     help="most target tokens per sentence, </s> included; capped by the model's positions "
+                          "(default: 256)")
+    dec.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
+    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="folder for hyp.SPLIT.LANG and scores.SPLIT.json")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+    parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktransfer.data import CorpusError
+    from ktransfer.evaluate import evaluate, format_result
+
+    try:
+        from ktransfer.checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover - checkpoint module always present in a full install
+        CheckpointError = RuntimeError  # noqa: N806
+
+    try:
+        result = evaluate(
+            args.checkpoint, corpus=args.corpus, split=args.split, src_file=args.src, ref_file=args.ref,
+            src_lang=args.src_lang, tgt_lang=args.tgt_lang, beam=args.beam, length_penalty=args.length_penalty,
+            max_length=args.max_length, batch_size=args.batch_size, out_dir=args.out, limit=args.limit,
+            device=args.device,
+            progress=args.progress,
+        )
+    except (FileNotFoundError, CorpusError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,88 @@
+"""``ktransfer translate``: translate stdin to stdout (one line in, one line out), batched beam search."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from itertools import islice
+
+EPILOG = """\
+examples:
+  ktransfer translate runs/teacher < test.de > test.hyp.en
+  echo "Ein Mann fährt Fahrrad." | ktransfer translate runs/teacher/checkpoints/best --beam 4
+
+CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Lines are read in chunks,
+sorted by length into batches and written back in input order; an empty line gives an empty line.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder, or run folder (uses "
+                                                                 "RUN/checkpoints/best)")
+    parser.add_argument("-i", "--input", default="-", metavar="FILE", help="source text, one sentence per line "
+                                                                           "(default: - = stdin)")
+    parser.add_argument("-o", "--output", default="-", metavar="FILE", help="translations (default: - = stdout)")
+    parser.add_argument("--beam", type=int, default=6, help="beam width; 1 = greedy (default: 6)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="length normalisation exponent (default: 1.0)")
+    parser.add_argument("--max-length", type=int, default=256, help="most target tokens per sentence (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
+    parser.add_argument("--chunk", type=int, default=None, metavar="N",
+                        help="lines read before translating and writing (default: 16 x batch size); output is "
+                             "flushed after each chunk")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktransfer.evaluate import DecodeSettings, resolve_checkpoint, translate
+
+    try:
+        from ktransfer.checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover
+        CheckpointError = RuntimeError  # noqa: N806
+
+    try:
+        DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
+        chunk = args.chunk if args.chunk is not None else 16 * args.batch_size
+        if args.batch_size < 1 or chunk < 1:
+            raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
+        from ktransfer.checkpoint import load_model
+
+        model, tokenizer = load_model(resolve_checkpoint(args.checkpoint), device=args.device)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    # UTF-8 whatever the locale; lines end at "\n" only (a stray "\r" inside a line keeps the alignment).
+    src = _stdio(sys.stdin, "r") if args.input == "-" else open(args.input, encoding="utf-8", errors="replace",
+                                                              newline="\n")
+    dst = _stdio(sys.stdout, "w") if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    try:
+        lines = (line.rstrip("\r\n") for line in src)
+        while batch := list(islice(lines, chunk)):
+            for hyp in translate(model, tokenizer, batch, beam=args.beam, length_penalty=args.length_penalty,
+                                 max_length=args.max_length, batch_size=args.batch_size, progress=args.progress):
+                dst.write(hyp + "\n")
+            dst.flush()
+    finally:
+        for stream, name, std in ((src, args.input, sys.stdin), (dst, args.output, sys.stdout)):
+            if name != "-":
+                stream.close()
+            elif stream is not std:
+                stream.detach()  # flushes; our UTF-8 wrapper goes, sys.stdin / sys.stdout stay open
+    return 0
+
+
+def _stdio(stream, mode: str):
+    """``stream`` re-read as UTF-8 whatever the locale (a stream without a byte buffer, e.g. a test's StringIO, is
+    used as it is); bad input bytes become U+FFFD, so one costs one character, not the stream."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        return stream
+    if mode == "r":
+        return io.TextIOWrapper(buffer, encoding="utf-8", errors="replace", newline="\n")
+    stream.flush()
+    return io.TextIOWrapper(buffer, encoding="utf-8", write_through=True)
