@@ -81,6 +81,27 @@ class Preset:
 
 _PAPER = ("objective.lam=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
 
+
+# The CPU presets share models, schedule and stages; only the corpus and decoding lengths differ.
+_CPU_BASE = ("data.vocab_size=10000", "data.max_tokens=4096", "optim.lr=5e-4", "optim.warmup_steps=100",
+             "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50",
+             "train.log_every=20", "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5",
+             "objective.lam=0.5", "objective.top_k=8")
+_CPU_FINETUNE = ("model.preset=cpu-learner", "data.train_limit=10000", "optim.warmup_steps=0",
+                 "optim.schedule=constant", "optim.lr=2e-4")
+
+
+def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
+    return Preset(
+        doc=doc,
+        base=(*data, *_CPU_BASE),
+        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
+        learner=("model.preset=cpu-learner", "train.epochs=4"),
+        finetune=(*_CPU_FINETUNE, "train.epochs=2", "train.valid_bleu=true"),
+        sweep=(*_CPU_FINETUNE, "train.epochs=1"),
+        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+    )
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         doc="Seconds to a minute on 2 cores (the tests run it): tiny models, 300 Multi30k pairs, 1-2 epochs, "
@@ -95,40 +116,18 @@ PRESETS: dict[str, Preset] = {
         options={"seeds": [1, 2], "topk_values": [2, None], "analysis_sample": 40, "table_sentences": 2,
                  "test_limit": 30, "bootstrap": 100},
     ),
-    "multi30k-cpu": Preset(
+    "multi30k-cpu": _cpu_preset(
         doc="The whole Multi30k de-en (29k pairs; valid; test2016 as test), cpu-teacher (8.2M) / cpu-learner (2.0M), "
             "one 10K joint BPE, lam 0.5, top-k 8, 3 seeds, beam 5 on the test set. Teacher 3 epochs, learner 4, "
             "then fine-tuning 2 epochs on the first 10,000 training pairs (kd, ka, half and the nll control). "
             "Estimated 2-2.5 hours on 2 cores; see MULTI30K_CPU_ESTIMATE.",
-        base=("data.corpus=multi30k-de-en", "data.test=test2016", "data.vocab_size=10000", "data.max_tokens=4096",
-              "optim.lr=5e-4", "optim.warmup_steps=100", "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0",
-              "train.num_threads=2", "train.save_every=50", "train.log_every=20", "train.patience=0",
-              "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5", "eval.length_penalty=1.0",
-              "eval.max_length=80", "objective.lam=0.5", "objective.top_k=8"),
-        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
-        learner=("model.preset=cpu-learner", "train.epochs=4"),
-        finetune=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=2", "train.valid_bleu=true",
-                  "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=2e-4"),
-        sweep=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=1", "optim.warmup_steps=0",
-               "optim.schedule=constant", "optim.lr=2e-4"),
-        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+        data=("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0", "eval.max_length=80"),
     ),
-    "wmt-news-cpu": Preset(
+    "wmt-news-cpu": _cpu_preset(
         doc="wmt-news-de-en (27.5k news pairs) with newstest2016 as the valid split; the corpus has no test split, "
             "so data.test is valid too until you name another (data.test=SPLIT). multi30k-cpu's models and "
             "settings; news sentences are about twice as long, so expect about twice its time (not measured).",
-        base=("data.corpus=wmt-news-de-en", "data.valid=valid", "data.test=valid", "data.vocab_size=10000",
-              "data.max_tokens=4096", "optim.lr=5e-4", "optim.warmup_steps=100", "optim.schedule=inverse_sqrt",
-              "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50", "train.log_every=20",
-              "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5",
-              "eval.max_length=128", "objective.lam=0.5", "objective.top_k=8"),
-        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
-        learner=("model.preset=cpu-learner", "train.epochs=4"),
-        finetune=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=2", "train.valid_bleu=true",
-                  "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=2e-4"),
-        sweep=("model.preset=cpu-learner", "data.train_limit=10000", "train.epochs=1", "optim.warmup_steps=0",
-               "optim.schedule=constant", "optim.lr=2e-4"),
-        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+        data=("data.corpus=wmt-news-de-en", "data.valid=valid", "data.test=valid", "eval.max_length=128"),
     ),
     "paper-deen": Preset(
         doc="The paper's De-En sizes (Table 1: 6/6x1024 teacher, 6/1x512 learner), lam 0.5, beam 6, length penalty "
