@@ -115,6 +115,34 @@ def test_interrupted_stage_resumes_through_train(smoke):
     assert (run / name / "checkpoints/best/model.safetensors").read_bytes() == weights
 
 
+def test_stage_stopped_by_a_signal_is_not_marked_done(shared_data, tmp_path, monkeypatch):
+    """SIGTERM during a training stage: train saves ``last`` and returns; the stage must stay not-done (it was once
+    marked done, and the rerun skipped a half-trained teacher), and the same command resumes it."""
+    import signal
+
+    import ktransfer.train as train_module
+
+    monkeypatch.setenv("KTRANSFER_DATA", str(shared_data))
+
+    def stop_after_two_steps(run):  # what the SIGTERM handler leaves behind, at a known step
+        if run.state.step >= 2:
+            run.stop_signal[:] = [signal.SIGTERM]
+            return True
+        return False
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_module, "_stop_requested", stop_after_two_steps)
+        result = reproduce("smoke", tmp_path, [*FAST, "stop_after=teacher"])
+    assert "interrupted" in result and "SIGTERM" in result["interrupted"]
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert stages["bpe"]["done"] and not stages["teacher"]["done"]
+    assert not (tmp_path / "teacher/checkpoints/best").exists()
+    assert reproduce("smoke", tmp_path, [*FAST, "stop_after=teacher"]) == {"stopped_after": "teacher"}
+    assert json.loads((tmp_path / "stages.json").read_text())["teacher"]["done"]
+    assert "resuming from" in (tmp_path / "teacher/train.log").read_text()
+    assert "interrupted" in (tmp_path / "reproduce.log").read_text()
+
+
 def test_report_command_rebuilds_the_same_report(smoke):
     from ktransfer.cli import main
 

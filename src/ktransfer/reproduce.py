@@ -83,11 +83,11 @@ _PAPER = ("objective.lam=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.
 
 
 # The CPU presets share models, schedule and stages; only the corpus and decoding lengths differ.
-_CPU_BASE = ("data.vocab_size=10000", "data.max_tokens=4096", "optim.lr=5e-4", "optim.warmup_steps=100",
+_CPU_BASE = ("data.vocab_size=8000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
              "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50",
              "train.log_every=20", "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5",
-             "objective.lam=0.5", "objective.top_k=8")
-_CPU_FINETUNE = ("model.preset=cpu-learner", "data.train_limit=10000", "optim.warmup_steps=0",
+             "objective.lam=0.5", "objective.top_k=8", "model.dropout=0.1")
+_CPU_FINETUNE = ("model.preset=cpu-learner", "data.train_limit=6000", "optim.warmup_steps=0",
                  "optim.schedule=constant", "optim.lr=2e-4")
 
 
@@ -95,9 +95,9 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
     return Preset(
         doc=doc,
         base=(*data, *_CPU_BASE),
-        teacher=("model.preset=cpu-teacher", "train.epochs=3"),
-        learner=("model.preset=cpu-learner", "train.epochs=4"),
-        finetune=(*_CPU_FINETUNE, "train.epochs=2", "train.valid_bleu=true"),
+        teacher=("model.preset=cpu-teacher", "train.epochs=6"),
+        learner=("model.preset=cpu-learner", "train.epochs=8"),
+        finetune=(*_CPU_FINETUNE, "train.epochs=3", "train.valid_bleu=true"),
         sweep=(*_CPU_FINETUNE, "train.epochs=1"),
         options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
     )
@@ -320,6 +320,23 @@ class StopAfter(Exception):
     """Raised internally when ``stop_after`` is reached."""
 
 
+class Interrupted(Exception):
+    """A training stage stopped by SIGINT/SIGTERM: it saved ``checkpoints/last`` but is not done; the same
+    ``reproduce`` command resumes it."""
+
+
+def _train(cfg: RunConfig, **kwargs) -> dict:
+    """``train.train``, except that a run stopped by a signal raises ``Interrupted`` (so its stage is not marked
+    done)."""
+    from ktransfer.train import train
+
+    result = train(cfg, **kwargs)
+    if str(result.get("stopped") or "").startswith("signal:"):
+        raise Interrupted(f"{cfg.train.out_dir}: stopped by {result['stopped'][7:]} at epoch {result['epoch']}, "
+                          f"step {result['step']}")
+    return result
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------------------------
@@ -365,6 +382,9 @@ def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str]
     except StopAfter:
         log(f"stopped after the {opts.stop_after} stages (stop_after); run the same command without it to go on")
         return {"stopped_after": opts.stop_after}
+    except Interrupted as e:
+        log(f"interrupted: {e}; run the same command again to resume")
+        return {"interrupted": str(e)}
     from ktransfer.report import write_report
 
     results = write_report(run)
@@ -383,14 +403,12 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
         if opts.stop_after == kind:
             raise StopAfter
 
-    from ktransfer.train import train
-
     base_cfg = stage_config(preset, by_stage, "teacher", [])
     stages.run("bpe", lambda: _train_bpe(base_cfg, run / "tokenizer.json", log), index="[bpe]")
     stop("bpe")
-    stages.run("teacher", lambda: train(cfg("teacher", "teacher", "objective.objective=nll")), index="[teacher]")
+    stages.run("teacher", lambda: _train(cfg("teacher", "teacher", "objective.objective=nll")), index="[teacher]")
     stop("teacher")
-    stages.run("learner", lambda: train(cfg("learner", "learner", "objective.objective=nll")), index="[learner]")
+    stages.run("learner", lambda: _train(cfg("learner", "learner", "objective.objective=nll")), index="[learner]")
     stop("learner")
     sample_cfg = cfg("finetune", "analysis", f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}")
     stages.run("analysis0", lambda: _analysis0(sample_cfg, opts, run, teacher_ckpt, learner_ckpt), index="[analysis]")
@@ -412,7 +430,7 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
             folder.mkdir(parents=True, exist_ok=True)
             for suffix in ("json", "safetensors"):  # epoch 0: the pre-trained learner, shared by every run
                 shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
-            return train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
+            return _train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
 
         stages.run(name, fine_tune, index=f"[finetune {i}/{len(runs)}]")
     stop("finetune")
@@ -505,9 +523,7 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
 
 def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
     """A sweep point: fine-tune, then the valid BLEU of its best checkpoint (beam eval.beam, data.valid_subset)."""
-    from ktransfer.train import train
-
-    train(cfg)
+    _train(cfg)
     return _evaluate(cfg, Path(cfg.train.out_dir), out_dir, cfg.data.valid, cfg.data.valid_subset)
 
 

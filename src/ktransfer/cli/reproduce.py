@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     except (CorpusError, CheckpointError, FileNotFoundError) as e:
         print(f"ktransfer reproduce: error: {e}", file=sys.stderr)
         return 1
+    if "interrupted" in results:
+        print(f"{out}: interrupted ({results['interrupted']}); run the same command again to resume", file=sys.stderr)
+        return 130
     if "stopped_after" in results:
         print(f"{out}: stopped after the {results['stopped_after']} stages")
         return 0
