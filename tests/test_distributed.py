@@ -61,12 +61,13 @@ def step_of(run_dir: Path) -> int:
     return json.loads((run_dir / "checkpoints/last/state.json").read_text())["train_state"]["step"]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 120,
+             command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "-m", "ktransfer", "train", *args]
+           "-m", "ktransfer", command, *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -188,3 +189,25 @@ def test_one_process_checkpoint_resumed_on_two(setting, shared_data):
     assert_same_weights(one, reference)
     assert [r["step"] for r in records(one, "train")] == list(range(1, step_of(one) + 1))
     shutil.rmtree(one)
+
+
+def test_reproduce_on_two_processes(shared_data, tmp_path, monkeypatch):
+    """``torchrun ... ktransfer reproduce``: every stage runs once, rank 0 alone writes the run's files and logs."""
+    monkeypatch.setenv("KTRANSFER_DATA", str(shared_data))
+    run = tmp_path / "run"
+    args = ["smoke", "--out", str(run), "data.train_limit=120", "data.valid_subset=8", "data.vocab_size=300",
+            "test_limit=8", "analysis_sample=8", "table_sentences=1", "seeds=1", "objectives=kd,ka", "control=false",
+            "bootstrap=20", "teacher.train.epochs=1", "finetune.train.epochs=1"]
+    proc = torchrun(args, command="reproduce", timeout=300)
+    stages = json.loads((run / "stages.json").read_text())
+    expected = ["bpe", "teacher", "learner", "analysis0", "finetune/kd/seed1", "finetune/ka/seed1", "eval/teacher",
+                "eval/learner", "eval/finetune/kd/seed1", "eval/finetune/ka/seed1", "significance"]
+    assert list(stages) == expected and all(stages[name]["done"] for name in expected)
+    log = (run / "reproduce.log").read_text().splitlines()
+    starts = [line.split("==== ", 1)[1].split(" ")[-2] for line in log if "==== " in line]
+    assert starts == expected  # one line per stage: the second process logs nothing
+    assert proc.stdout.count("report:") == 1  # the summary comes from rank 0 only
+    assert (run / "report.md").is_file() and json.loads((run / "results.json").read_text())["table2"]
+    for name in ("finetune/kd/seed1", "finetune/ka/seed1"):  # every model kept, with the per-epoch analyses
+        assert (run / name / "checkpoints/best/model.safetensors").is_file()
+        assert (run / name / "analysis/epoch1.json").is_file()

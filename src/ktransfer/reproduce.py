@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktransfer import distributed
 from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
 
 STAGE_KINDS = ("bpe", "teacher", "learner", "analysis0", "finetune", "sweep", "eval", "significance")
@@ -95,9 +96,9 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
     return Preset(
         doc=doc,
         base=(*data, *_CPU_BASE),
-        teacher=("model.preset=cpu-teacher", "train.epochs=6"),
-        learner=("model.preset=cpu-learner", "train.epochs=8"),
-        finetune=(*_CPU_FINETUNE, "train.epochs=3", "train.valid_bleu=true"),
+        teacher=("model.preset=cpu-teacher", "train.epochs=5"),
+        learner=("model.preset=cpu-learner", "train.epochs=6"),
+        finetune=(*_CPU_FINETUNE, "train.epochs=2", "train.valid_bleu=true"),
         sweep=(*_CPU_FINETUNE, "train.epochs=1"),
         options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
     )
@@ -275,7 +276,7 @@ class Stages:
 
     def __init__(self, run_dir: Path, log):
         self.path, self.log = run_dir / "stages.json", log
-        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data: dict[str, dict] = _on_main(lambda: json.loads(self.path.read_text()) if self.path.exists() else {})
 
     def done(self, name: str) -> bool:
         return bool(self.data.get(name, {}).get("done"))
@@ -297,9 +298,12 @@ class Stages:
         entry["done"], entry["finished"] = True, time.strftime("%Y-%m-%d %H:%M:%S")
         self._save()
         self.log(f"---- {name}: done in {time.time() - t0:.1f}s")
+        distributed.barrier()  # several processes: none starts the next stage before rank 0 wrote this one's files
         return result
 
     def _save(self) -> None:
+        if not distributed.is_main():
+            return
         tmp = self.path.with_name(".stages.json.tmp")
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         os.replace(tmp, self.path)
@@ -310,6 +314,8 @@ class _Log:
         self.path = path
 
     def __call__(self, message: str) -> None:
+        if not distributed.is_main():  # several processes: rank 0 alone logs
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -323,6 +329,15 @@ class StopAfter(Exception):
 class Interrupted(Exception):
     """A training stage stopped by SIGINT/SIGTERM: it saved ``checkpoints/last`` but is not done; the same
     ``reproduce`` command resumes it."""
+
+
+def _on_main(fn):
+    """``fn()`` on rank 0 alone (files that one process writes: BPE, analyses, significance, report); every process
+    waits for it and gets its result. One process: just ``fn()``."""
+    if not distributed.is_distributed():
+        return fn()
+    result = fn() if distributed.is_main() else None
+    return distributed.broadcast(result)
 
 
 def _train(cfg: RunConfig, **kwargs) -> dict:
@@ -363,18 +378,28 @@ def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str]
     preset = PRESETS[preset_name]
     opts, by_stage = parse_overrides(preset, list(overrides))
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    device = stage_config(preset, by_stage, "teacher", []).train.device
+    with distributed.session(device):  # torchrun: one process group for the whole run; train/evaluate join it
+        return _reproduce(preset_name, preset, opts, by_stage, run, overrides)
+
+
+def _reproduce(preset_name: str, preset: Preset, opts: Options, by_stage, run: Path, overrides) -> dict:
     log = _Log(run / "reproduce.log")
     spec = {"preset": preset_name, "overrides": list(overrides), "options": dataclasses.asdict(opts)}
     spec_path = run / "reproduce.json"
-    if spec_path.exists():
-        saved = json.loads(spec_path.read_text())
+
+    def read_spec():
+        run.mkdir(parents=True, exist_ok=True)
+        return json.loads(spec_path.read_text()) if spec_path.exists() else None
+
+    saved = _on_main(read_spec)
+    if saved is not None:
         if saved.get("preset") != preset_name:
             raise ConfigError(f"{run} holds a reproduce run of preset {saved.get('preset')!r}, not {preset_name!r}")
         if saved.get("overrides") != spec["overrides"]:
             log(f"warning: overrides differ from the run's first call ({saved.get('overrides')} -> "
                 f"{spec['overrides']}); stages done already are not redone")
-    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    _on_main(lambda: spec_path.write_text(json.dumps(spec, indent=1) + "\n"))
     stages = Stages(run, log)
     log(f"reproduce {preset_name} in {run} (overrides: {' '.join(overrides) or 'none'})")
     try:
@@ -387,7 +412,7 @@ def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str]
         return {"interrupted": str(e)}
     from ktransfer.report import write_report
 
-    results = write_report(run)
+    results = _on_main(lambda: write_report(run))
     log(f"report: {run / 'report.md'}")
     return results
 
@@ -404,14 +429,15 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
             raise StopAfter
 
     base_cfg = stage_config(preset, by_stage, "teacher", [])
-    stages.run("bpe", lambda: _train_bpe(base_cfg, run / "tokenizer.json", log), index="[bpe]")
+    stages.run("bpe", lambda: _on_main(lambda: _train_bpe(base_cfg, run / "tokenizer.json", log)), index="[bpe]")
     stop("bpe")
     stages.run("teacher", lambda: _train(cfg("teacher", "teacher", "objective.objective=nll")), index="[teacher]")
     stop("teacher")
     stages.run("learner", lambda: _train(cfg("learner", "learner", "objective.objective=nll")), index="[learner]")
     stop("learner")
     sample_cfg = cfg("finetune", "analysis", f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}")
-    stages.run("analysis0", lambda: _analysis0(sample_cfg, opts, run, teacher_ckpt, learner_ckpt), index="[analysis]")
+    stages.run("analysis0", lambda: _on_main(lambda: _analysis0(sample_cfg, opts, run, teacher_ckpt, learner_ckpt)),
+               index="[analysis]")
     stop("analysis0")
 
     from ktransfer.analysis import EpochAnalyzer
@@ -427,9 +453,13 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
 
         def fine_tune(c=c, name=name):
             folder = run / name / "analysis"
-            folder.mkdir(parents=True, exist_ok=True)
-            for suffix in ("json", "safetensors"):  # epoch 0: the pre-trained learner, shared by every run
-                shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
+
+            def copy_epoch0():  # epoch 0: the pre-trained learner, shared by every run
+                folder.mkdir(parents=True, exist_ok=True)
+                for suffix in ("json", "safetensors"):
+                    shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
+
+            _on_main(copy_epoch0)
             return _train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
 
         stages.run(name, fine_tune, index=f"[finetune {i}/{len(runs)}]")
@@ -452,7 +482,7 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
                                                                test_cfg.data.test, opts.test_limit),
                    index=f"[eval {i}/{len(names)}]")
     stop("eval")
-    stages.run("significance", lambda: _significance(test_cfg, opts, run), index="[significance]")
+    stages.run("significance", lambda: _on_main(lambda: _significance(test_cfg, opts, run)), index="[significance]")
     stop("significance")
 
 
@@ -517,7 +547,8 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
     result = evaluate(model_dir / "checkpoints" / "best", corpus=d.corpus, split=split, src_lang=d.src_lang,
                       tgt_lang=d.tgt_lang, beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
                       batch_size=e.batch_size, out_dir=out_dir, limit=limit, device=_device(cfg))
-    print(f"  {out_dir}: {split} BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"  {out_dir}: {split} BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f}", file=sys.stderr)
     return result
 
 

@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     except (CorpusError, CheckpointError, FileNotFoundError) as e:
         print(f"ktransfer reproduce: error: {e}", file=sys.stderr)
         return 1
+    from ktransfer import distributed
+
+    if distributed.launch_rank() != 0:  # torchrun: rank 0 alone prints the summary
+        return 0
     if "interrupted" in results:
         print(f"{out}: interrupted ({results['interrupted']}); run the same command again to resume", file=sys.stderr)
         return 130
