@@ -496,16 +496,20 @@ def _read_checkpoint(path: Path, with_optimizer: bool) -> Checkpoint:
 
 
 def model_from_checkpoint(ckpt: Checkpoint, device="cpu", **config_overrides):
-    """Build the model class recorded in ``ckpt`` from its config and load its weights (eval mode, on ``device``)."""
+    """Build the model class recorded in ``ckpt`` from its config and load its weights (eval mode, on ``device``).
+
+    Seq2seq (Marian) and decoder-only models (GPT-2, Llama, ...: ``ktransfer.causal``) alike; a class name that
+    transformers does not export falls back to the Auto class of the config's kind."""
     import transformers
-    from transformers import AutoModelForSeq2SeqLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
         cfg = {**ckpt.model_config, **config_overrides}
         config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
         cls = getattr(transformers, ckpt.model_class, None)
-        model = cls(config) if isinstance(cls, type) else AutoModelForSeq2SeqLM.from_config(config)
+        auto = AutoModelForSeq2SeqLM if cfg.get("is_encoder_decoder") else AutoModelForCausalLM
+        model = cls(config) if isinstance(cls, type) else auto.from_config(config)
         model.load_state_dict(ckpt.model_state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt.path}: weights do not fit the saved model config: {e}") from e

@@ -101,14 +101,15 @@ class ModelConfig(_Section):
     dropout: float | None = _field(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
 
     def _check_more(self) -> None:
+        from ktransfer.causal import CAUSAL_PRESETS
         from ktransfer.models import PRESETS
 
-        p = self.preset
-        if p not in PRESETS and not ("/" in p or os.sep in p or p.startswith(".") or Path(p).exists()):
-            close = difflib.get_close_matches(p, list(PRESETS), n=3, cutoff=0.5)
+        p, names = self.preset, [*PRESETS, *CAUSAL_PRESETS]  # seq2seq (Marian) and decoder-only presets
+        if p not in names and not ("/" in p or os.sep in p or p.startswith(".") or Path(p).exists()):
+            close = difflib.get_close_matches(p, names, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(
-                f"model.preset: unknown preset {p!r} and no such folder{hint} (presets: {', '.join(PRESETS)})",
+                f"model.preset: unknown preset {p!r} and no such folder{hint} (presets: {', '.join(names)})",
                 key="model.preset",
             )
 
@@ -140,6 +141,22 @@ class ObjectiveConfig(_Section):
     beta: float = _field(0.5, "mixture weight of jsd", gt=0.0, lt=1.0)
     alpha: float = _field(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
     renormalize: bool = _field(False, "renormalise p and q over the top-k support")
+    prefix: Literal["reference", "learner", "mixed"] = _field(
+        "reference", "prefixes the divergence is computed on: reference (the paper), learner (sampled from the "
+        "learner, on-policy), or mixed (learner with probability on_policy_fraction per batch); see ktransfer.prefixes")
+    on_policy_fraction: float = _field(0.5, "probability that a batch uses learner samples when prefix=mixed",
+                                       ge=0.0, le=1.0)
+    sample_temperature: float = _field(1.0, "softmax temperature of the learner when sampling prefixes", gt=0.0)
+    sample_top_p: float = _field(1.0, "nucleus (top-p) mass kept when sampling prefixes (1 = full distribution)",
+                                 gt=0.0, le=1.0)
+    sample_max_length: int | None = _field(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
+
+    def _check_more(self) -> None:
+        if self.prefix != "reference" and self.objective == "nll":
+            raise ConfigError(
+                f"objective.prefix: {self.prefix!r} needs a divergence objective (kd, ka, ...): with "
+                "objective.objective=nll there is no teacher term to compute on the sampled prefixes, and NLL is "
+                "always on the reference (use objective.prefix=reference)", key="objective.prefix")
 
 
 @dataclass
@@ -159,6 +176,12 @@ class TrainConfig(_Section):
     num_threads: int | None = _field(None, "torch CPU threads (None = torch's default)", ge=1)
     resume: bool = _field(True, "continue from out_dir/checkpoints/last when it exists")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.fused_linear): the [B, T, V] "
+                              "logits of learner and teacher are never held; same loss and gradients (Marian models, "
+                              "one process)")
+    teacher_cache: str | None = _field(None, "folder of the teacher's top-k on the training data "
+                                       "(ktransfer.teacher_cache; built when missing): no teacher pass in training "
+                                       "steps; exact for kd / teacher-support divergences with top_k, else refused")
 
     def _check_more(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

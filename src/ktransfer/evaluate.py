@@ -120,7 +120,8 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
     source longer than the model's positional table is cut to fit.
 
     Args:
-        model: a ``MarianMTModel`` (any device; inputs follow its parameters).
+        model: a ``MarianMTModel`` (any device; inputs follow its parameters); a decoder-only LM is handed to
+            ``ktransfer.causal.translate`` (same arguments and result).
         tokenizer: a ``ktransfer.tokenizer.Tokenizer`` (``encode_batch``, ``decode``, ``pad_id``, ``eos_id``).
         sources: raw source sentences.
         beam, length_penalty, max_length: see ``DecodeSettings``.
@@ -130,6 +131,11 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
     Raises:
         ValueError: a setting out of range.
     """
+    if not getattr(model.config, "is_encoder_decoder", True):  # decoder-only LM: prompt + continuation
+        from ktransfer import causal
+
+        return causal.translate(model, tokenizer, sources, beam=beam, length_penalty=length_penalty,
+                                max_length=max_length, batch_size=batch_size, progress=progress)
     settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -159,6 +165,30 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
     finally:
         model.train(was_training)
     return hypotheses
+
+
+def rank_device(device: str) -> str:
+    """The device this process decodes on, with training's conventions (``train._device``): ``auto`` is ``cuda``
+    when a GPU is visible, else ``cpu``; under torchrun with several processes, ``cuda`` means GPU ``LOCAL_RANK``
+    (the GPU ``distributed.init`` made current); anything else (``cpu``, ``cuda:1``, ``mps``) is used as given."""
+    from ktransfer import distributed
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and distributed.world_size() > 1:
+        return f"cuda:{distributed.local_rank()}"
+    return device
+
+
+def translate_sharded(model, tokenizer, sources: Sequence[str], *, progress: bool = False, **kwargs) -> list[str]:
+    """``translate`` spread over the processes of a running group (``distributed.map_sharded``): rank r translates
+    the r-th contiguous share of ``sources`` (shares differ by at most one sentence), and every rank gets all
+    hypotheses in the order of ``sources``. The progress bar (``progress``) is rank 0's, over its own share. One
+    process: ``translate(model, tokenizer, sources, ...)`` itself. Every rank must call it with the same sources."""
+    from ktransfer import distributed
+
+    show = progress and distributed.is_main()
+    return distributed.map_sharded(lambda part: translate(model, tokenizer, part, progress=show, **kwargs), sources)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,11 +329,16 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
     ``<out_dir>/scores.<split>.json`` (the returned dict). ``out_dir`` defaults to ``RUN/eval/<checkpoint name>``
     for a checkpoint inside a run folder.
 
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (``distributed.session(device)``, as ``train``
+    does): each rank beam-searches a contiguous share of the sentences (``translate_sharded``), the hypotheses are
+    gathered in source order, rank 0 alone scores and writes the files, and every rank returns rank 0's result. The
+    hypotheses and scores are those of one process (a sentence's hypothesis does not depend on its batch).
+
     Args:
         model_path: a checkpoint folder, or a run folder (its ``checkpoints/best`` is used).
         beam, length_penalty, max_length, batch_size: see ``translate``.
         limit: evaluate only the first ``limit`` sentences (None = all); recorded in the result.
-        device: where the model runs (``"cpu"``, ``"cuda"``).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rank_device`` for torchrun).
 
     Returns:
         ``score()``'s dict plus ``decode_signature``, ``time_s`` and ``sentences_per_s`` (translation only), the
@@ -355,21 +390,40 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
                      "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
 
     sources, references = sources[:limit], references[:limit]
-    model, tokenizer = model_from_checkpoint(ckpt, device), ckpt.tokenizer
-    start = time.perf_counter()
-    hypotheses = translate(model, tokenizer, sources, beam=settings.beam, length_penalty=settings.length_penalty,
-                           max_length=settings.max_length, batch_size=batch_size, progress=progress)
-    elapsed = time.perf_counter() - start
+    from ktransfer import distributed
 
+    # torchrun: join the group (gloo on CPU, nccl on CUDA; a no-op for one process); every rank beam-searches a
+    # contiguous share of the sentences, rank 0 alone scores and writes, and every rank returns rank 0's result.
+    with distributed.session(device):
+        main, world = distributed.is_main(), distributed.world_size()
+        model, tokenizer = model_from_checkpoint(ckpt, rank_device(device)), ckpt.tokenizer
+        start = time.perf_counter()
+        hypotheses = translate_sharded(model, tokenizer, sources, beam=settings.beam,
+                                       length_penalty=settings.length_penalty, max_length=settings.max_length,
+                                       batch_size=batch_size, progress=progress)
+        elapsed = time.perf_counter() - start  # all shards gathered: the slowest rank's time
+        result = None
+        if main:
+            result = _score_and_write(hypotheses, references, settings, elapsed, out_dir, checkpoint, split,
+                                      tgt_lang, data_info, {
+                                          "batch_size": batch_size, "device": str(device), "processes": world,
+                                          "effective_max_new_tokens": _max_new_tokens(model, settings.max_length),
+                                      }, limit)
+        return distributed.broadcast(result)
+
+
+def _score_and_write(hypotheses: list[str], references: list[str], settings: DecodeSettings, elapsed: float,
+                     out_dir, checkpoint: Path, split: str, tgt_lang: str, data_info: dict, run_settings: dict,
+                     limit: int | None) -> dict:
+    """``evaluate``'s result (scores, speed, settings, data, files) and its two files (rank 0's job)."""
     result = score(hypotheses, references, decoding=settings)
     out = Path(out_dir) if out_dir is not None else _default_out_dir(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     hyp_file, scores_file = out / f"hyp.{split}.{tgt_lang}", out / f"scores.{split}.json"
     result.update({
         "time_s": round(elapsed, 3),
-        "sentences_per_s": round(len(sources) / elapsed, 2) if elapsed > 0 else None,
-        "settings": {**asdict(settings), "batch_size": batch_size, "device": str(device),
-                     "effective_max_new_tokens": _max_new_tokens(model, settings.max_length)},
+        "sentences_per_s": round(len(hypotheses) / elapsed, 2) if elapsed > 0 else None,
+        "settings": {**asdict(settings), **run_settings},
         "checkpoint": str(checkpoint),
         "split": split,
         "limit": limit,

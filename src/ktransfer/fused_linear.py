@@ -152,3 +152,44 @@ def fused_linear_divergence(
         Wt, bt = Wt.detach(), None if bt is None else bt.detach()
     loss, div_sum, nll_sum = _FusedLinear.apply(h2, W, b, ht2, Wt, bt, plan, chunk_size)
     return plan.result(loss, div_sum, nll_sum)
+
+
+def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, torch.Tensor | None]:
+    """``(body, head, bias)`` of a model whose logits are ``head(body(**inputs)[0]) + bias``, bias ``[V]`` or None.
+
+    Only ``MarianMTModel`` (the models of ``ktransfer.models``): ``lm_head`` (a bias-free ``nn.Linear`` tied to the
+    embeddings) plus the ``final_logits_bias`` buffer ``[1, V]``, on the decoder output of ``model.model``. Subclasses
+    that override ``forward`` are refused: their logits may be computed otherwise.
+
+    Raises:
+        ValueError: any other model, naming its class.
+    """
+    from transformers import MarianMTModel
+
+    if (isinstance(model, MarianMTModel) and type(model).forward is MarianMTModel.forward
+            and isinstance(model.lm_head, torch.nn.Linear)):
+        bias = model.final_logits_bias.reshape(-1)
+        if model.lm_head.bias is not None:
+            bias = bias + model.lm_head.bias
+        return model.model, model.lm_head, bias
+    raise ValueError(f"{type(model).__name__} is not a model whose output layer ktransfer can fuse (a MarianMTModel "
+                     "with a plain linear lm_head and final_logits_bias)")
+
+
+def fused_model_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, inputs: dict, labels: torch.Tensor, *,
+                     objective: str, lam: float = 0.5, **options) -> TransferLoss:
+    """``transfer_loss(model(**inputs).logits, teacher(**inputs).logits, labels, ...)`` without either logits.
+
+    Runs the bodies (``output_head``) for the last hidden states ``[B, T, H]`` (the teacher's under ``no_grad``) and
+    calls ``fused_linear_divergence`` with each model's head and bias; ``options`` are those of ``transfer_loss``.
+    Value and gradients equal the unfused ones up to float rounding.
+    """
+    body, head, bias = output_head(model)
+    h = body(**inputs, use_cache=False)[0]
+    g = t_head = t_bias = None
+    if teacher is not None and objective != "nll":
+        t_body, t_head, t_bias = output_head(teacher)
+        with torch.no_grad():
+            g = t_body(**inputs, use_cache=False)[0]
+    return fused_linear_divergence(h, head, g, t_head, objective, labels=labels, lam=lam, learner_bias=bias,
+                                   teacher_bias=t_bias, **options)

@@ -82,7 +82,8 @@ def build_model(preset_or_path: str | os.PathLike, tokenizer, **overrides):
 
     Args:
         preset_or_path: a name in ``PRESETS``; a ktransfer checkpoint folder (has ``state.json``); or a local
-            Hugging Face seq2seq folder (``config.json`` + weights), loaded with ``AutoModelForSeq2SeqLM``.
+            Hugging Face seq2seq folder (``config.json`` + weights), loaded with ``AutoModelForSeq2SeqLM``. Causal
+            presets (``ktransfer.causal.CAUSAL_PRESETS``) and causal folders go to ``causal.build_causal_model``.
         tokenizer: gives ``vocab_size``, ``pad_id`` and ``eos_id`` (the decoder starts with ``pad_id``).
         **overrides: ``MarianConfig`` arguments (``d_model``, ``dropout``, ``encoder_layers``, ...) or the aliases
             ``layers``, ``heads``, ``ffn_dim`` (both encoder and decoder). Changing ``d_model`` scales the FFN with it
@@ -96,13 +97,18 @@ def build_model(preset_or_path: str | os.PathLike, tokenizer, **overrides):
             loaded model whose vocabulary or special ids differ from the tokenizer's.
     """
     name = os.fspath(preset_or_path)
+    from ktransfer import causal
+
+    if causal.is_causal_source(name):  # decoder-only presets and folders: ktransfer.causal
+        return causal.build_causal_model(name, tokenizer, **overrides)
     if name in PRESETS:
         model = _from_preset(name, tokenizer, overrides)
     elif Path(name).is_dir():
         model = _from_folder(Path(name), tokenizer, overrides)
     else:
         raise ValueError(
-            f"unknown model preset {name!r} (and no such folder); presets: {', '.join(PRESETS)}; "
+            f"unknown model preset {name!r} (and no such folder); presets: "
+            f"{', '.join([*PRESETS, *causal.CAUSAL_PRESETS])}; "
             "or give a local checkpoint folder"
         )
     model.train()

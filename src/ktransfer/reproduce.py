@@ -447,7 +447,8 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
     runs = [(o, s) for s in opts.seeds for o in objectives]
     for i, (objective, seed) in enumerate(runs, 1):
         name = f"finetune/{objective}/seed{seed}"
-        teacher = [f"model.teacher={teacher_ckpt}"] if objective != "nll" else []
+        # the nll control has no teacher and no prefix source but the reference (whatever finetune.* says)
+        teacher = [f"model.teacher={teacher_ckpt}"] if objective != "nll" else ["objective.prefix=reference"]
         c = cfg("finetune", name, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
                 f"train.seed={seed}")
 

@@ -37,12 +37,14 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ktransfer import causal as causal_lib
 from ktransfer import checkpoint as ckpt_lib
 from ktransfer import distributed
 from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
@@ -103,6 +105,13 @@ class Run:
     stop_signal: list[int] = field(default_factory=list)  # filled by the SIGINT/SIGTERM handler
     on_epoch_end: Any = None  # optional callable(run) run after each validation, before `last` is saved
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
+    teacher_cache: Any = None  # a ktransfer.teacher_cache.TeacherCache (train.teacher_cache), else None
+
+    @property
+    def causal(self) -> bool:
+        """A decoder-only learner (``ktransfer.causal``): ``train_ids``/``valid_ids`` hold (prompt ids, response
+        ids), batches are one prompt + response sequence per example, the model gets input_ids/attention_mask."""
+        return causal_lib.is_causal_model(self.model)
 
     def trained_model(self) -> torch.nn.Module:
         """What training steps run forward/backward through: the DDP wrapper when there is one, else the learner."""
@@ -165,22 +174,35 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     model = _build_learner(cfg, tokenizer, resumed or init).to(device)
     if init is not None:
         log(f"learner initialised from {cfg.model.init} (model.preset not used)")
+    causal = causal_lib.is_causal_model(model)
+    if causal:  # the instruction heading every prompt is kept in the model's config (and its checkpoints)
+        causal_lib.ensure_instruction(model, d.src_lang, d.tgt_lang)
+        for key in ("fused_head", "teacher_cache"):
+            if getattr(cfg.train, key, None):
+                raise ConfigError(f"train.{key}: not supported for a decoder-only model ({cfg.model.preset})",
+                                  key=f"train.{key}")
     if teacher is not None:
         from ktransfer.models import check_compatible
 
         try:
-            check_compatible(teacher, model, teacher_tokenizer, tokenizer)
+            if causal or causal_lib.is_causal_model(teacher):  # shared ids; embedding padding rows allowed
+                causal_lib.check_compatible(teacher, model, teacher_tokenizer, tokenizer, log=log)
+            else:
+                check_compatible(teacher, model, teacher_tokenizer, tokenizer)
         except ValueError as e:
             raise ConfigError(f"model.teacher: {cfg.model.teacher}: {e}", key="model.teacher") from None
     if cfg.objective.objective == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
 
-    src, tgt = encode_pairs(train_pairs, tokenizer, d.max_length, log=log)
+    encode = (partial(causal_lib.encode_examples, instruction=causal_lib.instruction(model)) if causal
+              else encode_pairs)  # causal: (prompt ids, response ids), max_length bounds prompt + response
+    src, tgt = encode(train_pairs, tokenizer, d.max_length, log=log)
     if not src:
         raise ConfigError(f"data.max_length: no training pair fits in {d.max_length} tokens", key="data.max_length")
     positions = int(getattr(model.config, "max_position_embeddings", 1024))
-    valid_ids = encode_pairs(valid_pairs, tokenizer, positions, log=log)
-    sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], d.max_tokens, seed=cfg.train.seed)
+    valid_ids = encode(valid_pairs, tokenizer, positions, log=log)
+    sampler = TokenBatchSampler(*_batch_lengths(causal, (src, tgt)), d.max_tokens, seed=cfg.train.seed)
+    cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
 
     ddp = None
     if distributed.world_size() > 1:  # the teacher stays outside: frozen, no gradients to synchronise
@@ -207,7 +229,7 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, teacher=teacher,
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, train_ids=(src, tgt), valid_ids=valid_ids,
                valid_pairs=valid_pairs, state=state, log=log, metrics=metrics,
-               writer=_tensorboard(out_dir) if main else None, ddp=ddp)
+               writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
@@ -218,6 +240,30 @@ def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
     if schedule == "inverse_sqrt":
         return math.sqrt(max(warmup_steps, 1) / n)
     return 1.0
+
+
+def _fused_head_and_cache(cfg: RunConfig, model, teacher, tokenizer, train_ids, device, log):
+    """Check ``train.fused_head`` (both models' output layers can be fused, one process); open (or build) the
+    ``train.teacher_cache`` and return it, else None. Raises ConfigError naming the key."""
+    if cfg.train.fused_head:
+        from ktransfer.fused_linear import output_head
+
+        if distributed.world_size() > 1:
+            raise ConfigError("train.fused_head: not with several processes (DDP must run the learner's forward; "
+                              "the fused path calls its body and head separately)", key="train.fused_head")
+        for name, m in (("learner", model), ("teacher", teacher)):
+            try:
+                if m is not None:
+                    output_head(m)
+            except ValueError as e:
+                raise ConfigError(f"train.fused_head: the {name}: {e}", key="train.fused_head") from None
+    if not cfg.train.teacher_cache:
+        return None
+    from ktransfer.teacher_cache import open_for_run
+
+    if teacher is None:
+        raise ConfigError("train.teacher_cache: objective nll uses no teacher", key="train.teacher_cache")
+    return open_for_run(cfg, teacher, tokenizer, train_ids, model.config.decoder_start_token_id, device, log)
 
 
 def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
@@ -309,7 +355,8 @@ def _build_learner(cfg: RunConfig, tokenizer: Tokenizer, start: ckpt_lib.Checkpo
 
     overrides = {} if cfg.model.dropout is None else {"dropout": cfg.model.dropout}
     if start is not None:
-        return ckpt_lib.model_from_checkpoint(start, **overrides).train()
+        return ckpt_lib.model_from_checkpoint(start, **causal_lib.checkpoint_overrides(start.model_config,
+                                                                                       overrides)).train()
     try:
         return build_model(cfg.model.preset, tokenizer, **overrides).train()
     except ValueError as e:
@@ -376,7 +423,7 @@ def _train_loop(run: Run) -> None:
         while s.batch < len(batches) and not _stop_requested(run):
             group = batches[s.batch:s.batch + per_step]
             mine, padding = rank_batches(group, distributed.rank(), distributed.world_size())
-            result = train_step(run, [collate_batch(run, run.train_ids, idx) for idx in mine], padding=padding)
+            result = train_step(run, [_training_batch(run, idx) for idx in mine], padding=padding)
             s.batch += len(group)
             bar.update(len(group))
             if not result["finite"]:
@@ -461,17 +508,42 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
     The teacher runs under ``torch.no_grad`` in eval mode; ``num_tokens`` replaces the batch's own token count as
     the denominator (gradient accumulation, several processes). ``model``: the learner to run (default
     ``run.model``; ``train_step`` passes the DDP wrapper).
+
+    ``objective.prefix`` learner/mixed: a training batch (learner in train mode, gradients on) goes to
+    ``ktransfer.prefixes.compute_loss`` (divergence on the learner's samples); validation keeps the reference prefix.
     """
     ob = run.cfg.objective
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    if ob.prefix != "reference" and run.model.training and torch.is_grad_enabled():
+        from ktransfer import prefixes
+
+        out = prefixes.compute_loss(run, batch, num_tokens, model=model)
+        if out is not None:  # None: a `mixed` batch whose coin kept the reference prefix
+            return out
+    keys = ("input_ids", "attention_mask") if run.causal else ("input_ids", "attention_mask", "decoder_input_ids")
+    inputs, labels = {k: batch[k] for k in keys}, batch["labels"]
+    if run.causal:  # logits only from the first scored column on: the prompt before it is never scored
+        inputs["logits_to_keep"], labels = causal_lib.scored_window(labels)
+    extra = {"support": ob.support} if ob.support is not None else {}
+    if run.cfg.train.fused_head:  # logits never materialised (ktransfer.fused_linear); checked in setup
+        from ktransfer.fused_linear import fused_model_loss
+
+        with _autocast(run):
+            return fused_model_loss(run.model if model is None else model, run.teacher, inputs, labels,
+                                    objective=ob.objective, lam=ob.lam, top_k=ob.top_k, temperature=ob.temperature,
+                                    label_smoothing=ob.label_smoothing, num_tokens=num_tokens, beta=ob.beta,
+                                    alpha=ob.alpha, renormalize=ob.renormalize, **extra)
     with _autocast(run):
         logits = (run.model if model is None else model)(**inputs, use_cache=False).logits  # (B, T, V)
         teacher_logits = None
-        if run.teacher is not None:
+        if run.teacher_cache is not None and "example_index" in batch:  # training batch: the cached teacher
+            teacher_logits = run.teacher_cache.teacher_logits(batch["example_index"], batch["labels"].shape[1],
+                                                              device=logits.device)
+        elif run.teacher is not None:
             with torch.no_grad():
                 teacher_logits = run.teacher(**inputs, use_cache=False).logits  # (B, T, V)
-    extra = {"support": ob.support} if ob.support is not None else {}
-    return transfer_loss(logits, teacher_logits, batch["labels"], objective=ob.objective, lam=ob.lam,
+    if run.causal:  # logits over the tokenizer's ids only (embedding padding rows, e.g. 32064 vs 32000, dropped)
+        logits, teacher_logits = causal_lib.shared_logits(logits, teacher_logits, run.tokenizer.vocab_size)
+    return transfer_loss(logits, teacher_logits, labels, objective=ob.objective, lam=ob.lam,
                          top_k=ob.top_k, temperature=ob.temperature, label_smoothing=ob.label_smoothing,
                          num_tokens=num_tokens, beta=ob.beta, alpha=ob.alpha, renormalize=ob.renormalize, **extra)
 
@@ -541,7 +613,7 @@ def validate(run: Run) -> dict:
     model, cfg = run.model, run.cfg
     model.eval()
     src, tgt = run.valid_ids
-    sampler = TokenBatchSampler([len(x) for x in src], [len(x) for x in tgt], cfg.data.max_tokens, shuffle=False)
+    sampler = TokenBatchSampler(*_batch_lengths(run.causal, (src, tgt)), cfg.data.max_tokens, shuffle=False)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
     for idx in distributed.shard(sampler.epoch_batches(0)):  # several processes: each takes a share of batches
         batch = collate_batch(run, run.valid_ids, idx)
@@ -631,9 +703,30 @@ def _stop_for_signal(run: Run) -> None:
 def collate_batch(run: Run, ids, idx: list[int]) -> dict:
     """The padded tensors (``collate``) of examples ``idx`` of ``ids`` = (source ids, target ids), on the device."""
     src, tgt = ids
-    batch = collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id,
-                    run.model.config.decoder_start_token_id)
+    if run.causal:  # (prompt ids, response ids): one right-padded sequence a row, labels already shifted
+        batch = causal_lib.collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id)
+    else:
+        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id,
+                        run.model.config.decoder_start_token_id)
     return {k: v.to(run.device) for k, v in batch.items()}
+
+
+def _batch_lengths(causal: bool, ids) -> tuple[list[int], list[int]]:
+    """Per-example lengths for ``TokenBatchSampler``: (source, target); causal: prompt + response on both sides."""
+    src, tgt = ids
+    if causal:
+        total = [len(p) + len(r) for p, r in zip(src, tgt, strict=True)]
+        return total, total
+    return [len(x) for x in src], [len(x) for x in tgt]
+
+
+def _training_batch(run: Run, idx: list[int]) -> dict:
+    """``collate_batch`` of training examples ``idx``; with a teacher cache also ``example_index`` [B] (CPU), the
+    keys of the cached teacher rows that ``compute_loss`` reads instead of running the teacher."""
+    batch = collate_batch(run, run.train_ids, idx)
+    if run.teacher_cache is not None:
+        batch["example_index"] = torch.as_tensor(idx, dtype=torch.long)
+    return batch
 
 
 def _autocast(run: Run):

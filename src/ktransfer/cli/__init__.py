@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "translate": ("ktransfer.cli.translate", "translate stdin to stdout with a trained model"),
     "reproduce": ("ktransfer.cli.reproduce", "the paper's experiment as resumable stages, with analyses and report"),
     "report": ("ktransfer.cli.report", "rebuild the report (tables, figures) of a `reproduce` run folder"),
+    "distill-data": ("ktransfer.cli.distill_data", "sequence-level KD data: the teacher's translations of a split"),
 }
 
 DESCRIPTION = """\

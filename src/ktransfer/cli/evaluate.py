@@ -12,8 +12,12 @@ examples:
   ktransfer evaluate runs/kd/checkpoints/last --split valid --beam 4 --length-penalty 0.6
   ktransfer evaluate runs/ka --src test.de --ref test.en --out results/ka
 
+  torchrun --nproc_per_node 8 -m ktransfer evaluate runs/ka --split test2016 --device cuda
+
 CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Hypotheses go to
 OUT/hyp.SPLIT.TGT and the scores to OUT/scores.SPLIT.json (OUT defaults to RUN/eval/CHECKPOINT_NAME).
+Under torchrun each process beam-searches a contiguous share of the sentences (--device cuda: GPU LOCAL_RANK);
+rank 0 alone scores, prints and writes, with the same hypotheses and scores as one process.
 """
 
 
@@ -42,13 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="most target tokens per sentence, </s> included; capped by the model's positions "
                           "(default: 256)")
     dec.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
-    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...; under torchrun cuda means GPU "
+                                                     "LOCAL_RANK (default: cpu)")
     parser.add_argument("--out", default=None, metavar="DIR", help="folder for hyp.SPLIT.LANG and scores.SPLIT.json")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ktransfer import distributed
     from ktransfer.data import CorpusError
     from ktransfer.evaluate import evaluate, format_result
 
@@ -66,7 +72,15 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     except (FileNotFoundError, CorpusError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
+    if distributed.launch_rank() == 0:  # torchrun: rank 0 alone prints (evaluate() has left the group by now)
+        print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
     return 0
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` under torchrun with several processes (each rank reports its own error), else nothing."""
+    import os
+
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

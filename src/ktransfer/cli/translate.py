@@ -12,8 +12,15 @@ examples:
   ktransfer translate runs/teacher < test.de > test.hyp.en
   echo "Ein Mann fährt Fahrrad." | ktransfer translate runs/teacher/checkpoints/best --beam 4
 
+  torchrun --nproc_per_node 8 -m ktransfer translate runs/teacher --device cuda -i test.de -o test.hyp.en
+
 CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Lines are read in chunks,
 sorted by length into batches and written back in input order; an empty line gives an empty line.
+
+Under torchrun, rank 0 alone reads the input (stdin or -i FILE), chunk by chunk, and broadcasts each chunk; every
+process translates a contiguous share of it (--device cuda: GPU LOCAL_RANK) and rank 0 writes all of it, in input
+order, to stdout or -o FILE. The other processes neither read nor write (the workers share torchrun's stdin, so
+reading it from several would split the lines among them). The output is that of one process.
 """
 
 
@@ -32,12 +39,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, metavar="N",
                         help="lines read before translating and writing (default: 16 x batch size); output is "
                              "flushed after each chunk")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...; under torchrun cuda means GPU "
+                                                        "LOCAL_RANK (default: cpu)")
     parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer.evaluate import DecodeSettings, resolve_checkpoint, translate
+    from ktransfer import distributed
+    from ktransfer.evaluate import DecodeSettings, resolve_checkpoint
+
+    try:
+        DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
+        chunk = args.chunk if args.chunk is not None else 16 * args.batch_size
+        if args.batch_size < 1 or chunk < 1:
+            raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        return 1
+    with distributed.session(args.device):  # torchrun: joins the group (a no-op for one process)
+        return _translate(args, checkpoint, chunk)
+
+
+def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
+    from ktransfer import distributed
+    from ktransfer.checkpoint import load_model
+    from ktransfer.evaluate import rank_device, translate_sharded
 
     try:
         from ktransfer.checkpoint import CheckpointError
@@ -45,35 +72,47 @@ def run(args: argparse.Namespace) -> int:
         CheckpointError = RuntimeError  # noqa: N806
 
     try:
-        DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
-        chunk = args.chunk if args.chunk is not None else 16 * args.batch_size
-        if args.batch_size < 1 or chunk < 1:
-            raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
-        from ktransfer.checkpoint import load_model
-
-        model, tokenizer = load_model(resolve_checkpoint(args.checkpoint), device=args.device)
+        model, tokenizer = load_model(checkpoint, device=rank_device(args.device))
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 1
 
-    # UTF-8 whatever the locale; lines end at "\n" only (a stray "\r" inside a line keeps the alignment).
-    src = _stdio(sys.stdin, "r") if args.input == "-" else open(args.input, encoding="utf-8", errors="replace",
-                                                              newline="\n")
-    dst = _stdio(sys.stdout, "w") if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    # Rank 0 alone opens the input and the output; the other ranks get each chunk from it (broadcast).
+    main, src, dst, status = distributed.is_main(), None, None, 0
+    if main:
+        try:
+            # UTF-8 whatever the locale; lines end at "\n" only (a stray "\r" inside a line keeps the alignment).
+            src = _stdio(sys.stdin, "r") if args.input == "-" else open(args.input, encoding="utf-8",
+                                                                      errors="replace", newline="\n")
+            dst = _stdio(sys.stdout, "w") if args.output == "-" else open(args.output, "w", encoding="utf-8")
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1  # the empty chunk broadcast below stops the other ranks too
     try:
-        lines = (line.rstrip("\r\n") for line in src)
-        while batch := list(islice(lines, chunk)):
-            for hyp in translate(model, tokenizer, batch, beam=args.beam, length_penalty=args.length_penalty,
-                                 max_length=args.max_length, batch_size=args.batch_size, progress=args.progress):
-                dst.write(hyp + "\n")
-            dst.flush()
+        lines = (line.rstrip("\r\n") for line in src) if status == 0 and src is not None else iter(())
+        while batch := distributed.broadcast(list(islice(lines, chunk)) if main else None):
+            hypotheses = translate_sharded(model, tokenizer, batch, beam=args.beam,
+                                           length_penalty=args.length_penalty, max_length=args.max_length,
+                                           batch_size=args.batch_size, progress=args.progress)
+            if main:
+                dst.writelines(hyp + "\n" for hyp in hypotheses)
+                dst.flush()
     finally:
         for stream, name, std in ((src, args.input, sys.stdin), (dst, args.output, sys.stdout)):
+            if stream is None:
+                continue
             if name != "-":
                 stream.close()
             elif stream is not std:
                 stream.detach()  # flushes; our UTF-8 wrapper goes, sys.stdin / sys.stdout stay open
-    return 0
+    return status
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` under torchrun with several processes (each rank reports its own error), else nothing."""
+    import os
+
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _stdio(stream, mode: str):

@@ -1,0 +1,66 @@
+"""``ktransfer distill-data``: sequence-level KD data: the teacher's beam-search translations of the training source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples:
+  ktransfer distill-data runs/teacher --out data/multi30k-seqkd --beam 5
+  ktransfer train data.corpus=data/multi30k-seqkd model.init=runs/learner/checkpoints/best
+  ktransfer distill-data runs/teacher/checkpoints/best --out /tmp/seqkd-small --limit 1000 --beam 1
+
+TEACHER is a checkpoint folder or a run folder (its checkpoints/best is used). OUT becomes a complete corpus:
+SPLIT.SRC (the source lines, unchanged), SPLIT.TGT (the teacher's translations, line-aligned), the other splits of
+the corpus copied unchanged, and the manifest OUT/.seqkd.json. The work is done in .OUT.partial beside OUT in chunks
+of --chunk-lines lines; the same command, run again after a kill, translates only what is missing. Training on OUT
+(data.corpus=OUT) is sequence-level KD (Kim & Rush 2016), the `teacher` prefix source of docs/design.md.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("teacher", metavar="TEACHER", help="teacher checkpoint folder, or run folder (uses "
+                                                           "RUN/checkpoints/best)")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="the new corpus folder (must not exist, "
+                                                                       "unless it is this command's finished output)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--corpus", default=None, help="corpus name under $KTRANSFER_DATA or path (default: the "
+                                                     "teacher's training corpus)")
+    data.add_argument("--split", default="train", help="split to translate; the others are copied (default: train)")
+    data.add_argument("--src-lang", default=None, help="source language (default: the teacher run's data.src_lang)")
+    data.add_argument("--tgt-lang", default=None, help="target language (default: the teacher run's data.tgt_lang)")
+    data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N lines of the split")
+    dec = parser.add_argument_group("decoding")
+    dec.add_argument("--beam", type=int, default=5, help="beam width; 1 = greedy (default: 5)")
+    dec.add_argument("--length-penalty", type=float, default=1.0, help="length normalisation exponent (default: 1.0)")
+    dec.add_argument("--max-length", type=int, default=None, metavar="N",
+                     help="most target tokens per sentence (default: the teacher run's eval.max_length)")
+    dec.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
+    dec.add_argument("--chunk-lines", type=int, default=1000, metavar="N",
+                     help="lines per resumable chunk, written as it finishes (default: 1000)")
+    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ktransfer.checkpoint import CheckpointError
+    from ktransfer.data import CorpusError
+    from ktransfer.seqkd import distill_corpus
+
+    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    try:
+        manifest = distill_corpus(
+            args.teacher, args.out, corpus=args.corpus, split=args.split, src_lang=args.src_lang,
+            tgt_lang=args.tgt_lang, beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length,
+            batch_size=args.batch_size, limit=args.limit, chunk_lines=args.chunk_lines, device=args.device,
+            progress=not args.no_progress, log=log)
+    except (FileNotFoundError, FileExistsError, CorpusError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return 0

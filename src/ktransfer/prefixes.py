@@ -1,0 +1,289 @@
+"""Where the learner's prefixes come from: the reference (the paper), the learner's own samples, or a mix of both.
+
+The paper's objective conditions both models on the reference prefix y_<t at every position. With
+``objective.prefix=learner`` the divergence is computed on prefixes the learner itself sampled (on-policy
+distillation, as in GKD, Agarwal et al. 2024), with ``mixed`` on the learner's samples for a fraction of the batches:
+
+    loss = (1 - lam) * NLL(y | x)  +  lam * D(p, q; x, y~),      y~ ~ p(. | x) sampled without gradient
+
+    NLL(y | x)       = (1 / n_ref) * sum_{t <= |y|}  -log p(y_t | y_<t, x)                 reference tokens
+    D(p, q; x, y~)   = (1 / n_smp) * sum_{t <= |y~|} D(p(. | y~_<t, x), q(. | y~_<t, x))  sampled tokens
+
+``|y~|`` counts the sampled tokens up to and including the first ``</s>`` (all of them when a sample reaches the
+length limit without one); the NLL stays on the reference (there is no "right answer" for a sample), and the
+divergence is on sampled positions only (no NLL on samples).
+
+Normalisation rule. Each term is a token mean over its own tokens: the NLL over the reference tokens of the batch,
+the divergence over the sampled tokens of the batch. With gradient accumulation or several processes, ``train_step``
+passes ``num_tokens`` = N, the reference tokens of all micro-batches; then a micro-batch b with n_b reference tokens
+contributes ``(1 - lam) * sum_b NLL / N + lam * (n_b / N) * D_b``, where D_b is its divergence mean over its own
+sampled tokens: each micro-batch's divergence is weighted by its share of reference tokens, the weight its NLL
+term has. With one micro-batch this is exactly the formula above. (The sampled-token count of the other
+micro-batches is not known when one is processed, so a global sampled-token mean is not available.)
+
+Sampling (``sample``): ``model.generate(do_sample=True)`` with the learner in eval mode (no dropout; its mode is
+restored afterwards) under ``torch.no_grad``: the sampled ids are integer leaves, nothing is differentiated through
+them. Temperature and top-p shape the sampling distribution; ``<pad>`` (the decoder's start symbol) is never sampled,
+and generation's default top-k of 50 is switched off. Randomness: transformers' ``generate`` draws from the global
+RNG and takes no ``torch.Generator``, so the sampler forks the RNG (``torch.random.fork_rng``) and seeds it inside;
+the seed and the ``mixed`` coin come from a ``torch.Generator`` seeded by (train.seed, step, the batch's source ids).
+Nothing else's random stream moves, and a resumed run draws the same samples as an uninterrupted one.
+
+Validation keeps the reference prefix, so validation numbers stay comparable across prefix sources. Sequence-level KD
+(Kim & Rush 2016: the teacher's beam-search outputs as the training targets) is the third prefix source; it is a
+corpus, built once by ``ktransfer distill-data`` (``ktransfer.seqkd``) and used with ``data.corpus=FOLDER``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from ktransfer.objectives import TransferLoss, transfer_loss
+
+IGNORE_INDEX = -100
+PREFIXES = ("reference", "learner", "mixed")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How prefixes are sampled from the learner.
+
+    Attributes:
+        temperature: divides the learner's logits before sampling (> 0).
+        top_p: nucleus sampling mass (0 < top_p <= 1; 1 = the full distribution).
+        max_new_tokens: most tokens sampled per sentence, ``</s>`` included (capped by the model's positions).
+        seed: seeds the RNG the sampler forks (``generator``: a ``torch.Generator`` seeded with it, for samplers that
+            draw their own seed, e.g. ``ktransfer.causal.on_policy_batch``).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A new CPU ``torch.Generator`` seeded with ``seed``."""
+        return torch.Generator().manual_seed(self.seed)
+
+    @classmethod
+    def from_config(cls, cfg, seed: int = 0) -> SampleSettings:
+        """The settings of a ``RunConfig`` (``objective.sample_*``; the length defaults to ``eval.max_length``)."""
+        ob = cfg.objective
+        return cls(temperature=ob.sample_temperature, top_p=ob.sample_top_p,
+                   max_new_tokens=ob.sample_max_length or cfg.eval.max_length, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Randomness
+# --------------------------------------------------------------------------------------------------------------
+def batch_generator(train_seed: int, step: int, input_ids: torch.Tensor) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from (``train_seed``, ``step``, the batch's source ids ``[B, S]``).
+
+    The source ids tell apart the micro-batches of one step (accumulation, several processes) and a batch retried
+    after a skipped non-finite step; the same batch at the same step of a resumed run gets the same generator.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{int(train_seed)}:{int(step)}:{tuple(input_ids.shape)}:".encode())
+    h.update(input_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") >> 1)
+
+
+def draw(generator: torch.Generator, prefix: str, on_policy_fraction: float) -> tuple[bool, int]:
+    """``(use the learner's samples?, sampling seed)``: one Bernoulli(on_policy_fraction) coin (always drawn, so
+    that ``mixed`` at fraction 1 samples what ``learner`` samples), then the seed; ``prefix`` decides what the coin
+    means (``learner``: always True, ``reference``: always False)."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown prefix {prefix!r}; valid: {', '.join(PREFIXES)}")
+    coin = float(torch.rand((), generator=generator)) < on_policy_fraction
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return {"reference": False, "learner": True, "mixed": coin}[prefix], seed
+
+
+@contextlib.contextmanager
+def _seeded_fork(device: torch.device, seed: int):
+    """Run the body with the global RNG of the CPU (and of ``device`` if it is a GPU) seeded to ``seed``; the states
+    from before are restored on exit."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.default_generators[devices[0]].manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling and the on-policy batch
+# --------------------------------------------------------------------------------------------------------------
+def _special_ids(model) -> tuple[int, int, int]:
+    c = model.config
+    pad, eos = c.pad_token_id, c.eos_token_id
+    start = getattr(c, "decoder_start_token_id", None)
+    return int(pad), int(eos), int(pad if start is None else start)
+
+
+def generation_config(model, settings: SampleSettings):
+    """The ``GenerationConfig`` of ``sample``: plain ancestral sampling at ``settings`` (no top-k, no beams),
+    ``<pad>`` suppressed, at most ``max_new_tokens`` (capped so that every decoder position exists)."""
+    from transformers import GenerationConfig
+
+    pad, eos, start = _special_ids(model)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    max_new = min(settings.max_new_tokens, positions - 1) if positions else settings.max_new_tokens
+    return GenerationConfig(do_sample=True, num_beams=1, temperature=float(settings.temperature),
+                            top_p=float(settings.top_p), top_k=0, max_new_tokens=max_new, pad_token_id=pad,
+                            eos_token_id=eos, decoder_start_token_id=start, suppress_tokens=[pad])
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
+    """Target sequences sampled from ``model`` for the sources ``input_ids`` ``[B, S]``; returns ``[B, 1 + T]``:
+    the decoder start symbol, then the sampled tokens, ``<pad>`` after each sample's first ``</s>``.
+
+    Equal to ``torch.manual_seed(settings.seed); model.eval(); model.generate(..., generation_config=
+    generation_config(model, settings))``, but the global RNG and the model's mode are left as they were.
+    """
+    gen = generation_config(model, settings)
+    was_training, saved = model.training, model.generation_config
+    model.eval()
+    model.generation_config = gen  # keep the checkpoint's own settings (beams, min_length, ...) out of the call
+    try:
+        with _seeded_fork(input_ids.device, settings.seed):
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
+    finally:
+        model.generation_config = saved
+        model.train(was_training)
+
+
+def sampled_batch(generated: torch.Tensor, eos_id: int) -> dict:
+    """``decoder_input_ids`` and ``labels`` ``[B, T]`` of ``generated`` ``[B, 1 + T]`` (start + sampled tokens):
+    ``decoder_input_ids = generated[:, :-1]``, ``labels = generated[:, 1:]`` with -100 after each row's first
+    ``</s>`` (the ``</s>`` itself is a label; a row without one keeps all its tokens)."""
+    tokens = generated[:, 1:]
+    is_eos = (tokens == eos_id).long()
+    after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first </s>
+    return {"decoder_input_ids": generated[:, :-1].clone(), "labels": tokens.masked_fill(after, IGNORE_INDEX)}
+
+
+def on_policy_batch(model, batch: dict, settings: SampleSettings) -> dict:
+    """The on-policy version of a reference ``batch`` (``train.collate_batch`` output): the same sources
+    (``input_ids``, ``attention_mask``), with ``decoder_input_ids`` = start + the learner's samples and ``labels`` =
+    the sampled tokens (-100 after each sample's first ``</s>``); all int64 leaves on the batch's device."""
+    generated = sample(model, batch["input_ids"], batch["attention_mask"], settings)
+    _, eos, _ = _special_ids(model)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            **sampled_batch(generated, eos)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------------------
+_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # model inputs (seq2seq or causal), labels
+
+
+def _stack(a: dict, b: dict, pad_id: int) -> dict:
+    """Rows of ``a`` then rows of ``b`` for the keys of ``b`` among ``_KEYS``, each right-padded to the longer of
+    the two (labels with -100, attention masks with 0, ids with ``pad_id``)."""
+    out = {}
+    for key in (k for k in _KEYS if k in b):
+        x, y = a[key], b[key]
+        fill = IGNORE_INDEX if key == "labels" else 0 if key.endswith("attention_mask") else pad_id
+        width = max(x.shape[1], y.shape[1])
+        x, y = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in (x, y))
+        out[key] = torch.cat([x, y], dim=0)
+    return out
+
+
+def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *, num_tokens: int | None = None,
+                   autocast=None, vocab_size: int | None = None) -> TransferLoss:
+    """``(1 - lam) * NLL(reference) + lam * D(sampled)``, normalised as the module docstring says.
+
+    One forward pass of ``model`` over the reference and sampled rows stacked (so DDP sees one forward per
+    backward), one of the frozen ``teacher`` over the sampled rows under ``torch.no_grad``.
+
+    Args:
+        model: the learner (or its DDP wrapper); teacher: the frozen teacher.
+        reference, sampled: batches with the same sources: ``labels`` ``[B, T]`` and ``[B, T']``, -100 = not
+            counted; every other key is a model input.
+        objective: ``cfg.objective`` (objective, lam, top_k, temperature, label_smoothing, support, beta, alpha,
+            renormalize).
+        num_tokens: reference tokens of all micro-batches (accumulation, several processes); None = this batch's.
+        autocast: context manager around the forward passes (bf16), default none.
+        vocab_size: keep only the first ``vocab_size`` logits of both models (causal LMs with padded embeddings).
+
+    Returns:
+        ``TransferLoss``: ``loss``; ``nll`` = the reference NLL sum / N; ``divergence`` = (n_b / N) * D_b (summed
+        over micro-batches by ``train_step``, the reference-token-weighted mean of the D_b); ``num_tokens`` = N.
+    """
+    ob = objective
+    pad_id = int(getattr(getattr(model, "module", model).config, "pad_token_id", 0) or 0)
+    B, T_ref, T_smp = reference["labels"].shape[0], reference["labels"].shape[1], sampled["labels"].shape[1]
+    both = _stack(reference, sampled, pad_id)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        logits = model(**{k: v for k, v in both.items() if k != "labels"}, use_cache=False).logits  # (2B, T, V)
+        with torch.no_grad():
+            teacher_logits = teacher(**{k: sampled[k] for k in _KEYS[:3] if k in sampled},
+                                     use_cache=False).logits  # (B, T', V)
+    if vocab_size is not None:
+        logits, teacher_logits = logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    nll = transfer_loss(logits[:B, :T_ref], None, reference["labels"], objective="nll",
+                        label_smoothing=ob.label_smoothing, num_tokens=num_tokens)
+    extra = {"support": ob.support} if ob.support is not None else {}
+    div = transfer_loss(logits[B:, :T_smp], teacher_logits, sampled["labels"], objective=ob.objective, lam=1.0,
+                        top_k=ob.top_k, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
+                        renormalize=ob.renormalize, **extra)  # mean over this batch's sampled tokens
+    n_ref = int((reference["labels"] != IGNORE_INDEX).sum())
+    weight = n_ref / num_tokens if num_tokens else 1.0  # this micro-batch's share of the reference tokens
+    loss = (1.0 - ob.lam) * nll.loss + (ob.lam * weight) * div.loss
+    return TransferLoss(loss=loss, nll=nll.nll, divergence=div.divergence * weight, num_tokens=nll.num_tokens)
+
+
+def compute_loss(run, batch: dict, num_tokens: int | None = None, *, model=None) -> TransferLoss | None:
+    """``train.compute_loss`` for ``objective.prefix`` learner / mixed on a training batch; None when this batch
+    keeps the reference prefix (a ``mixed`` coin that came up "reference").
+
+    Draws from ``batch_generator(train.seed, state.step, input_ids)``; samples with the unwrapped learner
+    ``run.model``; ``model`` (default ``run.model``, the DDP wrapper in ``train_step``) runs the training forward.
+    A causal LM (``run.causal``) gets its on-policy batch from ``ktransfer.causal.on_policy_batch(run, batch,
+    settings)``.
+    """
+    cfg = run.cfg
+    ob = cfg.objective
+    if run.teacher is None:
+        raise ValueError(f"objective.prefix={ob.prefix!r} needs a teacher (objective.objective={ob.objective!r})")
+    use_learner, seed = draw(batch_generator(cfg.train.seed, run.state.step, batch["input_ids"]), ob.prefix,
+                             ob.on_policy_fraction)
+    if not use_learner:
+        return None
+    settings = SampleSettings.from_config(cfg, seed=seed)
+    if getattr(run, "causal", False):
+        try:
+            from ktransfer import causal
+        except ImportError:
+            causal = None
+        make = getattr(causal, "on_policy_batch", None)
+        if make is None:
+            raise NotImplementedError(
+                f"objective.prefix={ob.prefix!r} with a causal LM needs ktransfer.causal.on_policy_batch, which this "
+                "version lacks; use objective.prefix=reference")
+        sampled = make(run, batch, settings)
+    else:
+        sampled = on_policy_batch(run.model, batch, settings)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    return on_policy_loss(run.model if model is None else model, run.teacher, batch, sampled, ob,
+                          num_tokens=num_tokens, autocast=autocast,
+                          vocab_size=run.tokenizer.vocab_size if getattr(run, "causal", False) else None)
+

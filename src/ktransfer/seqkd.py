@@ -1,0 +1,198 @@
+"""Sequence-level knowledge distillation (Kim & Rush 2016): the teacher's beam-search translations become the targets.
+
+The third prefix source, beside the reference and the learner's own samples (``ktransfer.prefixes``): the learner is
+trained on ``(x, y^)`` with ``y^ = beam_search(q, x)`` the teacher's translation of the training source, so both NLL
+and the divergence see the teacher's outputs as prefixes. The translation is done once, into a corpus folder in the
+standard layout, and training uses it as any corpus::
+
+    ktransfer distill-data runs/teacher --out data/multi30k-seqkd --beam 5
+    ktransfer train data.corpus=data/multi30k-seqkd objective.objective=kd model.teacher=runs/teacher/checkpoints/best
+
+The folder holds ``SPLIT.SRC`` (the source lines of the corpus, unchanged), ``SPLIT.TGT`` (the teacher's
+translations, line-aligned), the corpus's other splits copied unchanged (validation and test keep their human
+references) and ``.seqkd.json``, the manifest (teacher, corpus, decode settings and signature, counts). The name is
+hidden so that ``ktransfer.data.corpus_layout`` does not read it as a ``SPLIT.LANG`` file.
+
+Robustness: the work happens in ``.FOLDER.partial`` beside the destination, which is renamed into place only once it is
+complete. Sources are translated in chunks of ``chunk_lines`` lines, each written (atomically) as it finishes; a
+killed run started again with the same settings translates only the chunks it lacks. Settings that differ from those
+of a partial or finished folder are an error that names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ktransfer.data import corpus_layout, read_split, resolve_corpus
+from ktransfer.evaluate import DecodeSettings, resolve_checkpoint, translate
+
+MANIFEST = ".seqkd.json"
+_WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _one_line(text: str) -> str:
+    """A hypothesis as one corpus line (``read_lines`` splits on newlines and strips each line)."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+
+
+def _differences(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k))
+
+
+def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus: str | os.PathLike | None = None,
+                   split: str = "train", src_lang: str | None = None, tgt_lang: str | None = None, beam: int = 5,
+                   length_penalty: float = 1.0, max_length: int | None = None, batch_size: int = 64,
+                   limit: int | None = None, chunk_lines: int = 1000, device: str = "cpu", progress: bool = False,
+                   log: Callable[[str], object] = print) -> dict:
+    """Translate ``split`` of a corpus with ``teacher`` (beam search, ``ktransfer.evaluate.translate``) into a new
+    corpus folder ``out`` (see the module docstring); returns its manifest.
+
+    Args:
+        teacher: checkpoint folder, or run folder (its ``checkpoints/best``).
+        corpus, src_lang, tgt_lang: the corpus to translate; default: the teacher's training corpus and languages.
+        split: the split translated (the others are copied).
+        beam, length_penalty, max_length: decode settings (``max_length`` default: the teacher run's
+            ``eval.max_length``, else 256).
+        batch_size: sentences per ``generate()`` call (does not change the output).
+        limit: translate only the first N lines of the split.
+        chunk_lines: lines per resumable chunk.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``teacher``. FileExistsError: ``out`` exists and is not this job's
+        finished corpus. ValueError: bad settings, or a partial folder made with other settings. CorpusError: the
+        corpus is missing or malformed.
+    """
+    from ktransfer.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if not isinstance(chunk_lines, int) or chunk_lines < 1:
+        raise ValueError(f"chunk_lines must be an integer >= 1, got {chunk_lines!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 or None, got {limit!r}")
+    ckpt_path = resolve_checkpoint(teacher)
+    ckpt = load_checkpoint(ckpt_path, with_optimizer=False)
+    run_cfg = ckpt.config if isinstance(ckpt.config, dict) else {}
+    data_cfg, eval_cfg = run_cfg.get("data") or {}, run_cfg.get("eval") or {}
+    corpus = corpus if corpus is not None else data_cfg.get("corpus")
+    if corpus is None:
+        raise ValueError(f"{ckpt_path}: the checkpoint names no training corpus; pass corpus=")
+    src_lang = src_lang or data_cfg.get("src_lang")
+    tgt_lang = tgt_lang or data_cfg.get("tgt_lang")
+    if not src_lang or not tgt_lang:
+        raise ValueError(f"{ckpt_path}: the checkpoint names no languages; pass src_lang= and tgt_lang=")
+    max_length = int(max_length or eval_cfg.get("max_length") or 256)
+    decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
+    folder = resolve_corpus(corpus).resolve()
+    sources = [s for s, _ in read_split(folder, split, src_lang, tgt_lang)][:limit]
+    job = {
+        "teacher": str(ckpt_path.resolve()),
+        "teacher_state_sha256": hashlib.sha256((ckpt_path / "state.json").read_bytes()).hexdigest()
+        if (ckpt_path / "state.json").is_file() else None,
+        "corpus": str(folder), "split": split, "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "beam": decode.beam, "length_penalty": float(decode.length_penalty), "max_length": decode.max_length,
+        "limit": limit, "lines": len(sources), "chunk_lines": chunk_lines,
+        "source_sha256": hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest(),
+    }
+
+    out = Path(out).expanduser()
+    if out.exists():
+        return _finished(out, job, log)
+    work = out.parent / f".{out.name}.partial"
+    chunks = work / _WORK
+    if (chunks / "job.json").is_file():
+        saved = json.loads((chunks / "job.json").read_text(encoding="utf-8"))
+        if saved != job:
+            raise ValueError(f"{work} holds a partial seq-KD corpus made with other settings "
+                             f"({_differences(saved, job)}); run with the same settings to resume it, or delete {work}")
+    else:
+        if work.exists():
+            shutil.rmtree(work)  # a partial folder from before its job was written: nothing in it to keep
+        chunks.mkdir(parents=True)
+        _write_atomic(chunks / "job.json", json.dumps(job, indent=2, ensure_ascii=False))
+
+    starts = range(0, len(sources), chunk_lines)
+    done = {k for k in starts if _read_chunk(chunks, k, min(chunk_lines, len(sources) - k)) is not None}
+    t0 = time.time()
+    if done:
+        log(f"resuming {work}: {len(done)} of {len(starts)} chunks already translated")
+    todo = [k for k in starts if k not in done]
+    if todo:
+        from tqdm import tqdm
+
+        model = model_from_checkpoint(ckpt, device=device)
+        tokenizer = ckpt.tokenizer
+        done_lines = sum(min(chunk_lines, len(sources) - k) for k in done)
+        with tqdm(total=len(sources), initial=done_lines, unit="sent", desc="distill-data", file=sys.stderr,
+                  dynamic_ncols=True, disable=not progress) as bar:
+            for k in todo:
+                part = sources[k:k + chunk_lines]
+                hyps = translate(model, tokenizer, part, beam=decode.beam, length_penalty=decode.length_penalty,
+                                 max_length=decode.max_length, batch_size=batch_size)
+                _write_atomic(chunks / f"{k:010d}.json", json.dumps([_one_line(h) for h in hyps], ensure_ascii=False))
+                bar.update(len(part))
+    hyps = [h for k in starts for h in _read_chunk(chunks, k, min(chunk_lines, len(sources) - k))]
+
+    # assemble the corpus in the partial folder, then rename it into place
+    _write_atomic(work / f"{split}.{src_lang}", "".join(s + "\n" for s in sources))
+    _write_atomic(work / f"{split}.{tgt_lang}", "".join(h + "\n" for h in hyps))
+    copied = []
+    for other, langs in sorted(corpus_layout(folder).items()):
+        if other != split and src_lang in langs and tgt_lang in langs:
+            for lang in (src_lang, tgt_lang):
+                shutil.copyfile(folder / f"{other}.{lang}", work / f"{other}.{lang}")
+            copied.append(other)
+    manifest = {
+        "kind": "seqkd", "job": job, "teacher": job["teacher"], "corpus": job["corpus"], "split": split,
+        "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
+                   "max_length": decode.max_length, "signature": decode.signature()},
+        "lines": len(sources), "empty_hypotheses": sum(not h for h in hyps), "copied_splits": copied,
+        "seconds_last_session": round(time.time() - t0, 3),
+    }
+    _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    os.replace(work, out)
+    shutil.rmtree(out / _WORK, ignore_errors=True)
+    log(f"wrote {out}: {len(sources)} {split} pairs ({src_lang} source, {tgt_lang} = teacher's beam-{decode.beam} "
+        f"translations), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
+    return manifest
+
+
+def _read_chunk(chunks: Path, start: int, n: int) -> list[str] | None:
+    """The translations of chunk ``start`` if it is complete (``n`` lines), else None."""
+    path = chunks / f"{start:010d}.json"
+    try:
+        lines = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return lines if isinstance(lines, list) and len(lines) == n and all(isinstance(x, str) for x in lines) else None
+
+
+def _finished(out: Path, job: dict, log) -> dict:
+    """``out`` exists: its manifest when it is this job's finished corpus, else FileExistsError."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise FileExistsError(f"{out} exists and is not a seq-KD corpus (no {MANIFEST}); choose another folder") \
+            from None
+    if manifest.get("job") != job:
+        raise FileExistsError(f"{out} holds a seq-KD corpus made with other settings "
+                              f"({_differences(manifest.get('job') or {}, job)}); choose another folder")
+    shutil.rmtree(out / _WORK, ignore_errors=True)  # killed between the rename and this clean-up
+    log(f"{out} is complete already (nothing to do)")
+    return manifest

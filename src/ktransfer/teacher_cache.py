@@ -1,0 +1,374 @@
+"""A teacher cache for reference-prefix objectives: one teacher pass over the training data, stored on disk, instead
+of a teacher forward in every step of every epoch.
+
+With reference prefixes (teacher forcing) the teacher sees the same inputs every epoch, only batched differently, so
+its predictions can be computed once. Per target position t of training example i the cache holds, at the training
+temperature T (u = teacher logits, log q = log_softmax(u / T)):
+
+    ids[i, t]   int32 [K]     the teacher's top-K tokens (largest first)
+    logq[i, t]  float [K]     log q of those tokens (float32 by default, see below)
+    lse[i, t]   float32       the log-normaliser logsumexp(u / T), so that u_y / T = logq_y + lse
+
+Exactness. A divergence whose every term lives on the teacher's top-k support (``kd`` = forward_kl with top_k <= K
+and support teacher, which is its default; also skew_forward_kl, and jsd/tvd with ``support=teacher``), with or
+without ``renormalize``, reads q only on those k tokens and the learner's full log-probabilities, so it equals the
+value and gradient with the live teacher up to float32 rounding (``teacher_logits`` below). Anything else needs q off
+the cached ids (``ka`` = reverse_kl reads q on the learner's top-k; full-vocabulary divergences read all of q) and is
+refused. ``teacher_logits`` spreads the residual mass 1 - q(S_K) uniformly over the other V - K tokens; that is an
+approximation wherever q off S_K is read, which only the library-level call may use knowingly.
+
+Storage dtype: float32 by default, because float16 keeps 11 significant bits: a log-probability near -10 is off by
+up to 2**-7 (q off by 0.4 %), which breaks the "exact up to float32 rounding" contract. ``dtype=torch.float16`` halves
+that part of the file for a stated error (tests/test_teacher_cache.py measures it).
+
+On disk (a folder)::
+
+    manifest.json               format, K, T, dtype, the teacher checkpoint's digest and path, the tokenizer's
+                                digest, data settings and a digest of the encoded training ids; written last
+    shard-00000.safetensors     offsets int64 [n + 1] (positions of the shard's examples), ids, logq, lse
+    ...
+
+Rows are keyed by example index (the order of ``encode_pairs``'s output) and position, so any batching or shuffling
+reads the right rows. A manifest that does not match the run (another teacher, tokenizer, data, temperature, bf16,
+or K < top_k) is refused with the differing keys named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+FORMAT = "ktransfer-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# residual mass below this (float rounding can make 1 - q(S_K) <= 0) is raised to it: q off S_K stays finite
+MIN_RESIDUAL = 1e-30
+# manifest keys recorded for the reader but not compared on their own: the digests of the teacher's weights, the
+# tokenizer and the encoded training ids decide whether a cache is stale
+INFO_KEYS = ("teacher_path", "corpus", "train", "src_lang", "tgt_lang", "train_limit", "max_length")
+
+
+class TeacherCacheError(ValueError):
+    """A cache folder that is missing parts, stale (built for another run) or unusable for an objective."""
+
+
+@dataclass
+class TeacherCache:
+    """A loaded cache: rows ``offsets[i] .. offsets[i+1]`` are the target positions of training example i."""
+
+    path: Path
+    manifest: dict[str, Any]
+    offsets: torch.Tensor  # int64 [n + 1]
+    ids: torch.Tensor  # int32 [P, K]
+    logq: torch.Tensor  # float32 or float16 [P, K]
+    lse: torch.Tensor  # float32 [P]
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def rows(self, example_index: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows ``[B, length]`` of positions 0..length-1 of examples ``example_index`` [B], and a mask of the
+        positions that exist (False past an example's end, where the row is clamped to a valid one)."""
+        index = torch.as_tensor(example_index, dtype=torch.long).reshape(-1)
+        start, end = self.offsets[index], self.offsets[index + 1]
+        pos = start.unsqueeze(-1) + torch.arange(length).unsqueeze(0)
+        valid = pos < end.unsqueeze(-1)
+        return torch.where(valid, pos, start.unsqueeze(-1)), valid
+
+    def teacher_logits(self, example_index: torch.Tensor, length: int, *, device=None) -> torch.Tensor:
+        """Stand-in teacher logits ``[B, length, V]`` (float32) for ``transfer_loss``: u' = T * log q' with
+        q' = q on the cached top-K ids and the residual mass spread uniformly over the other V - K tokens.
+
+        Exact (up to float32 rounding) for divergences on the teacher's top-k support, k <= K; positions past an
+        example's end are 0 (they are padding, labels -100, never read).
+        """
+        rows, valid = self.rows(example_index, length)
+        # only the [B, L, K] rows travel to the device; the [B, L, V] stand-in is built there
+        ids = self.ids[rows].to(device=device, dtype=torch.long)
+        logq = self.logq[rows].to(device=device, dtype=torch.float64)
+        valid = valid.to(device)
+        V, K = self.vocab_size, self.k
+        mass = logq.exp().sum(-1, keepdim=True)  # q(S_K), in float64 so that 1 - q(S_K) keeps its digits
+        residual = ((1.0 - mass).clamp_min(MIN_RESIDUAL) / max(V - K, 1)).log()  # [B, L, 1]
+        # below the least cached log q, so that the top-k of u' are the cached ids even where 1 - q(S_K) is rounding
+        # noise (a very peaked q); the margin survives u' / T in float32
+        least = logq.min(-1, keepdim=True).values
+        residual = torch.minimum(residual, least - 1e-6 * (1.0 + least.abs())).float()
+        out = residual.expand(*rows.shape, V).clone()  # float32 [B, L, V]: the size of the live teacher's logits
+        out.scatter_(-1, ids, logq.float())
+        if self.temperature != 1.0:
+            out.mul_(self.temperature)
+        return out.masked_fill_(~valid.unsqueeze(-1), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which objectives the cache serves
+# --------------------------------------------------------------------------------------------------------------
+def exact_for(objective: str, top_k: int | None, support: str | None, k: int | None = None) -> str | None:
+    """None when ``objective`` with ``top_k``/``support`` reads the teacher only on its top-``top_k`` tokens (so a
+    cache of K >= top_k gives it exactly); else the reason it does not."""
+    from ktransfer.divergences import _terms
+    from ktransfer.objectives import ALIASES
+
+    kind = ALIASES.get(objective, objective)
+    if kind == "nll":
+        return "objective nll uses no teacher"
+    if top_k is None:
+        return (f"objective {objective!r} on the full vocabulary reads the teacher's probability of every token, "
+                "but the cache keeps only its top-K (set objective.top_k)")
+    off = sorted({t.kind for t in _terms(kind, top_k, support) if t.support != "teacher"})
+    if off:
+        return (f"objective {objective!r} reads the teacher on a support other than its own top-k ({', '.join(off)}: "
+                f"support {support or 'default'}), where the cache only has the teacher's top-K; only divergences on "
+                "the teacher's support (kd, skew_forward_kl, or support=teacher) are exact")
+    if k is not None and top_k > k:
+        return f"objective.top_k={top_k} exceeds the cache's K={k}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building, writing and reading
+# --------------------------------------------------------------------------------------------------------------
+def ids_digest(src: list[list[int]], tgt: list[list[int]]) -> str:
+    """sha256 of the encoded training pairs (lengths and ids of both sides, in order)."""
+    h = hashlib.sha256()
+    for rows in (src, tgt):
+        h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
+        h.update(np.asarray([x for r in rows for x in r], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[list[int]], list[list[int]]], *,
+          k: int, temperature: float = 1.0, pad_id: int, decoder_start_id: int, max_tokens: int = 4096,
+          device: torch.device | str = "cpu", bf16: bool = False, dtype: torch.dtype = torch.float32,
+          shard_examples: int = 50_000, key: dict[str, Any] | None = None, log=None) -> TeacherCache:
+    """One teacher pass over ``ids`` = (source ids, target ids); writes the cache folder ``path`` and returns it.
+
+    The teacher runs in eval mode under ``torch.no_grad`` (bf16 autocast with ``bf16``) on length-sorted batches of
+    at most ``max_tokens`` padded tokens per side. ``key``: settings that identify the run (teacher digest,
+    tokenizer, data), stored in the manifest and compared by ``load``. The folder is written under a temporary name
+    and renamed into place, so an interrupted build leaves nothing behind at ``path``.
+    """
+    from ktransfer.data import TokenBatchSampler, collate
+
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    path = Path(path)
+    if path.exists():
+        raise TeacherCacheError(f"{path} already exists; delete it to rebuild the teacher cache")
+    src, tgt = ids
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    was_training = teacher.training
+    teacher.eval()
+    lengths = np.asarray([len(t) for t in tgt], dtype=np.int64)
+    offsets = np.zeros(len(tgt) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    P = int(offsets[-1])
+    all_ids = torch.empty(P, k, dtype=torch.int32)
+    all_logq = torch.empty(P, k, dtype=dtype)
+    all_lse = torch.empty(P, dtype=torch.float32)
+    V = None
+    sampler = TokenBatchSampler([len(s) for s in src], lengths, max_tokens, shuffle=False)
+    for idx in sampler.epoch_batches(0):
+        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_id, decoder_start_id)
+        inputs = {n: batch[n].to(device) for n in ("input_ids", "attention_mask", "decoder_input_ids")}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            u = teacher(**inputs, use_cache=False).logits  # (B, T, V)
+        V = u.shape[-1]
+        if k > V:
+            raise ValueError(f"k={k} exceeds the teacher's vocabulary size {V}")
+        t = u.float()  # what the divergence sweep computes in (float32 from float32 or bf16 logits)
+        t = t if temperature == 1 else t / temperature
+        lse = torch.logsumexp(t, dim=-1)  # (B, T)
+        top = t.topk(k, dim=-1)  # sorted: largest first
+        logq = (top.values - lse.unsqueeze(-1)).cpu()
+        top_ids, lse = top.indices.to(torch.int32).cpu(), lse.cpu()
+        for b, i in enumerate(idx):
+            rows = slice(int(offsets[i]), int(offsets[i + 1]))
+            n = int(lengths[i])
+            all_ids[rows], all_logq[rows], all_lse[rows] = top_ids[b, :n], logq[b, :n].to(dtype), lse[b, :n]
+    teacher.train(was_training)
+    if V is None:
+        raise ValueError("no training examples to cache")
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = []
+    for first in range(0, len(tgt), shard_examples):
+        last = min(first + shard_examples, len(tgt))
+        lo, hi = int(offsets[first]), int(offsets[last])
+        name = f"shard-{len(shards):05d}.safetensors"
+        safetensors.torch.save_file({"offsets": torch.from_numpy(offsets[first:last + 1] - lo),
+                                     "ids": all_ids[lo:hi].contiguous(), "logq": all_logq[lo:hi].contiguous(),
+                                     "lse": all_lse[lo:hi].contiguous()}, tmp / name, metadata={"format": "pt"})
+        shards.append({"file": name, "first_example": first, "num_examples": last - first, "positions": hi - lo,
+                       "sha256": _sha256(tmp / name)})
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "k": k, "temperature": float(temperature),
+                "dtype": next(n for n, d in DTYPES.items() if d == dtype), "bf16": bool(bf16), "vocab_size": V,
+                "num_examples": len(tgt), "positions": P, "key": key or {}, "shards": shards,
+                "build_seconds": round(time.perf_counter() - t0, 3)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    if log is not None:
+        log(f"teacher cache: {P:,} positions x top-{k} ({manifest['dtype']}) of {len(tgt):,} examples written to "
+            f"{path} in {manifest['build_seconds']:.1f}s ({disk_bytes(path) / 2**20:.1f} MiB)")
+    return load(path)
+
+
+def load(path: str | os.PathLike, *, expect: dict[str, Any] | None = None) -> TeacherCache:
+    """Read a cache folder; with ``expect`` (settings: ``k_min``, ``temperature``, ``bf16``, ``vocab_size``,
+    ``num_examples`` and a ``key`` dict), refuse one built for another run, naming every differing setting.
+
+    Raises:
+        TeacherCacheError: not a cache, missing or corrupt shard, or stale.
+    """
+    path = Path(path)
+    mf = path / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TeacherCacheError(f"{mf} is missing: {path} is not a ktransfer teacher cache") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise TeacherCacheError(f"cannot read {mf}: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise TeacherCacheError(f"{mf}: not a {FORMAT} manifest of version {FORMAT_VERSION}")
+    if expect is not None:
+        _check_fresh(path, manifest, expect)
+    parts = {"offsets": [], "ids": [], "logq": [], "lse": []}
+    base = 0
+    for shard in manifest["shards"]:
+        file = path / shard["file"]
+        if not file.is_file() or _sha256(file) != shard["sha256"]:
+            raise TeacherCacheError(f"{file}: missing or corrupt (sha256 differs from {mf}); delete {path} to rebuild")
+        tensors = safetensors.torch.load_file(file)
+        parts["offsets"].append(tensors["offsets"][:-1] + base)
+        base += int(tensors["offsets"][-1])
+        for name in ("ids", "logq", "lse"):
+            parts[name].append(tensors[name])
+    offsets = torch.cat([*parts["offsets"], torch.tensor([base], dtype=torch.int64)])
+    if len(offsets) != manifest["num_examples"] + 1 or base != manifest["positions"]:
+        raise TeacherCacheError(f"{mf}: shards hold {len(offsets) - 1} examples / {base} positions, the manifest "
+                                f"says {manifest['num_examples']} / {manifest['positions']}")
+    return TeacherCache(path=path, manifest=manifest, offsets=offsets, ids=torch.cat(parts["ids"]),
+                        logq=torch.cat(parts["logq"]), lse=torch.cat(parts["lse"]))
+
+
+def _check_fresh(path: Path, manifest: dict[str, Any], expect: dict[str, Any]) -> None:
+    diffs = []
+    if "k_min" in expect and manifest["k"] < expect["k_min"]:
+        diffs.append(f"K {manifest['k']} < objective.top_k {expect['k_min']}")
+    for name in ("temperature", "bf16", "vocab_size", "num_examples"):
+        if name in expect and manifest.get(name) != expect[name]:
+            diffs.append(f"{name} {manifest.get(name)!r} != {expect[name]!r}")
+    have, want = manifest.get("key", {}), expect.get("key") or {}
+    differ = [n for n in want if have.get(n) != want[n]]
+    # digests decide; paths and data settings are named too, but alone (a moved teacher or corpus) they do not
+    if diffs or any(n not in INFO_KEYS for n in differ):
+        diffs += [f"{n} {have.get(n)!r} != {want[n]!r}" for n in sorted(differ, key=lambda n: n in INFO_KEYS)]
+    if diffs:
+        raise TeacherCacheError(f"{path} was built for another run (stale): " + "; ".join(diffs)
+                                + f". Delete {path} to rebuild it, or choose another path")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files of a cache folder."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training loop's entry point
+# --------------------------------------------------------------------------------------------------------------
+def run_key(cfg, tokenizer) -> dict[str, Any]:
+    """The settings a cache of ``cfg``'s run depends on, besides the encoded ids: teacher digest, tokenizer, data."""
+    from ktransfer import checkpoint as ckpt_lib
+    from ktransfer.config import ConfigError
+
+    state_file = Path(cfg.model.teacher) / ckpt_lib.STATE_FILE
+    try:  # the digest that load_checkpoint verified the teacher's weights against
+        digest = json.loads(state_file.read_text(encoding="utf-8"))["files"][ckpt_lib.MODEL_FILE]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"train.teacher_cache: cannot read the teacher's weight digest from {state_file}: {e}",
+                          key="model.teacher") from None
+    d = cfg.data
+    return {"teacher_path": str(Path(cfg.model.teacher).resolve()), "teacher_sha256": digest,
+            "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
+            "corpus": d.corpus, "train": d.train, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
+            "train_limit": d.train_limit, "max_length": d.max_length}
+
+
+def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, decoder_start_id: int,
+                 device: torch.device, log) -> TeacherCache:
+    """The cache of ``train.teacher_cache`` for this run: checked against the objective, built when the folder does
+    not exist (rank 0; the others wait), refused when stale.
+
+    Raises:
+        ConfigError: an objective the cache cannot serve exactly, on-policy prefixes, the fused head, or a stale or
+            broken cache folder (key ``train.teacher_cache``).
+    """
+    from ktransfer import distributed
+    from ktransfer.config import ConfigError
+
+    ob, key = cfg.objective, "train.teacher_cache"
+    why = exact_for(ob.objective, ob.top_k, ob.support)
+    if why is not None:
+        raise ConfigError(f"{key}: the cache cannot give objective.objective={ob.objective!r} exactly: {why}",
+                          key="objective.objective" if ob.top_k is not None else "objective.top_k")
+    if ob.prefix != "reference":
+        raise ConfigError(f"{key}: objective.prefix={ob.prefix!r}: the cache holds the teacher on the reference "
+                          "prefixes only; use objective.prefix=reference", key="objective.prefix")
+    if getattr(cfg.train, "fused_head", False):
+        raise ConfigError(f"{key}: not with train.fused_head=true (the cache replaces the teacher's logits, the fused "
+                          "head needs its hidden states); set one of them", key="train.fused_head")
+    src, tgt = train_ids
+    run = {**run_key(cfg, tokenizer), "ids_sha256": ids_digest(src, tgt)}
+    path = Path(cfg.train.teacher_cache)
+    if not path.exists():
+        if distributed.is_main():
+            log(f"teacher cache: building {path} (top-{ob.top_k}, T={ob.temperature})")
+            build(path, teacher, train_ids, k=ob.top_k, temperature=ob.temperature, pad_id=tokenizer.pad_id,
+                  decoder_start_id=decoder_start_id, max_tokens=cfg.data.max_tokens, device=device,
+                  bf16=cfg.train.bf16, key=run, log=log)
+        distributed.barrier()
+    expect = {"k_min": ob.top_k, "temperature": float(ob.temperature), "bf16": bool(cfg.train.bf16),
+              "num_examples": len(tgt), "key": run}
+    try:
+        cache = load(path, expect=expect)
+    except TeacherCacheError as e:
+        raise ConfigError(f"{key}: {e}", key=key) from None
+    log(f"teacher cache: {path} (top-{cache.k}, {int(cache.offsets[-1]):,} positions, {cache.manifest['dtype']}); "
+        "the teacher runs for validation only")
+    return cache
+
