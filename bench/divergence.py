@@ -7,7 +7,22 @@ For every kind and every N x V (N positions, V vocabulary) this measures, on the
 * ``plain``: the textbook composition written out below in ``PLAIN`` (``log_softmax`` of both logits, elementwise
   terms, sum over V, mean over positions), forward + backward through autograd;
 * ``log_softmax``: one ``torch.log_softmax`` forward pass over one ``[N, V]`` tensor, as a yardstick
-  (column "x log_softmax" = ktransfer time / log_softmax time).
+  (column "x log_softmax" = ktransfer time / log_softmax time);
+* where installed (``pip install -e .[bench]``; ``--compare`` picks them), the same kind from other libraries, called
+  as their trainers call them, forward + backward, with labels that mark every position as a target (so each
+  averages over all N positions, like ktransfer's mean):
+
+  - TRL: ``GKDTrainer.generalized_jsd_loss(z, u, labels, beta)`` (``trl.experimental.gkd`` in TRL >= 1.0, else
+    ``trl``), reduction "batchmean" (sum / number of labelled positions). Its ``beta`` is the teacher's weight in
+    the mixture m = beta q + (1 - beta) p, ktransfer's convention, with two special cases: beta = 0 is forward
+    KL(q || p) = ``forward_kl`` and beta = 1 is reverse KL(p || q) = ``reverse_kl`` (not the limits of the mixture
+    formula, which vanish); beta = 0.5 is ``jsd``.
+  - torchtune: ``ForwardKLLoss()(z, u, labels)`` = ``forward_kl`` + H(q): it is the cross-entropy
+    -sum q log p, without the teacher's entropy (a constant: the gradient is the same); ``ReverseKLLoss`` =
+    ``reverse_kl``; ``SymmetricKLLoss(sym_kd_ratio=0.5)`` = ``half`` + H(q) / 2.
+
+  Their "value rel diff" is against ktransfer's value plus that entropy offset (H(q), mean over positions, computed
+  in float64), their "grad rel diff" against ktransfer's gradient: both near float32 round-off prove the mapping.
 
 Times are the median of ``--repeats`` runs after one warm-up run; the three are interleaved run by run, so that load
 from other processes hits them alike.
@@ -15,17 +30,22 @@ from other processes hits them alike.
 Peak extra memory
 -----------------
 On CPU each (kind, N x V) runs in a fresh subprocess. It allocates the inputs, then, for each
-implementation, resets the kernel's resident-set high-water mark (writing ``5`` to ``/proc/self/clear_refs``, Linux
+implementation, returns the glibc heap's free pages to the kernel (``malloc_trim(0)``), resets the kernel's
+resident-set high-water mark (writing ``5`` to ``/proc/self/clear_refs``, Linux
 >= 4.0), reads ``VmRSS`` from ``/proc/self/status``, runs forward + backward once (this is also the warm-up), and
 reads ``VmHWM``: extra = VmHWM - VmRSS-before. This is what the process really had resident at its peak, including
 the ``[N, V]`` gradient that lands in ``z.grad`` (both implementations must produce it), allocator overheads and
 temporaries, and it needs no third-party package. ktransfer is measured first in the fresh process: its chunk-sized
-temporaries (a few MiB) are served from the glibc heap, which is empty then; the plain composition's temporaries are
+temporaries (a few MiB) are served from the glibc heap, which the trim has emptied (without it, temporaries freed by
+the warm-up runs stayed resident at the window's start and their trimming inside the window hid up to ~100 MiB of
+the peak once the third-party warm-ups had run); the plain composition's temporaries are
 ``[N, V]`` tensors, far above glibc's mmap threshold, so they are fresh mappings and are counted in full even after
 ktransfer ran. (If ``/proc/self/clear_refs`` is not writable, the column says "n/a".)
 On CUDA (one subprocess per N x V, all kinds in it): ``torch.cuda.max_memory_allocated()`` after the same first run
 minus ``torch.cuda.memory_allocated()`` before it, after ``torch.cuda.reset_peak_memory_stats()`` (live tensors only,
 not the caching allocator's reserve).
+
+The third-party losses are measured after those two, in the same way (their temporaries are ``[N, V]`` tensors too).
 
 Agreement: "value rel diff" = |D_ktransfer - D_plain| / |D_plain|; "grad rel diff" = max |g_k - g_p| / max |g_p|
 over the first 512 positions (only that slice of each gradient is kept, so that it does not inflate the next
@@ -36,9 +56,12 @@ Usage (from the repository root)::
     .venv/bin/python bench/divergence.py --markdown
     .venv/bin/python bench/divergence.py --kinds forward_kl reverse_kl --sizes 2048x8000 --repeats 5
     .venv/bin/python bench/divergence.py --device cuda --dtype bfloat16 --markdown
+    .venv/bin/python bench/divergence.py --compare trl --kinds forward_kl reverse_kl jsd --sizes 512x8000
 
 Default: all 7 kinds x N in {2048, 8192} x V in {8000, 32000}, float32, 2 threads; repeats 5, or 3 where N*V >= 10^8.
-The largest size needs about 8 GB of free memory (inputs 2 GB + the plain composition's temporaries).
+The largest size needs about 8 GB of free memory (inputs 2 GB + the plain composition's temporaries); with TRL's jsd
+about 17 GB (its peak extra is ~15 [N, V] float32 tensors: 1,906 MiB at 1024 x 32000); torchtune's half peaks at ~9
+(1,156 MiB), so ``--compare torchtune`` needs about 11 GB.
 """
 
 from __future__ import annotations
@@ -108,6 +131,89 @@ def _ktransfer(kind, z, u):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Third-party counterparts (optional: the "bench" extra). Imported only here, never from src/ktransfer.
+# ----------------------------------------------------------------------------------------------------------------------
+
+LIBS = ("trl", "torchtune")
+# kind -> library -> (the call, c): the library's value = ktransfer's value + c * H(q), H(q) the teacher's entropy
+# (mean over positions); c = 0 where the library computes the divergence itself.
+COUNTERPARTS = {
+    "forward_kl": {"trl": ("generalized_jsd_loss(beta=0)", 0.0), "torchtune": ("ForwardKLLoss()", 1.0)},
+    "reverse_kl": {"trl": ("generalized_jsd_loss(beta=1)", 0.0), "torchtune": ("ReverseKLLoss()", 0.0)},
+    "half": {"torchtune": ("SymmetricKLLoss(sym_kd_ratio=0.5)", 0.5)},
+    "jsd": {"trl": (f"generalized_jsd_loss(beta={BETA})", 0.0)},
+}
+TRL_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}
+TORCHTUNE_CLASS = {"forward_kl": "ForwardKLLoss", "reverse_kl": "ReverseKLLoss", "half": "SymmetricKLLoss"}
+
+
+def _import_lib(lib):
+    """Import ``lib``'s loss code; return ``(version, where, namespace)``. Raises whatever the import raises."""
+    if lib == "trl":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        import trl
+
+        try:  # TRL >= 1.0 moved the GKD trainer to trl.experimental
+            from trl.experimental.gkd import GKDTrainer
+
+            where = "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss"
+        except ImportError:
+            from trl import GKDTrainer
+
+            where = "trl.GKDTrainer.generalized_jsd_loss"
+        return trl.__version__, where, GKDTrainer
+    if lib == "torchtune":
+        import torchtune
+        import torchtune.modules.loss as tt_loss
+
+        have = [c for c in ("ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss") if hasattr(tt_loss, c)]
+        return torchtune.__version__, "torchtune.modules.loss." + "/".join(have), tt_loss
+    raise ValueError(f"unknown library {lib!r}")
+
+
+def _available_libs(libs):
+    """``({lib: "version (where)"}, {lib: "why not"})`` for the requested libraries."""
+    ok, missing = {}, {}
+    for lib in libs:
+        try:
+            version, where, _ = _import_lib(lib)
+            ok[lib] = f"{version} ({where})"
+        except Exception as e:  # an optional comparison: report why, go on without it
+            missing[lib] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    return ok, missing
+
+
+def _counterpart(lib, kind, labels):
+    """``fn(z, u) -> scalar`` computing ``kind`` with ``lib``, or None if it has none.
+
+    ``labels`` [N] (no ignore_index: every position is a target); ``z``, ``u``: [n, V] with n <= N (the first n).
+    """
+    if kind not in COUNTERPARTS or lib not in COUNTERPARTS[kind]:
+        return None
+    _, _, ns = _import_lib(lib)
+    if lib == "trl":
+        beta = TRL_BETA[kind]
+        return lambda z, u: ns.generalized_jsd_loss(z, u, labels=labels[: z.shape[0]], beta=beta)
+    cls = getattr(ns, TORCHTUNE_CLASS[kind], None)
+    if cls is None:
+        return None
+    module = cls(sym_kd_ratio=0.5) if kind == "half" else cls()
+    return lambda z, u: module(z, u, labels[: z.shape[0]])
+
+
+def _mean_entropy(u, rows=256):
+    """H(q) = -sum_v q log q, mean over the N positions of u [N, V]; float64, a few rows at a time."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, u.shape[0], rows):
+            logq = torch.log_softmax(u[i : i + rows].double(), dim=-1)
+            total += float(-(logq.exp() * logq).sum())
+    return total / u.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Worker: one (kind, N, V) configuration in a fresh process; prints one JSON line.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -127,6 +233,18 @@ def _reset_hwm():
         return True
     except OSError:
         return False
+
+
+def _trim_heap():
+    """Return the glibc heap's free pages to the kernel (``malloc_trim(0)``), so that a measurement window starts
+    with none: freed temporaries of earlier runs (the warm-ups, the third-party imports) would otherwise be resident
+    at the window's start, and their trimming inside it would hide as much of the peak. No-op without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _worker(cfg):
@@ -156,23 +274,51 @@ def _worker(cfg):
     # thread pools they start are not counted as the big run's extra memory.
     import ktransfer  # noqa: F401
 
+    # Third-party counterparts: labels mark every position as a target (no ignore_index), so that each averages over
+    # the same N positions as ktransfer's mean.
+    labels = torch.randint(0, V, (N,), generator=gen, device=device)
+    extra, errors = {}, {}
+    for kind in cfg["kinds"]:
+        for lib in cfg.get("compare", []):
+            try:
+                fn = _counterpart(lib, kind, labels)
+            except Exception as e:
+                errors[(kind, lib)] = f"{type(e).__name__}: {e}"
+                continue
+            if fn is not None:
+                extra[(kind, lib)] = lambda kind, z, u, fn=fn: fn(z, u)
+
     rows = min(N, WARM_ROWS)
     for kind in cfg["kinds"]:
         zs = z[:rows].detach().clone().requires_grad_(True)
         for fn in (_ktransfer, _plain):
             fn(kind, zs, u[:rows]).backward()
+        for lib in cfg.get("compare", []):
+            if (kind, lib) in extra:
+                try:
+                    extra[(kind, lib)](kind, zs, u[:rows]).backward()
+                except Exception as e:  # report it in the table, go on without it
+                    errors[(kind, lib)] = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+                    del extra[(kind, lib)]
         del zs
     sync()
     for kind in cfg["kinds"]:
-        out = _measure(kind, z, zd, u, cfg["repeats"], sync, cuda)
+        libs = {lib: extra[(kind, lib)] for lib in cfg.get("compare", []) if (kind, lib) in extra}
+        offsets = [COUNTERPARTS[kind][lib][1] for lib in libs]
+        entropy = _mean_entropy(u) if any(offsets) else 0.0
+        out = _measure(kind, z, zd, u, cfg["repeats"], sync, cuda, libs, entropy)
+        for lib in cfg.get("compare", []):
+            if (kind, lib) in errors:
+                out[f"error_{lib}"] = errors[(kind, lib)]
         print("RESULT " + json.dumps(out), flush=True)
 
 
-def _measure(kind, z, zd, u, repeats, sync, cuda):
+def _measure(kind, z, zd, u, repeats, sync, cuda, libs=None, entropy=0.0):
+    """Time, peak memory and agreement of ktransfer, the plain composition and ``libs`` ({lib: fn(kind, z, u)})."""
     import torch
 
     N, V = z.shape
-    impls = {"ktransfer": _ktransfer, "plain": _plain}
+    impls = {"ktransfer": _ktransfer, "plain": _plain, **(libs or {})}
     out = {"kind": kind, "n": N, "v": V}
     values, grads = {}, {}
 
@@ -184,6 +330,7 @@ def _measure(kind, z, zd, u, repeats, sync, cuda):
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
+            _trim_heap()
             ok = _reset_hwm()
             before = _status_kib("VmRSS") * 1024
         loss = fn(kind, z, u)
@@ -203,12 +350,22 @@ def _measure(kind, z, zd, u, repeats, sync, cuda):
     out["value_rel_diff"] = abs(values["ktransfer"] - vp) / abs(vp) if vp != 0 else abs(values["ktransfer"])
     gk, gp = grads.pop("ktransfer").float(), grads.pop("plain").float()
     out["grad_rel_diff"] = float((gk - gp).abs().max() / gp.abs().max())
+    # Third-party values against ktransfer's plus the entropy offset of the mapping (see COUNTERPARTS).
+    for lib in libs or {}:
+        ref = values["ktransfer"] + COUNTERPARTS[kind][lib][1] * entropy
+        out[f"value_{lib}"] = values[lib]
+        out[f"value_rel_diff_{lib}"] = abs(values[lib] - ref) / abs(ref) if ref != 0 else abs(values[lib])
+        gl = grads.pop(lib).float()
+        out[f"grad_rel_diff_{lib}"] = float((gl - gk).abs().max() / gk.abs().max())
+        del gl
+    if entropy:
+        out["entropy_teacher"] = entropy
     del gk, gp, grads
 
     # Warm-up of the yardstick, then interleaved timed repeats.
     with torch.no_grad():
         torch.log_softmax(zd, dim=-1)
-    times = {"ktransfer": [], "plain": [], "log_softmax": []}
+    times = {name: [] for name in impls} | {"log_softmax": []}
     for _ in range(repeats):
         for name, fn in impls.items():
             z.grad = None
@@ -265,9 +422,22 @@ def _fmt_mib(m):
     return "n/a" if m is None else f"{m:,.0f}"
 
 
-def _row(r):
+def _lib_cells(r, lib):
+    """``lib`` ms, MiB and "value / grad" rel diff for one result; "-" where it has no counterpart of the kind."""
+    if f"error_{lib}" in r:
+        return ["error", "", r[f"error_{lib}"]]
+    if f"t_{lib}" not in r:
+        return ["-", "-", "-"]
+    return [
+        _fmt_ms(r[f"t_{lib}"]),
+        _fmt_mib(r[f"mem_{lib}"]),
+        f"{r[f'value_rel_diff_{lib}']:.1e} / {r[f'grad_rel_diff_{lib}']:.1e}",
+    ]
+
+
+def _row(r, libs=()):
     if "error" in r:
-        return [r["kind"], f"{r['n']}x{r['v']}", "error: " + r["error"]] + [""] * 8
+        return [r["kind"], f"{r['n']}x{r['v']}", "error: " + r["error"]] + [""] * (8 + 3 * len(libs))
     tk, tp, tl = r["t_ktransfer"], r["t_plain"], r["t_log_softmax"]
     mk, mp = r["mem_ktransfer"], r["mem_plain"]
     ratio = "n/a" if (mk is None or mp is None or mp <= 0) else f"{mk / mp:.2f}"
@@ -283,7 +453,7 @@ def _row(r):
         ratio,
         f"{r['value_rel_diff']:.1e}",
         f"{r['grad_rel_diff']:.1e}",
-    ]
+    ] + [c for lib in libs for c in _lib_cells(r, lib)]
 
 
 HEADER = [
@@ -301,17 +471,36 @@ HEADER = [
 ]
 
 
-def _print_table(rows, markdown):
-    cells = [HEADER] + [_row(r) for r in rows]
+def _header(libs=()):
+    return HEADER + [h for lib in libs for h in (f"{lib} ms", f"{lib} MiB", f"{lib} rel diff value / grad")]
+
+
+def _print_table(rows, markdown, libs=()):
+    header = _header(libs)
+    cells = [header] + [_row(r, libs) for r in rows]
     if markdown:
-        print("| " + " | ".join(HEADER) + " |")
-        print("|" + "|".join(["---"] * 2 + ["---:"] * (len(HEADER) - 2)) + "|")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
         for c in cells[1:]:
             print("| " + " | ".join(c) + " |")
     else:
-        widths = [max(len(str(c[i])) for c in cells) for i in range(len(HEADER))]
+        widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
         for c in cells:
             print("  ".join(str(x).rjust(w) for x, w in zip(c, widths, strict=True)))
+
+
+def _print_mapping(kinds, libs):
+    """What each library call computes, in ktransfer's terms (the rel diff columns check it)."""
+    print(
+        "\nThird-party counterparts (same logits, labels marking every position; value rel diff against "
+        "ktransfer's value + c H(q), grad rel diff against ktransfer's gradient):\n"
+    )
+    for kind in kinds:
+        for lib in libs:
+            call, c = COUNTERPARTS.get(kind, {}).get(lib, (None, 0.0))
+            if call is not None:
+                offset = "" if c == 0 else f" + {c:g} H(q)" if c != 1 else " + H(q)"
+                print(f"- {lib} `{call}` = ktransfer `{kind}`{offset}")
 
 
 def main(argv=None):
@@ -344,6 +533,14 @@ def main(argv=None):
     ap.add_argument("--markdown", action="store_true", help="print a markdown table with the machine and the command")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results to PATH")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per configuration (default: 900)")
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        default=list(LIBS),
+        choices=LIBS,
+        metavar="LIB",
+        help="third-party losses to add as columns where installed (default: trl torchtune; none: --compare)",
+    )
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -361,6 +558,16 @@ def main(argv=None):
     else:
         machine = f"{_cpu_model()}, {os.cpu_count()} logical CPUs visible"
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    # Third-party columns: only the requested libraries that import here and have a counterpart of a selected kind.
+    wanted = [lib for lib in args.compare if any(lib in COUNTERPARTS.get(k, {}) for k in args.kinds)]
+    lib_versions, lib_missing = _available_libs(wanted)
+    libs = [lib for lib in wanted if lib in lib_versions]
+    for lib, why in lib_missing.items():
+        print(
+            f"# {lib}: not available, no {lib} columns ({why}); `pip install -e .[bench]` installs it",
+            file=sys.stderr,
+            flush=True,
+        )
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -373,7 +580,14 @@ def main(argv=None):
         groups = [args.kinds] if args.device == "cuda" else [[k] for k in args.kinds]
         for kinds in groups:
             cfg = dict(
-                kinds=kinds, n=n, v=v, threads=args.threads, dtype=args.dtype, device=args.device, repeats=repeats
+                kinds=kinds,
+                n=n,
+                v=v,
+                threads=args.threads,
+                dtype=args.dtype,
+                device=args.device,
+                repeats=repeats,
+                compare=libs,
             )
             t0 = time.perf_counter()
             got = []
@@ -396,7 +610,7 @@ def main(argv=None):
             got += [dict(kind=k, n=n, v=v, error=error or "no result") for k in kinds if k not in done]
             for r in got:
                 rows.append(r)
-                summary = "  ".join(f"{h}={c}" for h, c in zip(HEADER[2:], _row(r)[2:], strict=True))
+                summary = "  ".join(f"{h}={c}" for h, c in zip(_header(libs)[2:], _row(r, libs)[2:], strict=True))
                 print(f"# {r['kind']} {n}x{v}: {summary}", file=sys.stderr, flush=True)
             print(f"#   ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
@@ -410,6 +624,8 @@ def main(argv=None):
                     dtype=args.dtype,
                     device=args.device,
                     command=command,
+                    libraries=lib_versions,
+                    libraries_missing=lib_missing,
                     results=rows,
                 ),
                 f,
@@ -426,9 +642,14 @@ def main(argv=None):
         print(
             "Times: median of the repeats, forward + backward (log_softmax: forward only); memory: peak extra "
             "over the inputs, including the [N, V] gradient; speed-up = plain / ktransfer; "
-            "mem ratio = ktransfer / plain.\n"
+            "mem ratio = ktransfer / plain.  "
         )
-    _print_table(rows, args.markdown)
+        for lib in wanted:
+            print(f"{lib}: {lib_versions[lib] if lib in lib_versions else 'not available: ' + lib_missing[lib]}  ")
+        print()
+    _print_table(rows, args.markdown, libs)
+    if libs:
+        _print_mapping(args.kinds, libs)
     return 0
 
 
