@@ -174,6 +174,19 @@ def test_overrides_split_by_stage_and_options():
         reproduce("nope", "/nonexistent", [])
 
 
+def test_prefix_options():
+    opts, _ = parse_overrides(PRESETS["smoke"], ["prefixes=learner,mixed,teacher", "prefix_seeds=2", "sweep=none"])
+    assert opts.prefixes == ["learner", "mixed", "teacher"] and opts.prefix_objectives == ["kd", "ka"]
+    assert opts.prefix_seeds == [2] and opts.sweep == "none"
+    names = model_names(opts)
+    assert names[-6:] == [f"finetune/{o}-{p}/seed2" for p in ("learner", "mixed", "teacher") for o in ("kd", "ka")]
+    assert parse_overrides(PRESETS["smoke"], [])[0].prefixes == []
+    for bad, word in (("prefixes=bogus", "bogus"), ("prefixes=learner,learner", "learner"),
+                      ("prefix_objectives=nll", "nll"), ("prefix_seeds=1,1", "1, 1")):
+        with pytest.raises(ConfigError, match=word):
+            parse_overrides(PRESETS["smoke"], [bad])
+
+
 def test_cli_lists_presets(capsys):
     from ktransfer.cli import main
 
@@ -229,3 +242,68 @@ def test_every_preset_gives_valid_stage_configs(name):
     assert all(c.train.num_threads == 1 for c in configs.values())
     assert configs["finetune"].objective.top_k == 4 and configs["teacher"].objective.top_k != 4
     assert opts.seeds and preset.doc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix sources (option prefixes): extra fine-tuning runs and rows
+# ----------------------------------------------------------------------------------------------------------------
+def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
+    """prefixes=learner,teacher: seq-KD data from the teacher, finetune/ka-learner and ka-teacher runs, their test
+    scores, significance against ka with reference prefixes, extra Table 2 rows; a second call skips everything."""
+    import yaml
+
+    run = tmp_path
+    overrides = [*FAST, "sweep=none", "seeds=1", "objectives=ka", "control=false", "prefixes=learner,teacher",
+                 "prefix_objectives=ka", "teacher.train.epochs=1", "finetune.train.epochs=1"]
+    reproduce("smoke", run, overrides)
+    stages = json.loads((run / "stages.json").read_text())
+    models = ["teacher", "learner", "finetune/ka/seed1", "finetune/ka-learner/seed1", "finetune/ka-teacher/seed1"]
+    assert list(stages) == ["bpe", "teacher", "learner", "analysis0", "finetune/ka/seed1", "seqkd",
+                            "finetune/ka-learner/seed1", "finetune/ka-teacher/seed1", *(f"eval/{m}" for m in models),
+                            "significance", "significance/prefixes"]
+    assert all(s["done"] for s in stages.values())
+
+    # seq-KD corpus: the 200 fine-tuning sources unchanged, the teacher's translations, valid/test copied byte for byte
+    original = shared_data / "multi30k-de-en"
+    src = (original / "train.de").read_text(encoding="utf-8").splitlines()[:200]
+    assert (run / "seqkd/train.de").read_text(encoding="utf-8").splitlines() == [s.strip() for s in src]
+    targets = (run / "seqkd/train.en").read_text(encoding="utf-8").splitlines()
+    assert len(targets) == 200
+    assert targets != [t.strip() for t in (original / "train.en").read_text(encoding="utf-8").splitlines()[:200]]
+    for split in ("valid", "test2016"):
+        for lang in ("de", "en"):
+            assert (run / f"seqkd/{split}.{lang}").read_bytes() == (original / f"{split}.{lang}").read_bytes()
+
+    def config(name):
+        return yaml.safe_load((run / name / "config.yaml").read_text())
+
+    learner_ckpt = str(run / "learner/checkpoints/best")
+    c = config("finetune/ka-learner/seed1")
+    assert c["objective"]["prefix"] == "learner" and c["objective"]["objective"] == "ka"
+    assert c["data"]["corpus"] == "multi30k-de-en" and c["model"]["init"] == learner_ckpt
+    c = config("finetune/ka-teacher/seed1")
+    assert c["data"]["corpus"] == str(run / "seqkd") and c["objective"]["prefix"] == "reference"
+    assert c["model"]["teacher"] == str(run / "teacher/checkpoints/best") and c["train"]["seed"] == 1
+
+    results = json.loads((run / "results.json").read_text())
+    rows = {r["key"]: r for r in results["table2"]}
+    assert [r["key"] for r in results["table2"]] == ["learner", "teacher", "ka", "ka-learner", "ka-teacher"]
+    for key in ("ka-learner", "ka-teacher"):
+        score = json.loads(next((run / "eval/finetune" / key / "seed1").glob("scores.*.json")).read_text())
+        assert rows[key]["n"] == 1 and rows[key]["bleu"] == [score["bleu"]]
+        assert results["analysis"][key]["1"]["epochs"] == [0, 1]
+    tests = json.loads((run / "significance-prefixes.json").read_text())["tests"]
+    assert [(t["seed"], t["baseline"], t["system"]) for t in tests] == [(1, "ka", "ka-learner"),
+                                                                         (1, "ka", "ka-teacher")]
+    assert tests[1]["system_bleu"] == pytest.approx(rows["ka-teacher"]["bleu"][0])
+    report = (run / "report.md").read_text()
+    for needle in ("| KA, learner prefixes | 1 |", "| KA, teacher prefixes (seq-KD) | 1 |",
+                   "### Prefix sources against reference prefixes", "Seq-KD data: 200 `train` pairs"):
+        assert needle in report, needle
+
+    log_lines = len((run / "reproduce.log").read_text().splitlines())
+    before = (run / "stages.json").read_text()
+    reproduce("smoke", run, overrides)
+    new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
+    assert not any("====" in line for line in new) and sum("skipped" in line for line in new) == len(stages)
+    assert (run / "stages.json").read_text() == before and (run / "report.md").read_text() == report

@@ -17,6 +17,15 @@ from pathlib import Path
 
 ROW_NAMES = {"teacher": "Teacher", "learner": "Learner (pre-trained)", "nll": "Learner + nll (control)",
              "kd": "KD", "ka": "KA", "half": "1/2KA+1/2KD"}
+PREFIX_NAMES = {"learner": "learner prefixes", "mixed": "mixed prefixes", "teacher": "teacher prefixes (seq-KD)"}
+
+
+def row_name(key: str) -> str:
+    """The table name of a row key: ``ka`` -> KA, ``ka-learner`` -> "KA, learner prefixes" (prefix sources)."""
+    objective, _, prefix = key.partition("-")
+    if prefix in PREFIX_NAMES:
+        return f"{ROW_NAMES.get(objective, objective)}, {PREFIX_NAMES[prefix]}"
+    return ROW_NAMES.get(key, key)
 
 
 def _read_json(path: Path):
@@ -40,7 +49,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def build_results(run_dir: str | os.PathLike) -> dict:
     """Everything the report shows, from the files of ``run_dir``; written to ``RUN/results.json``."""
     from ktransfer.analysis import collect
-    from ktransfer.reproduce import Options, model_names, sweep_names
+    from ktransfer.reproduce import Options, model_names, prefix_seeds, sweep_names
     from ktransfer.tokenizer import Tokenizer
 
     run = Path(run_dir)
@@ -64,6 +73,13 @@ def build_results(run_dir: str | os.PathLike) -> dict:
         rows.append({"key": key, "name": ROW_NAMES.get(key, key), "n": len(got), "bleu": bleu, "chrf": chrf,
                      "bleu_mean": _mean_std(bleu)[0], "bleu_std": _mean_std(bleu)[1],
                      "chrf_mean": _mean_std(chrf)[0], "chrf_std": _mean_std(chrf)[1]})
+    prefix_keys = [f"{o}-{p}" for p in opts.prefixes for o in opts.prefix_objectives]  # after the main rows
+    for key in prefix_keys:
+        got = [models[n] for n in (f"finetune/{key}/seed{s}" for s in prefix_seeds(opts)) if models.get(n)]
+        bleu, chrf = [g["bleu"] for g in got], [g["chrf"] for g in got]
+        rows.append({"key": key, "name": row_name(key), "n": len(got), "bleu": bleu, "chrf": chrf,
+                     "bleu_mean": _mean_std(bleu)[0], "bleu_std": _mean_std(bleu)[1],
+                     "chrf_mean": _mean_std(chrf)[0], "chrf_std": _mean_std(chrf)[1]})
     sweep: dict[str, dict[str, float | None]] = {}
     for name in sweep_names(opts):
         _, objective, k = name.split("/")
@@ -76,6 +92,11 @@ def build_results(run_dir: str | os.PathLike) -> dict:
             folder = run / "finetune" / objective / f"seed{seed}" / "analysis"
             if folder.is_dir():
                 analysis.setdefault(objective, {})[str(seed)] = collect(folder, vocab_size)
+    for key in prefix_keys:  # extra curves of Fig. 4b and 5
+        for seed in prefix_seeds(opts):
+            folder = run / "finetune" / key / f"seed{seed}" / "analysis"
+            if folder.is_dir():
+                analysis.setdefault(key, {})[str(seed)] = collect(folder, vocab_size)
     first = next((m for m in models.values() if m), None) or {}
     results = {
         "preset": spec["preset"], "overrides": spec["overrides"], "options": spec["options"],
@@ -85,6 +106,11 @@ def build_results(run_dir: str | os.PathLike) -> dict:
         "test_split": first.get("split"), "test_sentences": first.get("sentences"),
         "stages": _read_json(run / "stages.json") or {},
     }
+    if opts.prefixes:  # only then, so that the results of runs without prefix sources are unchanged
+        results["significance_prefixes"] = _read_json(run / "significance-prefixes.json")
+        seqkd = _read_json(run / "seqkd" / ".seqkd.json") if "teacher" in opts.prefixes else None
+        results["seqkd"] = None if seqkd is None else {k: seqkd.get(k) for k in (
+            "lines", "empty_hypotheses", "decode", "copied_splits", "split")}
     tmp = run / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, run / "results.json")
@@ -139,7 +165,7 @@ def draw_figures(results: dict, figures: Path) -> dict[str, str]:
         for objective, points in results["sweep"].items():
             ks = list(points)
             ax.plot(range(len(ks)), [points[k] if points[k] is not None else float("nan") for k in ks], "o-",
-                    label=ROW_NAMES.get(objective, objective))
+                    label=row_name(objective))
             ax.set_xticks(range(len(ks)), ["|V|" if k == "V" else k for k in ks])
         ax.set(xlabel="top-k of the divergence", ylabel="valid BLEU", title="Fig. 4a: valid BLEU against top-k")
         ax.legend()
@@ -153,7 +179,7 @@ def draw_figures(results: dict, figures: Path) -> dict[str, str]:
     if novel:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for objective, (epochs, values) in novel.items():
-            ax.plot(epochs, values, "o-", label=ROW_NAMES.get(objective, objective))
+            ax.plot(epochs, values, "o-", label=row_name(objective))
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="fine-tuning epoch", ylabel="novel tokens in the learner's top-16",
                title="Fig. 4b: novel tokens per epoch")
@@ -165,7 +191,7 @@ def draw_figures(results: dict, figures: Path) -> dict[str, str]:
     if entropy:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for objective, (epochs, values) in entropy.items():
-            ax.plot(epochs, values, "o-", label=ROW_NAMES.get(objective, objective))
+            ax.plot(epochs, values, "o-", label=row_name(objective))
         teacher = results.get("teacher_analysis")
         if teacher:
             ax.axhline(teacher["entropy"], color="gray", linestyle="--", label="teacher")
@@ -218,14 +244,19 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
     paper = {"ka": "claim: KA beats KD by 0.7-1.1 BLEU", "half": "claim: between KD and KA"}
     for r in results["table2"]:
         per_seed = ", ".join(f"{b:.2f}" for b in r["bleu"]) if r["key"] not in ("teacher", "learner") else ""
+        claim = "(not in the paper)" if "-" in r["key"] else paper.get(r["key"], "(not available)")
         lines.append(f"| {r['name']} | {r['n']} | {_pm(r['bleu_mean'], r['bleu_std'])} | "
-                     f"{_pm(r['chrf_mean'], r['chrf_std'])} | {per_seed} | {paper.get(r['key'], '(not available)')} |")
+                     f"{_pm(r['chrf_mean'], r['chrf_std'])} | {per_seed} | {claim} |")
     sig = results["signatures"]
     lines += ["", "The paper column is a placeholder: the paper's Table 2 numbers are not available here, only its "
               "claim that KA beats KD by 0.7-1.1 BLEU (1/2KA+1/2KD in between).", "",
               f"- BLEU signature: `{sig.get('bleu_signature')}`", f"- chrF signature: `{sig.get('chrf_signature')}`",
               f"- decoding: `{sig.get('decode_signature')}`", ""]
-    for a, b in (("ka", "kd"), ("half", "kd"), ("ka", "half"), *((o, "nll") for o in opts["objectives"])):
+    if opts.get("prefixes"):
+        lines[-1:] = _prefix_notes(results)
+    prefix_pairs = [(r["key"], r["key"].partition("-")[0]) for r in results["table2"] if "-" in r["key"]]
+    for a, b in (("ka", "kd"), ("half", "kd"), ("ka", "half"), *((o, "nll") for o in opts["objectives"]),
+                 *prefix_pairs):
         note = _spread_note(rows, a, b)
         if note:
             lines.append(f"- {note}")
@@ -244,6 +275,17 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
             lines.append(f"| {t['seed']} | {ROW_NAMES.get(t['system'], t['system'])} | "
                          f"{ROW_NAMES.get(t['baseline'], t['baseline'])} | {t['system_bleu']:.2f} | "
                          f"{t['baseline_bleu']:.2f} | {t['delta']:+.2f} | {p} |")
+    s = results.get("significance_prefixes")
+    if s:
+        lines += ["", "### Prefix sources against reference prefixes", "",
+                  "Each prefix-source run against the same objective with reference prefixes and the same seed "
+                  f"(paired bootstrap as above; signature `{s['signature']}`).", "",
+                  "| seed | system | baseline | system BLEU | baseline BLEU | Δ BLEU | p |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in s["tests"]:
+            p = "identical output" if t.get("identical") else "-" if t["p_value"] is None else f"{t['p_value']:.4f}"
+            lines.append(f"| {t['seed']} | {row_name(t['system'])} | {row_name(t['baseline'])} | "
+                         f"{t['system_bleu']:.2f} | {t['baseline_bleu']:.2f} | {t['delta']:+.2f} | {p} |")
 
     lines += ["", "## Figures", "", f"Fig. 3 (toy, {notes.get('fig3')}):", "", "![Fig. 3](figures/fig3_toy.png)", ""]
     for key, file, title in (("fig4a", "fig4a_topk.png", "Fig. 4a: valid BLEU against top-k"),
@@ -279,7 +321,31 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
                       path.read_text(encoding="utf-8").rstrip(), "```", "", "</details>", ""]
     lines += ["Other fine-tuning runs differ only in `objective.objective`, `train.seed`, `train.out_dir` "
               "(and no `model.teacher` for the nll control); see each `RUN/finetune/OBJ/seedS/config.yaml`.", ""]
+    if opts.get("prefixes"):
+        lines += ["The prefix-source runs `RUN/finetune/OBJ-P/seedS` differ in addition in `objective.prefix` "
+                  "(P = learner, mixed) or `data.corpus` (P = teacher: `RUN/seqkd`, with "
+                  "`objective.prefix=reference`).",
+                  ""]
     return "\n".join(lines)
+
+
+def _prefix_notes(results: dict) -> list[str]:
+    """Lines under Table 2 saying what the prefix-source rows are (only for runs with the option prefixes)."""
+    opts = results["options"]
+    seeds = opts["seeds"] if opts.get("prefix_seeds") is None else opts["prefix_seeds"]
+    lines = ["", f"Prefix sources (rows after the main ones; seeds {seeds}): the same fine-tuning with the divergence "
+             "taken on other prefixes than the reference. *learner*: the learner's own samples "
+             "(`objective.prefix=learner`); *mixed*: the learner's samples on a fraction of the batches "
+             "(`objective.prefix=mixed`); *teacher*: sequence-level KD, the training targets replaced by the "
+             "teacher's beam-search translations (`data.corpus=RUN/seqkd`). Validation and test use the reference. "
+             "In Fig. 4b / 5 and the analysis tables they are extra curves (same analysis sample, reference "
+             "prefixes, teacher-forced)."]
+    seqkd = results.get("seqkd")
+    if seqkd:
+        lines += ["", f"Seq-KD data: {seqkd['lines']} `{seqkd['split']}` pairs translated by the teacher "
+                     f"(`{seqkd['decode']['signature']}`), {seqkd['empty_hypotheses']} empty translations; "
+                     f"splits copied unchanged: {', '.join(seqkd['copied_splits']) or 'none'}."]
+    return [*lines, ""]
 
 
 def _duration(seconds: float) -> str:
@@ -300,7 +366,7 @@ def _analysis_tables(results: dict) -> list[str]:
     for objective, (epochs, values) in entropy.items():
         for e, v in zip(epochs, values, strict=True):
             n = novel.get(objective, ([], []))[1]
-            lines.append(f"| {ROW_NAMES.get(objective, objective)} | {e} | {v:.3f} | "
+            lines.append(f"| {row_name(objective)} | {e} | {v:.3f} | "
                          f"{'-' if e == 0 or e >= len(n) else f'{n[e]:.0f}'} |")
     return [*lines, ""]
 

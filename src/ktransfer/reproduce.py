@@ -11,9 +11,18 @@ Stages, in order (each is skipped when ``RUN/stages.json`` marks it done; a stag
     finetune/OBJ/seedS       RUN/finetune/OBJ/seedS/ the pre-trained learner (init: RUN/learner/checkpoints/best)
                                                      fine-tuned with OBJ in kd, ka, half, ... and with nll alone
                                                      (the control, same epochs); per-epoch analyses in .../analysis/
+    seqkd                    RUN/seqkd/              (prefixes has teacher) seq-KD data: the teacher's beam search
+                                                     (eval.beam, eval.max_length) of the fine-tuning pairs (first
+                                                     data.train_limit of the training split); a corpus folder whose
+                                                     valid and test splits are the original files, copied
+    finetune/OBJ-P/seedS     RUN/finetune/OBJ-P/seedS/ (option prefixes) OBJ in prefix_objectives with prefix source
+                                                     P: objective.prefix=P (learner, mixed; ktransfer.prefixes) or
+                                                     data.corpus=RUN/seqkd (teacher); per-epoch analyses as above
     sweep/OBJ/kK             RUN/sweep/OBJ/kK/       (sweep=topk) KD and KA with top-k = K, first seed; valid BLEU
     eval/NAME                RUN/eval/NAME/          test-split beam search and sacreBLEU scores of every model
     significance             RUN/significance.json   paired bootstrap resampling (sacreBLEU) per seed
+    significance/prefixes    RUN/significance-prefixes.json   (option prefixes) each OBJ-P run against OBJ with
+                                                     reference prefixes, same seed
     report                   RUN/results.json, RUN/report.md, RUN/figures/*.png
 
 Overrides (``key=value``; later ones win):
@@ -24,11 +33,14 @@ Overrides (``key=value``; later ones win):
 - options of the experiment: ``seeds=1,2,3``, ``objectives=kd,ka,half``, ``control=true``, ``sweep=topk|none``,
   ``topk_values=2,4,8,16,V`` (``V`` = the whole vocabulary), ``analysis_sample=2000``, ``table_sentences=3``,
   ``test_limit=N``, ``bootstrap=1000``, ``stop_after=STAGE`` (bpe, teacher, learner, analysis0, finetune, sweep,
-  eval, significance).
+  eval, significance; finetune includes seqkd and the prefix-source runs);
+- prefix sources (extra rows of Table 2; none by default): ``prefixes=learner,mixed,teacher``,
+  ``prefix_objectives=kd,ka``, ``prefix_seeds=1,2`` (default: ``seeds``). Added to a finished run, only the new
+  stages run (seqkd, finetune/OBJ-P/seedS, their eval/ stages, significance/prefixes), then the report.
 
 Settings the layout needs are set by the stages themselves and cannot be overridden: ``train.out_dir``,
 ``data.tokenizer``, ``model.init`` and ``model.teacher`` (fine-tuning), ``objective.objective`` and ``train.seed``
-(fine-tuning), ``objective.top_k`` (sweep).
+(fine-tuning), ``objective.top_k`` (sweep), ``objective.prefix`` and ``data.corpus`` (prefix-source runs).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
 
 STAGE_KINDS = ("bpe", "teacher", "learner", "analysis0", "finetune", "sweep", "eval", "significance")
 TRAIN_STAGES = ("teacher", "learner", "finetune", "sweep")
+PREFIX_SOURCES = ("learner", "mixed", "teacher")  # option prefixes: objective.prefix=learner|mixed, or seq-KD data
 
 
 @dataclass
@@ -64,6 +77,9 @@ class Options:
     test_limit: int | None = None  # only the first N test sentences
     bootstrap: int = 1000  # paired bootstrap resamples
     stop_after: str | None = None  # a stage kind: stop once its stages are done
+    prefixes: list[str] = field(default_factory=list)  # extra prefix sources: learner, mixed, teacher (seq-KD)
+    prefix_objectives: list[str] = field(default_factory=lambda: ["kd", "ka"])  # objectives run with each
+    prefix_seeds: list[int] | None = None  # None = seeds
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,9 +114,9 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
         base=(*data, *_CPU_BASE),
         teacher=("model.preset=cpu-teacher", "train.epochs=5"),
         learner=("model.preset=cpu-learner", "train.epochs=6"),
-        finetune=(*_CPU_FINETUNE, "train.epochs=2", "train.valid_bleu=true"),
+        finetune=(*_CPU_FINETUNE, "train.epochs=3", "train.valid_bleu=true"),
         sweep=(*_CPU_FINETUNE, "train.epochs=1"),
-        options={"seeds": [1, 2, 3], "topk_values": [2, 8, None], "analysis_sample": 1000},
+        options={"seeds": [1, 2, 3], "sweep": "topk", "topk_values": [2, 8, None], "analysis_sample": 1000},
     )
 
 PRESETS: dict[str, Preset] = {
@@ -220,9 +236,11 @@ def parse_overrides(preset: Preset, items: list[str]) -> tuple[Options, dict[str
 def _option_value(key: str, value: str) -> Any:
     v = value.strip()
     try:
-        if key in ("seeds",):
+        if key == "prefix_seeds" and v.lower() in ("none", "null", ""):
+            return None
+        if key in ("seeds", "prefix_seeds"):
             return [int(x) for x in v.strip("[]").split(",") if x.strip()]
-        if key == "objectives":
+        if key in ("objectives", "prefixes", "prefix_objectives"):
             return [x.strip() for x in v.strip("[]").split(",") if x.strip()]
         if key == "topk_values":
             return [None if x.strip() in ("V", "v", "none", "None") else int(x)
@@ -233,6 +251,8 @@ def _option_value(key: str, value: str) -> Any:
             return v.lower() in ("true", "yes", "1")
         if key in ("analysis_sample", "table_sentences", "bootstrap"):
             return int(v)
+        if key == "sweep":  # "none" is a value here, not None
+            return v
         if key == "test_limit":
             return None if v.lower() in ("none", "null", "") else int(v)
         return None if v.lower() in ("none", "null", "") else v
@@ -251,6 +271,19 @@ def _check_options(o: Options) -> None:
                           f"{', '.join(x for x in OBJECTIVES if x != 'nll')} (nll is the control)", key="objectives")
     if o.sweep not in ("none", "topk"):
         raise ConfigError(f"option sweep: none or topk, got {o.sweep!r}", key="sweep")
+    bad = [x for x in o.prefixes if x not in PREFIX_SOURCES]
+    if bad or len(set(o.prefixes)) != len(o.prefixes):
+        raise ConfigError(f"option prefixes: {bad or o.prefixes} (bad value or repeated); distinct values among "
+                          f"{', '.join(PREFIX_SOURCES)} (reference prefixes are the main rows)", key="prefixes")
+    bad = [x for x in o.prefix_objectives if x not in OBJECTIVES or x == "nll"]
+    if bad or not o.prefix_objectives or len(set(o.prefix_objectives)) != len(o.prefix_objectives):
+        raise ConfigError(f"option prefix_objectives: {bad or o.prefix_objectives} (bad value, repeated or none); "
+                          f"distinct values among {', '.join(x for x in OBJECTIVES if x != 'nll')}",
+                          key="prefix_objectives")
+    if o.prefix_seeds is not None and (not o.prefix_seeds or len(set(o.prefix_seeds)) != len(o.prefix_seeds)
+                                       or min(o.prefix_seeds) < 0):
+        raise ConfigError(f"option prefix_seeds: distinct non-negative integers or none (= seeds) needed, got "
+                          f"{o.prefix_seeds}", key="prefix_seeds")
     if any(k is not None and k < 1 for k in o.topk_values) or not o.topk_values:
         raise ConfigError(f"option topk_values: positive integers or V, got {o.topk_values}", key="topk_values")
     if o.stop_after is not None and o.stop_after not in STAGE_KINDS:
@@ -358,7 +391,19 @@ def _train(cfg: RunConfig, **kwargs) -> dict:
 def model_names(opts: Options) -> list[str]:
     """Every model evaluated on the test split: teacher, learner, then finetune/OBJ/seedS (nll = the control)."""
     objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
-    return ["teacher", "learner", *(f"finetune/{o}/seed{s}" for o in objectives for s in opts.seeds)]
+    return ["teacher", "learner", *(f"finetune/{o}/seed{s}" for o in objectives for s in opts.seeds),
+            *(f"finetune/{o}-{p}/seed{s}" for p in opts.prefixes for o in opts.prefix_objectives
+              for s in prefix_seeds(opts))]
+
+
+def prefix_seeds(opts: Options) -> list[int]:
+    """The seeds of the prefix-source runs (``prefix_seeds``, default ``seeds``)."""
+    return list(opts.seeds if opts.prefix_seeds is None else opts.prefix_seeds)
+
+
+def prefix_runs(opts: Options) -> list[tuple[str, str, int]]:
+    """(objective, prefix source, seed) of every ``finetune/OBJ-P/seedS`` run, in the order they are trained."""
+    return [(o, p, s) for s in prefix_seeds(opts) for p in opts.prefixes for o in opts.prefix_objectives]
 
 
 def sweep_names(opts: Options) -> list[str]:
@@ -445,25 +490,39 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
     sample = _analysis_sample(sample_cfg, opts)
     objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
     runs = [(o, s) for s in opts.seeds for o in objectives]
+
+    def fine_tune(c: RunConfig, name: str):
+        folder = run / name / "analysis"
+
+        def copy_epoch0():  # epoch 0: the pre-trained learner, shared by every run
+            folder.mkdir(parents=True, exist_ok=True)
+            for suffix in ("json", "safetensors"):
+                shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
+
+        _on_main(copy_epoch0)
+        return _train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
+
     for i, (objective, seed) in enumerate(runs, 1):
         name = f"finetune/{objective}/seed{seed}"
         # the nll control has no teacher and no prefix source but the reference (whatever finetune.* says)
         teacher = [f"model.teacher={teacher_ckpt}"] if objective != "nll" else ["objective.prefix=reference"]
         c = cfg("finetune", name, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
                 f"train.seed={seed}")
+        stages.run(name, lambda c=c, name=name: fine_tune(c, name), index=f"[finetune {i}/{len(runs)}]")
 
-        def fine_tune(c=c, name=name):
-            folder = run / name / "analysis"
-
-            def copy_epoch0():  # epoch 0: the pre-trained learner, shared by every run
-                folder.mkdir(parents=True, exist_ok=True)
-                for suffix in ("json", "safetensors"):
-                    shutil.copyfile(run / "analysis" / f"epoch0.{suffix}", folder / f"epoch0.{suffix}")
-
-            _on_main(copy_epoch0)
-            return _train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
-
-        stages.run(name, fine_tune, index=f"[finetune {i}/{len(runs)}]")
+    # the prefix sources (option prefixes): seq-KD data from the teacher, then finetune/OBJ-P/seedS
+    seqkd_dir = run / "seqkd"
+    if "teacher" in opts.prefixes:
+        seqkd_cfg = cfg("finetune", "seqkd")
+        stages.run("seqkd", lambda: _on_main(lambda: _seqkd(seqkd_cfg, teacher_ckpt, seqkd_dir, log)),
+                   index="[seqkd]")
+    extra = prefix_runs(opts)
+    for i, (objective, prefix, seed) in enumerate(extra, 1):
+        name = f"finetune/{objective}-{prefix}/seed{seed}"
+        source = f"data.corpus={seqkd_dir}" if prefix == "teacher" else f"objective.prefix={prefix}"
+        c = cfg("finetune", name, f"model.init={learner_ckpt}", f"model.teacher={teacher_ckpt}",
+                f"objective.objective={objective}", f"train.seed={seed}", source)
+        stages.run(name, lambda c=c, name=name: fine_tune(c, name), index=f"[prefixes {i}/{len(extra)}]")
     stop("finetune")
 
     sweeps = [(o, k) for o in ("kd", "ka") for k in opts.topk_values] if opts.sweep == "topk" else []
@@ -484,6 +543,9 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
                    index=f"[eval {i}/{len(names)}]")
     stop("eval")
     stages.run("significance", lambda: _on_main(lambda: _significance(test_cfg, opts, run)), index="[significance]")
+    if opts.prefixes:
+        stages.run("significance/prefixes", lambda: _on_main(lambda: _significance_prefixes(test_cfg, opts, run)),
+                   index="[significance]")
     stop("significance")
 
 
@@ -553,6 +615,22 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
     return result
 
 
+def _seqkd(cfg: RunConfig, teacher_ckpt: str, out: Path, log) -> dict:
+    """Sequence-level KD data (``ktransfer.seqkd``): the teacher's beam search (eval.beam, eval.length_penalty,
+    eval.max_length, eval.batch_size) of the first data.train_limit pairs of the training split, the fine-tuning
+    data; ``out`` is a corpus folder whose other splits (valid, test) are the original files, copied."""
+    from ktransfer.seqkd import distill_corpus
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    d, e = cfg.data, cfg.eval
+    return distill_corpus(teacher_ckpt, out, corpus=d.corpus, split=d.train, src_lang=d.src_lang, tgt_lang=d.tgt_lang,
+                          beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
+                          batch_size=e.batch_size, limit=d.train_limit, device=_device(cfg), log=log)
+
+
 def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
     """A sweep point: fine-tune, then the valid BLEU of its best checkpoint (beam eval.beam, data.valid_subset)."""
     _train(cfg)
@@ -562,6 +640,25 @@ def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
 def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
     """Paired bootstrap resampling (sacreBLEU, ``opts.bootstrap`` resamples) on the test split, per seed: KA against
     KD, and every objective against the nll control. Writes ``RUN/significance.json``."""
+    pairs = []
+    if "kd" in opts.objectives and "ka" in opts.objectives:
+        pairs.append(("kd", "ka"))
+    if opts.control:
+        pairs += [("nll", o) for o in opts.objectives]
+    _write_paired_tests(cfg, opts, run, [(seed, base, system) for seed in opts.seeds for base, system in pairs],
+                        run / "significance.json")
+
+
+def _significance_prefixes(cfg: RunConfig, opts: Options, run: Path) -> None:
+    """The prefix-source runs against the same objective with reference prefixes, same seed (where that run exists:
+    the objective among ``objectives`` and the seed among ``seeds``). Writes ``RUN/significance-prefixes.json``."""
+    tests = [(s, o, f"{o}-{p}") for o, p, s in prefix_runs(opts) if o in opts.objectives and s in opts.seeds]
+    _write_paired_tests(cfg, opts, run, tests, run / "significance-prefixes.json")
+
+
+def _write_paired_tests(cfg: RunConfig, opts: Options, run: Path, pairs: list[tuple[int, str, str]],
+                        path: Path) -> None:
+    """Paired bootstrap (seed, baseline, system) of ``RUN/eval/finetune/NAME/seedS`` hypotheses, into ``path``."""
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
@@ -569,27 +666,21 @@ def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
 
     d = cfg.data
     refs = [t for _, t in read_split(d.corpus, d.test, d.src_lang, d.tgt_lang)][:opts.test_limit]
-    pairs = []
-    if "kd" in opts.objectives and "ka" in opts.objectives:
-        pairs.append(("kd", "ka"))
-    if opts.control:
-        pairs += [("nll", o) for o in opts.objectives]
     tests, signature = [], None
-    for seed in opts.seeds:
-        for base, system in pairs:
-            hyps = {}
-            for o in (base, system):
-                hyp_file = next((run / "eval" / "finetune" / o / f"seed{seed}").glob(f"hyp.{d.test}.*"))
-                hyps[o] = hyp_file.read_text(encoding="utf-8").split("\n")[:len(refs)]
-            test = PairedTest([(base, hyps[base]), (system, hyps[system])], {"BLEU": BLEU()}, [refs],
-                              test_type="bs", n_samples=opts.bootstrap)
-            sigs, res = test()
-            signature = str(sigs["BLEU"])
-            b, s = res["BLEU"]
-            identical = hyps[base] == hyps[system]  # the bootstrap's p is meaningless then
-            tests.append({"seed": seed, "baseline": base, "system": system, "baseline_bleu": b.score,
-                          "system_bleu": s.score, "delta": s.score - b.score,
-                          "p_value": None if identical else s.p_value, "identical": identical})
-    (run / "significance.json").write_text(json.dumps(
+    for seed, base, system in pairs:
+        hyps = {}
+        for o in (base, system):
+            hyp_file = next((run / "eval" / "finetune" / o / f"seed{seed}").glob(f"hyp.{d.test}.*"))
+            hyps[o] = hyp_file.read_text(encoding="utf-8").split("\n")[:len(refs)]
+        test = PairedTest([(base, hyps[base]), (system, hyps[system])], {"BLEU": BLEU()}, [refs],
+                          test_type="bs", n_samples=opts.bootstrap)
+        sigs, res = test()
+        signature = str(sigs["BLEU"])
+        b, s = res["BLEU"]
+        identical = hyps[base] == hyps[system]  # the bootstrap's p is meaningless then
+        tests.append({"seed": seed, "baseline": base, "system": system, "baseline_bleu": b.score,
+                      "system_bleu": s.score, "delta": s.score - b.score,
+                      "p_value": None if identical else s.p_value, "identical": identical})
+    path.write_text(json.dumps(
         {"test": "paired bootstrap resampling (sacreBLEU), per seed, on the test split", "split": d.test,
          "sentences": len(refs), "signature": signature, "tests": tests}, indent=1) + "\n")

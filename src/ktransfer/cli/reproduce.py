@@ -21,6 +21,8 @@ Overrides (later ones win):
   OPTION=V               seeds=1,2,3  objectives=kd,ka,half  control=true  sweep=topk|none
                          topk_values=2,4,8,16,V  analysis_sample=2000  table_sentences=3  test_limit=N
                          bootstrap=1000  stop_after=bpe|teacher|learner|analysis0|finetune|sweep|eval|significance
+                         prefixes=learner,mixed,teacher (extra rows: those prefix sources; teacher = seq-KD data)
+                         prefix_objectives=kd,ka  prefix_seeds=1,2 (default: seeds)
 
 Run the same command again to continue a run that was stopped or killed: stages marked done in RUN/stages.json are
 skipped and the stage in progress resumes from its checkpoints/last. Progress: RUN/reproduce.log (stage banners)
