@@ -296,7 +296,7 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
         else:
             lines += [f"{title}: not run (" + ("sweep=topk not set" if key == "fig4a" else "no analyses") + ").", ""]
     if results["sweep"]:
-        lines += ["| objective | " + " | ".join(("|V|" if k == "V" else f"k={k}")
+        lines += ["| objective | " + " | ".join(("k=V (all)" if k == "V" else f"k={k}")
                                                 for k in next(iter(results["sweep"].values()))) + " |",
                   "|---|" + "---|" * len(next(iter(results["sweep"].values())))]
         for objective, points in results["sweep"].items():

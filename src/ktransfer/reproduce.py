@@ -134,10 +134,11 @@ PRESETS: dict[str, Preset] = {
                  "test_limit": 30, "bootstrap": 100},
     ),
     "multi30k-cpu": _cpu_preset(
-        doc="The whole Multi30k de-en (29k pairs; valid; test2016 as test), cpu-teacher (8.2M) / cpu-learner (2.0M), "
-            "one 10K joint BPE, lam 0.5, top-k 8, 3 seeds, beam 5 on the test set. Teacher 3 epochs, learner 4, "
-            "then fine-tuning 2 epochs on the first 10,000 training pairs (kd, ka, half and the nll control). "
-            "Estimated 2-2.5 hours on 2 cores; see MULTI30K_CPU_ESTIMATE.",
+        doc="The whole Multi30k de-en (29k pairs; valid; test2016 as test), cpu-teacher (7.7M) / cpu-learner (1.75M), "
+            "one 8K joint BPE, batches of 1,200 tokens, lam 0.5, top-k 8, 3 seeds, beam 5 on the test set. Teacher 5 "
+            "epochs, learner 6, then fine-tuning 3 epochs on the first 6,000 training pairs (kd, ka, half and the "
+            "nll control), and the top-k sweep (2, 8, |V|). About 50 minutes on 2 idle cores; see "
+            "MULTI30K_CPU_ESTIMATE and docs/results.md.",
         data=("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0", "eval.max_length=80"),
     ),
     "wmt-news-cpu": _cpu_preset(
@@ -176,27 +177,20 @@ PRESETS: dict[str, Preset] = {
 }
 
 MULTI30K_CPU_ESTIMATE = """\
-How the multi30k-cpu epochs were chosen (2 cores, float32, data.max_tokens=4096: 113 batches of ~3,700 target
-tokens per epoch of the whole corpus, 39 for the 10,000-pair fine-tuning subset). Step times were measured on the
-development machine (2 cores shared with other jobs at load 4-11, so the numbers are noisy; the best of 4 steps, as
-process CPU time, is taken as the 2-core wall time of a quiet machine, divided by 2 threads and rounded up):
-cpu-teacher NLL step ~7 s (CPU 11-15 s), cpu-learner NLL step ~1.8 s (CPU 3.2 s), distillation step (learner +
-frozen teacher forward) ~4 s (CPU 3.3-5.2 s).
+Measured on 2026-11-28 (2-core AMD EPYC, float32, 2 threads unless said; docs/results.md): batches of 1,200 tokens
+per side give 391 batches per epoch of the whole corpus and 80 for the 6,000-pair fine-tuning subset.
 
-    teacher   3 epochs x 113 steps x 7 s                          ~40 min
-    learner   4 epochs x 113 steps x 1.8 s                        ~14 min
-    finetune  3 seeds x 2 epochs x 39 steps x (3 x 4 s + 1.8 s)   ~54 min   (kd, ka, half + the nll control)
-    validation (500 valid sentences, greedy) after each of ~31 epochs   ~10 min
-    test: 14 models x 1000 sentences, beam 5                     ~10 min
-    analyses (1,000 pairs teacher-forced per epoch), bootstrap     ~5 min
-    total                                                       ~2 h 15 min (1.5-3 h given the noise)
+    teacher   5 epochs, ~2,500 target tok/s idle (1,400 at 1 thread)   ~14 min idle (33.6 min in the real run, shared)
+    learner   6 epochs, ~7,000 target tok/s                          6.1 min
+    finetune  3 seeds x 3 epochs: kd, ka, half ~2 min each,
+              the nll control ~1 min each                            ~21 min
+    sweep     (kd, ka) x top-k (2, 8, |V|), 1 epoch each             ~4.5 min
+    test      14 models x 1,000 sentences, beam 5, ~10 s each        ~2.5 min
+    analyses, bootstrap, report                                      <1 min
+    total                                                            ~50 min idle (67.5 min in the real run)
 
-sweep=topk adds 2 x 3 one-epoch fine-tunings (~16 min). seeds=1 takes about 1 h 25 min.
-
-Caveat: a check of the whole preset with a few steps per stage (load 4 on the same 2 cores) averaged ~20 s per
-teacher step and ~35 s per distillation step, first steps of fresh processes included; if a quiet machine is that
-slow, the estimate above is 2-3x optimistic. Time the teacher first (`stop_after=teacher`, then tokens_per_s in
-RUN/teacher/metrics.jsonl) and scale the epochs (teacher.train.epochs=..., finetune.train.epochs=...) to fit.
+Prefix sources (prefixes=learner,teacher prefix_seeds=1,2) add a seq-KD stage (the teacher translates the 6,000
+fine-tuning sources with beam 5: ~2.5 min) and 8 fine-tunings (see docs/results.md for their times).
 """
 
 

@@ -9,7 +9,7 @@ import sys
 EPILOG = """\
 examples:
   ktransfer reproduce smoke --out runs/smoke                      # a minute: every stage on tiny models
-  ktransfer reproduce multi30k-cpu --out runs/m30k                # about 2 hours on 2 cores (see --list)
+  ktransfer reproduce multi30k-cpu --out runs/m30k                # about 50 minutes on 2 idle cores (see --list)
   ktransfer reproduce multi30k-cpu --out runs/m30k seeds=1 stop_after=learner
   ktransfer reproduce paper-then --out runs/then train.device=cuda finetune.objective.top_k=4 sweep=topk
   ktransfer reproduce --list                                      # the presets and what they do
