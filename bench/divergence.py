@@ -252,6 +252,10 @@ def _worker(cfg):
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    if cfg.get("compile"):  # ktransfer's opt-in compiled chunks; compiled during the untimed warm-up
+        from ktransfer.divergences import use_compile
+
+        use_compile(True)
     device = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
     N, V = cfg["n"], cfg["v"]
@@ -530,6 +534,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="logits dtype")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (cuda is skipped if unavailable)")
+    ap.add_argument("--compile", action="store_true",
+                    help="switch on ktransfer's opt-in torch.compile of the chunk math (ktransfer.divergences."
+                         "use_compile); compile time falls in the untimed warm-up")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table with the machine and the command")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results to PATH")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per configuration (default: 900)")
@@ -588,6 +595,7 @@ def main(argv=None):
                 device=args.device,
                 repeats=repeats,
                 compare=libs,
+                compile=args.compile,
             )
             t0 = time.perf_counter()
             got = []
@@ -635,6 +643,7 @@ def main(argv=None):
     if args.markdown:
         print(
             f"Machine: {machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype} on {args.device}; "
+            f"ktransfer chunks {'compiled (use_compile)' if args.compile else 'eager'}; "
             f"{datetime.date.today().isoformat()}; load average (1 min) {load_before[0]:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after.  "
         )

@@ -32,6 +32,7 @@ backward pass. Extra memory is O(chunk_size x V) and does not grow with the numb
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ CHUNK_ELEMENTS = 1 << 17
 # On a GPU the cost is kernel launches, not cache misses: chunks of 2**24 elements (64 MiB in float32); measured on an
 # H100, 2**17 left the sweep launch-bound, ~100x slower than the unchunked composition (docs/benchmarks.md).
 CHUNK_ELEMENTS_CUDA = 1 << 24
+
+_log = logging.getLogger(__name__)
+# Opt-in torch.compile of the per-chunk math (see ``use_compile``); never used unless switched on.
+_COMPILE = {"enabled": False, "fn": None, "failed": False}
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,46 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
     return values, nll, grad, bad
 
 
+def use_compile(enabled: bool = True) -> None:
+    """Switch on (or off) ``torch.compile`` of the per-chunk math of ``divergence`` (off by default).
+
+    When on, each chunk's value and gradient (``_sweep_chunk``: both softmaxes, the elementwise terms, the row sums and
+    the gradient ``[c, V]``) run as one Inductor graph (``fullgraph=True, dynamic=True``) that fuses the ~10-30
+    elementwise passes of the eager path into a few vectorised loops. Same formulas, same chunking, same autograd
+    Function; values and gradients agree with the eager path to float32 rounding (Inductor sums a row in a different
+    order: measured max relative gradient differences up to ~5e-5 of the largest entry in float32, see
+    ``docs/divergences.md``). The first call per (kind, support, dtype, ...) compiles, seconds of CPU each; to make
+    room for one graph per configuration this raises ``torch._dynamo.config.recompile_limit`` to at least 64. If
+    compiling or running the compiled graph fails (no C++ compiler, unsupported build), a warning is logged once and
+    the eager path is used from then on. ``fused_linear_divergence`` is not affected.
+    """
+    if not isinstance(enabled, bool):
+        raise ValueError(f"use_compile(enabled) takes True or False, got {enabled!r}")
+    _COMPILE["enabled"] = enabled
+    if enabled and _COMPILE["fn"] is None and not _COMPILE["failed"]:
+        try:
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+            _COMPILE["fn"] = torch.compile(_sweep_chunk, fullgraph=True, dynamic=True)
+        except Exception as exc:  # torch.compile unavailable in this build
+            _COMPILE["failed"] = True
+            _log.warning("ktransfer.divergences.use_compile: torch.compile unavailable (%s); using the eager path", exc)
+
+
+def _run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
+    """``_sweep_chunk`` through the compiled graph when ``use_compile(True)`` is on, else eagerly."""
+    fn = _COMPILE["fn"]
+    if _COMPILE["enabled"] and fn is not None and not _COMPILE["failed"]:
+        try:
+            return fn(z, u, labels, spec, div_coef, nll_coef, need_grad)
+        except Exception as exc:  # compile/run failure: fall back for good, say so once
+            _COMPILE["failed"] = True
+            _log.warning("ktransfer.divergences.use_compile: compiled chunk failed (%s: %s); using the eager path",
+                         type(exc).__name__, exc)
+    return _sweep_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad)
+
+
 def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_size):
     """Run ``_sweep_chunk`` over selected rows of ``z2``/``u2`` ``[N, V]``.
 
@@ -339,7 +384,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         lc = labels[sel] if labels is not None else None
         dc = div_scale[sel].to(cdt).unsqueeze(-1) if need_grad else None
         nc = nll_scale[sel].to(cdt).unsqueeze(-1) if (need_grad and labels is not None) else None
-        v, n, g, bad = _sweep_chunk(zc, uc, lc, spec, dc, nc, need_grad)
+        v, n, g, bad = _run_chunk(zc, uc, lc, spec, dc, nc, need_grad)
         if v is not None:
             values[sel] = v
         if n is not None:
