@@ -61,7 +61,7 @@ def step_of(run_dir: Path) -> int:
     return json.loads((run_dir / "checkpoints/last/state.json").read_text())["train_state"]["step"]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 120,
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 600,
              command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -198,7 +198,7 @@ def test_reproduce_on_two_processes(shared_data, tmp_path, monkeypatch):
     args = ["smoke", "--out", str(run), "data.train_limit=120", "data.valid_subset=8", "data.vocab_size=300",
             "test_limit=8", "analysis_sample=8", "table_sentences=1", "seeds=1", "objectives=kd,ka", "control=false",
             "bootstrap=20", "teacher.train.epochs=1", "finetune.train.epochs=1"]
-    proc = torchrun(args, command="reproduce", timeout=300)
+    proc = torchrun(args, command="reproduce", timeout=900)
     stages = json.loads((run / "stages.json").read_text())
     expected = ["bpe", "teacher", "learner", "analysis0", "finetune/kd/seed1", "finetune/ka/seed1", "eval/teacher",
                 "eval/learner", "eval/finetune/kd/seed1", "eval/finetune/ka/seed1", "significance"]
