@@ -25,6 +25,17 @@ def _ktransfer_data_env(monkeypatch):
         monkeypatch.setenv("KTRANSFER_DATA", str(SHARED_DATA))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models are faster so, and far faster when other jobs share the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer(shared_data):
     """A 2,000-token joint BPE trained on the first 3,000 lines of multi30k-de-en train (both sides): ~0.2 s."""

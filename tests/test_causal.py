@@ -25,13 +25,7 @@ from ktransfer.models import build_model
 from ktransfer.objectives import transfer_loss
 from ktransfer.tokenizer import train_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def rank_prefix() -> str:
+    """``"rank R: "`` when torchrun started several processes (each rank reports its own errors), else ``""``."""
+    return f"rank {launch_rank()}: " if _env_world() > 1 else ""
+
+
 def local_rank() -> int:
     """This process's index on its machine (``LOCAL_RANK``; picks the GPU), 0 without torchrun."""
     return int(os.environ.get("LOCAL_RANK", "0"))

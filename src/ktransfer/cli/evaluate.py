@@ -72,15 +72,8 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     except (FileNotFoundError, CorpusError, CheckpointError, ValueError) as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 1
     if distributed.launch_rank() == 0:  # torchrun: rank 0 alone prints (evaluate() has left the group by now)
         print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
     return 0
-
-
-def _rank_prefix() -> str:
-    """``"rank R: "`` under torchrun with several processes (each rank reports its own error), else nothing."""
-    import os
-
-    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
         checkpoint = resolve_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 1
     with distributed.session(args.device):  # torchrun: joins the group (a no-op for one process)
         return _translate(args, checkpoint, chunk)
@@ -74,7 +74,7 @@ def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
     try:
         model, tokenizer = load_model(checkpoint, device=rank_device(args.device))
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 1
 
     # Rank 0 alone opens the input and the output; the other ranks get each chunk from it (broadcast).
@@ -107,12 +107,6 @@ def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
                 stream.detach()  # flushes; our UTF-8 wrapper goes, sys.stdin / sys.stdout stay open
     return status
 
-
-def _rank_prefix() -> str:
-    """``"rank R: "`` under torchrun with several processes (each rank reports its own error), else nothing."""
-    import os
-
-    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _stdio(stream, mode: str):
