@@ -3,7 +3,8 @@
 For every kind and every N x V (N positions, V vocabulary) this measures, on the same random logits:
 
 * ``ktransfer``: ``ktransfer.divergence(z, u, kind)`` with default settings (full support, T=1, reduction="mean"),
-  forward + backward;
+  forward + backward; on CPU this is the C++ kernel (``ktransfer.native``, built or loaded before any timing),
+  ``--python-path`` measures the Python chunk path instead (eager, or compiled with ``--compile``);
 * ``plain``: the textbook composition written out below in ``PLAIN`` (``log_softmax`` of both logits, elementwise
   terms, sum over V, mean over positions), forward + backward through autograd;
 * ``log_softmax``: one ``torch.log_softmax`` forward pass over one ``[N, V]`` tensor, as a yardstick
@@ -252,6 +253,12 @@ def _worker(cfg):
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    from ktransfer import native
+
+    if cfg.get("python_path"):  # ktransfer's Python chunk path instead of its C++ kernel
+        native.use_native(False)
+    elif cfg["device"] == "cpu" and native.kernel() is None:  # built (or loaded) before any timing
+        print("WARNING the C++ kernel could not be built; ktransfer runs its Python path", file=sys.stderr)
     if cfg.get("compile"):  # ktransfer's opt-in compiled chunks; compiled during the untimed warm-up
         from ktransfer.divergences import use_compile
 
@@ -507,6 +514,12 @@ def _print_mapping(kinds, libs):
                 print(f"- {lib} `{call}` = ktransfer `{kind}`{offset}")
 
 
+def _path_name(args):
+    if args.device == "cpu" and not args.python_path:
+        return "C++ kernel (ktransfer.native)"
+    return f"Python chunks, {'compiled (use_compile)' if args.compile else 'eager'}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -537,6 +550,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="switch on ktransfer's opt-in torch.compile of the chunk math (ktransfer.divergences."
                          "use_compile); compile time falls in the untimed warm-up")
+    ap.add_argument("--python-path", action="store_true",
+                    help="run ktransfer's Python chunk path (eager, or compiled with --compile) instead of its C++ CPU "
+                         "kernel (ktransfer.native), e.g. to compare the two")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table with the machine and the command")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results to PATH")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per configuration (default: 900)")
@@ -596,6 +612,7 @@ def main(argv=None):
                 repeats=repeats,
                 compare=libs,
                 compile=args.compile,
+                python_path=args.python_path,
             )
             t0 = time.perf_counter()
             got = []
@@ -643,7 +660,7 @@ def main(argv=None):
     if args.markdown:
         print(
             f"Machine: {machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype} on {args.device}; "
-            f"ktransfer chunks {'compiled (use_compile)' if args.compile else 'eager'}; "
+            f"ktransfer path: {_path_name(args)}; "
             f"{datetime.date.today().isoformat()}; load average (1 min) {load_before[0]:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after.  "
         )

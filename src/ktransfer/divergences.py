@@ -25,6 +25,11 @@ which is what the chunked sweep writes (see ``docs/divergences.md`` for w of eve
 ``renormalize=True``, p and q are first renormalised over S (p~ = p / p(S)), and dD/ds = (w~ - p~ sum_S w~) on S,
 0 off S.
 
+Speed. On a CPU, float32/bfloat16/float16 logits go through ktransfer's compiled kernel (``ktransfer.native``: both
+log-normalisers, the terms, the NLL and the gradient in four passes over a cached row, top-k selection included), built
+on first use; float64, CUDA tensors, or a machine without a C++ compiler take the Python path below, which is also the
+kernel's reference in the tests.
+
 Memory. Rows are processed ``chunk_size`` at a time: both log-normalisers, the value and the gradient of a chunk are
 computed in one sweep while the chunk is hot in cache, and only the gradient ``[N, V]`` (needed anyway) is kept for the
 backward pass. Extra memory is O(chunk_size x V) and does not grow with the number of positions.
@@ -37,6 +42,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ktransfer import native
 
 KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 SUPPORTS = ("learner", "teacher", "union")
@@ -326,7 +333,9 @@ def use_compile(enabled: bool = True) -> None:
     ``docs/divergences.md``). The first call per (kind, support, dtype, ...) compiles, seconds of CPU each; to make
     room for one graph per configuration this raises ``torch._dynamo.config.recompile_limit`` to at least 64. If
     compiling or running the compiled graph fails (no C++ compiler, unsupported build), a warning is logged once and
-    the eager path is used from then on. ``fused_linear_divergence`` is not affected.
+    the eager path is used from then on. Where the C++ kernel applies (``ktransfer.native``: CPU, float32/bf16/fp16)
+    it runs instead of either, being faster (docs/benchmarks.md); compiling then matters for CUDA tensors, float64, and
+    machines where the kernel cannot be built. ``fused_linear_divergence`` takes the same route per chunk.
     """
     if not isinstance(enabled, bool):
         raise ValueError(f"use_compile(enabled) takes True or False, got {enabled!r}")
@@ -342,8 +351,49 @@ def use_compile(enabled: bool = True) -> None:
             _log.warning("ktransfer.divergences.use_compile: torch.compile unavailable (%s); using the eager path", exc)
 
 
+_SUPPORT_CODES = {None: -1, "learner": 0, "teacher": 1, "union": 2}
+
+
+def _native_module(z, u):
+    """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype), else None."""
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if u is not None and u.dtype != z.dtype:
+        return None
+    return native.kernel()
+
+
+def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
+    """One kernel call over the rows ``rows`` (None = all) of ``z``/``u`` ``[N, V]``; the gradient goes into ``grad``.
+
+    ``div_scale``/``nll_scale`` ``[N]`` scale each row's divergence / NLL gradient (None without gradient). Returns
+    values ``[N]`` (None without teacher), nll ``[N]`` (None without labels) and ``[N]`` bool marking processed rows
+    with no finite logit.
+    """
+    need_grad = grad is not None
+    values, nll, lse_s, lse_t = mod.sweep(
+        z.contiguous(), None if u is None else u.contiguous(), None if labels is None else labels.contiguous(),
+        rows, [native.KIND_CODES[t.kind] for t in spec.terms], [t.weight for t in spec.terms],
+        [_SUPPORT_CODES[t.support] for t in spec.terms], spec.top_k or 0, spec.renormalize, spec.temperature,
+        spec.beta, spec.alpha, spec.label_smoothing,
+        div_scale.to(torch.float32).contiguous() if (need_grad and u is not None) else None,
+        nll_scale.to(torch.float32).contiguous() if (need_grad and labels is not None) else None, grad)
+    bad = torch.isneginf(lse_s) | (torch.isneginf(lse_t) if u is not None else False)
+    if rows is not None:
+        bad = bad.index_select(0, rows)
+    return (values if u is not None else None), (nll if labels is not None else None), bad
+
+
 def _run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
-    """``_sweep_chunk`` through the compiled graph when ``use_compile(True)`` is on, else eagerly."""
+    """``_sweep_chunk`` through the compiled CPU kernel where it applies, else the compiled graph when
+    ``use_compile(True)`` is on, else eagerly. The gradient comes back in the compute dtype."""
+    mod = _native_module(z, u)
+    if mod is not None:
+        grad = torch.empty(z.shape, dtype=torch.float32) if need_grad else None
+        dc = div_coef.squeeze(-1) if div_coef is not None else None
+        nc = nll_coef.squeeze(-1) if nll_coef is not None else None
+        values, nll, bad = _native_sweep(mod, z, u, labels, None, spec, dc, nc, grad)
+        return values, nll, grad, bad
     fn = _COMPILE["fn"]
     if _COMPILE["enabled"] and fn is not None and not _COMPILE["failed"]:
         try:
@@ -362,6 +412,14 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
     with each row's divergence gradient scaled by ``div_scale`` and its NLL gradient by ``nll_scale`` (``[N]`` each).
     """
     N, V = z2.shape
+    mod = _native_module(z2, u2)
+    if mod is not None:  # one kernel call over all rows: its memory is O(threads x V), no chunks needed
+        grad = None
+        if need_grad:
+            grad = torch.empty(z2.shape, dtype=z2.dtype) if rows is None else torch.zeros(z2.shape, dtype=z2.dtype)
+        values, nll, bad = _native_sweep(mod, z2, u2, labels, rows, spec, div_scale, nll_scale, grad)
+        _raise_on_bad_rows(bad, rows)
+        return values, nll, grad
     cdt = _compute_dtype(z2, u2)
     n_sel = N if rows is None else rows.numel()
     per_chunk = CHUNK_ELEMENTS if z2.device.type == "cpu" else CHUNK_ELEMENTS_CUDA
@@ -393,15 +451,19 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
             grad[sel] = g.to(grad.dtype)
         bad_rows.append(bad)
     if bad_rows:
-        bad = torch.cat(bad_rows)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            row = first if rows is None else int(rows[first])
-            raise ValueError(
-                f"position {row} (flattened) has no finite logit in the learner or the teacher: "
-                "every logit is -inf, so softmax is undefined there; mask that position out"
-            )
+        _raise_on_bad_rows(torch.cat(bad_rows), rows)
     return values, nll, grad
+
+
+def _raise_on_bad_rows(bad, rows):
+    """ValueError naming the first processed row (``bad`` ``[n_sel]`` bool) whose logits are all -inf."""
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        row = first if rows is None else int(rows[first])
+        raise ValueError(
+            f"position {row} (flattened) has no finite logit in the learner or the teacher: "
+            "every logit is -inf, so softmax is undefined there; mask that position out"
+        )
 
 
 class _Fused(torch.autograd.Function):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _sweep_chunk
+from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _run_chunk
 from ktransfer.objectives import TransferLoss, _plan
 
 # Matrix products want more rows than the divergence sweep alone: at least 32 per chunk on a CPU.
@@ -50,7 +50,7 @@ class _FusedLinear(torch.autograd.Function):
             u = F.linear(ht[sel], Wt, bt) if plan.spec.terms else None
             dc = plan.div_scale[sel].to(cdt).unsqueeze(-1)
             nc = plan.nll_scale[sel].to(cdt).unsqueeze(-1)
-            v, n, g, bad = _sweep_chunk(z, u, plan.labels[sel], plan.spec, dc, nc, need)
+            v, n, g, bad = _run_chunk(z, u, plan.labels[sel], plan.spec, dc, nc, need)
             if bool(bad.any()):
                 raise ValueError("a position has no finite logit in the learner or the teacher (all -inf)")
             if v is not None:

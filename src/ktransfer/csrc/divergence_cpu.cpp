@@ -1,0 +1,595 @@
+// ktransfer's CPU kernel for divergences over the full vocabulary: value and gradient of every kind in one sweep per
+// row, with ATen's own SIMD vectors (at::vec::Vectorized<float>, SLEEF exp/log: what torch.log_softmax itself uses).
+//
+// Built on first use by ktransfer.native (torch.utils.cpp_extension.load); the Python path in
+// ktransfer.divergences is the reference and the fallback. Per row r (z = learner logits, u = teacher logits, both
+// [V]; s = z / T, t = u / T; p = softmax(s), q = softmax(t)):
+//
+//   pass 1  max s, max t                                       (the only reads of z and u from memory)
+//   pass 2  e_s = exp(s - max s), e_t = exp(t - max t) into row scratch, their sums Z_s, Z_t  (the only exps)
+//   pass 3  p = e_s / Z_s, q = e_t / Z_t, log p = s - lse_s, log q = t - lse_t;
+//           F = sum_terms weight * f(p, q)  (the value), W = sum_terms weight * p df/dp;  C = sum_V W
+//   pass 4  grad = (W - p C) div_coef / T  +  nll_coef (p1 - eps / V) - (1 - eps) nll_coef [y]
+//
+// (p1 = softmax(z): p itself when T = 1.) With a top-k support S (learner's, teacher's or their union, per term),
+// pass 1 also selects the k largest entries of z and/or u (a min-heap fed only by the few vector lanes above its
+// smallest entry), pass 3 runs on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised
+// supports use p~ = p / p(S), q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are
+// those of ktransfer.divergences._value_and_w; docs/divergences.md derives them. The last vector of a row is padded
+// with -inf logits, whose p = q = 0 give exactly zero terms. The common single kinds and `half` get their own
+// instantiation of pass 3 (no per-vector dispatch). Row sums are accumulated in float vectors and flushed to double
+// every 64 vectors. bfloat16/float16 rows are converted to float32 scratch first; float32 rows are read in place.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kFlush = 64;  // vectors accumulated in float before a flush into double
+
+enum Kind : int64_t { FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2, SKEW_FORWARD_KL = 3, SKEW_REVERSE_KL = 4, TVD = 5 };
+
+inline double hsum(const Vec& v) {
+  alignas(64) float buf[Vec::size()];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t i = 0; i < Vec::size(); ++i) s += buf[i];
+  return s;
+}
+
+inline float hmax(const Vec& v) {
+  alignas(64) float buf[Vec::size()];
+  v.store(buf);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < Vec::size(); ++i) m = std::max(m, buf[i]);
+  return m;
+}
+
+// exp, inlined. AVX-512: Cephes' expf (x = n log 2 + r, degree-6 polynomial for exp(r), ~1 ulp, scaled by 2^n with
+// scalef); inputs below log(FLT_MIN) give exactly 0 (-inf included, so that p = 0 where a logit is -inf), NaN stays
+// NaN. Every entry of a row takes one exp per model: inlining it saves SLEEF's out-of-line call per vector. Elsewhere:
+// Vectorized::exp() (SLEEF, 1 ulp).
+inline Vec fast_exp(const Vec& xv) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x0 = xv;
+  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // log(FLT_MIN)
+  const __mmask16 under = _mm512_cmp_ps_mask(x0, lo, _CMP_LT_OQ);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q);
+  __m512 x = _mm512_max_ps(_mm512_min_ps(x0, _mm512_set1_ps(88.37626266f)), lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512 r = _mm512_scalef_ps(y, n);
+  r = _mm512_mask_blend_ps(under, r, _mm512_setzero_ps());
+  return Vec(_mm512_mask_blend_ps(nan, r, x0));
+#else
+  return xv.exp();
+#endif
+}
+
+// log for x in [FLT_MIN, inf) (callers clamp), one per entry in the jsd and skew kinds. AVX-512: x = m 2^k with m in
+// [sqrt(1/2), sqrt(2)) from getmant/getexp, log m = f - f^2/2 + f^3 P(f) with f = m - 1 (Cephes' logf polynomial,
+// ~1 ulp), log x = log m + k log 2 (log 2 split in two parts); about 2x faster than SLEEF's 1-ulp log that
+// Vectorized::log() calls. AVX2: SLEEF's 3.5-ulp log. Elsewhere: Vectorized::log().
+inline Vec fast_log(const Vec& xv) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = xv;
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
+  __m512 k = _mm512_getexp_ps(x);
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GE_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  k = _mm512_mask_add_ps(k, big, k, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  for (float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                  2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f})
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+  const __m512 f2 = _mm512_mul_ps(f, f);
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), f2);                       // f^3 P(f)
+  y = _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), y);       // + k log2_lo
+  y = _mm512_fnmadd_ps(f2, _mm512_set1_ps(0.5f), y);                // - f^2 / 2
+  const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));  // + f + k log2_hi
+  // +inf stays +inf (getmant/getexp of inf are not the right operands)
+  return Vec(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), r, x));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(Sleef_logf8_u35(xv));
+#else
+  return xv.log();
+#endif
+}
+
+// where(mask, x, 0): mask lanes are all-ones or all-zeros bit patterns (the result of a comparison).
+inline Vec keep(const Vec& mask, const Vec& x) { return x & mask; }
+
+enum Support : int64_t { FULL = -1, LEARNER = 0, TEACHER = 1, UNION = 2 };
+
+struct Term {
+  int64_t kind;
+  float weight;
+  int64_t support;
+};
+
+struct Options {
+  std::vector<Term> terms;
+  float inv_T, T, beta, alpha, eps;
+  int64_t top_k;     // 0: every term covers all of V
+  bool renormalize;  // top-k terms: renormalise p and q over S
+};
+
+// Accumulates weight * f into F and weight * w into W for one term of kind K, at one vector of positions.
+template <int64_t K>
+inline void term_k(const Options& o, const Vec& wt, const Vec& p, const Vec& q, const Vec& logp, const Vec& logq,
+                   Vec& F, Vec& W) {
+  const Vec zero(0.0f), tiny(FLT_MIN);
+  if constexpr (K == FORWARD_KL) {  // f = q (log q - log p), w = -q
+    F = F + wt * keep(q > zero, q * (logq - logp));
+    W = W - wt * q;
+  } else if constexpr (K == REVERSE_KL) {  // f = p (log p - log q), w = f + p
+    const Vec f = keep(p > zero, p * (logp - logq));
+    F = F + wt * f;
+    W = W + wt * (f + p);
+  } else if constexpr (K == JSD) {  // m = b q + (1-b) p; f = b q log(q/m) + (1-b) p log(p/m), w = (1-b) p log(p/m)
+    const Vec b(o.beta), nb(1.0f - o.beta);
+    const Vec logm = fast_log(at::vec::maximum(b * q + nb * p, tiny));
+    const Vec fp = keep(p > zero, p * (logp - logm));
+    const Vec fq = keep(q > zero, q * (logq - logm));
+    F = F + wt * (b * fq + nb * fp);
+    W = W + wt * nb * fp;
+  } else if constexpr (K == SKEW_FORWARD_KL) {  // m = a q + (1-a) p; f = q (log q - log m), w = -(1-a) p q / m
+    const Vec a(o.alpha), na(1.0f - o.alpha);
+    const Vec m = at::vec::maximum(a * q + na * p, tiny);
+    const Vec pos_q = q > zero;
+    F = F + wt * keep(pos_q, q * (logq - fast_log(m)));
+    W = W - wt * na * keep(pos_q, p * q / m);
+  } else if constexpr (K == SKEW_REVERSE_KL) {  // m = a p + (1-a) q; f = p (log p - log m), w = f + p - a p^2 / m
+    const Vec a(o.alpha), na(1.0f - o.alpha);
+    const Vec m = at::vec::maximum(a * p + na * q, tiny);
+    const Vec pos_p = p > zero;
+    const Vec f = keep(pos_p, p * (logp - fast_log(m)));
+    F = F + wt * f;
+    W = W + wt * (f + p - a * keep(pos_p, p * p / m));
+  } else {  // TVD: f = |p - q| / 2, w = p sign(p - q) / 2
+    const Vec d = p - q, half(0.5f);
+    const Vec sign = keep(d > zero, Vec(1.0f)) - keep(d < zero, Vec(1.0f));
+    F = F + wt * half * d.abs();
+    W = W + wt * half * p * sign;
+  }
+}
+
+inline void term_at(const Options& o, const Term& term, const Vec& p, const Vec& q, const Vec& logp, const Vec& logq,
+                    Vec& F, Vec& W) {
+  const Vec wt(term.weight);
+  switch (term.kind) {
+    case FORWARD_KL: term_k<FORWARD_KL>(o, wt, p, q, logp, logq, F, W); break;
+    case REVERSE_KL: term_k<REVERSE_KL>(o, wt, p, q, logp, logq, F, W); break;
+    case JSD: term_k<JSD>(o, wt, p, q, logp, logq, F, W); break;
+    case SKEW_FORWARD_KL: term_k<SKEW_FORWARD_KL>(o, wt, p, q, logp, logq, F, W); break;
+    case SKEW_REVERSE_KL: term_k<SKEW_REVERSE_KL>(o, wt, p, q, logp, logq, F, W); break;
+    default: term_k<TVD>(o, wt, p, q, logp, logq, F, W); break;
+  }
+}
+
+inline void terms_at(const Options& o, const Vec& p, const Vec& q, const Vec& logp, const Vec& logq, Vec& F, Vec& W) {
+  for (const Term& term : o.terms) term_at(o, term, p, q, logp, logq, F, W);
+}
+
+// Indices of the k largest entries of x[0:n] (unordered): a min-heap of the best k so far, fed only by the vector
+// lanes that beat its smallest entry (for a row in random order about k ln(n / k) insertions), so a row costs about
+// one vectorised compare pass. Rows with fewer than k entries above -inf are completed with the first other indices
+// (as any top-k of tied -inf values).
+void select_topk(const float* x, int64_t n, int64_t k, std::vector<std::pair<float, int64_t>>& heap,
+                 std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
+  const auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first;
+  };
+  heap.clear();
+  float thr = -std::numeric_limits<float>::infinity();
+  const auto offer = [&](int64_t i) {
+    if (!(x[i] > thr)) return;
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.emplace_back(x[i], i);
+      std::push_heap(heap.begin(), heap.end(), greater);
+      if (static_cast<int64_t>(heap.size()) == k) thr = heap.front().first;
+    } else {
+      std::pop_heap(heap.begin(), heap.end(), greater);
+      heap.back() = {x[i], i};
+      std::push_heap(heap.begin(), heap.end(), greater);
+      thr = heap.front().first;
+    }
+  };
+  const unsigned all_below = (1u << Vec::size()) - 1;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    unsigned above = ~static_cast<unsigned>((Vec::loadu(x + i) > Vec(thr)).zero_mask()) & all_below;
+    while (above) {  // only the lanes above the threshold (which may rise on the way)
+      offer(i + __builtin_ctz(above));
+      above &= above - 1;
+    }
+  }
+  for (; i < n; ++i) offer(i);
+  out.clear();
+  for (const auto& e : heap) out.push_back(e.second);
+  if (static_cast<int64_t>(out.size()) < k) {
+    for (int64_t j : out) mark[j] = 1;
+    for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
+      if (!mark[j]) out.push_back(j);
+    for (int64_t j : out) mark[j] = 0;
+  }
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Logits x[j : j + width] * inv_T of a row of length V; lanes past V are -inf (p = q = 0 there).
+inline Vec logits_at(const float* x, int64_t j, int64_t V, const Vec& inv_T) {
+  if (j + Vec::size() <= V) return Vec::loadu(x + j) * inv_T;
+  const int64_t n = V - j;
+  return Vec::set(Vec(kNegInf), Vec::loadu(x + j, n) * inv_T, n);
+}
+
+inline void store_row(const Vec& v, float* out, int64_t j, int64_t V) {
+  if (j + Vec::size() <= V) {
+    v.store(out + j);
+  } else {
+    v.store(out + j, V - j);
+  }
+}
+
+// max_j x[j] * inv_T (the scale is monotone, so this is max(x) * inv_T); -inf for a row of -inf.
+inline float row_max(const float* x, int64_t V, float inv_T) {
+  Vec vm(kNegInf);
+  const Vec one(1.0f);
+  for (int64_t j = 0; j < V; j += Vec::size()) vm = at::vec::maximum(vm, logits_at(x, j, V, one));
+  return hmax(vm) * inv_T;
+}
+
+// e = exp(x * inv_T - m) over the padded row (np entries; e = nullptr: not stored), returns sum e; m = -inf (a row of
+// -inf) is treated as 0.
+inline double exp_sum(const float* x, int64_t V, int64_t np, float inv_T, float m, float* e) {
+  if (!std::isfinite(m)) m = 0.0f;
+  const Vec vm(m), vt(inv_T);
+  Vec acc(0.0f);
+  double total = 0.0;
+  for (int64_t j = 0, k = 0; j < np; j += Vec::size(), ++k) {
+    const Vec v = fast_exp(logits_at(x, j, V, vt) - vm);
+    if (e) v.store(e + j);
+    acc = acc + v;
+    if (k % kFlush == kFlush - 1) {
+      total += hsum(acc);
+      acc = Vec(0.0f);
+    }
+  }
+  return total + hsum(acc);
+}
+
+// Pass 3 over all of V: F = sum_V sum_terms weight f, C = sum_V W; W overwrites e_t in `eq`. K2 < 0: one term.
+// K1 = K2 = -1: any terms, dispatched per vector (kinds other than the common ones and `half`).
+template <int64_t K1, int64_t K2>
+void dense_terms(const Options& o, const float* z, const float* u, int64_t V, int64_t np, const float* es, float* eq,
+                 float inv_Zs, float inv_Zt, float lse_s, float lse_t, double& F_out, double& C_out) {
+  const Vec v_inv_Zs(inv_Zs), v_inv_Zt(inv_Zt), v_lse_s(lse_s), v_lse_t(lse_t), vt(o.inv_T);
+  const Vec w1(o.terms[0].weight), w2(o.terms.size() > 1 ? o.terms[1].weight : 0.0f);
+  Vec F_acc(0.0f), C_acc(0.0f);
+  double F_total = 0.0, C = 0.0;
+  for (int64_t j = 0, k = 0; j < np; j += Vec::size(), ++k) {
+    const Vec p = Vec::loadu(es + j) * v_inv_Zs;
+    const Vec q = Vec::loadu(eq + j) * v_inv_Zt;
+    const Vec logp = logits_at(z, j, V, vt) - v_lse_s;
+    const Vec logq = logits_at(u, j, V, vt) - v_lse_t;
+    Vec F(0.0f), W(0.0f);
+    if constexpr (K1 < 0) {
+      terms_at(o, p, q, logp, logq, F, W);
+    } else {
+      term_k<K1>(o, w1, p, q, logp, logq, F, W);
+      if constexpr (K2 >= 0) term_k<K2>(o, w2, p, q, logp, logq, F, W);
+    }
+    F_acc = F_acc + F;
+    C_acc = C_acc + W;
+    W.store(eq + j);
+    if (k % kFlush == kFlush - 1) {
+      F_total += hsum(F_acc);
+      C += hsum(C_acc);
+      F_acc = Vec(0.0f);
+      C_acc = Vec(0.0f);
+    }
+  }
+  F_out = F_total + hsum(F_acc);
+  C_out = C + hsum(C_acc);
+}
+
+using DenseFn = void (*)(const Options&, const float*, const float*, int64_t, int64_t, const float*, float*, float,
+                         float, float, float, double&, double&);
+
+DenseFn pick_dense(const Options& o) {
+  if (o.terms.size() == 1) {
+    switch (o.terms[0].kind) {
+      case FORWARD_KL: return dense_terms<FORWARD_KL, -1>;
+      case REVERSE_KL: return dense_terms<REVERSE_KL, -1>;
+      case JSD: return dense_terms<JSD, -1>;
+      case SKEW_FORWARD_KL: return dense_terms<SKEW_FORWARD_KL, -1>;
+      case SKEW_REVERSE_KL: return dense_terms<SKEW_REVERSE_KL, -1>;
+      default: return dense_terms<TVD, -1>;
+    }
+  }
+  if (o.terms.size() == 2 && o.terms[0].kind == FORWARD_KL && o.terms[1].kind == REVERSE_KL)
+    return dense_terms<FORWARD_KL, REVERSE_KL>;  // half
+  return dense_terms<-1, -1>;
+}
+
+// Value and gradient of the top-k terms at one row. z, u: the row's logits (float32, unscaled); lse_s, lse_t the
+// log-normalisers of z / T and u / T. Adds the value to F, sum_S w of non-renormalised terms to C, and
+// kd * (sparse gradient) to `sparse`.
+void topk_terms(const Options& o, const float* z, const float* u, float lse_s, float lse_t, float kd,
+                const std::vector<int64_t>& idx_l, const std::vector<int64_t>& idx_t, std::vector<uint8_t>& mark,
+                std::vector<int64_t>& S, std::vector<float>& pk, double& F, double& C,
+                std::vector<std::pair<int64_t, float>>& sparse) {
+  for (const Term& term : o.terms) {
+    if (term.support == LEARNER) {
+      S = idx_l;
+    } else if (term.support == TEACHER) {
+      S = idx_t;
+    } else {  // union: the learner's picks, then the teacher's not among them (duplicates count once)
+      S = idx_l;
+      for (int64_t j : idx_l) mark[j] = 1;
+      for (int64_t j : idx_t)
+        if (!mark[j]) S.push_back(j);
+      for (int64_t j : idx_l) mark[j] = 0;
+    }
+    const int64_t n = static_cast<int64_t>(S.size());
+    const int64_t kp = (n + Vec::size() - 1) / Vec::size() * Vec::size();
+    pk.assign(static_cast<size_t>(kp) * 5, kNegInf);  // log p, log q, p, q, w at S (padding: p = q = 0)
+    float *lp = pk.data(), *lq = lp + kp, *pp = lq + kp, *qq = pp + kp, *ww = qq + kp;
+    for (int64_t i = 0; i < n; ++i) {
+      lp[i] = z[S[i]] * o.inv_T - lse_s;
+      lq[i] = u[S[i]] * o.inv_T - lse_t;
+    }
+    if (o.renormalize) {  // log p~ = log p - log p(S), the same for q
+      for (float* l : {lp, lq}) {
+        float m = kNegInf;
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, l[i]);
+        const float m0 = std::isfinite(m) ? m : 0.0f;
+        double Z = 0.0;
+        for (int64_t i = 0; i < n; ++i) Z += std::exp(l[i] - m0);
+        const float lse = m0 + static_cast<float>(std::log(Z));
+        for (int64_t i = 0; i < n; ++i) l[i] -= lse;
+      }
+    }
+    for (int64_t i = 0; i < kp; ++i) {
+      pp[i] = std::exp(lp[i]);
+      qq[i] = std::exp(lq[i]);
+    }
+    Vec F_acc(0.0f), W_acc(0.0f);
+    for (int64_t j = 0; j < kp; j += Vec::size()) {
+      Vec f(0.0f), w(0.0f);
+      term_at(o, term, Vec::loadu(pp + j), Vec::loadu(qq + j), Vec::loadu(lp + j), Vec::loadu(lq + j), f, w);
+      F_acc = F_acc + f;
+      W_acc = W_acc + w;
+      w.store(ww + j);
+    }
+    F += hsum(F_acc);
+    const double w_sum = hsum(W_acc);
+    if (o.renormalize) {  // the gradient lives on S: w~ - p~ sum_S w~
+      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], kd * (ww[i] - pp[i] * static_cast<float>(w_sum)));
+    } else {
+      C += w_sum;
+      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], kd * ww[i]);
+    }
+  }
+}
+
+// Row r of x as float32: the row itself for float32 input, else converted into `scratch` (ATen's vector conversions).
+template <typename scalar_t>
+inline const float* float_row(const scalar_t* x, int64_t r, int64_t V, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x + r * V;
+  } else {
+    using RVec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* xr = x + r * V;
+    int64_t j = 0;
+    for (; j + RVec::size() <= V; j += RVec::size()) {
+      const auto halves = at::vec::convert_to_float<scalar_t>(RVec::loadu(xr + j));
+      std::get<0>(halves).store(scratch + j);
+      std::get<1>(halves).store(scratch + j + Vec::size());
+    }
+    for (; j < V; ++j) scratch[j] = static_cast<float>(xr[j]);
+    return scratch;
+  }
+}
+
+// out[0:V] = g[0:V] rounded to scalar_t (bfloat16 / float16).
+template <typename scalar_t>
+inline void store_converted(const float* g, int64_t V, scalar_t* out) {
+  using RVec = at::vec::Vectorized<scalar_t>;
+  int64_t j = 0;
+  for (; j + RVec::size() <= V; j += RVec::size())
+    at::vec::convert_from_float<scalar_t>(Vec::loadu(g + j), Vec::loadu(g + j + Vec::size())).store(out + j);
+  for (; j < V; ++j) out[j] = static_cast<scalar_t>(g[j]);
+}
+
+template <typename scalar_t>
+void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, const int64_t* rows, int64_t n_rows,
+                int64_t V, const Options& o, const float* div_coef, const float* nll_coef, scalar_t* grad,
+                float* grad_f, float* values, float* nll, float* lse_s_out, float* lse_t_out) {
+  const int64_t np = (V + Vec::size() - 1) / Vec::size() * Vec::size();
+  const bool has_t = u != nullptr, need_grad = grad != nullptr || grad_f != nullptr;
+  const bool dense = has_t && o.top_k == 0;  // every term over all of V
+  const bool convert = !std::is_same_v<scalar_t, float>;
+  const DenseFn dense_fn = dense ? pick_dense(o) : nullptr;
+  bool need_l = false, need_t = false;
+  for (const Term& term : o.terms) {
+    need_l = need_l || term.support == LEARNER || term.support == UNION;
+    need_t = need_t || term.support == TEACHER || term.support == UNION;
+  }
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    // es: e_s; eq: e_t, then W; zs, us: float32 copies of low-precision rows; g: the float32 gradient row when the
+    // output is not float32
+    std::vector<float> es(np), eq(dense ? np : 0), zs(convert ? V : 0), us(convert && has_t ? V : 0);
+    std::vector<float> g(grad_f ? 0 : np);
+    std::vector<std::pair<float, int64_t>> heap;  // select_topk's heap
+    std::vector<int64_t> idx_l, idx_t, S;
+    std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
+    std::vector<float> pk;
+    std::vector<std::pair<int64_t, float>> sparse;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows ? rows[i] : i;
+      const float* zr = float_row(z, r, V, zs.data());
+      const float* ur = has_t ? float_row(u, r, V, us.data()) : nullptr;
+      const float ms = row_max(zr, V, o.inv_T);
+      const double Zs = exp_sum(zr, V, np, o.inv_T, ms, es.data());
+      const float lse_s = (std::isfinite(ms) ? ms : 0.0f) + static_cast<float>(std::log(Zs));
+      lse_s_out[r] = lse_s;
+      const float inv_Zs = static_cast<float>(1.0 / Zs);
+      const float kd = (has_t && need_grad) ? div_coef[r] * o.inv_T : 0.0f;
+      double C = 0.0;
+      sparse.clear();
+      if (has_t) {
+        const float mt = row_max(ur, V, o.inv_T);
+        const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr);  // top-k: only Z_t
+        const float lse_t = (std::isfinite(mt) ? mt : 0.0f) + static_cast<float>(std::log(Zt));
+        lse_t_out[r] = lse_t;
+        double F = 0.0;
+        if (dense) {
+          dense_fn(o, zr, ur, V, np, es.data(), eq.data(), inv_Zs, static_cast<float>(1.0 / Zt), lse_s, lse_t, F, C);
+        } else {
+          if (need_l) select_topk(zr, V, o.top_k, heap, idx_l, mark);
+          if (need_t) select_topk(ur, V, o.top_k, heap, idx_t, mark);
+          topk_terms(o, zr, ur, lse_s, lse_t, kd, idx_l, idx_t, mark, S, pk, F, C, sparse);
+        }
+        values[r] = static_cast<float>(F);
+      }
+      // NLL of the label under p1 = softmax(z) (= p when T = 1); label smoothing eps spreads eps / V over V.
+      float lse_z = lse_s;
+      const bool p1_is_p = o.T == 1.0f;
+      if (labels) {
+        const int64_t y = labels[r];
+        TORCH_CHECK(y >= 0 && y < V, "label ", y, " at row ", r, " is outside the vocabulary [0, ", V, ")");
+        if (!p1_is_p) {  // log-normaliser of z itself: one more exp pass
+          float mz = kNegInf;
+          for (int64_t j = 0; j < V; ++j) mz = std::max(mz, zr[j]);
+          const float m0 = std::isfinite(mz) ? mz : 0.0f;
+          double Zz = 0.0;
+          for (int64_t j = 0; j < V; ++j) Zz += std::exp(zr[j] - m0);
+          lse_z = m0 + static_cast<float>(std::log(Zz));
+        }
+        float value = lse_z - zr[y];
+        if (o.eps > 0.0f) {
+          double sum_z = 0.0;
+          for (int64_t j = 0; j < V; ++j) sum_z += zr[j];
+          value = (1.0f - o.eps) * value + o.eps * (lse_z - static_cast<float>(sum_z / V));
+        }
+        nll[r] = value;
+      }
+      if (!need_grad) continue;
+      const float nc = labels ? nll_coef[r] : 0.0f;
+      // pass 4: grad = kd (W - p C) + nc p1 - nc eps / V, then the label term and the sparse top-k w
+      float* out = grad_f ? grad_f + r * V : g.data();
+      const Vec v_kd(kd), v_kdC(kd * static_cast<float>(C)), v_nc(nc), v_inv_Zs(inv_Zs);
+      const Vec v_shift(-nc * o.eps / static_cast<float>(V));
+      if (p1_is_p || !labels) {
+        for (int64_t j = 0; j < np; j += Vec::size()) {
+          const Vec p = Vec::loadu(es.data() + j) * v_inv_Zs;
+          Vec gv = v_nc * p + v_shift - v_kdC * p;
+          if (dense) gv = gv + v_kd * Vec::loadu(eq.data() + j);
+          store_row(gv, out, j, V);
+        }
+      } else {
+        const float kdC = kd * static_cast<float>(C);
+        for (int64_t j = 0; j < V; ++j) {
+          const float p1 = std::exp(zr[j] - lse_z);
+          const float p = es[j] * inv_Zs;
+          out[j] = nc * p1 - nc * o.eps / static_cast<float>(V) - kdC * p + (dense ? kd * eq[j] : 0.0f);
+        }
+      }
+      if (labels) out[labels[r]] -= (1.0f - o.eps) * nc;
+      for (const auto& e : sparse) out[e.first] += e.second;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (!grad_f) store_converted(out, V, grad + r * V);
+      }
+    }
+  });
+}
+
+// Entry point. z, u: [N, V] contiguous (float32, bfloat16 or float16); labels [N] int64; rows [n] int64 (the rows to
+// process; None = all); kinds/weights/supports: the terms (supports -1 = all of V, else 0/1/2 = learner/teacher/
+// union top-k with top_k > 0); div_coef, nll_coef [N] float32; grad [N, V] in z's dtype or
+// float32 (written at the processed rows).
+// Returns values, nll, lse_s, lse_t, each [N] float32 (written at the processed rows, 0 elsewhere).
+std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<torch::Tensor>& u,
+                                 const c10::optional<torch::Tensor>& labels, const c10::optional<torch::Tensor>& rows,
+                                 const std::vector<int64_t>& kinds, const std::vector<double>& weights,
+                                 const std::vector<int64_t>& supports, int64_t top_k, bool renormalize, double T,
+                                 double beta, double alpha, double eps, const c10::optional<torch::Tensor>& div_coef,
+                                 const c10::optional<torch::Tensor>& nll_coef, const c10::optional<torch::Tensor>& grad) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.device().is_cpu(), "z must be a contiguous [N, V] CPU tensor");
+  TORCH_CHECK(kinds.size() == weights.size() && kinds.size() == supports.size(), "kinds/weights/supports lengths");
+  const int64_t N = z.size(0), V = z.size(1);
+  TORCH_CHECK(top_k >= 0 && top_k <= V, "top_k must be in [0, V]: got ", top_k);
+  if (u) TORCH_CHECK(u->sizes() == z.sizes() && u->is_contiguous() && u->scalar_type() == z.scalar_type(),
+                     "u must be a contiguous tensor of z's shape and dtype");
+  if (labels) TORCH_CHECK(labels->numel() == N && labels->scalar_type() == torch::kLong, "labels: [N] int64");
+  if (rows) TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == torch::kLong && rows->is_contiguous(), "rows");
+  if (grad) {
+    TORCH_CHECK(grad->sizes() == z.sizes() && grad->is_contiguous() &&
+                    (grad->scalar_type() == z.scalar_type() || grad->scalar_type() == torch::kFloat),
+                "grad must be a contiguous tensor of z's shape, in z's dtype or float32");
+    if (u) TORCH_CHECK(div_coef && div_coef->numel() == N && div_coef->scalar_type() == torch::kFloat, "div_coef");
+    if (labels) TORCH_CHECK(nll_coef && nll_coef->numel() == N && nll_coef->scalar_type() == torch::kFloat, "nll_coef");
+  }
+  Options o;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    TORCH_CHECK(kinds[i] >= FORWARD_KL && kinds[i] <= TVD, "unknown kind code ", kinds[i]);
+    TORCH_CHECK(supports[i] >= FULL && supports[i] <= UNION && ((supports[i] == FULL) == (top_k == 0)),
+                "support code ", supports[i], " does not fit top_k ", top_k);
+    o.terms.push_back({kinds[i], static_cast<float>(weights[i]), supports[i]});
+  }
+  o.T = static_cast<float>(T);
+  o.inv_T = static_cast<float>(1.0 / T);
+  o.beta = static_cast<float>(beta);
+  o.alpha = static_cast<float>(alpha);
+  o.eps = static_cast<float>(eps);
+  o.top_k = top_k;
+  o.renormalize = renormalize;
+  auto fopts = z.options().dtype(torch::kFloat);
+  torch::Tensor values = torch::zeros({N}, fopts), nll = torch::zeros({N}, fopts);
+  torch::Tensor lse_s = torch::zeros({N}, fopts), lse_t = torch::zeros({N}, fopts);
+  const int64_t n_rows = rows ? rows->numel() : N;
+  const int64_t* rows_ptr = rows ? rows->data_ptr<int64_t>() : nullptr;
+  const int64_t* labels_ptr = labels ? labels->data_ptr<int64_t>() : nullptr;
+  const float* dc = (grad && u) ? div_coef->data_ptr<float>() : nullptr;
+  const float* nc = (grad && labels) ? nll_coef->data_ptr<float>() : nullptr;
+  const bool grad_in_float = grad && grad->scalar_type() == torch::kFloat;
+  const bool grad_in_z_dtype = grad && !grad_in_float;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "ktransfer_sweep", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "float64 runs on the Python path");
+    } else {
+      sweep_rows<scalar_t>(z.data_ptr<scalar_t>(), u ? u->data_ptr<scalar_t>() : nullptr, labels_ptr, rows_ptr,
+                           n_rows, V, o, dc, nc, grad_in_z_dtype ? grad->data_ptr<scalar_t>() : nullptr,
+                           grad_in_float ? grad->data_ptr<float>() : nullptr,
+                           values.data_ptr<float>(), nll.data_ptr<float>(), lse_s.data_ptr<float>(),
+                           lse_t.data_ptr<float>());
+    }
+  });
+  return {values, nll, lse_s, lse_t};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sweep", &sweep, "value, NLL and gradient of a full-vocabulary divergence over rows (see the file header)");
+}

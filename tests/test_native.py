@@ -1,0 +1,222 @@
+"""The compiled CPU kernel (``ktransfer.native``) against the Python path in float64, which test_divergences.py checks
+against an independent NumPy reference: every kind, full and top-k supports, renormalisation, temperature, NLL with
+label smoothing, masks, -inf logits, low-precision inputs, thread counts, a long vocabulary, and the build fallback.
+
+Skipped only where no C++ compiler exists (then ``divergence`` runs the Python path, tested elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+import ktransfer.divergences as D
+from ktransfer import KINDS, divergence, native, transfer_loss
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="needs a C++ compiler to build the kernel")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    saved = dict(native._STATE)
+    native.use_native(True)
+    mod = native.kernel()
+    assert mod is not None, "a C++ compiler is present, so the kernel must build (see the warning above)"
+    yield mod
+    native._STATE.update(saved)
+
+
+def _logits(N, V, seed, scale=2.5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _on_both_paths(fn, z, u):
+    """fn(z, u) with the kernel on float32/bf16 inputs, and on the Python path in float64: (value, grad) each."""
+    out = []
+    for x, y, use in ((z, u, True), (z.double(), u.double(), False)):
+        native.use_native(use)
+        try:
+            x = x.detach().clone().requires_grad_(True)
+            v = fn(x, y)
+            v.backward()
+            out.append((v.detach().double(), x.grad.double()))
+        finally:
+            native.use_native(True)
+    return out
+
+
+def _rel(a, b):
+    scale = b.abs().max().clamp_min(1e-30)
+    return float((a - b).abs().max() / scale)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_vocabulary_equals_float64(kernel, kind, T):
+    z, u = _logits(13, 301, seed=1), _logits(13, 301, seed=2)  # 301: not a multiple of the vector width
+    (vk, gk), (vr, gr) = _on_both_paths(lambda x, y: divergence(x, y, kind, temperature=T), z, u)
+    assert float(abs(vk - vr) / vr.abs()) < 2e-6
+    assert _rel(gk, gr) < 2e-6
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("support", [None, "learner", "teacher", "union"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_supports_equal_float64(kernel, kind, support, renormalize):
+    z, u = _logits(11, 203, seed=3), _logits(11, 203, seed=4)
+    (vk, gk), (vr, gr) = _on_both_paths(
+        lambda x, y: divergence(x, y, kind, top_k=7, support=support, renormalize=renormalize, temperature=1.5), z, u)
+    assert float(abs(vk - vr) / vr.abs()) < 5e-6
+    assert _rel(gk, gr) < 5e-6
+
+
+def test_top_k_of_the_whole_vocabulary_is_the_full_divergence(kernel):
+    z, u = _logits(6, 40, seed=5), _logits(6, 40, seed=6)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        for support in ("learner", "teacher", "union"):
+            full = divergence(z, u, kind)
+            top = divergence(z, u, kind, top_k=40, support=support)
+            assert float(abs(top - full)) <= 1e-6 * float(abs(full))
+
+
+def test_tiny_vocabulary_and_a_single_row(kernel):
+    for V in (1, 2, 5, 16, 17):
+        z, u = _logits(1, V, seed=V), _logits(1, V, seed=V + 50)
+        (vk, gk), (vr, gr) = _on_both_paths(lambda x, y: divergence(x, y, "jsd"), z, u)
+        assert float(abs(vk - vr)) <= 1e-6 * max(1.0, float(vr.abs()))
+        assert float((gk - gr).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("objective", ["nll", "kd", "ka", "half", "jsd"])
+def test_transfer_loss_with_labels_smoothing_and_ignored_positions(kernel, objective):
+    B, L, V = 3, 5, 97
+    z = _logits(B * L, V, seed=7).reshape(B, L, V)
+    u = _logits(B * L, V, seed=8).reshape(B, L, V)
+    labels = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(9))
+    labels[0, 3:] = -100
+    labels[2, 0] = -100
+    for T in (1.0, 3.0):
+        for eps in (0.0, 0.1):
+            (vk, gk), (vr, gr) = _on_both_paths(
+                lambda x, y, T=T, eps=eps: transfer_loss(x, y, labels, objective=objective, lam=0.3, temperature=T,
+                                                         label_smoothing=eps).loss, z, u)
+            assert float(abs(vk - vr) / vr.abs()) < 2e-6, (T, eps)
+            assert _rel(gk, gr) < 2e-6, (T, eps)
+            assert float(gk[0, 3:].abs().max()) == 0.0  # ignored positions get no gradient
+
+
+def test_minus_infinity_logits_and_masks(kernel):
+    z, u = _logits(8, 64, seed=10), _logits(8, 64, seed=11)
+    z[:, 60:] = -torch.inf  # a learner that cannot emit 4 tokens, a teacher that cannot emit 2 others
+    u[:, 50:52] = -torch.inf
+    u[:, 60:] = -torch.inf
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[[1, 4]] = False
+    for kind in ("forward_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"):
+        fn = lambda x, y, kind=kind: divergence(x, y, kind, mask=mask, reduction="sum")  # noqa: E731
+        (vk, gk), (vr, gr) = _on_both_paths(fn, z, u)
+        assert torch.isfinite(vk) and float(abs(vk - vr) / vr.abs()) < 2e-6
+        assert _rel(gk, gr) < 2e-6
+        assert float(gk[[1, 4]].abs().max()) == 0.0
+    # KL(p || q) is infinite where the learner puts mass on a token the teacher cannot emit
+    assert divergence(z, u, "reverse_kl").item() == float("inf")
+    z[5] = -torch.inf
+    with pytest.raises(ValueError, match="position 5 .* no finite logit"):
+        divergence(z, u, "forward_kl")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(kernel, dtype):
+    z, u = _logits(9, 130, seed=12, dtype=dtype), _logits(9, 130, seed=13, dtype=dtype)
+    for kind in ("reverse_kl", "half", "jsd"):
+        (vk, gk), (vr, gr) = _on_both_paths(lambda x, y, kind=kind: divergence(x, y, kind, top_k=None), z, u)
+        assert float(abs(vk - vr) / vr.abs()) < 2e-6  # the same inputs, computed in float32
+        assert _rel(gk, gr) < 1e-2  # the gradient is stored in the input's dtype
+
+
+def test_long_vocabulary_sums_stay_accurate(kernel):
+    z, u = _logits(3, 150_001, seed=14, scale=1.0), _logits(3, 150_001, seed=15, scale=1.0)
+    for kind in ("forward_kl", "reverse_kl"):
+        (vk, gk), (vr, gr) = _on_both_paths(lambda x, y, kind=kind: divergence(x, y, kind), z, u)
+        assert float(abs(vk - vr) / vr.abs()) < 1e-5
+        assert _rel(gk, gr) < 1e-5
+
+
+def test_one_or_two_threads_give_identical_bits(kernel):
+    z, u = _logits(33, 257, seed=16), _logits(33, 257, seed=17)
+    saved = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = z.clone().requires_grad_(True)
+            v = divergence(x, u, "half", top_k=5)
+            v.backward()
+            out.append((v.detach(), x.grad))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_fused_head_uses_the_kernel_and_matches_float64(kernel):
+    from ktransfer import fused_linear_divergence
+
+    g = torch.Generator().manual_seed(18)
+    h = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    W = torch.randn(300, 16, generator=g, dtype=torch.float64) * 0.3
+    ht = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    Wt = torch.randn(300, 24, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, 300, (20,), generator=g)
+    grads = []
+    for dtype, use in ((torch.float32, True), (torch.float64, False)):
+        native.use_native(use)
+        try:
+            Wx = W.to(dtype).requires_grad_(True)
+            loss = fused_linear_divergence(h.to(dtype), Wx, ht.to(dtype), Wt.to(dtype), "reverse_kl", labels=labels,
+                                           lam=0.5).loss
+            loss.backward()
+            grads.append((loss.detach().double(), Wx.grad.double()))
+        finally:
+            native.use_native(True)
+    assert float(abs(grads[0][0] - grads[1][0]) / grads[1][0].abs()) < 2e-6
+    assert _rel(grads[0][1], grads[1][1]) < 1e-5
+
+
+def test_a_failed_build_falls_back_to_the_python_path_once(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    saved = dict(native._STATE)
+    calls = []
+
+    def broken_load(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("Error building extension: no compiler\nc++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    native._STATE.update(module=None, failed=False, enabled=True)
+    try:
+        z, u = _logits(4, 30, seed=19), _logits(4, 30, seed=20)
+        with caplog.at_level(logging.WARNING, logger="ktransfer.native"):
+            a = divergence(z, u, "jsd")
+            b = divergence(z, u, "jsd")
+        want = divergence(z.double(), u.double(), "jsd")
+        assert len(calls) == 1 and not native.native_enabled()
+        assert sum("could not be built" in r.getMessage() for r in caplog.records) == 1
+        assert "c++: not found" in caplog.text
+        assert float(abs(a - want)) < 1e-6 and torch.equal(a, b)
+    finally:
+        native._STATE.update(saved)
+
+
+def test_switch_is_checked_and_float64_never_uses_the_kernel(kernel):
+    with pytest.raises(ValueError, match="True or False"):
+        native.use_native("yes")
+    z, u = _logits(3, 10, seed=21, dtype=torch.float64), _logits(3, 10, seed=22, dtype=torch.float64)
+    assert D._native_module(z, u) is None
+    assert D._native_module(z.float(), u.float()) is kernel
+    assert D._native_module(z.float(), u.to(torch.bfloat16)) is None  # mixed dtypes take the Python path
