@@ -553,6 +553,10 @@ def main(argv=None):
     ap.add_argument("--python-path", action="store_true",
                     help="run ktransfer's Python chunk path (eager, or compiled with --compile) instead of its C++ CPU "
                          "kernel (ktransfer.native), e.g. to compare the two")
+    ap.add_argument("--heap-only", action="store_true",
+                    help="run the workers with glibc's mmap for large blocks off (MALLOC_MMAP_MAX_=0) and no trimming, "
+                         "so that a fresh [N, V] output (log_softmax's, the gradient) reuses memory instead of "
+                         "page-faulting: times then compare the computations alone (Linux/glibc only)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table with the machine and the command")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results to PATH")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per configuration (default: 900)")
@@ -594,6 +598,9 @@ def main(argv=None):
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    if args.heap_only:  # glibc: no mmap for large blocks, freed memory kept: an [N, V] allocation stops page-faulting
+        env["MALLOC_MMAP_MAX_"] = "0"
+        env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 40)
     load_before = os.getloadavg()
     rows = []
     for n, v in args.sizes:
@@ -660,7 +667,7 @@ def main(argv=None):
     if args.markdown:
         print(
             f"Machine: {machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype} on {args.device}; "
-            f"ktransfer path: {_path_name(args)}; "
+            f"ktransfer path: {_path_name(args)}; {'glibc heap only (no page faults on reuse); ' * args.heap_only}"
             f"{datetime.date.today().isoformat()}; load average (1 min) {load_before[0]:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after.  "
         )

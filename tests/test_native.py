@@ -75,6 +75,18 @@ def test_top_k_supports_equal_float64(kernel, kind, support, renormalize):
     assert _rel(gk, gr) < 5e-6
 
 
+@pytest.mark.parametrize("k", [1, 16, 17, 70, 256, 300])
+def test_top_k_selection_for_small_and_large_k(kernel, k):
+    """k up to 16 x the vector width starts from pass 1's bound; larger k from -inf: both pick the top-k exactly."""
+    z, u = _logits(5, 1000, seed=23), _logits(5, 1000, seed=24)
+    z[1, ::3] = -torch.inf  # a row with fewer finite logits in some vector groups
+    for support in ("learner", "teacher", "union"):
+        (vk, gk), (vr, gr) = _on_both_paths(
+            lambda x, y, support=support: divergence(x, y, "jsd", top_k=k, support=support), z, u)
+        assert float(abs(vk - vr) / vr.abs()) < 5e-6, support
+        assert _rel(gk, gr) < 5e-6, support
+
+
 def test_top_k_of_the_whole_vocabulary_is_the_full_divergence(kernel):
     z, u = _logits(6, 40, seed=5), _logits(6, 40, seed=6)
     for kind in ("forward_kl", "reverse_kl", "jsd"):

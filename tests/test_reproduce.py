@@ -307,3 +307,15 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
     new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
     assert not any("====" in line for line in new) and sum("skipped" in line for line in new) == len(stages)
     assert (run / "stages.json").read_text() == before and (run / "report.md").read_text() == report
+
+    # one more prefix source later: its run is trained and scored, and the significance stage that compares prefix
+    # sources is redone for the new set of runs (the main one, whose runs did not change, is not)
+    more = [o if not o.startswith("prefixes=") else "prefixes=learner,mixed,teacher" for o in overrides]
+    reproduce("smoke", run, more)
+    new = (run / "reproduce.log").read_text().splitlines()
+    started = [line.split("==== ", 1)[1].split(" ====")[0] for line in new if "==== " in line]
+    assert any("finetune/ka-mixed/seed1" in s for s in started) and any("significance/prefixes" in s for s in started)
+    assert not any(s.endswith(" significance") for s in started)
+    tests = json.loads((run / "significance-prefixes.json").read_text())["tests"]
+    assert [(t["seed"], t["baseline"], t["system"]) for t in tests] == [
+        (1, "ka", "ka-learner"), (1, "ka", "ka-mixed"), (1, "ka", "ka-teacher")]

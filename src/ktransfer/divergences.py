@@ -549,8 +549,8 @@ def divergence(
         mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).
-        chunk_size: positions per chunk (memory O(chunk_size x V)); None picks about 2**17 / V on a CPU,
-            2**24 / V on a GPU.
+        chunk_size: positions per chunk of the Python path (memory O(chunk_size x V)); None picks about 2**17 / V on
+            a CPU, 2**24 / V on a GPU. The C++ kernel works row by row (O(threads x V)) and ignores it.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.

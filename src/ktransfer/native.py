@@ -89,8 +89,10 @@ def kernel():
         )
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the Python path still works
         _STATE["failed"] = True
+        lines = str(exc).strip().splitlines() or [""]
+        first_error = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
         _log.warning("ktransfer.native: the CPU kernel could not be built (%s: %s); using the Python path",
-                     type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+                     type(exc).__name__, first_error)
         return None
     seconds = time.perf_counter() - start
     if seconds > 2:

@@ -305,16 +305,26 @@ class Stages:
         self.path, self.log = run_dir / "stages.json", log
         self.data: dict[str, dict] = _on_main(lambda: json.loads(self.path.read_text()) if self.path.exists() else {})
 
-    def done(self, name: str) -> bool:
-        return bool(self.data.get(name, {}).get("done"))
+    def done(self, name: str, key: Any = None) -> bool:
+        entry = self.data.get(name, {})
+        return bool(entry.get("done")) and (key is None or entry.get("key") == key)
 
-    def run(self, name: str, fn, *, index: str = "") -> Any:
-        """Run ``fn()`` as stage ``name`` unless it is done; record its wall time."""
-        if self.done(name):
+    def run(self, name: str, fn, *, index: str = "", key: Any = None) -> Any:
+        """Run ``fn()`` as stage ``name`` unless it is done; record its wall time.
+
+        ``key`` (JSON data) names what the stage was computed from (e.g. the runs a significance stage compares): a
+        stage done with another key is redone, so that a rerun with more seeds or prefix sources updates it.
+        """
+        if self.done(name, key):
             self.log(f"---- {index} {name}: done already, skipped")
             return None
+        if self.data.get(name, {}).get("done"):
+            self.log(f"---- {index} {name}: done for other runs ({self.data[name].get('key')}), redone")
         self.log(f"==== {index} {name} " + "=" * max(4, 60 - len(name)))
         entry = self.data.setdefault(name, {"done": False, "wall_s": 0.0, "sessions": 0})
+        entry["done"] = False
+        if key is not None:
+            entry["key"] = key
         t0 = time.time()
         try:
             result = fn()
@@ -536,10 +546,11 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
                                                                test_cfg.data.test, opts.test_limit),
                    index=f"[eval {i}/{len(names)}]")
     stop("eval")
-    stages.run("significance", lambda: _on_main(lambda: _significance(test_cfg, opts, run)), index="[significance]")
+    stages.run("significance", lambda: _on_main(lambda: _significance(test_cfg, opts, run)), index="[significance]",
+               key=[list(t) for t in _significance_tests(opts)])
     if opts.prefixes:
         stages.run("significance/prefixes", lambda: _on_main(lambda: _significance_prefixes(test_cfg, opts, run)),
-                   index="[significance]")
+                   index="[significance]", key=[list(t) for t in _prefix_tests(opts)])
     stop("significance")
 
 
@@ -631,23 +642,32 @@ def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
     return _evaluate(cfg, Path(cfg.train.out_dir), out_dir, cfg.data.valid, cfg.data.valid_subset)
 
 
-def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
-    """Paired bootstrap resampling (sacreBLEU, ``opts.bootstrap`` resamples) on the test split, per seed: KA against
-    KD, and every objective against the nll control. Writes ``RUN/significance.json``."""
+def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
+    """(seed, baseline, system) of the main significance stage: KA against KD, every objective against nll."""
     pairs = []
     if "kd" in opts.objectives and "ka" in opts.objectives:
         pairs.append(("kd", "ka"))
     if opts.control:
         pairs += [("nll", o) for o in opts.objectives]
-    _write_paired_tests(cfg, opts, run, [(seed, base, system) for seed in opts.seeds for base, system in pairs],
-                        run / "significance.json")
+    return [(seed, base, system) for seed in opts.seeds for base, system in pairs]
+
+
+def _prefix_tests(opts: Options) -> list[tuple[int, str, str]]:
+    """(seed, baseline, system): each prefix-source run against the same objective with reference prefixes and the
+    same seed, where that run exists (the objective among ``objectives``, the seed among ``seeds``)."""
+    return [(s, o, f"{o}-{p}") for o, p, s in prefix_runs(opts) if o in opts.objectives and s in opts.seeds]
+
+
+def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
+    """Paired bootstrap resampling (sacreBLEU, ``opts.bootstrap`` resamples) on the test split, per seed: KA against
+    KD, and every objective against the nll control. Writes ``RUN/significance.json``."""
+    _write_paired_tests(cfg, opts, run, _significance_tests(opts), run / "significance.json")
 
 
 def _significance_prefixes(cfg: RunConfig, opts: Options, run: Path) -> None:
-    """The prefix-source runs against the same objective with reference prefixes, same seed (where that run exists:
-    the objective among ``objectives`` and the seed among ``seeds``). Writes ``RUN/significance-prefixes.json``."""
-    tests = [(s, o, f"{o}-{p}") for o, p, s in prefix_runs(opts) if o in opts.objectives and s in opts.seeds]
-    _write_paired_tests(cfg, opts, run, tests, run / "significance-prefixes.json")
+    """The prefix-source runs against reference prefixes (``_prefix_tests``). Writes
+    ``RUN/significance-prefixes.json``."""
+    _write_paired_tests(cfg, opts, run, _prefix_tests(opts), run / "significance-prefixes.json")
 
 
 def _write_paired_tests(cfg: RunConfig, opts: Options, run: Path, pairs: list[tuple[int, str, str]],

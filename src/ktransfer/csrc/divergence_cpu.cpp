@@ -18,7 +18,7 @@
 // those of ktransfer.divergences._value_and_w; docs/divergences.md derives them. The last vector of a row is padded
 // with -inf logits, whose p = q = 0 give exactly zero terms. The common single kinds and `half` get their own
 // instantiation of pass 3 (no per-vector dispatch). Row sums are accumulated in float vectors and flushed to double
-// every 64 vectors. bfloat16/float16 rows are converted to float32 scratch first; float32 rows are read in place.
+// every 64 vectors. bfloat16/float16 rows are converted to float32 vector by vector as they are read.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,6 +28,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <functional>
 #include <cfloat>
 #include <cmath>
 #include <limits>
@@ -189,57 +190,43 @@ inline void terms_at(const Options& o, const Vec& p, const Vec& q, const Vec& lo
   for (const Term& term : o.terms) term_at(o, term, p, q, logp, logq, F, W);
 }
 
-// Indices of the k largest entries of x[0:n] (unordered): a min-heap of the best k so far, fed only by the vector
-// lanes that beat its smallest entry (for a row in random order about k ln(n / k) insertions), so a row costs about
-// one vectorised compare pass. Rows with fewer than k entries above -inf are completed with the first other indices
-// (as any top-k of tied -inf values).
-void select_topk(const float* x, int64_t n, int64_t k, std::vector<std::pair<float, int64_t>>& heap,
-                 std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
-  const auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-    return a.first > b.first;
-  };
-  heap.clear();
-  float thr = -std::numeric_limits<float>::infinity();
-  const auto offer = [&](int64_t i) {
-    if (!(x[i] > thr)) return;
-    if (static_cast<int64_t>(heap.size()) < k) {
-      heap.emplace_back(x[i], i);
-      std::push_heap(heap.begin(), heap.end(), greater);
-      if (static_cast<int64_t>(heap.size()) == k) thr = heap.front().first;
-    } else {
-      std::pop_heap(heap.begin(), heap.end(), greater);
-      heap.back() = {x[i], i};
-      std::push_heap(heap.begin(), heap.end(), greater);
-      thr = heap.front().first;
-    }
-  };
-  const unsigned all_below = (1u << Vec::size()) - 1;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    unsigned above = ~static_cast<unsigned>((Vec::loadu(x + i) > Vec(thr)).zero_mask()) & all_below;
-    while (above) {  // only the lanes above the threshold (which may rise on the way)
-      offer(i + __builtin_ctz(above));
-      above &= above - 1;
-    }
-  }
-  for (; i < n; ++i) offer(i);
-  out.clear();
-  for (const auto& e : heap) out.push_back(e.second);
-  if (static_cast<int64_t>(out.size()) < k) {
-    for (int64_t j : out) mark[j] = 1;
-    for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
-      if (!mark[j]) out.push_back(j);
-    for (int64_t j : out) mark[j] = 0;
-  }
-}
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Logits x[j : j + width] * inv_T of a row of length V; lanes past V are -inf (p = q = 0 there).
-inline Vec logits_at(const float* x, int64_t j, int64_t V, const Vec& inv_T) {
-  if (j + Vec::size() <= V) return Vec::loadu(x + j) * inv_T;
+// Logits x[j : j + width] * inv_T of a row of length V as float32 (bf16/fp16 converted on the fly by ATen's vector
+// conversions); lanes past V are -inf (p = q = 0 there).
+template <typename T>
+inline Vec logits_at(const T* x, int64_t j, int64_t V, const Vec& inv_T) {
+  if (j + Vec::size() <= V) {
+    if constexpr (std::is_same_v<T, float>) {
+      return Vec::loadu(x + j) * inv_T;
+    } else {
+      Vec v;
+      at::vec::load_to_float<T>(x + j, v);
+      return v * inv_T;
+    }
+  }
   const int64_t n = V - j;
-  return Vec::set(Vec(kNegInf), Vec::loadu(x + j, n) * inv_T, n);
+  alignas(64) float tail[Vec::size()];
+  for (int64_t i = 0; i < n; ++i) tail[i] = static_cast<float>(x[j + i]);
+  return Vec::set(Vec(kNegInf), Vec::loadu(tail, n) * inv_T, n);
+}
+
+// A non-temporal store of one vector to a vector-aligned address: the gradient row goes to memory without first
+// reading its cache lines (it is not read again by this kernel, and is far larger than the caches).
+inline void stream_store(const Vec& v, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(out, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(out, v);
+#else
+  v.store(out);
+#endif
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 inline void store_row(const Vec& v, float* out, int64_t j, int64_t V) {
@@ -250,17 +237,101 @@ inline void store_row(const Vec& v, float* out, int64_t j, int64_t V) {
   }
 }
 
-// max_j x[j] * inv_T (the scale is monotone, so this is max(x) * inv_T); -inf for a row of -inf.
-inline float row_max(const float* x, int64_t V, float inv_T) {
-  Vec vm(kNegInf);
+constexpr int64_t kMaxGroups = 16;  // top-k selection bounds for k up to 16 x the vector width
+
+// How many round-robin groups row_max keeps for a top-k selection of k (0: none, k too large for a bound).
+inline int64_t topk_groups(int64_t k) {
+  const int64_t g = (k + Vec::size() - 1) / Vec::size();
+  return g <= kMaxGroups ? g : 0;
+}
+
+// Indices of the k largest entries of x[0:n] (unordered). Entries above a threshold are appended to a buffer; a full
+// buffer (4k, at least 64) is cut back to its k largest (nth_element) and the threshold rises to the k-th. The
+// threshold starts at a lower bound from pass 1 (the k-th largest of row_max's disjoint-subset maxima, for k up to 16 x
+// the vector width), so in a row in random order only about 2k entries are ever appended, and a vector of x is looked
+// at lane by lane only where a lane beats the threshold: a row costs about one vectorised compare pass. Rows with
+// fewer than k entries above -inf are completed with the first other indices (as any top-k of tied -inf values).
+template <typename T>
+void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, std::vector<std::pair<float, int64_t>>& buf,
+                 std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
+  const auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first;
+  };
+  const size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 64));
+  buf.clear();
+  buf.reserve(cap);
+  float thr = -std::numeric_limits<float>::infinity();
+  const int64_t groups = topk_groups(k);
+  if (lanes && groups > 0) {
+    // the k largest of the disjoint-subset maxima are k distinct entries: the row's k-th largest is >= their least
+    const int64_t n_lanes = groups * Vec::size();
+    float m[kMaxGroups * Vec::size()];
+    std::copy(lanes, lanes + n_lanes, m);
+    std::nth_element(m, m + (k - 1), m + n_lanes, std::greater<float>());
+    if (std::isfinite(m[k - 1])) thr = std::nextafter(m[k - 1], -std::numeric_limits<float>::infinity());
+  }
+  const auto cut = [&]() {  // keep the k largest; the threshold becomes the k-th largest
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), greater);
+    buf.resize(static_cast<size_t>(k));
+    thr = buf[k - 1].first;
+  };
+  const auto offer = [&](int64_t i) {
+    const float xi = static_cast<float>(x[i]);
+    if (xi > thr) {
+      buf.emplace_back(xi, i);
+      if (buf.size() == cap) cut();
+    }
+  };
+  const unsigned all_below = (1u << Vec::size()) - 1;
   const Vec one(1.0f);
-  for (int64_t j = 0; j < V; j += Vec::size()) vm = at::vec::maximum(vm, logits_at(x, j, V, one));
-  return hmax(vm) * inv_T;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    unsigned above = ~static_cast<unsigned>((logits_at(x, i, n, one) > Vec(thr)).zero_mask()) & all_below;
+    while (above) {  // only the lanes above the threshold (which may rise on the way)
+      offer(i + __builtin_ctz(above));
+      above &= above - 1;
+    }
+  }
+  for (; i < n; ++i) offer(i);
+  if (static_cast<int64_t>(buf.size()) > k) cut();
+  out.clear();
+  for (const auto& e : buf) out.push_back(e.second);
+  if (static_cast<int64_t>(out.size()) < k) {
+    for (int64_t j : out) mark[j] = 1;
+    for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
+      if (!mark[j]) out.push_back(j);
+    for (int64_t j : out) mark[j] = 0;
+  }
+}
+
+// max_j x[j] * inv_T (the scale is monotone, so this is max(x) * inv_T); -inf for a row of -inf. With `lanes`, the
+// row's vectors are dealt round-robin to `groups` accumulators and lanes[g * width + l] receives the maximum of lane l
+// of group g (unscaled): groups x width maxima of disjoint subsets of the row, from which a top-k selection starts.
+template <typename T>
+inline float row_max(const T* x, int64_t V, float inv_T, float* lanes = nullptr, int64_t groups = 1) {
+  const Vec one(1.0f);
+  if (!lanes || groups == 1) {
+    Vec vm(kNegInf);
+    for (int64_t j = 0; j < V; j += Vec::size()) vm = at::vec::maximum(vm, logits_at(x, j, V, one));
+    if (lanes) vm.store(lanes);
+    return hmax(vm) * inv_T;
+  }
+  Vec vm[kMaxGroups];
+  for (int64_t g = 0; g < groups; ++g) vm[g] = Vec(kNegInf);
+  for (int64_t j = 0, g = 0; j < V; j += Vec::size(), g = (g + 1 == groups ? 0 : g + 1))
+    vm[g] = at::vec::maximum(vm[g], logits_at(x, j, V, one));
+  Vec all(kNegInf);
+  for (int64_t g = 0; g < groups; ++g) {
+    vm[g].store(lanes + g * Vec::size());
+    all = at::vec::maximum(all, vm[g]);
+  }
+  return hmax(all) * inv_T;
 }
 
 // e = exp(x * inv_T - m) over the padded row (np entries; e = nullptr: not stored), returns sum e; m = -inf (a row of
 // -inf) is treated as 0.
-inline double exp_sum(const float* x, int64_t V, int64_t np, float inv_T, float m, float* e) {
+template <typename T>
+inline double exp_sum(const T* x, int64_t V, int64_t np, float inv_T, float m, float* e) {
   if (!std::isfinite(m)) m = 0.0f;
   const Vec vm(m), vt(inv_T);
   Vec acc(0.0f);
@@ -279,8 +350,8 @@ inline double exp_sum(const float* x, int64_t V, int64_t np, float inv_T, float 
 
 // Pass 3 over all of V: F = sum_V sum_terms weight f, C = sum_V W; W overwrites e_t in `eq`. K2 < 0: one term.
 // K1 = K2 = -1: any terms, dispatched per vector (kinds other than the common ones and `half`).
-template <int64_t K1, int64_t K2>
-void dense_terms(const Options& o, const float* z, const float* u, int64_t V, int64_t np, const float* es, float* eq,
+template <int64_t K1, int64_t K2, typename T>
+void dense_terms(const Options& o, const T* z, const T* u, int64_t V, int64_t np, const float* es, float* eq,
                  float inv_Zs, float inv_Zt, float lse_s, float lse_t, double& F_out, double& C_out) {
   const Vec v_inv_Zs(inv_Zs), v_inv_Zt(inv_Zt), v_lse_s(lse_s), v_lse_t(lse_t), vt(o.inv_T);
   const Vec w1(o.terms[0].weight), w2(o.terms.size() > 1 ? o.terms[1].weight : 0.0f);
@@ -312,29 +383,32 @@ void dense_terms(const Options& o, const float* z, const float* u, int64_t V, in
   C_out = C + hsum(C_acc);
 }
 
-using DenseFn = void (*)(const Options&, const float*, const float*, int64_t, int64_t, const float*, float*, float,
-                         float, float, float, double&, double&);
+template <typename T>
+using DenseFn = void (*)(const Options&, const T*, const T*, int64_t, int64_t, const float*, float*, float, float, float,
+                         float, double&, double&);
 
-DenseFn pick_dense(const Options& o) {
+template <typename T>
+DenseFn<T> pick_dense(const Options& o) {
   if (o.terms.size() == 1) {
     switch (o.terms[0].kind) {
-      case FORWARD_KL: return dense_terms<FORWARD_KL, -1>;
-      case REVERSE_KL: return dense_terms<REVERSE_KL, -1>;
-      case JSD: return dense_terms<JSD, -1>;
-      case SKEW_FORWARD_KL: return dense_terms<SKEW_FORWARD_KL, -1>;
-      case SKEW_REVERSE_KL: return dense_terms<SKEW_REVERSE_KL, -1>;
-      default: return dense_terms<TVD, -1>;
+      case FORWARD_KL: return dense_terms<FORWARD_KL, -1, T>;
+      case REVERSE_KL: return dense_terms<REVERSE_KL, -1, T>;
+      case JSD: return dense_terms<JSD, -1, T>;
+      case SKEW_FORWARD_KL: return dense_terms<SKEW_FORWARD_KL, -1, T>;
+      case SKEW_REVERSE_KL: return dense_terms<SKEW_REVERSE_KL, -1, T>;
+      default: return dense_terms<TVD, -1, T>;
     }
   }
   if (o.terms.size() == 2 && o.terms[0].kind == FORWARD_KL && o.terms[1].kind == REVERSE_KL)
-    return dense_terms<FORWARD_KL, REVERSE_KL>;  // half
-  return dense_terms<-1, -1>;
+    return dense_terms<FORWARD_KL, REVERSE_KL, T>;  // half
+  return dense_terms<-1, -1, T>;
 }
 
 // Value and gradient of the top-k terms at one row. z, u: the row's logits (float32, unscaled); lse_s, lse_t the
 // log-normalisers of z / T and u / T. Adds the value to F, sum_S w of non-renormalised terms to C, and
 // kd * (sparse gradient) to `sparse`.
-void topk_terms(const Options& o, const float* z, const float* u, float lse_s, float lse_t, float kd,
+template <typename T>
+void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse_t, float kd,
                 const std::vector<int64_t>& idx_l, const std::vector<int64_t>& idx_t, std::vector<uint8_t>& mark,
                 std::vector<int64_t>& S, std::vector<float>& pk, double& F, double& C,
                 std::vector<std::pair<int64_t, float>>& sparse) {
@@ -355,8 +429,8 @@ void topk_terms(const Options& o, const float* z, const float* u, float lse_s, f
     pk.assign(static_cast<size_t>(kp) * 5, kNegInf);  // log p, log q, p, q, w at S (padding: p = q = 0)
     float *lp = pk.data(), *lq = lp + kp, *pp = lq + kp, *qq = pp + kp, *ww = qq + kp;
     for (int64_t i = 0; i < n; ++i) {
-      lp[i] = z[S[i]] * o.inv_T - lse_s;
-      lq[i] = u[S[i]] * o.inv_T - lse_t;
+      lp[i] = static_cast<float>(z[S[i]]) * o.inv_T - lse_s;
+      lq[i] = static_cast<float>(u[S[i]]) * o.inv_T - lse_t;
     }
     if (o.renormalize) {  // log p~ = log p - log p(S), the same for q
       for (float* l : {lp, lq}) {
@@ -392,25 +466,6 @@ void topk_terms(const Options& o, const float* z, const float* u, float lse_s, f
   }
 }
 
-// Row r of x as float32: the row itself for float32 input, else converted into `scratch` (ATen's vector conversions).
-template <typename scalar_t>
-inline const float* float_row(const scalar_t* x, int64_t r, int64_t V, float* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return x + r * V;
-  } else {
-    using RVec = at::vec::Vectorized<scalar_t>;
-    const scalar_t* xr = x + r * V;
-    int64_t j = 0;
-    for (; j + RVec::size() <= V; j += RVec::size()) {
-      const auto halves = at::vec::convert_to_float<scalar_t>(RVec::loadu(xr + j));
-      std::get<0>(halves).store(scratch + j);
-      std::get<1>(halves).store(scratch + j + Vec::size());
-    }
-    for (; j < V; ++j) scratch[j] = static_cast<float>(xr[j]);
-    return scratch;
-  }
-}
-
 // out[0:V] = g[0:V] rounded to scalar_t (bfloat16 / float16).
 template <typename scalar_t>
 inline void store_converted(const float* g, int64_t V, scalar_t* out) {
@@ -428,28 +483,28 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
   const int64_t np = (V + Vec::size() - 1) / Vec::size() * Vec::size();
   const bool has_t = u != nullptr, need_grad = grad != nullptr || grad_f != nullptr;
   const bool dense = has_t && o.top_k == 0;  // every term over all of V
-  const bool convert = !std::is_same_v<scalar_t, float>;
-  const DenseFn dense_fn = dense ? pick_dense(o) : nullptr;
+  const DenseFn<scalar_t> dense_fn = dense ? pick_dense<scalar_t>(o) : nullptr;
   bool need_l = false, need_t = false;
   for (const Term& term : o.terms) {
     need_l = need_l || term.support == LEARNER || term.support == UNION;
     need_t = need_t || term.support == TEACHER || term.support == UNION;
   }
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    // es: e_s; eq: e_t, then W; zs, us: float32 copies of low-precision rows; g: the float32 gradient row when the
-    // output is not float32
-    std::vector<float> es(np), eq(dense ? np : 0), zs(convert ? V : 0), us(convert && has_t ? V : 0);
+    // es: e_s; eq: e_t, then W; g: the float32 gradient row when the output is not float32
+    std::vector<float> es(np), eq(dense ? np : 0);
     std::vector<float> g(grad_f ? 0 : np);
-    std::vector<std::pair<float, int64_t>> heap;  // select_topk's heap
+    std::vector<std::pair<float, int64_t>> heap;  // select_topk's buffer
     std::vector<int64_t> idx_l, idx_t, S;
     std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
     std::vector<float> pk;
     std::vector<std::pair<int64_t, float>> sparse;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows ? rows[i] : i;
-      const float* zr = float_row(z, r, V, zs.data());
-      const float* ur = has_t ? float_row(u, r, V, us.data()) : nullptr;
-      const float ms = row_max(zr, V, o.inv_T);
+      const scalar_t* zr = z + r * V;
+      const scalar_t* ur = has_t ? u + r * V : nullptr;
+      alignas(64) float lanes_z[kMaxGroups * Vec::size()], lanes_u[kMaxGroups * Vec::size()];
+      const int64_t groups = o.top_k > 0 ? std::max<int64_t>(topk_groups(o.top_k), 1) : 1;
+      const float ms = row_max(zr, V, o.inv_T, need_l ? lanes_z : nullptr, groups);
       const double Zs = exp_sum(zr, V, np, o.inv_T, ms, es.data());
       const float lse_s = (std::isfinite(ms) ? ms : 0.0f) + static_cast<float>(std::log(Zs));
       lse_s_out[r] = lse_s;
@@ -458,7 +513,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       double C = 0.0;
       sparse.clear();
       if (has_t) {
-        const float mt = row_max(ur, V, o.inv_T);
+        const float mt = row_max(ur, V, o.inv_T, need_t ? lanes_u : nullptr, groups);
         const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr);  // top-k: only Z_t
         const float lse_t = (std::isfinite(mt) ? mt : 0.0f) + static_cast<float>(std::log(Zt));
         lse_t_out[r] = lse_t;
@@ -466,8 +521,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         if (dense) {
           dense_fn(o, zr, ur, V, np, es.data(), eq.data(), inv_Zs, static_cast<float>(1.0 / Zt), lse_s, lse_t, F, C);
         } else {
-          if (need_l) select_topk(zr, V, o.top_k, heap, idx_l, mark);
-          if (need_t) select_topk(ur, V, o.top_k, heap, idx_t, mark);
+          if (need_l) select_topk(zr, V, o.top_k, lanes_z, heap, idx_l, mark);
+          if (need_t) select_topk(ur, V, o.top_k, lanes_u, heap, idx_t, mark);
           topk_terms(o, zr, ur, lse_s, lse_t, kd, idx_l, idx_t, mark, S, pk, F, C, sparse);
         }
         values[r] = static_cast<float>(F);
@@ -480,16 +535,16 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         TORCH_CHECK(y >= 0 && y < V, "label ", y, " at row ", r, " is outside the vocabulary [0, ", V, ")");
         if (!p1_is_p) {  // log-normaliser of z itself: one more exp pass
           float mz = kNegInf;
-          for (int64_t j = 0; j < V; ++j) mz = std::max(mz, zr[j]);
+          for (int64_t j = 0; j < V; ++j) mz = std::max(mz, static_cast<float>(zr[j]));
           const float m0 = std::isfinite(mz) ? mz : 0.0f;
           double Zz = 0.0;
-          for (int64_t j = 0; j < V; ++j) Zz += std::exp(zr[j] - m0);
+          for (int64_t j = 0; j < V; ++j) Zz += std::exp(static_cast<float>(zr[j]) - m0);
           lse_z = m0 + static_cast<float>(std::log(Zz));
         }
-        float value = lse_z - zr[y];
+        float value = lse_z - static_cast<float>(zr[y]);
         if (o.eps > 0.0f) {
           double sum_z = 0.0;
-          for (int64_t j = 0; j < V; ++j) sum_z += zr[j];
+          for (int64_t j = 0; j < V; ++j) sum_z += static_cast<float>(zr[j]);
           value = (1.0f - o.eps) * value + o.eps * (lse_z - static_cast<float>(sum_z / V));
         }
         nll[r] = value;
@@ -501,16 +556,26 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       const Vec v_kd(kd), v_kdC(kd * static_cast<float>(C)), v_nc(nc), v_inv_Zs(inv_Zs);
       const Vec v_shift(-nc * o.eps / static_cast<float>(V));
       if (p1_is_p || !labels) {
+        const float* es_p = es.data();
+        const float* eq_p = eq.data();
+        const bool with_w = dense;
+        const bool stream = grad_f != nullptr && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
+        const int64_t n_full = V / Vec::size() * Vec::size();
         for (int64_t j = 0; j < np; j += Vec::size()) {
-          const Vec p = Vec::loadu(es.data() + j) * v_inv_Zs;
+          const Vec p = Vec::loadu(es_p + j) * v_inv_Zs;
           Vec gv = v_nc * p + v_shift - v_kdC * p;
-          if (dense) gv = gv + v_kd * Vec::loadu(eq.data() + j);
-          store_row(gv, out, j, V);
+          if (with_w) gv = gv + v_kd * Vec::loadu(eq_p + j);
+          if (stream && j < n_full) {
+            stream_store(gv, out + j);
+          } else {
+            store_row(gv, out, j, V);
+          }
         }
+        if (stream) store_fence();  // the label and top-k entries below read these lines back
       } else {
         const float kdC = kd * static_cast<float>(C);
         for (int64_t j = 0; j < V; ++j) {
-          const float p1 = std::exp(zr[j] - lse_z);
+          const float p1 = std::exp(static_cast<float>(zr[j]) - lse_z);
           const float p = es[j] * inv_Zs;
           out[j] = nc * p1 - nc * o.eps / static_cast<float>(V) - kdC * p + (dense ? kd * eq[j] : 0.0f);
         }
