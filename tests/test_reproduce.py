@@ -311,8 +311,9 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
     # one more prefix source later: its run is trained and scored, and the significance stage that compares prefix
     # sources is redone for the new set of runs (the main one, whose runs did not change, is not)
     more = [o if not o.startswith("prefixes=") else "prefixes=learner,mixed,teacher" for o in overrides]
+    log_lines = len((run / "reproduce.log").read_text().splitlines())
     reproduce("smoke", run, more)
-    new = (run / "reproduce.log").read_text().splitlines()
+    new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
     started = [line.split("==== ", 1)[1].split(" ====")[0] for line in new if "==== " in line]
     assert any("finetune/ka-mixed/seed1" in s for s in started) and any("significance/prefixes" in s for s in started)
     assert not any(s.endswith(" significance") for s in started)
