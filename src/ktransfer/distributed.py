@@ -99,13 +99,22 @@ def cleanup() -> None:
 
 @contextlib.contextmanager
 def session(device: str = "auto") -> Iterator[None]:
-    """``init`` on entry and, if it started the group, ``cleanup`` on exit."""
+    """``init`` on entry and, if it started the group, ``cleanup`` on exit.
+
+    On a normal exit every process first waits at a barrier: a process that tears its group down while another still
+    talks to it can abort in gloo's threads ("terminate called without an active exception", seen under load in the
+    torchrun translate test). After an exception there is no barrier (the others may never arrive).
+    """
     started = init(device)
     try:
         yield
-    finally:
+    except BaseException:
         if started:
             cleanup()
+        raise
+    if started:
+        barrier()
+        cleanup()
 
 
 def barrier() -> None:
