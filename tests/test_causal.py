@@ -317,3 +317,30 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
 
     refs = [t for _, t in read_split(shared_data / "multi30k-de-en", "valid", "de", "en")[:12]]
     assert result["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+
+
+def test_bf16_autocast_on_a_causal_learner_with_its_own_samples(shared_data, tmp_path):
+    """train.bf16 on the causal path: a ka loss under bf16 autocast equals the float32 one to bf16 precision, and a
+    short run on the learner's own samples (objective.prefix=learner) trains with finite losses and scores."""
+    from ktransfer.train import collate_batch, compute_loss, setup, train
+
+    teacher = tmp_path / "teacher"
+    train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=5"))
+    args = ["objective.objective=ka", "objective.top_k=8", "objective.lam=0.5",
+            f"model.teacher={teacher / 'checkpoints/best'}"]
+    losses = {}
+    for bf16 in ("false", "true"):
+        run = setup(_config(shared_data, tmp_path / f"probe-{bf16}", *args, f"train.bf16={bf16}"))
+        run.model.eval()
+        batch = collate_batch(run, run.valid_ids, list(range(8)))
+        with torch.no_grad():
+            out = compute_loss(run, batch)
+        losses[bf16] = (out.loss.item(), out.nll.item(), out.divergence.item())
+    for got, want in zip(losses["true"], losses["false"], strict=True):
+        assert got == pytest.approx(want, rel=3e-2, abs=3e-2)
+    result = train(_config(shared_data, tmp_path / "learner", *args, "train.bf16=true", "objective.prefix=learner",
+                           "train.max_steps=6"))
+    assert result["step"] == 6 and result["stopped"] == "max_steps"
+    records = [json.loads(x) for x in (tmp_path / "learner/metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert math.isfinite(result["valid"]["loss"]) and result["valid"]["divergence"] != 0

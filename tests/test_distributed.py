@@ -176,6 +176,21 @@ def test_two_processes_equal_one_with_accumulation_then_resume_on_one(setting, s
     assert steps == list(range(1, result["step"] + 1))  # continued, no step repeated
 
 
+def test_causal_learner_on_two_processes_equals_one(shared_data, tmp_path):
+    """Decoder-only (gpt2-tiny) KA distillation with DDP: 2 processes x 3 steps == 1 process with accumulate=2."""
+    gpt2 = ("model.preset=gpt2-tiny", "data.max_tokens=400")
+    teacher = tmp_path / "teacher"
+    train(load_config(None, overrides(shared_data, teacher, *gpt2, "train.max_steps=2")))
+    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
+          "train.max_steps=3")
+    proc = torchrun(overrides(shared_data, tmp_path / "two", *ka))
+    assert proc.stdout.count("max_steps after 3 steps") == 1
+    train(load_config(None, overrides(shared_data, tmp_path / "one", *ka, "optim.accumulate=2")))
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
+    (valid_two,), (valid_one,) = records(tmp_path / "two", "valid"), records(tmp_path / "one", "valid")
+    assert valid_two["loss"] == pytest.approx(valid_one["loss"], rel=1e-5) and valid_two["divergence"] != 0
+
+
 def test_one_process_checkpoint_resumed_on_two(setting, shared_data):
     """A 1-process (accumulate=2) checkpoint after 5 steps, resumed by 2 processes to the end of the epoch (whose
     odd number of batches leaves rank 1 a stand-in batch at the last step), equals the uninterrupted reference."""
