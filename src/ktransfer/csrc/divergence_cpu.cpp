@@ -1,5 +1,5 @@
-// ktransfer's CPU kernel for divergences over the full vocabulary: value and gradient of every kind in one sweep per
-// row, with ATen's own SIMD vectors (at::vec::Vectorized<float>, SLEEF exp/log: what torch.log_softmax itself uses).
+// ktransfer's CPU kernel for divergences: value, NLL and gradient of every kind in four passes per row, with ATen's
+// own SIMD vectors (at::vec::Vectorized<float>).
 //
 // Built on first use by ktransfer.native (torch.utils.cpp_extension.load); the Python path in
 // ktransfer.divergences is the reference and the fallback. Per row r (z = learner logits, u = teacher logits, both
@@ -9,16 +9,19 @@
 //   pass 2  e_s = exp(s - max s), e_t = exp(t - max t) into row scratch, their sums Z_s, Z_t  (the only exps)
 //   pass 3  p = e_s / Z_s, q = e_t / Z_t, log p = s - lse_s, log q = t - lse_t;
 //           F = sum_terms weight * f(p, q)  (the value), W = sum_terms weight * p df/dp;  C = sum_V W
-//   pass 4  grad = (W - p C) div_coef / T  +  nll_coef (p1 - eps / V) - (1 - eps) nll_coef [y]
+//   pass 4  grad = (W - p C) div_coef / T  +  nll_coef (p1 - eps / V) - (1 - eps) nll_coef [y], written with
+//           non-temporal stores
 //
 // (p1 = softmax(z): p itself when T = 1.) With a top-k support S (learner's, teacher's or their union, per term),
-// pass 1 also selects the k largest entries of z and/or u (a min-heap fed only by the few vector lanes above its
-// smallest entry), pass 3 runs on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised
-// supports use p~ = p / p(S), q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are
-// those of ktransfer.divergences._value_and_w; docs/divergences.md derives them. The last vector of a row is padded
-// with -inf logits, whose p = q = 0 give exactly zero terms. The common single kinds and `half` get their own
-// instantiation of pass 3 (no per-vector dispatch). Row sums are accumulated in float vectors and flushed to double
-// every 64 vectors. bfloat16/float16 rows are converted to float32 vector by vector as they are read.
+// pass 1 also keeps maxima of disjoint subsets of the row, the k largest entries of z and/or u are selected by one
+// vectorised compare against a threshold that starts at the bound those maxima give (select_topk), pass 3 runs on the
+// packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S), q~ = q / q(S)
+// and leave the gradient on S only. The formulas of f and w per kind are those of ktransfer.divergences._value_and_w;
+// docs/divergences.md derives them. The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly
+// zero terms. The common single kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch). Row
+// sums are accumulated in float vectors and flushed to double every 64 vectors. bfloat16/float16 entries are
+// converted to float32 vector by vector as they are read. One thread per row (at::parallel_for over rows), so the
+// results do not depend on the number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
