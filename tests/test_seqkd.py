@@ -125,3 +125,25 @@ def test_cli(teacher, tmp_path, capsys):
     assert len(read_lines(out / "train.en")) == 6
     assert main(["distill-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_causal_teacher_gives_seq_kd_data_for_its_learner(shared_data, tmp_path):
+    """Seq-KD with a decoder-only teacher (gpt2-tiny): the corpus holds the teacher's greedy responses to the
+    instruction prompts (its own ``translate``, batched differently), and a causal learner trains on it."""
+    base = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=200", "data.valid_subset=4",
+            "data.vocab_size=500", "data.max_tokens=400", "model.preset=gpt2-tiny", "eval.max_length=16",
+            "eval.beam=1", "optim.lr=3e-3", "train.num_threads=1", "train.seed=3"]
+    teacher = tmp_path / "teacher"
+    train(load_config(None, [*base, "train.max_steps=6", f"train.out_dir={teacher}"]))
+    out = tmp_path / "corpus"
+    seqkd.distill_corpus(teacher, out, log=lambda m: None, beam=1, max_length=12, batch_size=3, limit=7,
+                         chunk_lines=4)
+    sources = [s for s, _ in read_split(shared_data / "multi30k-de-en", "train", "de", "en")][:7]
+    assert read_lines(out / "train.de") == sources
+    model, tokenizer = load_model(teacher / "checkpoints" / "best")
+    assert read_lines(out / "train.en") == translate(model, tokenizer, sources, beam=1, max_length=12, batch_size=5)
+    result = train(load_config(None, [*base, f"data.corpus={out}", "objective.objective=kd", "objective.lam=0.5",
+                                      f"model.teacher={teacher / 'checkpoints/best'}",
+                                      f"data.tokenizer={teacher / 'tokenizer.json'}", "train.max_steps=2",
+                                      f"train.out_dir={tmp_path / 'learner'}"]))
+    assert result["step"] == 2
