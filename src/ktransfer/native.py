@@ -1,10 +1,10 @@
-"""ktransfer's compiled CPU kernel for full-vocabulary divergences (``csrc/divergence_cpu.cpp``), built on first use.
+"""ktransfer's compiled CPU kernel for the divergences (``csrc/divergence_cpu.cpp``), built on first use.
 
-The kernel computes, per row of ``[N, V]`` logits, both log-normalisers, the value of every divergence term and the
-NLL, and writes the gradient, in four passes over a row held in cache, with ATen's SIMD vectors (the SLEEF exp/log
-that ``torch.log_softmax`` itself uses). ``ktransfer.divergences`` calls it for CPU tensors in float32, bfloat16 or
-float16 when every term covers the full vocabulary; float64, top-k supports and CUDA tensors take the Python path,
-which is also the reference the kernel is tested against (``tests/test_native.py``).
+The kernel computes, per row of ``[N, V]`` logits, both log-normalisers, the value of every divergence term (full
+vocabulary or a top-k support, which it selects itself) and the NLL, and writes the gradient, in four passes over a
+row held in cache, with ATen's SIMD vectors. ``ktransfer.divergences`` calls it for CPU tensors in float32, bfloat16
+or float16 (one dtype for both models); float64, mixed dtypes and CUDA tensors take the Python path, which is also the
+reference the kernel is tested against (``tests/test_native.py``).
 
 Building needs a C++ compiler (and ninja, which the ``ninja`` Python package provides); it takes a few tens of seconds
 once, then the library is cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default

@@ -546,11 +546,14 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
                                                                test_cfg.data.test, opts.test_limit),
                    index=f"[eval {i}/{len(names)}]")
     stop("eval")
-    stages.run("significance", lambda: _on_main(lambda: _significance(test_cfg, opts, run)), index="[significance]",
-               key=[list(t) for t in _significance_tests(opts)])
+    # Each stage is keyed by the (seed, baseline, system) tests it runs: more seeds or prefix sources redo it.
+    paired = [("significance", _significance_tests(opts), run / "significance.json")]
     if opts.prefixes:
-        stages.run("significance/prefixes", lambda: _on_main(lambda: _significance_prefixes(test_cfg, opts, run)),
-                   index="[significance]", key=[list(t) for t in _prefix_tests(opts)])
+        paired.append(("significance/prefixes", _prefix_tests(opts), run / "significance-prefixes.json"))
+    for name, tests, path in paired:
+        stages.run(name, lambda tests=tests, path=path: _on_main(
+            lambda: _write_paired_tests(test_cfg, opts, run, tests, path)), index="[significance]",
+                   key=[list(t) for t in tests])
     stop("significance")
 
 
@@ -643,7 +646,8 @@ def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
 
 
 def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
-    """(seed, baseline, system) of the main significance stage: KA against KD, every objective against nll."""
+    """(seed, baseline, system) of the paired bootstrap on the test split (``RUN/significance.json``): KA against KD,
+    and every objective against the nll control, per seed."""
     pairs = []
     if "kd" in opts.objectives and "ka" in opts.objectives:
         pairs.append(("kd", "ka"))
@@ -653,21 +657,10 @@ def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
 
 
 def _prefix_tests(opts: Options) -> list[tuple[int, str, str]]:
-    """(seed, baseline, system): each prefix-source run against the same objective with reference prefixes and the
-    same seed, where that run exists (the objective among ``objectives``, the seed among ``seeds``)."""
+    """(seed, baseline, system) of ``RUN/significance-prefixes.json``: each prefix-source run against the same objective
+    with reference prefixes and the same seed, where that run exists (the objective among ``objectives``, the seed
+    among ``seeds``)."""
     return [(s, o, f"{o}-{p}") for o, p, s in prefix_runs(opts) if o in opts.objectives and s in opts.seeds]
-
-
-def _significance(cfg: RunConfig, opts: Options, run: Path) -> None:
-    """Paired bootstrap resampling (sacreBLEU, ``opts.bootstrap`` resamples) on the test split, per seed: KA against
-    KD, and every objective against the nll control. Writes ``RUN/significance.json``."""
-    _write_paired_tests(cfg, opts, run, _significance_tests(opts), run / "significance.json")
-
-
-def _significance_prefixes(cfg: RunConfig, opts: Options, run: Path) -> None:
-    """The prefix-source runs against reference prefixes (``_prefix_tests``). Writes
-    ``RUN/significance-prefixes.json``."""
-    _write_paired_tests(cfg, opts, run, _prefix_tests(opts), run / "significance-prefixes.json")
 
 
 def _write_paired_tests(cfg: RunConfig, opts: Options, run: Path, pairs: list[tuple[int, str, str]],

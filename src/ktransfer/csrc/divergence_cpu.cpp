@@ -496,7 +496,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
     // es: e_s; eq: e_t, then W; g: the float32 gradient row when the output is not float32
     std::vector<float> es(np), eq(dense ? np : 0);
     std::vector<float> g(grad_f ? 0 : np);
-    std::vector<std::pair<float, int64_t>> heap;  // select_topk's buffer
+    std::vector<std::pair<float, int64_t>> topk_buf;  // select_topk's candidates
     std::vector<int64_t> idx_l, idx_t, S;
     std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
     std::vector<float> pk;
@@ -524,8 +524,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         if (dense) {
           dense_fn(o, zr, ur, V, np, es.data(), eq.data(), inv_Zs, static_cast<float>(1.0 / Zt), lse_s, lse_t, F, C);
         } else {
-          if (need_l) select_topk(zr, V, o.top_k, lanes_z, heap, idx_l, mark);
-          if (need_t) select_topk(ur, V, o.top_k, lanes_u, heap, idx_t, mark);
+          if (need_l) select_topk(zr, V, o.top_k, lanes_z, topk_buf, idx_l, mark);
+          if (need_t) select_topk(ur, V, o.top_k, lanes_u, topk_buf, idx_t, mark);
           topk_terms(o, zr, ur, lse_s, lse_t, kd, idx_l, idx_t, mark, S, pk, F, C, sparse);
         }
         values[r] = static_cast<float>(F);
