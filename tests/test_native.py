@@ -142,6 +142,25 @@ def test_minus_infinity_logits_and_masks(kernel):
         divergence(z, u, "forward_kl")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_nan_logit_gives_a_nan_value_not_a_finite_one(kernel, dtype, use_kernel):
+    """A NaN logit in either model must make its row's value NaN, on the kernel (whose exp has no clamps) and on the
+    Python path, never be dropped as a 0 log 0 term (the Python path's forward/reverse KL once turned it into 0)."""
+    native.use_native(use_kernel)
+    try:
+        for model in ("learner", "teacher"):
+            z, u = _logits(4, 50, seed=30, dtype=dtype), _logits(4, 50, seed=31, dtype=dtype)
+            (z if model == "learner" else u)[1, 3] = torch.nan
+            for kind in KINDS:
+                for top_k in (None, 5):
+                    rows = divergence(z, u, kind, top_k=top_k, reduction="none")
+                    assert torch.isnan(rows[1]), (model, kind, top_k)
+                    assert bool(torch.isfinite(rows[[0, 2, 3]]).all()), (model, kind, top_k)
+    finally:
+        native.use_native(True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(kernel, dtype):
     z, u = _logits(9, 130, seed=12, dtype=dtype), _logits(9, 130, seed=13, dtype=dtype)

@@ -134,30 +134,36 @@ def _terms(kind: str, top_k: int | None, support: str | None) -> tuple[_Term, ..
     return (one(kind, 1.0),)
 
 
+def _kept(x: torch.Tensor) -> torch.Tensor:
+    """Where a ``x log(...)`` term is kept: x > 0, or x is NaN (so that a NaN logit is never dropped as 0 log 0)."""
+    return ~(x <= 0)
+
+
 def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float, p=None, q=None):
-    """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN)."""
+    """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN from
+    0 log 0), while a NaN (from a NaN logit) stays NaN."""
     p = logp.exp() if p is None else p
     q = logq.exp() if q is None else q
     zero = logp.new_zeros(())
     if kind == "forward_kl":
-        f = torch.where(q > 0, q * (logq - logp), zero)
+        f = torch.where(_kept(q), q * (logq - logp), zero)
         w = -q
     elif kind == "reverse_kl":
-        f = torch.where(p > 0, p * (logp - logq), zero)
+        f = torch.where(_kept(p), p * (logp - logq), zero)
         w = f + p
     elif kind == "jsd":
         logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
-        fp = torch.where(p > 0, p * (logp - logm), zero)
-        f = beta * torch.where(q > 0, q * (logq - logm), zero) + (1 - beta) * fp
+        fp = torch.where(_kept(p), p * (logp - logm), zero)
+        f = beta * torch.where(_kept(q), q * (logq - logm), zero) + (1 - beta) * fp
         w = (1 - beta) * fp
     elif kind == "skew_forward_kl":
         logm = torch.logaddexp(logq + math.log(alpha), logp + math.log1p(-alpha))
-        f = torch.where(q > 0, q * (logq - logm), zero)
-        w = -(1 - alpha) * torch.where(q > 0, (logp + logq - logm).exp(), zero)
+        f = torch.where(_kept(q), q * (logq - logm), zero)
+        w = -(1 - alpha) * torch.where(_kept(q), (logp + logq - logm).exp(), zero)
     elif kind == "skew_reverse_kl":
         logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-        f = torch.where(p > 0, p * (logp - logm), zero)
-        w = f + p - alpha * torch.where(p > 0, (2 * logp - logm).exp(), zero)
+        f = torch.where(_kept(p), p * (logp - logm), zero)
+        w = f + p - alpha * torch.where(_kept(p), (2 * logp - logm).exp(), zero)
     elif kind == "tvd":
         d = p - q
         f = 0.5 * d.abs()
@@ -194,9 +200,10 @@ def _softmax_lse(x: torch.Tensor):
     return e.div_(Z), m + Z.log()
 
 
-def _guard(x: torch.Tensor) -> torch.Tensor:
-    """Zero-weight terms (0 * -inf, -inf - -inf) give NaN in the fast path: set them to 0, keep +-inf."""
-    return x.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+def _guard(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Zero-weight terms (0 * -inf, -inf - -inf) give NaN in the fast path: set x to 0 where its weight is 0, in
+    place. A NaN from a NaN logit (whose weight is NaN, or nonzero) stays NaN."""
+    return x.masked_fill_(weight == 0, 0.0)
 
 
 def _accumulate(grad, x, weight):
@@ -214,7 +221,7 @@ def _full_kl(kind, s, t, p, lse_s, q, lse_t, weight, values, grad, coef, need_gr
     if kind == "forward_kl":  # sum q (log q - log p); w = -q, sum w = -1  =>  grad_s = -q + p
         d = torch.sub(t, s)
         d.sub_(lse_t - lse_s).mul_(q)
-        values += weight * _guard(d).sum(-1)
+        values += weight * _guard(d, q).sum(-1)
         if need_grad:
             grad = _accumulate(grad, q, -weight) if grad is not None else torch.mul(q, -weight)
             coef -= weight
@@ -222,7 +229,7 @@ def _full_kl(kind, s, t, p, lse_s, q, lse_t, weight, values, grad, coef, need_gr
     # reverse: r = p (log p - log q); w = r + p, sum w = KL + 1  =>  grad_s = r + p - p (KL + 1) = r - p KL
     d = torch.sub(s, t)
     d.sub_(lse_s - lse_t).mul_(p)
-    _guard(d)
+    _guard(d, p)
     kl = d.sum(-1, keepdim=True)
     values += weight * kl.squeeze(-1)
     if need_grad:
