@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _run_chunk
 from ktransfer.objectives import TransferLoss, _plan
 
-# Matrix products want more rows than the divergence sweep alone: at least 32 per chunk on a CPU.
-CHUNK_ELEMENTS_CPU = 1 << 21
+# Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
+# gradient, reading and writing all of it, so few rows per chunk make that traffic dominate: at N = 4096, H = 512,
+# V = 32000 (2 threads) chunks of 64 rows took 4.7 s, 256 rows 3.3 s (materialised logits: 3.4 s); at V = 128000,
+# 32 rows 26.6 s, 128 rows 17.2 s (materialised: 18.6 s and 5.8 GB). See docs/benchmarks.md.
+CHUNK_ELEMENTS_CPU = 1 << 23
+MIN_CHUNK_ROWS_CPU = 128
 
 
 def _weight_and_bias(head, bias):
@@ -115,7 +119,7 @@ def fused_linear_divergence(
         labels: ``[...]`` reference tokens (``ignore_index`` = not counted). None: every position counts, and
             ``lam`` must be 1 (pure divergence).
         lam, top_k, temperature, label_smoothing, num_tokens, **divergence_options: as in ``transfer_loss``.
-        chunk_size: positions per chunk; None = about 2**21 / V on a CPU (at least 32), 2**24 / V on a GPU.
+        chunk_size: positions per chunk; None = about 2**23 / V on a CPU (at least 128), 2**24 / V on a GPU.
 
     Returns:
         ``TransferLoss`` with the same value as ``transfer_loss`` on the materialised logits.
@@ -144,7 +148,7 @@ def fused_linear_divergence(
                  label_smoothing=label_smoothing, num_tokens=num_tokens,
                  divergence_options={**divergence_options, "chunk_size": chunk_size})
     if chunk_size is None:
-        chunk_size = max(32, CHUNK_ELEMENTS_CPU // V) if learner_hidden.device.type == "cpu" else \
+        chunk_size = max(MIN_CHUNK_ROWS_CPU, CHUNK_ELEMENTS_CPU // V) if learner_hidden.device.type == "cpu" else \
             max(1, CHUNK_ELEMENTS_CUDA // V)
     h2 = learner_hidden.reshape(-1, H)
     ht2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]) if plan.spec.terms else None
