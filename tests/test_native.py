@@ -87,6 +87,21 @@ def test_top_k_selection_for_small_and_large_k(kernel, k):
         assert _rel(gk, gr) < 5e-6, support
 
 
+@pytest.mark.parametrize("k", [3, 16, 70])
+def test_top_k_with_tied_logits_keeps_exactly_k(kernel, k):
+    """Logits with many exact ties at the k-th value (integers 0..5, and the learner a function of the teacher, so
+    that every choice among tied entries gives the same value and the same multiset of gradient entries per row): the
+    kernel's selection, whose buffer cuts keep ties by position, must equal torch.topk's on the Python path."""
+    g = torch.Generator().manual_seed(40 + k)
+    u = torch.randint(0, 6, (6, 1000), generator=g).float()
+    z = 2.0 - 0.7 * u
+    for support in ("learner", "teacher", "union"):
+        (vk, gk), (vr, gr) = _on_both_paths(
+            lambda x, y, support=support: divergence(x, y, "jsd", top_k=k, support=support), z, u)
+        assert float(abs(vk - vr) / vr.abs()) < 5e-6, support
+        assert _rel(gk.sort(-1).values, gr.sort(-1).values) < 5e-6, support
+
+
 def test_top_k_of_the_whole_vocabulary_is_the_full_divergence(kernel):
     z, u = _logits(6, 40, seed=5), _logits(6, 40, seed=6)
     for kind in ("forward_kl", "reverse_kl", "jsd"):

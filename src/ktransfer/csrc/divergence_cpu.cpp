@@ -35,6 +35,7 @@
 #include <functional>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -272,21 +273,119 @@ inline int64_t topk_groups(int64_t k) {
   return g <= kMaxGroups ? g : 0;
 }
 
-// Indices of the k largest entries of x[0:n] (unordered). Entries above a threshold are appended to a buffer; a full
-// buffer (4k, at least 64) is cut back to its k largest (nth_element) and the threshold rises to the k-th. The
-// threshold starts at a lower bound from pass 1 (the k-th largest of row_max's disjoint-subset maxima, for k up to 16 x
-// the vector width), so in a row in random order only about 2k entries are ever appended, and a vector of x is looked
-// at lane by lane only where a lane beats the threshold: a row costs about one vectorised compare pass. Rows with
-// fewer than k entries above -inf are completed with the first other indices (as any top-k of tied -inf values).
+// Candidates of a top-k selection, structure of arrays: values and their int32 indices (V < 2^31), with room for
+// one vector past the capacity; `scratch` holds cut_topk's order keys.
+struct TopkBuffer {
+  std::vector<float> val;
+  std::vector<int32_t> idx, scratch;
+};
+
+// Appends the lanes of v (entries i .. i + width - 1 of the row) that are > thr to the buffer at `count`: one
+// compress of values and one of indices on AVX-512, a loop over the set lanes elsewhere.
+inline int64_t append_above(const Vec& v, int64_t i, float thr, float* val, int32_t* idx, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ);
+  if (!above) return count;
+  const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(i)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  // compress in registers, then a plain store of the whole vector (the buffer has a vector of room past its capacity):
+  // the memory form of compress-store is microcoded and slow on AMD Zen 4
+  _mm512_storeu_ps(val + count, _mm512_maskz_compress_ps(above, v));
+  _mm512_storeu_si512(idx + count, _mm512_maskz_compress_epi32(above, lane));
+  return count + __builtin_popcount(above);
+#else
+  alignas(64) float buf[Vec::size()];
+  v.store(buf);
+  for (int64_t l = 0; l < Vec::size(); ++l)
+    if (buf[l] > thr) {
+      val[count] = buf[l];
+      idx[count++] = static_cast<int32_t>(i + l);
+    }
+  return count;
+#endif
+}
+
+// A float's bits as an int32 that orders like the float (negative floats have their magnitude bits flipped).
+inline int32_t order_key(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i ^ ((i >> 31) & 0x7fffffff);
+}
+
+// Keeps the k largest of the `count` candidates (ties at the k-th value broken by position) and returns the k-th
+// largest value. The k-th value is found by bisection on the candidates' order keys: 32 vectorisable counting passes
+// over a few thousand int32 cost far less than nth_element's unpredictable branches (at k = 256 of 8000 the cut was a
+// third of the sweep with nth_element); the compaction is branch-free.
+inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
+  int32_t* key = b.scratch.data();
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+  for (int64_t i = 0; i < count; ++i) {
+    key[i] = order_key(b.val[i]);
+    lo = std::min(lo, key[i]);
+    hi = std::max(hi, key[i]);
+  }
+  // invariant: at least k keys are >= lo, fewer than k are >= hi + 1 (the maximum is never above itself)
+  int64_t lo64 = lo, hi64 = static_cast<int64_t>(hi) + 1;
+  while (hi64 - lo64 > 1) {
+    const int64_t mid = lo64 + (hi64 - lo64) / 2;
+    const int32_t m = static_cast<int32_t>(mid);
+    int32_t n_ge = 0;  // int32: the loop vectorises 16 keys at a time
+    for (int64_t i = 0; i < count; ++i) n_ge += key[i] >= m;
+    (n_ge >= k ? lo64 : hi64) = mid;
+  }
+  const int32_t kth_key = static_cast<int32_t>(lo64);  // the largest key with >= k keys at or above it: a candidate's
+  int32_t above = 0;
+  for (int64_t i = 0; i < count; ++i) above += key[i] > kth_key;
+  int64_t ties = k - above, kept = 0;  // how many of the keys equal to the k-th to keep (usually 1: the k-th itself)
+  float kth = 0.0f;
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // in place, 16 at a time: the kept lanes are compressed in registers and stored at `kept` <= i, which never
+  // reaches past the vector just loaded
+  const __m512i vk = _mm512_set1_epi32(kth_key);
+  for (; i + 16 <= count; i += 16) {
+    const __m512i kv = _mm512_loadu_si512(key + i);
+    __mmask16 keep_mask = _mm512_cmpgt_epi32_mask(kv, vk);
+    __mmask16 eq = _mm512_cmpeq_epi32_mask(kv, vk);
+    if (eq) kth = b.val[i + __builtin_ctz(eq)];
+    while (eq && ties > 0) {  // the first ties-many equal keys
+      keep_mask |= eq & static_cast<__mmask16>(-eq);
+      eq &= eq - 1;
+      --ties;
+    }
+    const __m512 vals = _mm512_loadu_ps(b.val.data() + i);
+    const __m512i idxs = _mm512_loadu_si512(b.idx.data() + i);
+    _mm512_storeu_ps(b.val.data() + kept, _mm512_maskz_compress_ps(keep_mask, vals));
+    _mm512_storeu_si512(b.idx.data() + kept, _mm512_maskz_compress_epi32(keep_mask, idxs));
+    kept += __builtin_popcount(keep_mask);
+  }
+#endif
+  for (; i < count; ++i) {
+    const bool gt = key[i] > kth_key, eq = key[i] == kth_key;
+    const bool keep_it = gt || (eq && ties > 0);
+    ties -= eq && keep_it;
+    if (eq) kth = b.val[i];
+    b.val[kept] = b.val[i];
+    b.idx[kept] = b.idx[i];
+    kept += keep_it;
+  }
+  count = kept;
+  return kth;
+}
+
+// Indices of the k largest entries of x[0:n] (unordered). Entries above a threshold are appended to a buffer (a
+// compress-store per vector); a full buffer (4k, at least 64) is cut back to its k largest (nth_element on a copy of
+// the values) and the threshold rises to the k-th. The threshold starts at a lower bound from pass 1 (the k-th largest
+// of row_max's disjoint-subset maxima, for k up to 16 x the vector width), so in a row in random order only about
+// 2k-4k entries are ever appended, and a row costs about one vectorised compare pass. Rows with fewer than k entries
+// above -inf are completed with the first other indices (as any top-k of tied -inf values).
 template <typename T>
-void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, std::vector<std::pair<float, int64_t>>& buf,
-                 std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
-  const auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-    return a.first > b.first;
-  };
-  const size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 64));
-  buf.clear();
-  buf.reserve(cap);
+void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, TopkBuffer& b, std::vector<int64_t>& out,
+                 std::vector<uint8_t>& mark) {
+  const int64_t cap = std::max<int64_t>(4 * k, 64);
+  b.val.resize(static_cast<size_t>(cap + Vec::size()));
+  b.idx.resize(static_cast<size_t>(cap + Vec::size()));
+  b.scratch.resize(static_cast<size_t>(cap + Vec::size()));
   float thr = -std::numeric_limits<float>::infinity();
   const int64_t groups = topk_groups(k);
   if (lanes && groups > 0) {
@@ -297,32 +396,14 @@ void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, std::vect
     std::nth_element(m, m + (k - 1), m + n_lanes, std::greater<float>());
     if (std::isfinite(m[k - 1])) thr = std::nextafter(m[k - 1], -std::numeric_limits<float>::infinity());
   }
-  const auto cut = [&]() {  // keep the k largest; the threshold becomes the k-th largest
-    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), greater);
-    buf.resize(static_cast<size_t>(k));
-    thr = buf[k - 1].first;
-  };
-  const auto offer = [&](int64_t i) {
-    const float xi = static_cast<float>(x[i]);
-    if (xi > thr) {
-      buf.emplace_back(xi, i);
-      if (buf.size() == cap) cut();
-    }
-  };
-  const unsigned all_below = (1u << Vec::size()) - 1;
+  int64_t count = 0;
   const Vec one(1.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    unsigned above = ~static_cast<unsigned>((logits_at(x, i, n, one) > Vec(thr)).zero_mask()) & all_below;
-    while (above) {  // only the lanes above the threshold (which may rise on the way)
-      offer(i + __builtin_ctz(above));
-      above &= above - 1;
-    }
+  for (int64_t i = 0; i < n; i += Vec::size()) {  // the last vector is padded with -inf, never above thr
+    count = append_above(logits_at(x, i, n, one), i, thr, b.val.data(), b.idx.data(), count);
+    if (count >= cap) thr = cut_topk(b, count, k);
   }
-  for (; i < n; ++i) offer(i);
-  if (static_cast<int64_t>(buf.size()) > k) cut();
-  out.clear();
-  for (const auto& e : buf) out.push_back(e.second);
+  if (count > k) cut_topk(b, count, k);
+  out.assign(b.idx.begin(), b.idx.begin() + count);
   if (static_cast<int64_t>(out.size()) < k) {
     for (int64_t j : out) mark[j] = 1;
     for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
@@ -433,9 +514,9 @@ DenseFn<T> pick_dense(const Options& o) {
 
 // Value and gradient of the top-k terms at one row. z, u: the row's logits (float32, unscaled); lse_s, lse_t the
 // log-normalisers of z / T and u / T. Adds the value to F, sum_S w of non-renormalised terms to C, and
-// kd * (sparse gradient) to `sparse`.
+// the sparse w at S (pass 4 scales it by div_coef / T) to `sparse`.
 template <typename T>
-void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse_t, float kd,
+void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse_t,
                 const std::vector<int64_t>& idx_l, const std::vector<int64_t>& idx_t, std::vector<uint8_t>& mark,
                 std::vector<int64_t>& S, std::vector<float>& pk, double& F, double& C,
                 std::vector<std::pair<int64_t, float>>& sparse) {
@@ -470,9 +551,9 @@ void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse
         for (int64_t i = 0; i < n; ++i) l[i] -= lse;
       }
     }
-    for (int64_t i = 0; i < kp; ++i) {
-      pp[i] = std::exp(lp[i]);
-      qq[i] = std::exp(lq[i]);
+    for (int64_t j = 0; j < kp; j += Vec::size()) {
+      fast_exp(Vec::loadu(lp + j)).store(pp + j);
+      fast_exp(Vec::loadu(lq + j)).store(qq + j);
     }
     Vec F_acc(0.0f), W_acc(0.0f);
     for (int64_t j = 0; j < kp; j += Vec::size()) {
@@ -485,10 +566,10 @@ void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse
     F += hsum(F_acc);
     const double w_sum = hsum(W_acc);
     if (o.renormalize) {  // the gradient lives on S: w~ - p~ sum_S w~
-      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], kd * (ww[i] - pp[i] * static_cast<float>(w_sum)));
+      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], ww[i] - pp[i] * static_cast<float>(w_sum));
     } else {
       C += w_sum;
-      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], kd * ww[i]);
+      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], ww[i]);
     }
   }
 }
@@ -555,9 +636,10 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
   }
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
     // es: e_s; eq: e_t, then W; g: the float32 gradient row when the output is not float32
-    std::vector<float> es(np), eq(dense ? np : 0);
+    // eq: e_t, then W (full vocabulary); with a top-k support, the sparse w scattered into a zeroed row
+    std::vector<float> es(np), eq(has_t ? np : 0);
     std::vector<float> g(grad_f ? 0 : np);
-    std::vector<std::pair<float, int64_t>> topk_buf;  // select_topk's candidates
+    TopkBuffer topk_buf;  // select_topk's candidates
     std::vector<int64_t> idx_l, idx_t, S;
     std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
     std::vector<float> pk;
@@ -575,6 +657,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       const float inv_Zs = static_cast<float>(1.0 / Zs);
       const float kd = (has_t && need_grad) ? div_coef[r] * o.inv_T : 0.0f;
       double C = 0.0;
+      if (!dense)
+        for (const auto& e : sparse) eq[e.first] = 0.0f;  // the previous row's sparse w: the scratch is zero again
       sparse.clear();
       if (has_t) {
         const float mt = row_max(ur, V, o.inv_T, need_t ? lanes_u : nullptr, groups);
@@ -587,7 +671,9 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         } else {
           if (need_l) select_topk(zr, V, o.top_k, lanes_z, topk_buf, idx_l, mark);
           if (need_t) select_topk(ur, V, o.top_k, lanes_u, topk_buf, idx_t, mark);
-          topk_terms(o, zr, ur, lse_s, lse_t, kd, idx_l, idx_t, mark, S, pk, F, C, sparse);
+          topk_terms(o, zr, ur, lse_s, lse_t, idx_l, idx_t, mark, S, pk, F, C, sparse);
+          if (need_grad)  // pass 4 adds kd * eq, as for the full vocabulary
+            for (const auto& e : sparse) eq[e.first] += e.second;
         }
         values[r] = static_cast<float>(F);
       }
@@ -615,48 +701,54 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       }
       if (!need_grad) continue;
       const float nc = labels ? nll_coef[r] : 0.0f;
-      // pass 4: grad = kd (W - p C) + nc p1 - nc eps / V, then the label term and the sparse top-k w
+      // pass 4: grad = kd (W - p C) + nc p1 - nc eps / V - (1 - eps) nc [y]  (top-k: W = the sparse w at S)
       float* out = grad_f ? grad_f + r * V : g.data();
       const Vec v_kd(kd), v_kdC(kd * static_cast<float>(C)), v_nc(nc), v_inv_Zs(inv_Zs);
       const Vec v_shift(-nc * o.eps / static_cast<float>(V));
       if (p1_is_p || !labels) {
         const float* es_p = es.data();
         const float* eq_p = eq.data();
-        const bool with_w = dense;
+        const bool with_w = has_t;
         const auto grad_at = [&](int64_t j) {  // the gradient at entries j .. j + width - 1 (j < np)
           const Vec p = Vec::loadu(es_p + j) * v_inv_Zs;
           const Vec gv = v_nc * p + v_shift - v_kdC * p;
           return with_w ? gv + v_kd * Vec::loadu(eq_p + j) : gv;
         };
         if constexpr (!std::is_same_v<scalar_t, float>) {
-          if (!grad_f && sparse.empty()) {  // bf16/fp16 output rounded once, straight from registers
+          if (!grad_f) {  // bf16/fp16 output rounded once, straight from registers
             store_reduced(grad_at, grad + r * V, V, np, labels ? labels[r] : -1, (1.0f - o.eps) * nc);
             continue;
           }
         }
         const bool stream = grad_f != nullptr && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
         const int64_t n_full = V / Vec::size() * Vec::size();
+        const int64_t y = labels ? labels[r] : -1;
         for (int64_t j = 0; j < np; j += Vec::size()) {
-          const Vec gv = grad_at(j);
+          Vec gv = grad_at(j);
+          if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(Vec::size())) {  // the label's vector
+            alignas(64) float tmp[Vec::size()];
+            gv.store(tmp);
+            tmp[y - j] -= (1.0f - o.eps) * nc;
+            gv = Vec::loadu(tmp);
+          }
           if (stream && j < n_full) {
             stream_store(gv, out + j);
           } else {
             store_row(gv, out, j, V);
           }
         }
-        if (stream) store_fence();  // the label and top-k entries below read these lines back
+        if (stream) store_fence();
       } else {
         const float kdC = kd * static_cast<float>(C);
         for (int64_t j = 0; j < V; ++j) {
           const float p1 = std::exp(static_cast<float>(zr[j]) - lse_z);
           const float p = es[j] * inv_Zs;
-          out[j] = nc * p1 - nc * o.eps / static_cast<float>(V) - kdC * p + (dense ? kd * eq[j] : 0.0f);
+          out[j] = nc * p1 - nc * o.eps / static_cast<float>(V) - kdC * p + (has_t ? kd * eq[j] : 0.0f);
         }
-      }
-      if (labels) out[labels[r]] -= (1.0f - o.eps) * nc;
-      for (const auto& e : sparse) out[e.first] += e.second;
-      if constexpr (!std::is_same_v<scalar_t, float>) {
-        if (!grad_f) store_converted(out, V, grad + r * V);
+        out[labels[r]] -= (1.0f - o.eps) * nc;
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          if (!grad_f) store_converted(out, V, grad + r * V);
+        }
       }
     }
   });
@@ -677,6 +769,7 @@ std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<tor
   TORCH_CHECK(kinds.size() == weights.size() && kinds.size() == supports.size(), "kinds/weights/supports lengths");
   const int64_t N = z.size(0), V = z.size(1);
   TORCH_CHECK(top_k >= 0 && top_k <= V, "top_k must be in [0, V]: got ", top_k);
+  TORCH_CHECK(top_k == 0 || V < (int64_t{1} << 31), "top-k selection needs V < 2^31, got ", V);
   if (u) TORCH_CHECK(u->sizes() == z.sizes() && u->is_contiguous() && u->scalar_type() == z.scalar_type(),
                      "u must be a contiguous tensor of z's shape and dtype");
   if (labels) TORCH_CHECK(labels->numel() == N && labels->scalar_type() == torch::kLong, "labels: [N] int64");
