@@ -265,12 +265,14 @@ inline void store_row(const Vec& v, float* out, int64_t j, int64_t V) {
   }
 }
 
-constexpr int64_t kMaxGroups = 16;  // top-k selection bounds for k up to 16 x the vector width
+constexpr int64_t kMaxGroups = 64;  // top-k selection bounds for k up to 64 x the vector width
 
-// How many round-robin groups row_max keeps for a top-k selection of k (0: none, k too large for a bound).
+// How many round-robin groups row_max keeps for a top-k selection of k: about 4k subsets (the k-th largest of 4k
+// subset maxima is a tight bound: at k = 256 of 8000, ~300 entries lie above it), at most kMaxGroups x the width;
+// 0 (no bound) where that is fewer than k subsets.
 inline int64_t topk_groups(int64_t k) {
-  const int64_t g = (k + Vec::size() - 1) / Vec::size();
-  return g <= kMaxGroups ? g : 0;
+  const int64_t g = std::min<int64_t>(kMaxGroups, (4 * k + Vec::size() - 1) / Vec::size());
+  return g * Vec::size() >= k ? g : 0;
 }
 
 // Candidates of a top-k selection, structure of arrays: values and their int32 indices (V < 2^31), with room for
@@ -312,28 +314,41 @@ inline int32_t order_key(float f) {
   return i ^ ((i >> 31) & 0x7fffffff);
 }
 
-// Keeps the k largest of the `count` candidates (ties at the k-th value broken by position) and returns the k-th
-// largest value. The k-th value is found by bisection on the candidates' order keys: 32 vectorisable counting passes
-// over a few thousand int32 cost far less than nth_element's unpredictable branches (at k = 256 of 8000 the cut was a
-// third of the sweep with nth_element); the compaction is branch-free.
-inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
-  int32_t* key = b.scratch.data();
+// The float whose order key is `key` (order_key is its own inverse on the bits).
+inline float key_value(int32_t key) {
+  const int32_t i = key ^ ((key >> 31) & 0x7fffffff);
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+// The k-th largest of n order keys (1 <= k <= n), by bisection on the key range: at most 32 vectorisable counting
+// passes, which over a few thousand int32 cost far less than nth_element's unpredictable branches (at k = 256 of 8000,
+// cutting the candidates with nth_element took a third of the sweep).
+inline int32_t kth_largest_key(const int32_t* key, int64_t n, int64_t k) {
   int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
-  for (int64_t i = 0; i < count; ++i) {
-    key[i] = order_key(b.val[i]);
+  for (int64_t i = 0; i < n; ++i) {
     lo = std::min(lo, key[i]);
     hi = std::max(hi, key[i]);
   }
-  // invariant: at least k keys are >= lo, fewer than k are >= hi + 1 (the maximum is never above itself)
+  // invariant: at least k keys are >= lo, fewer than k are >= hi + 1
   int64_t lo64 = lo, hi64 = static_cast<int64_t>(hi) + 1;
   while (hi64 - lo64 > 1) {
     const int64_t mid = lo64 + (hi64 - lo64) / 2;
     const int32_t m = static_cast<int32_t>(mid);
     int32_t n_ge = 0;  // int32: the loop vectorises 16 keys at a time
-    for (int64_t i = 0; i < count; ++i) n_ge += key[i] >= m;
+    for (int64_t i = 0; i < n; ++i) n_ge += key[i] >= m;
     (n_ge >= k ? lo64 : hi64) = mid;
   }
-  const int32_t kth_key = static_cast<int32_t>(lo64);  // the largest key with >= k keys at or above it: a candidate's
+  return static_cast<int32_t>(lo64);  // the largest key with >= k keys at or above it: one of the keys
+}
+
+// Keeps the k largest of the `count` candidates (ties at the k-th value broken by position, branch-free) and returns
+// the k-th largest value.
+inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
+  int32_t* key = b.scratch.data();
+  for (int64_t i = 0; i < count; ++i) key[i] = order_key(b.val[i]);
+  const int32_t kth_key = kth_largest_key(key, count, k);
   int32_t above = 0;
   for (int64_t i = 0; i < count; ++i) above += key[i] > kth_key;
   int64_t ties = k - above, kept = 0;  // how many of the keys equal to the k-th to keep (usually 1: the k-th itself)
@@ -385,16 +400,16 @@ void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, TopkBuffe
   const int64_t cap = std::max<int64_t>(4 * k, 64);
   b.val.resize(static_cast<size_t>(cap + Vec::size()));
   b.idx.resize(static_cast<size_t>(cap + Vec::size()));
-  b.scratch.resize(static_cast<size_t>(cap + Vec::size()));
+  b.scratch.resize(static_cast<size_t>(std::max(cap + Vec::size(), kMaxGroups * Vec::size())));
   float thr = -std::numeric_limits<float>::infinity();
   const int64_t groups = topk_groups(k);
   if (lanes && groups > 0) {
     // the k largest of the disjoint-subset maxima are k distinct entries: the row's k-th largest is >= their least
     const int64_t n_lanes = groups * Vec::size();
-    float m[kMaxGroups * Vec::size()];
-    std::copy(lanes, lanes + n_lanes, m);
-    std::nth_element(m, m + (k - 1), m + n_lanes, std::greater<float>());
-    if (std::isfinite(m[k - 1])) thr = std::nextafter(m[k - 1], -std::numeric_limits<float>::infinity());
+    int32_t* key = b.scratch.data();
+    for (int64_t i = 0; i < n_lanes; ++i) key[i] = order_key(lanes[i]);
+    const float bound = key_value(kth_largest_key(key, n_lanes, k));
+    if (std::isfinite(bound)) thr = std::nextafter(bound, -std::numeric_limits<float>::infinity());
   }
   int64_t count = 0;
   const Vec one(1.0f);
