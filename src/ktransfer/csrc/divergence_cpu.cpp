@@ -389,11 +389,11 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
 }
 
 // Indices of the k largest entries of x[0:n] (unordered). Entries above a threshold are appended to a buffer (a
-// compress-store per vector); a full buffer (4k, at least 64) is cut back to its k largest (nth_element on a copy of
-// the values) and the threshold rises to the k-th. The threshold starts at a lower bound from pass 1 (the k-th largest
-// of row_max's disjoint-subset maxima, for k up to 16 x the vector width), so in a row in random order only about
-// 2k-4k entries are ever appended, and a row costs about one vectorised compare pass. Rows with fewer than k entries
-// above -inf are completed with the first other indices (as any top-k of tied -inf values).
+// compress per vector); a full buffer (4k, at least 64) is cut back to its k largest (cut_topk) and the threshold
+// rises to the k-th. The threshold starts at a lower bound from pass 1 (the k-th largest of row_max's ~4k
+// disjoint-subset maxima, for k up to 64 x the vector width), so in a row in random order only slightly more than k
+// entries are ever appended (~300 at k = 256 of 8000), and a row costs about one vectorised compare pass. Rows with
+// fewer than k entries above -inf are completed with the first other indices (as any top-k of tied -inf values).
 template <typename T>
 void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, TopkBuffer& b, std::vector<int64_t>& out,
                  std::vector<uint8_t>& mark) {
