@@ -13,10 +13,10 @@
 //           non-temporal stores; a bfloat16/float16 gradient is rounded once from registers, 32 entries at a time
 //
 // (p1 = softmax(z): p itself when T = 1.) With a top-k support S (learner's, teacher's or their union, per term),
-// pass 1 also keeps maxima of disjoint subsets of the row, the k largest entries of z and/or u are selected by one
-// vectorised compare against a threshold that starts at the bound those maxima give (select_topk), pass 3 runs on the
-// packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S), q~ = q / q(S)
-// and leave the gradient on S only. The formulas of f and w per kind are those of ktransfer.divergences._value_and_w;
+// pass 1 also keeps maxima of disjoint subsets of the row, the k largest entries of z and/or u are selected in pass 2
+// by a vectorised compare against a threshold that starts at the bound those maxima give (TopkSelector), pass 3 runs
+// on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S),
+// q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are those of ktransfer.divergences._value_and_w;
 // docs/divergences.md derives them. The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly
 // zero terms. The common single kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the
 // jsd and skew kinds take one table-driven log per entry (log_prob). Row
@@ -92,7 +92,8 @@ inline Vec fast_exp(const Vec& xv) {
 // computed in double from the rounded r_i). Then f = m r_i - 1 (|f| < 1/33, one rounding in the fma), log m =
 // -log r_i + log1p(f) with log1p to f^5 (truncation < 2e-10), log x = log m + k log 2 (log 2 in two parts). Error <=
 // half an ulp of the result + 5e-8 over the whole range, and <= 1e-8 within e^+-0.1 of 1 (tests/test_native.py checks
-// it against float64 on random float bit patterns), in 15 instructions where a 1-ulp Cephes logf takes 24 (measured: jsd 17.2 -> 15.2 ms, bf16 2048 x 8000).
+// it against float64 on random float bit patterns), in 15 instructions where a 1-ulp Cephes logf takes 24
+// (measured: jsd 17.2 -> 15.2 ms, bf16 2048 x 8000).
 // AVX2: SLEEF's 3.5-ulp log. Elsewhere: Vectorized::log().
 inline Vec log_prob(const Vec& xv) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -388,44 +389,55 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
   return kth;
 }
 
-// Indices of the k largest entries of x[0:n] (unordered). Entries above a threshold are appended to a buffer (a
-// compress per vector); a full buffer (4k, at least 64) is cut back to its k largest (cut_topk) and the threshold
-// rises to the k-th. The threshold starts at a lower bound from pass 1 (the k-th largest of row_max's ~4k
-// disjoint-subset maxima, for k up to 64 x the vector width), so in a row in random order only slightly more than k
-// entries are ever appended (~300 at k = 256 of 8000), and a row costs about one vectorised compare pass. Rows with
-// fewer than k entries above -inf are completed with the first other indices (as any top-k of tied -inf values).
-template <typename T>
-void select_topk(const T* x, int64_t n, int64_t k, const float* lanes, TopkBuffer& b, std::vector<int64_t>& out,
-                 std::vector<uint8_t>& mark) {
-  const int64_t cap = std::max<int64_t>(4 * k, 64);
-  b.val.resize(static_cast<size_t>(cap + Vec::size()));
-  b.idx.resize(static_cast<size_t>(cap + Vec::size()));
-  b.scratch.resize(static_cast<size_t>(std::max(cap + Vec::size(), kMaxGroups * Vec::size())));
-  float thr = -std::numeric_limits<float>::infinity();
-  const int64_t groups = topk_groups(k);
-  if (lanes && groups > 0) {
-    // the k largest of the disjoint-subset maxima are k distinct entries: the row's k-th largest is >= their least
-    const int64_t n_lanes = groups * Vec::size();
-    int32_t* key = b.scratch.data();
-    for (int64_t i = 0; i < n_lanes; ++i) key[i] = order_key(lanes[i]);
-    const float bound = key_value(kth_largest_key(key, n_lanes, k));
-    if (std::isfinite(bound)) thr = std::nextafter(bound, -std::numeric_limits<float>::infinity());
+// The k largest entries of a row (unordered), fed vector by vector while pass 2 reads the row for its exps, so
+// that the selection costs no pass of its own. Entries above a threshold are appended to a buffer (a compress per
+// vector); a full buffer (4k, at least 64) is cut back to its k largest (cut_topk) and the threshold rises to the
+// k-th. The threshold starts at a lower bound from pass 1 (the k-th largest of row_max's ~4k disjoint-subset maxima,
+// for k up to 64 x the vector width), so in a row in random order only slightly more than k entries are ever
+// appended (~300 at k = 256 of 8000). Rows with fewer than k entries above -inf are completed with the first other
+// indices (as any top-k of tied -inf values).
+struct TopkSelector {
+  TopkBuffer* b = nullptr;
+  int64_t k = 0, cap = 0, count = 0;
+  float thr = kNegInf;
+
+  void start(TopkBuffer* buffer, int64_t k_, const float* lanes) {
+    b = buffer;
+    k = k_;
+    cap = std::max<int64_t>(4 * k, 64);
+    count = 0;
+    thr = kNegInf;
+    b->val.resize(static_cast<size_t>(cap + Vec::size()));
+    b->idx.resize(static_cast<size_t>(cap + Vec::size()));
+    b->scratch.resize(static_cast<size_t>(std::max(cap + Vec::size(), kMaxGroups * Vec::size())));
+    const int64_t groups = topk_groups(k);
+    if (lanes && groups > 0) {
+      // the k largest of the disjoint-subset maxima are k distinct entries: the row's k-th largest is >= their least
+      const int64_t n_lanes = groups * Vec::size();
+      int32_t* key = b->scratch.data();
+      for (int64_t i = 0; i < n_lanes; ++i) key[i] = order_key(lanes[i]);
+      const float bound = key_value(kth_largest_key(key, n_lanes, k));
+      if (std::isfinite(bound)) thr = std::nextafter(bound, kNegInf);
+    }
   }
-  int64_t count = 0;
-  const Vec one(1.0f);
-  for (int64_t i = 0; i < n; i += Vec::size()) {  // the last vector is padded with -inf, never above thr
-    count = append_above(logits_at(x, i, n, one), i, thr, b.val.data(), b.idx.data(), count);
-    if (count >= cap) thr = cut_topk(b, count, k);
+
+  // raw: the row's logits j .. j + width - 1, unscaled (lanes past the row: -inf, never above thr)
+  inline void offer(const Vec& raw, int64_t j) {
+    count = append_above(raw, j, thr, b->val.data(), b->idx.data(), count);
+    if (count >= cap) thr = cut_topk(*b, count, k);
   }
-  if (count > k) cut_topk(b, count, k);
-  out.assign(b.idx.begin(), b.idx.begin() + count);
-  if (static_cast<int64_t>(out.size()) < k) {
-    for (int64_t j : out) mark[j] = 1;
-    for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
-      if (!mark[j]) out.push_back(j);
-    for (int64_t j : out) mark[j] = 0;
+
+  void finish(int64_t n, std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
+    if (count > k) cut_topk(*b, count, k);
+    out.assign(b->idx.begin(), b->idx.begin() + count);
+    if (static_cast<int64_t>(out.size()) < k) {
+      for (int64_t j : out) mark[j] = 1;
+      for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
+        if (!mark[j]) out.push_back(j);
+      for (int64_t j : out) mark[j] = 0;
+    }
   }
-}
+};
 
 // max_j x[j] * inv_T (the scale is monotone, so this is max(x) * inv_T); -inf for a row of -inf. With `lanes`, the
 // row's vectors are dealt round-robin to `groups` accumulators and lanes[g * width + l] receives the maximum of lane l
@@ -452,15 +464,17 @@ inline float row_max(const T* x, int64_t V, float inv_T, float* lanes = nullptr,
 }
 
 // e = exp(x * inv_T - m) over the padded row (np entries; e = nullptr: not stored), returns sum e; m = -inf (a row of
-// -inf) is treated as 0.
+// -inf) is treated as 0. With `sel`, each vector of x is also offered to a top-k selection.
 template <typename T>
-inline double exp_sum(const T* x, int64_t V, int64_t np, float inv_T, float m, float* e) {
+inline double exp_sum(const T* x, int64_t V, int64_t np, float inv_T, float m, float* e, TopkSelector* sel = nullptr) {
   if (!std::isfinite(m)) m = 0.0f;
-  const Vec vm(m), vt(inv_T);
+  const Vec vm(m), vt(inv_T), one(1.0f);
   Vec acc(0.0f);
   double total = 0.0;
   for (int64_t j = 0, k = 0; j < np; j += Vec::size(), ++k) {
-    const Vec v = fast_exp(logits_at(x, j, V, vt) - vm);
+    const Vec raw = logits_at(x, j, V, one);
+    if (sel) sel->offer(raw, j);
+    const Vec v = fast_exp(raw * vt - vm);
     if (e) v.store(e + j);
     acc = acc + v;
     if (k % kFlush == kFlush - 1) {
@@ -654,7 +668,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
     // eq: e_t, then W (full vocabulary); with a top-k support, the sparse w scattered into a zeroed row
     std::vector<float> es(np), eq(has_t ? np : 0);
     std::vector<float> g(grad_f ? 0 : np);
-    TopkBuffer topk_buf;  // select_topk's candidates
+    TopkBuffer topk_buf;    // the selections' candidates (one row and model at a time)
+    TopkSelector selector;  // fed by pass 2
     std::vector<int64_t> idx_l, idx_t, S;
     std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
     std::vector<float> pk;
@@ -666,7 +681,10 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       alignas(64) float lanes_z[kMaxGroups * Vec::size()], lanes_u[kMaxGroups * Vec::size()];
       const int64_t groups = o.top_k > 0 ? std::max<int64_t>(topk_groups(o.top_k), 1) : 1;
       const float ms = row_max(zr, V, o.inv_T, need_l ? lanes_z : nullptr, groups);
-      const double Zs = exp_sum(zr, V, np, o.inv_T, ms, es.data());
+      const bool select_l = !dense && has_t && need_l, select_t = !dense && has_t && need_t;
+      if (select_l) selector.start(&topk_buf, o.top_k, lanes_z);
+      const double Zs = exp_sum(zr, V, np, o.inv_T, ms, es.data(), select_l ? &selector : nullptr);
+      if (select_l) selector.finish(V, idx_l, mark);
       const float lse_s = (std::isfinite(ms) ? ms : 0.0f) + static_cast<float>(std::log(Zs));
       lse_s_out[r] = lse_s;
       const float inv_Zs = static_cast<float>(1.0 / Zs);
@@ -677,15 +695,16 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       sparse.clear();
       if (has_t) {
         const float mt = row_max(ur, V, o.inv_T, need_t ? lanes_u : nullptr, groups);
-        const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr);  // top-k: only Z_t
+        if (select_t) selector.start(&topk_buf, o.top_k, lanes_u);
+        const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr,  // top-k: only Z_t
+                                  select_t ? &selector : nullptr);
+        if (select_t) selector.finish(V, idx_t, mark);
         const float lse_t = (std::isfinite(mt) ? mt : 0.0f) + static_cast<float>(std::log(Zt));
         lse_t_out[r] = lse_t;
         double F = 0.0;
         if (dense) {
           dense_fn(o, zr, ur, V, np, es.data(), eq.data(), inv_Zs, static_cast<float>(1.0 / Zt), lse_s, lse_t, F, C);
         } else {
-          if (need_l) select_topk(zr, V, o.top_k, lanes_z, topk_buf, idx_l, mark);
-          if (need_t) select_topk(ur, V, o.top_k, lanes_u, topk_buf, idx_t, mark);
           topk_terms(o, zr, ur, lse_s, lse_t, idx_l, idx_t, mark, S, pk, F, C, sparse);
           if (need_grad)  // pass 4 adds kd * eq, as for the full vocabulary
             for (const auto& e : sparse) eq[e.first] += e.second;
