@@ -16,7 +16,8 @@
 // pass 1 also keeps maxima of disjoint subsets of the row, the k largest entries of z and/or u are selected in pass 2
 // by a vectorised compare against a threshold that starts at the bound those maxima give (TopkSelector), pass 3 runs
 // on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S),
-// q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are those of ktransfer.divergences._value_and_w;
+// q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are those of
+// ktransfer.divergences._value_and_w;
 // docs/divergences.md derives them. The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly
 // zero terms. The common single kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the
 // jsd and skew kinds take one table-driven log per entry (log_prob). Row
