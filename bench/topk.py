@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline import cpu_model, load_average  # noqa: E402  (bench/pipeline.py)
 
 KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     z = (2.5 * torch.randn(N, V, generator=g)).to(dtype).requires_grad_(True)
     u = (2.5 * torch.randn(N, V, generator=g)).to(dtype)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
 
     def step(kind, k):
         def run():
@@ -112,11 +114,10 @@ def main(argv=None) -> None:
     header = ["kind", "log_softmax ms", "full ms", *(f"k={k} ms (x full)" for k in args.ks)]
     print()
     if args.markdown:
-        print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible; torch "
+        print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs visible; torch "
               f"{torch.__version__}; {args.threads} thread(s); {args.dtype}; {N} x {V}; ktransfer path: {path}; "
               f"{'default allocation' if args.default_allocation else 'glibc heap only (no page faults on reuse)'}; "
-              f"{datetime.date.today()}; load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} "
-              "after.  ")
+              f"{datetime.date.today()}; load average (1/5/15 min) {load_before} before, {load_average()} after.  ")
         print(f"Command: `python bench/topk.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ")
         print("Times: median of the repeats, forward + backward through `ktransfer.divergence` (log_softmax: one "
               "forward pass); x full = top-k time / full-vocabulary time of the same kind.\n")

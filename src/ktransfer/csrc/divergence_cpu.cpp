@@ -309,16 +309,20 @@ inline int64_t append_above(const Vec& v, int64_t i, float thr, float* val, int3
 #endif
 }
 
-// A float's bits as an int32 that orders like the float (negative floats have their magnitude bits flipped).
+// Flips the magnitude bits of negative values: maps a float's bits to an int32 that orders like the float, and back
+// (it is its own inverse).
+inline int32_t flip_negative(int32_t i) { return i ^ ((i >> 31) & 0x7fffffff); }
+
+// A float as an int32 that orders like the float.
 inline int32_t order_key(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof(i));
-  return i ^ ((i >> 31) & 0x7fffffff);
+  return flip_negative(i);
 }
 
-// The float whose order key is `key` (order_key is its own inverse on the bits).
+// The float whose order key is `key`.
 inline float key_value(int32_t key) {
-  const int32_t i = key ^ ((key >> 31) & 0x7fffffff);
+  const int32_t i = flip_negative(key);
   float f;
   std::memcpy(&f, &i, sizeof(f));
   return f;
@@ -354,7 +358,6 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
   int32_t above = 0;
   for (int64_t i = 0; i < count; ++i) above += key[i] > kth_key;
   int64_t ties = k - above, kept = 0;  // how many of the keys equal to the k-th to keep (usually 1: the k-th itself)
-  float kth = 0.0f;
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   // in place, 16 at a time: the kept lanes are compressed in registers and stored at `kept` <= i, which never
@@ -364,7 +367,6 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
     const __m512i kv = _mm512_loadu_si512(key + i);
     __mmask16 keep_mask = _mm512_cmpgt_epi32_mask(kv, vk);
     __mmask16 eq = _mm512_cmpeq_epi32_mask(kv, vk);
-    if (eq) kth = b.val[i + __builtin_ctz(eq)];
     while (eq && ties > 0) {  // the first ties-many equal keys
       keep_mask |= eq & static_cast<__mmask16>(-eq);
       eq &= eq - 1;
@@ -381,13 +383,12 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
     const bool gt = key[i] > kth_key, eq = key[i] == kth_key;
     const bool keep_it = gt || (eq && ties > 0);
     ties -= eq && keep_it;
-    if (eq) kth = b.val[i];
     b.val[kept] = b.val[i];
     b.idx[kept] = b.idx[i];
     kept += keep_it;
   }
   count = kept;
-  return kth;
+  return key_value(kth_key);
 }
 
 // The k largest entries of a row (unordered), fed vector by vector while pass 2 reads the row for its exps, so
@@ -398,24 +399,23 @@ inline float cut_topk(TopkBuffer& b, int64_t& count, int64_t k) {
 // appended (~300 at k = 256 of 8000). Rows with fewer than k entries above -inf are completed with the first other
 // indices (as any top-k of tied -inf values).
 struct TopkSelector {
-  TopkBuffer* b = nullptr;
+  TopkBuffer b;  // the candidates (one row and model at a time)
   int64_t k = 0, cap = 0, count = 0;
   float thr = kNegInf;
 
-  void start(TopkBuffer* buffer, int64_t k_, const float* lanes) {
-    b = buffer;
+  void start(int64_t k_, const float* lanes) {
     k = k_;
     cap = std::max<int64_t>(4 * k, 64);
     count = 0;
     thr = kNegInf;
-    b->val.resize(static_cast<size_t>(cap + Vec::size()));
-    b->idx.resize(static_cast<size_t>(cap + Vec::size()));
-    b->scratch.resize(static_cast<size_t>(std::max(cap + Vec::size(), kMaxGroups * Vec::size())));
+    b.val.resize(static_cast<size_t>(cap + Vec::size()));
+    b.idx.resize(static_cast<size_t>(cap + Vec::size()));
+    b.scratch.resize(static_cast<size_t>(std::max(cap + Vec::size(), kMaxGroups * Vec::size())));
     const int64_t groups = topk_groups(k);
     if (lanes && groups > 0) {
       // the k largest of the disjoint-subset maxima are k distinct entries: the row's k-th largest is >= their least
       const int64_t n_lanes = groups * Vec::size();
-      int32_t* key = b->scratch.data();
+      int32_t* key = b.scratch.data();
       for (int64_t i = 0; i < n_lanes; ++i) key[i] = order_key(lanes[i]);
       const float bound = key_value(kth_largest_key(key, n_lanes, k));
       if (std::isfinite(bound)) thr = std::nextafter(bound, kNegInf);
@@ -424,13 +424,13 @@ struct TopkSelector {
 
   // raw: the row's logits j .. j + width - 1, unscaled (lanes past the row: -inf, never above thr)
   inline void offer(const Vec& raw, int64_t j) {
-    count = append_above(raw, j, thr, b->val.data(), b->idx.data(), count);
-    if (count >= cap) thr = cut_topk(*b, count, k);
+    count = append_above(raw, j, thr, b.val.data(), b.idx.data(), count);
+    if (count >= cap) thr = cut_topk(b, count, k);
   }
 
   void finish(int64_t n, std::vector<int64_t>& out, std::vector<uint8_t>& mark) {
-    if (count > k) cut_topk(*b, count, k);
-    out.assign(b->idx.begin(), b->idx.begin() + count);
+    if (count > k) cut_topk(b, count, k);
+    out.assign(b.idx.begin(), b.idx.begin() + count);
     if (static_cast<int64_t>(out.size()) < k) {
       for (int64_t j : out) mark[j] = 1;
       for (int64_t j = 0; j < n && static_cast<int64_t>(out.size()) < k; ++j)
@@ -615,25 +615,17 @@ inline void store_converted(const float* g, int64_t V, scalar_t* out) {
 }
 
 // out[0:V] = the float32 gradient row given vector by vector by grad_at(j) (j < np, a multiple of the vector width),
-// minus `label_term` at entry y (y < 0: none), rounded once to scalar_t (bfloat16 / float16); full blocks go to memory
-// with non-temporal stores when the row is aligned.
+// rounded once to scalar_t (bfloat16 / float16); full blocks go to memory with non-temporal stores when the row is
+// aligned.
 template <typename scalar_t, typename GradAt>
-inline void store_reduced(const GradAt& grad_at, scalar_t* out, int64_t V, int64_t np, int64_t y, float label_term) {
+inline void store_reduced(const GradAt& grad_at, scalar_t* out, int64_t V, int64_t np) {
   using RVec = at::vec::Vectorized<scalar_t>;
   static_assert(RVec::size() == 2 * Vec::size(), "two float vectors per reduced vector");
   const bool stream = reinterpret_cast<uintptr_t>(out) % sizeof(RVec) == 0;
   alignas(64) float tmp[RVec::size()];
   int64_t j = 0;
   for (; j + RVec::size() <= V; j += RVec::size()) {
-    Vec a = grad_at(j), b = grad_at(j + Vec::size());
-    if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(RVec::size())) {
-      a.store(tmp);
-      b.store(tmp + Vec::size());
-      tmp[y - j] -= label_term;
-      a = Vec::loadu(tmp);
-      b = Vec::loadu(tmp + Vec::size());
-    }
-    const RVec v = at::vec::convert_from_float<scalar_t>(a, b);
+    const RVec v = at::vec::convert_from_float<scalar_t>(grad_at(j), grad_at(j + Vec::size()));
 #if defined(CPU_CAPABILITY_AVX512)
     if (stream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), v);
@@ -645,7 +637,6 @@ inline void store_reduced(const GradAt& grad_at, scalar_t* out, int64_t V, int64
   if (j < V) {  // the last, partial block
     grad_at(j).store(tmp);
     if (j + Vec::size() < np) grad_at(j + Vec::size()).store(tmp + Vec::size());
-    if (y >= j) tmp[y - j] -= label_term;
     for (int64_t i = j; i < V; ++i) out[i] = static_cast<scalar_t>(tmp[i - j]);
   }
   if (stream) store_fence();
@@ -665,12 +656,11 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
     need_t = need_t || term.support == TEACHER || term.support == UNION;
   }
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    // es: e_s; eq: e_t, then W; g: the float32 gradient row when the output is not float32
-    // eq: e_t, then W (full vocabulary); with a top-k support, the sparse w scattered into a zeroed row
+    // es: e_s; eq: e_t, then W (full vocabulary), or the sparse w scattered into a zeroed row (top-k); g: the float32
+    // gradient row when the output is not float32 (written where T != 1 with labels, then converted)
     std::vector<float> es(np), eq(has_t ? np : 0);
     std::vector<float> g(grad_f ? 0 : np);
-    TopkBuffer topk_buf;    // the selections' candidates (one row and model at a time)
-    TopkSelector selector;  // fed by pass 2
+    TopkSelector selector;  // top-k selections, fed by pass 2
     std::vector<int64_t> idx_l, idx_t, S;
     std::vector<uint8_t> mark(o.top_k > 0 ? V : 0, 0);
     std::vector<float> pk;
@@ -683,7 +673,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       const int64_t groups = o.top_k > 0 ? std::max<int64_t>(topk_groups(o.top_k), 1) : 1;
       const float ms = row_max(zr, V, o.inv_T, need_l ? lanes_z : nullptr, groups);
       const bool select_l = !dense && has_t && need_l, select_t = !dense && has_t && need_t;
-      if (select_l) selector.start(&topk_buf, o.top_k, lanes_z);
+      if (select_l) selector.start(o.top_k, lanes_z);
       const double Zs = exp_sum(zr, V, np, o.inv_T, ms, es.data(), select_l ? &selector : nullptr);
       if (select_l) selector.finish(V, idx_l, mark);
       const float lse_s = (std::isfinite(ms) ? ms : 0.0f) + static_cast<float>(std::log(Zs));
@@ -696,7 +686,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       sparse.clear();
       if (has_t) {
         const float mt = row_max(ur, V, o.inv_T, need_t ? lanes_u : nullptr, groups);
-        if (select_t) selector.start(&topk_buf, o.top_k, lanes_u);
+        if (select_t) selector.start(o.top_k, lanes_u);
         const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr,  // top-k: only Z_t
                                   select_t ? &selector : nullptr);
         if (select_t) selector.finish(V, idx_t, mark);
@@ -744,28 +734,29 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         const float* es_p = es.data();
         const float* eq_p = eq.data();
         const bool with_w = has_t;
-        const auto grad_at = [&](int64_t j) {  // the gradient at entries j .. j + width - 1 (j < np)
-          const Vec p = Vec::loadu(es_p + j) * v_inv_Zs;
-          const Vec gv = v_nc * p + v_shift - v_kdC * p;
-          return with_w ? gv + v_kd * Vec::loadu(eq_p + j) : gv;
-        };
-        if constexpr (!std::is_same_v<scalar_t, float>) {
-          if (!grad_f) {  // bf16/fp16 output rounded once, straight from registers
-            store_reduced(grad_at, grad + r * V, V, np, labels ? labels[r] : -1, (1.0f - o.eps) * nc);
-            continue;
-          }
-        }
-        const bool stream = grad_f != nullptr && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
-        const int64_t n_full = V / Vec::size() * Vec::size();
         const int64_t y = labels ? labels[r] : -1;
-        for (int64_t j = 0; j < np; j += Vec::size()) {
-          Vec gv = grad_at(j);
+        const auto grad_at = [&](int64_t j) {  // the gradient at entries j .. j + width - 1 (j < np), label included
+          const Vec p = Vec::loadu(es_p + j) * v_inv_Zs;
+          Vec gv = v_nc * p + v_shift - v_kdC * p;
+          if (with_w) gv = gv + v_kd * Vec::loadu(eq_p + j);
           if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(Vec::size())) {  // the label's vector
             alignas(64) float tmp[Vec::size()];
             gv.store(tmp);
             tmp[y - j] -= (1.0f - o.eps) * nc;
             gv = Vec::loadu(tmp);
           }
+          return gv;
+        };
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          if (!grad_f) {  // bf16/fp16 output rounded once, straight from registers
+            store_reduced(grad_at, grad + r * V, V, np);
+            continue;
+          }
+        }
+        const bool stream = grad_f != nullptr && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
+        const int64_t n_full = V / Vec::size() * Vec::size();
+        for (int64_t j = 0; j < np; j += Vec::size()) {
+          const Vec gv = grad_at(j);
           if (stream && j < n_full) {
             stream_store(gv, out + j);
           } else {
