@@ -72,11 +72,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pipeline import cpu_model  # noqa: E402  (bench/pipeline.py)
 
 ALL_KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 DEFAULT_SIZES = ("2048x8000", "2048x32000", "8192x8000", "8192x32000")
@@ -406,17 +408,6 @@ def _measure(kind, z, zd, u, repeats, sync, cuda, libs=None, entropy=0.0):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _parse_size(s):
     try:
         n, v = s.lower().split("x")
@@ -583,7 +574,7 @@ def main(argv=None):
     if args.device == "cuda":
         machine = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     else:
-        machine = f"{_cpu_model()}, {os.cpu_count()} logical CPUs visible"
+        machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs visible"
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     # Third-party columns: only the requested libraries that import here and have a counterpart of a selected kind.
     wanted = [lib for lib in args.compare if any(lib in COUNTERPARTS.get(k, {}) for k in args.kinds)]
