@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 import torch
 
-from ktransfer.tokenizer import Tokenizer, train_tokenizer
+from ktransfer.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 
 def _lines(path, n):
@@ -67,9 +67,11 @@ def test_unknown_characters_become_unk(small_tokenizer):
     assert small_tokenizer.decode(ids) == "Ein Hund läuft"  # unk is a special id: skipped when decoding
 
 
-def test_special_tokens_in_text_are_plain_text(small_tokenizer):
+def test_special_tokens_in_text_stay_special(small_tokenizer):
+    """A tokenizer's own special tokens typed in the text are its special ids (as a chat template needs)."""
     ids = small_tokenizer.encode("ein </s> <pad> Hund")
-    assert small_tokenizer.eos_id not in ids and small_tokenizer.pad_id not in ids
+    assert small_tokenizer.eos_id in ids and small_tokenizer.pad_id in ids
+    assert small_tokenizer.decode(ids) == "ein Hund"
 
 
 def test_decode_skips_special_and_ignored_ids(small_tokenizer):
@@ -85,24 +87,31 @@ def test_decode_skips_special_and_ignored_ids(small_tokenizer):
     assert tok.decode(torch.tensor(a)) == "Ein Hund rennt."
 
 
-def test_json_round_trip_and_save_load(small_tokenizer, tmp_path):
+def test_save_load_as_file_and_as_hugging_face_folder(small_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
     text = "Eine Frau mit einem roten Hut sitzt auf einer Bank."
-    again = Tokenizer.from_json(small_tokenizer.to_json())
-    assert again.encode(text) == small_tokenizer.encode(text)
-    assert again.vocab_size == small_tokenizer.vocab_size
     path = tmp_path / "run" / "tokenizer.json"
     small_tokenizer.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no temporary file left
-    loaded = Tokenizer.load(path)
-    assert loaded.decode(loaded.encode(text)) == text
-    assert loaded.to_json() == small_tokenizer.to_json()
+    for loaded in (Tokenizer.load(path), load_tokenizer(path)):
+        assert loaded.decode(loaded.encode(text)) == text
+        assert loaded.fingerprint() == small_tokenizer.fingerprint()
+        assert (loaded.pad_id, loaded.eos_id, loaded.unk_id) == (0, 1, 2)
+    small_tokenizer.save(tmp_path / "folder")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "folder")  # what any transformers user does
+    assert hf(text, add_special_tokens=False)["input_ids"] == small_tokenizer.encode(text)
+    assert (hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2)
+    assert load_tokenizer(tmp_path / "folder").fingerprint() == small_tokenizer.fingerprint()
 
 
-def test_bad_json_and_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="not a valid tokenizer JSON"):
-        Tokenizer.from_json("{not json")
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        Tokenizer.load(tmp_path / "missing.json")
+def test_bad_file_and_folder(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a valid tokenizer file"):
+        load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        load_tokenizer(tmp_path / "empty")
 
 
 def test_train_arguments_checked():
@@ -114,4 +123,4 @@ def test_train_arguments_checked():
 
 def test_training_is_deterministic():
     texts = ["ein kleiner Hund", "ein großer Hund", "zwei kleine Katzen", "a small dog", "two small cats"] * 20
-    assert train_tokenizer(texts, vocab_size=60).to_json() == train_tokenizer(texts, vocab_size=60).to_json()
+    assert train_tokenizer(texts, vocab_size=60).fingerprint() == train_tokenizer(texts, vocab_size=60).fingerprint()

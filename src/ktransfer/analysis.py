@@ -68,48 +68,47 @@ def novel_token_counts(topk_by_epoch: list[torch.Tensor], vocab_size: int) -> li
 @torch.no_grad()
 def analyze_model(model, tokenizer, pairs: list[tuple[str, str]], *, table_sentences: int = 3,
                   batch_size: int = 32, max_length: int = 128) -> tuple[dict, torch.Tensor]:
-    """Teacher-forced pass of ``model`` over ``pairs`` (in order).
+    """Teacher-forced pass of ``model`` over ``pairs`` (in order; the model's family encodes them, dropping any
+    longer than ``max_length`` tokens).
 
     Returns:
         ``({"entropy": mean token entropy, "positions": N, "table": [{"sentence", "position", "reference",
         "top": [[token, prob], ...]}, ...]}, top16)`` with ``top16`` the (N, 16) int32 top-16 ids at every target
         position, sentence by sentence.
     """
-    from ktransfer.data import collate
+    from ktransfer.models import family_of
 
+    family = family_of(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    src = [[*ids[:max_length - 1], tokenizer.eos_id] for ids in tokenizer.encode_batch([s for s, _ in pairs])]
-    tgt = [[*ids[:max_length - 1], tokenizer.eos_id] for ids in tokenizer.encode_batch([t for _, t in pairs])]
+    src, tgt = family.encode(pairs, tokenizer, max_length, model=model, log=lambda _: None)
     total, count, tops, table = 0.0, 0, [], []
     k = min(NOVEL_TOP_K, tokenizer.vocab_size)
     try:
-        for start in range(0, len(pairs), batch_size):
-            batch = collate(src[start:start + batch_size], tgt[start:start + batch_size], tokenizer.pad_id,
-                            model.config.decoder_start_token_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits  # (B, T, V)
-            s, n = token_entropy(logits, batch["labels"])
+        for start in range(0, len(src), batch_size):
+            batch = family.collate(src[start:start + batch_size], tgt[start:start + batch_size], model, tokenizer)
+            inputs, labels = family.model_inputs({key: v.to(device) for key, v in batch.items()})
+            logits = model(**inputs, use_cache=False).logits[..., :tokenizer.vocab_size]  # (B, T, V)
+            s, n = token_entropy(logits, labels)
             total, count = total + s, count + n
-            mask = batch["labels"] != -100  # (B, T)
+            mask = labels != -100  # (B, T)
             tops.append(logits[mask].topk(k, dim=-1).indices.to(torch.int32).cpu())  # (n, k), row-major over (b, t)
-            for b in range(logits.shape[0]):
-                sentence = start + b
-                if sentence >= table_sentences:
-                    break
-                probs = torch.softmax(logits[b, : len(tgt[sentence])].float(), dim=-1)  # (T_b, V)
-                p, ids = probs.topk(min(TABLE_TOP_K, probs.shape[-1]), dim=-1)
-                for t in range(len(tgt[sentence])):
-                    table.append({"sentence": sentence, "position": t,
-                                  "reference": _piece(tokenizer, tgt[sentence][t]),
-                                  "top": [[_piece(tokenizer, int(i)), round(float(q), 4)]
-                                          for i, q in zip(ids[t], p[t], strict=True)]})
+            for b in range(min(logits.shape[0], table_sentences - start)):
+                table += _table_rows(tokenizer, start + b, logits[b][mask[b]], labels[b][mask[b]])
     finally:
         model.train(was_training)
     top16 = torch.cat(tops) if tops else torch.zeros((0, k), dtype=torch.int32)
     return {"entropy": total / max(count, 1), "positions": count, "table": table}, top16
+
+
+def _table_rows(tokenizer, sentence: int, logits: torch.Tensor, references: torch.Tensor) -> list[dict]:
+    """Table 3 rows of one sentence: at each target position (``logits`` [T, V]), the reference token and the
+    top-10 tokens with their probabilities."""
+    p, ids = torch.softmax(logits.float(), dim=-1).topk(min(TABLE_TOP_K, logits.shape[-1]), dim=-1)
+    return [{"sentence": sentence, "position": t, "reference": _piece(tokenizer, int(references[t])),
+             "top": [[_piece(tokenizer, int(i)), round(float(q), 4)] for i, q in zip(ids[t], p[t], strict=True)]}
+            for t in range(len(references))]
 
 
 def _piece(tokenizer, token_id: int) -> str:

@@ -27,16 +27,14 @@ llama-tiny          Llama 2 x 32 x 4 (2kv)  0.3M  tests (RoPE, RMSNorm, SwiGLU, 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from ktransfer import generation
 from ktransfer.data import IGNORE_INDEX
-
-if TYPE_CHECKING:  # torch is imported where it is used: the config check reads CAUSAL_PRESETS without it
-    import torch
+from ktransfer.generation import DecodeSettings, unwrap
 
 INSTRUCTION_KEY = "ktransfer_instruction"  # attribute of model.config holding the instruction text
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech", "th": "Thai"}
@@ -69,229 +67,6 @@ _SIZE_FIELDS = {"gpt2": ("n_layer", "n_embd", "n_head", "n_inner", "n_positions"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Which models are causal
-# --------------------------------------------------------------------------------------------------------------
-def is_causal_config(config) -> bool:
-    """Whether a transformers config (object or dict) describes a decoder-only model."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    if get("is_encoder_decoder", False):
-        return False
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-
-def is_causal_model(model) -> bool:
-    """Whether ``model`` (a transformers model, possibly wrapped in DDP) is decoder-only."""
-    return is_causal_config(getattr(model, "module", model).config)
-
-
-def is_causal_source(preset_or_path: str | os.PathLike) -> bool:
-    """Whether ``build_model(preset_or_path)`` means a causal model: a causal preset, a ktransfer checkpoint of a
-    causal model (``state.json``), or a Hugging Face folder whose ``config.json`` is a causal LM."""
-    name = os.fspath(preset_or_path)
-    if name in CAUSAL_PRESETS:
-        return True
-    path = Path(name)
-    for file, key in (("state.json", "model_config"), ("config.json", None)):
-        if (path / file).is_file():
-            try:
-                body = json.loads((path / file).read_text(encoding="utf-8"))
-                return is_causal_config(body[key] if key else body)
-            except (OSError, ValueError, KeyError, TypeError):
-                return False
-    return False
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------------------------------
-def build_causal_model(preset_or_path: str | os.PathLike, tokenizer, **overrides):
-    """A fresh causal LM from a preset, or one loaded from a ktransfer checkpoint or a local Hugging Face folder.
-
-    Args:
-        preset_or_path: a name in ``CAUSAL_PRESETS``, a checkpoint folder (``state.json``) or a folder with
-            ``config.json`` + weights (``AutoModelForCausalLM.from_pretrained``).
-        tokenizer: ``vocab_size``, ``pad_id`` and ``eos_id`` (also the beginning-of-sequence id, as in GPT-2).
-        **overrides: config fields of the preset (``n_layer``, ``n_embd``, ``hidden_size``, ...) or ``dropout``
-            (GPT-2: residual and embedding dropout; Llama: attention dropout). A loaded model takes only ``dropout``.
-
-    Returns:
-        The model in train mode; its output layer has at least ``tokenizer.vocab_size`` rows (more = padding).
-
-    Raises:
-        ValueError: unknown preset or override, heads not dividing the width, or a loaded model that does not fit
-            the tokenizer (see ``check_model_tokenizer``).
-    """
-    name = os.fspath(preset_or_path)
-    if name in CAUSAL_PRESETS:
-        model = _from_preset(name, tokenizer, overrides)
-    elif Path(name).is_dir():
-        model = _from_folder(Path(name), tokenizer, overrides)
-    else:
-        raise ValueError(f"unknown causal preset {name!r} (and no such folder); presets: {', '.join(CAUSAL_PRESETS)}")
-    return model.train()
-
-
-def checkpoint_overrides(model_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` for ``checkpoint.model_from_checkpoint``: a causal model's ``dropout`` becomes its config
-    fields (GPT-2 ``resid_pdrop`` + ``embd_pdrop``, Llama ``attention_dropout``); seq2seq ones pass unchanged."""
-    if not overrides or not is_causal_config(model_config):
-        return overrides
-    bad = sorted(set(overrides) - {"dropout"})
-    if bad:
-        raise ValueError(f"a loaded causal model takes only the dropout override, got {bad}")
-    return _dropout_kw(model_config.get("model_type", ""), overrides["dropout"])
-
-
-def _dropout_kw(model_type: str, value) -> dict[str, Any]:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"model dropout must be in [0, 1), got {value!r}")
-    return dict.fromkeys(_DROPOUT_FIELDS.get(model_type, ("dropout",)), float(value))
-
-
-def _from_preset(name: str, tokenizer, overrides: dict[str, Any]):
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    kw = dict(CAUSAL_PRESETS[name])
-    model_type = kw.pop("model_type")
-    for key, value in overrides.items():
-        if key == "dropout":
-            kw.update(_dropout_kw(model_type, value))
-        elif key in kw:
-            kw[key] = value
-        else:
-            raise ValueError(f"unknown override {key!r} for causal preset {name!r}; valid: dropout, "
-                             f"{', '.join(sorted(kw))} (vocabulary size and special ids come from the tokenizer)")
-    sizes = [kw[k] for k in _SIZE_FIELDS[model_type]]
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
-        raise ValueError(f"causal preset {name!r}: {', '.join(_SIZE_FIELDS[model_type])} must be positive "
-                         f"integers, got {sizes}")
-    width, heads = sizes[1], sizes[2]
-    if width % heads or (model_type == "llama" and heads % kw["num_key_value_heads"]):
-        raise ValueError(f"causal preset {name!r}: width {width} must be divisible by {heads} heads (and heads by "
-                         "the key/value heads)")
-    try:
-        config = CONFIG_MAPPING[model_type](**kw, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
-                                            eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.eos_id)
-    except Exception as e:  # huggingface_hub's strict-dataclass errors are not ValueErrors
-        raise ValueError(f"invalid settings for causal preset {name!r}: {e}") from e
-    model = AutoModelForCausalLM.from_config(config)
-    set_generation_config(model, tokenizer)
-    return model
-
-
-def _from_folder(path: Path, tokenizer, overrides: dict[str, Any]):
-    bad = sorted(set(overrides) - {"dropout"})
-    if bad:
-        raise ValueError(f"{path}: a loaded causal model takes only the dropout override, got {bad}")
-    if (path / "state.json").is_file():  # a ktransfer checkpoint
-        from ktransfer.checkpoint import load_checkpoint, model_from_checkpoint
-        from ktransfer.models import _compare_tokenizers
-
-        ckpt = load_checkpoint(path, with_optimizer=False)
-        kw = _dropout_kw(ckpt.model_config.get("model_type", ""), overrides["dropout"]) if overrides else {}
-        model = model_from_checkpoint(ckpt, **kw)
-        if tokenizer is not None:
-            _compare_tokenizers(ckpt.tokenizer, tokenizer, f"checkpoint {path}", "given")
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
-        kw = _dropout_kw(model_type, overrides["dropout"]) if overrides else {}
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
-        if tokenizer is not None:
-            set_generation_config(model, tokenizer)
-    if tokenizer is not None:
-        check_model_tokenizer(model, tokenizer, str(path))
-    return model
-
-
-def set_generation_config(model, tokenizer) -> None:
-    """Stop at ``</s>``, pad with ``<pad>``; at most the model's number of positions in all."""
-    from transformers import GenerationConfig
-
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                                               bos_token_id=tokenizer.eos_id, max_length=positions(model))
-
-
-def positions(model) -> int:
-    """The longest sequence (prompt + response) the model's positional table holds (RoPE: its configured length)."""
-    config = getattr(model, "module", model).config
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1024
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Vocabulary checks
-# --------------------------------------------------------------------------------------------------------------
-def output_rows(model) -> int:
-    """Rows of the output layer (the logits' last dimension); may exceed the tokenizer's size (padding)."""
-    model = getattr(model, "module", model)
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
-def check_model_tokenizer(model, tokenizer, name: str) -> None:
-    """Raise unless ``model`` can use ``tokenizer``: at least ``vocab_size`` output rows, same ``</s>`` (and
-    ``<pad>`` when the model sets one).
-
-    Raises:
-        ValueError: naming the model and both values.
-    """
-    rows = output_rows(model)
-    if rows < tokenizer.vocab_size:
-        raise ValueError(f"{name} model has {rows} output rows but its tokenizer has vocab_size "
-                         f"{tokenizer.vocab_size}: ids would have no logit")
-    config = getattr(model, "module", model).config
-    for key, want in (("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id)):
-        got = getattr(config, key, None)
-        got = got[0] if isinstance(got, list) and len(got) == 1 else got
-        if got is not None and got != want:
-            raise ValueError(f"{name} model has {key}={got!r} but its tokenizer's id is {want!r}")
-
-
-def check_compatible(teacher, learner, teacher_tokenizer, learner_tokenizer, *, teacher_name: str = "teacher",
-                     learner_name: str = "learner", log: Callable[[str], object] | None = None) -> int:
-    """Raise unless a causal teacher and learner share one tokenizer; return the number of shared ids.
-
-    Distillation compares the distributions id by id. When the tokenizers are the same and the models only differ
-    in padding rows of their embedding/output matrices (e.g. 32000 vs 32064), the logits are sliced to the
-    tokenizer's ``vocab_size`` (``shared_logits``) and this is said once through ``log``.
-
-    Raises:
-        ValueError: a seq2seq model on either side, tokenizers that differ (naming both tokenizers and the first
-            difference), or a model whose output rows or special ids do not fit its tokenizer.
-    """
-    from ktransfer.models import _compare_tokenizers
-
-    for model, name in ((teacher, teacher_name), (learner, learner_name)):
-        if not is_causal_model(model):
-            raise ValueError(f"{name} is a {type(getattr(model, 'module', model)).__name__} (encoder-decoder) but "
-                             "the other model is decoder-only: teacher and learner must both be causal or both seq2seq")
-    _compare_tokenizers(teacher_tokenizer, learner_tokenizer, teacher_name, learner_name)  # "... tokenizers differ"
-    check_model_tokenizer(teacher, teacher_tokenizer, teacher_name)
-    check_model_tokenizer(learner, learner_tokenizer, learner_name)
-    V, rows_t, rows_l = learner_tokenizer.vocab_size, output_rows(teacher), output_rows(learner)
-    if (rows_t != V or rows_l != V) and log is not None:
-        log(f"vocabulary: {teacher_name} has {rows_t} output rows, {learner_name} {rows_l}, the shared tokenizer "
-            f"{V} ids: logits are sliced to the shared ids 0..{V - 1} (the extra rows are embedding padding)")
-    return V
-
-
-def shared_logits(logits: torch.Tensor, teacher_logits: torch.Tensor | None, vocab_size: int):
-    """``logits[..., :vocab_size]`` and the same for ``teacher_logits`` (None stays None): [B, L, rows] -> [B, L, V].
-
-    A view: gradients flow into the kept columns; the padding columns get none."""
-    cut = lambda x: x if x is None or x.shape[-1] == vocab_size else x[..., :vocab_size]  # noqa: E731
-    return cut(logits), cut(teacher_logits)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Prompt / response data
 # --------------------------------------------------------------------------------------------------------------
 def make_instruction(src_lang: str, tgt_lang: str) -> str:
@@ -305,7 +80,7 @@ def instruction(model) -> str:
     Raises:
         ValueError: the model has none (a model from a foreign folder: call ``ensure_instruction`` first).
     """
-    text = getattr(getattr(model, "module", model).config, INSTRUCTION_KEY, None)
+    text = getattr(unwrap(model).config, INSTRUCTION_KEY, None)
     if not isinstance(text, str):
         raise ValueError(f"causal model has no {INSTRUCTION_KEY} in its config: call ktransfer.causal."
                          "ensure_instruction(model, src_lang, tgt_lang) before translating with it")
@@ -314,7 +89,7 @@ def instruction(model) -> str:
 
 def ensure_instruction(model, src_lang: str, tgt_lang: str) -> str:
     """The model's instruction; a model without one gets ``make_instruction(src_lang, tgt_lang)``."""
-    config = getattr(model, "module", model).config
+    config = unwrap(model).config
     if not isinstance(getattr(config, INSTRUCTION_KEY, None), str):
         setattr(config, INSTRUCTION_KEY, make_instruction(src_lang, tgt_lang))
     return getattr(config, INSTRUCTION_KEY)
@@ -322,9 +97,11 @@ def ensure_instruction(model, src_lang: str, tgt_lang: str) -> str:
 
 def prompt_ids(tokenizer, instruction_ids: Sequence[int], source_ids: Sequence[int],
                limit: int | None = None) -> list[int]:
-    """``instruction_ids + source_ids + [</s>]``, the source cut from its end so that the whole is <= ``limit``."""
-    room = None if limit is None else max(limit - len(instruction_ids) - 1, 0)
-    return [*instruction_ids, *(source_ids if room is None else source_ids[:room]), tokenizer.eos_id]
+    """``[<s>] + instruction_ids + source_ids + [</s>]`` (``<s>`` where the tokenizer has one of its own), the source
+    cut from its end so that the whole is <= ``limit``."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id not in (None, tokenizer.eos_id) else []
+    room = None if limit is None else max(limit - len(bos) - len(instruction_ids) - 1, 0)
+    return [*bos, *instruction_ids, *(source_ids if room is None else source_ids[:room]), tokenizer.eos_id]
 
 
 def encode_examples(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | None, *, instruction: str,
@@ -337,12 +114,12 @@ def encode_examples(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int
     """
     head = tokenizer.encode(instruction)
     src_all = tokenizer.encode_batch([s for s, _ in pairs])
-    tgt_all = tokenizer.encode_batch([t for _, t in pairs])
+    tgt_all = tokenizer.encode_batch([t for _, t in pairs], target=True)
     prompts, responses, n_empty, n_long = [], [], 0, 0
     for s, t in zip(src_all, tgt_all, strict=True):
         if not s or not t:
             n_empty += 1
-        elif max_length is not None and len(head) + len(s) + len(t) + 2 > max_length:
+        elif max_length is not None and len(prompt_ids(tokenizer, head, s)) + len(t) + 1 > max_length:
             n_long += 1
         else:
             prompts.append(prompt_ids(tokenizer, head, s))
@@ -403,142 +180,185 @@ def prompts_of(batch: dict) -> list[list[int]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------------------------
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] ids padded on the left and their attention mask (generate continues every row at column S)."""
-    import torch
+class CausalFamily:
+    """Decoder-only language models (``AutoModelForCausalLM``): see the module docstring."""
 
-    S = max(map(len, rows))
-    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, S - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        mask[b, S - len(row):] = 1
-    return ids, mask
+    name = "causal"
+    presets = CAUSAL_PRESETS
+    teacher_cache = False  # ktransfer.teacher_cache keys rows by seq2seq target positions
 
+    @staticmethod
+    def auto_class():
+        from transformers import AutoModelForCausalLM
 
-def _suppressed(model, tokenizer) -> list[int]:
-    """``<pad>`` and the padding rows beyond the tokenizer: never generated."""
-    return [tokenizer.pad_id, *range(tokenizer.vocab_size, output_rows(model))]
+        return AutoModelForCausalLM
 
+    # --- building and loading ----------------------------------------------------------------------------------
+    def build(self, preset: str, tokenizer, **overrides):
+        """A fresh causal LM of ``preset`` for ``tokenizer``, in train mode.
 
-def _cut_at_eos(row: list[int], eos_id: int, keep_eos: bool) -> list[int]:
-    if eos_id in row:
-        return row[:row.index(eos_id) + int(keep_eos)]
-    return row
+        ``overrides``: config fields of the preset (``n_layer``, ``n_embd``, ``hidden_size``, ...) or ``dropout``
+        (GPT-2: residual and embedding dropout; Llama: attention dropout)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        kw = dict(CAUSAL_PRESETS[preset])
+        model_type = kw.pop("model_type")
+        for key, value in overrides.items():
+            if key == "dropout":
+                kw.update(_dropout_kw(model_type, value))
+            elif key in kw:
+                kw[key] = value
+            else:
+                raise ValueError(f"unknown override {key!r} for causal preset {preset!r}; valid: dropout, "
+                                 f"{', '.join(sorted(kw))} (vocabulary size and special ids come from the tokenizer)")
+        _check_sizes(preset, model_type, kw)
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        try:
+            config = CONFIG_MAPPING[model_type](**kw, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                                                eos_token_id=tokenizer.eos_id, bos_token_id=bos)
+        except Exception as e:  # huggingface_hub's strict-dataclass errors are not ValueErrors
+            raise ValueError(f"invalid settings for causal preset {preset!r}: {e}") from e
+        model = AutoModelForCausalLM.from_config(config)
+        self.set_generation_config(model, tokenizer)
+        return model.train()
 
-def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length_penalty: float = 1.0,
-              max_length: int = 256, batch_size: int = 64, progress: bool = False) -> list[str]:
-    """``ktransfer.evaluate.translate`` for a causal LM: beam search after each left-padded prompt.
+    def load_overrides(self, model_type: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Config fields for ``from_pretrained``: ``dropout`` becomes the model type's dropout fields."""
+        bad = sorted(set(overrides) - {"dropout"})
+        if bad:
+            raise ValueError(f"a loaded causal model takes only the dropout override, got {bad}")
+        return _dropout_kw(model_type, overrides["dropout"]) if overrides else {}
 
-    Prompts (instruction + source + ``</s>``) are sorted by length into batches, left-padded (positions follow the
-    attention mask), continued with ``model.generate`` (beam ``beam``, ``length_penalty``, at most
-    ``min(max_length, positions - S)`` new tokens for a batch whose longest prompt has ``S`` ids, ``</s>`` forced
-    at the limit, ``<pad>`` and padding rows never generated); the prompt is stripped, the response cut at ``</s>``
-    and decoded. A source that leaves fewer than 8 positions for the response is cut. Empty sources give "".
+    def after_load(self, model) -> None:
+        """Nothing to fix after ``from_pretrained``."""
 
-    Raises:
-        ValueError: a setting out of range, or a model without a stored instruction.
-    """
-    from tqdm import tqdm
-    from transformers import GenerationConfig
+    def set_generation_config(self, model, tokenizer) -> None:
+        """Stop at eos, pad with pad; at most the model's number of positions in all."""
+        from transformers import GenerationConfig
 
-    from ktransfer.evaluate import DecodeSettings
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                                   bos_token_id=bos, max_length=self.positions(model))
 
-    settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    sources = list(sources)
-    hypotheses = [""] * len(sources)
-    head, n_pos = tokenizer.encode(instruction(model)), positions(model)
-    encoded = tokenizer.encode_batch(sources)
-    ids = {i: prompt_ids(tokenizer, head, e, limit=n_pos - 8) for i, e in enumerate(encoded) if e}
-    order = sorted(ids, key=lambda i: (-len(ids[i]), i))
-    device = next(model.parameters()).device
-    suppress = _suppressed(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
+    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
+        """Store the instruction heading every prompt in the model's config (``ensure_instruction``)."""
+        ensure_instruction(model, src_lang, tgt_lang)
+
+    def positions(self, model) -> int:
+        """The longest sequence (prompt + response) the positional table holds (RoPE: its configured length)."""
+        config = unwrap(model).config
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1024
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    def encode(self, pairs, tokenizer, max_length: int | None, *, model=None,
+               log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
+        """``(prompt ids, response ids)`` of the pairs, the model's instruction heading each prompt
+        (``encode_examples``)."""
+        return encode_examples(pairs, tokenizer, max_length, instruction=instruction(model), log=log)
+
+    def lengths(self, ids) -> tuple[list[int], list[int]]:
+        """Prompt + response on both sides: one sequence a row."""
+        total = [len(p) + len(r) for p, r in zip(*ids, strict=True)]
+        return total, total
+
+    def collate(self, src, tgt, model, tokenizer) -> dict:
+        """``input_ids``, ``attention_mask`` and shifted ``labels`` (``collate``)."""
+        return collate(src, tgt, tokenizer.pad_id)
+
+    def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """``(inputs, labels)`` with ``logits_to_keep``: logits only from the first scored column on (the prompt
+        before it is never scored), lined up with the returned labels (``scored_window``)."""
+        keep, labels = scored_window(batch["labels"])
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "logits_to_keep": keep}, labels
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def translate(self, model, tokenizer, sources: Sequence[str], settings: DecodeSettings, *, batch_size: int = 64,
+                  progress: bool = False) -> list[str]:
+        """Beam search after each left-padded prompt (instruction + source + ``</s>``): batches sorted by length,
+        positions follow the attention mask, at most ``min(max_length, positions - S)`` new tokens for a batch whose
+        longest prompt has ``S`` ids, ``</s>`` forced at the limit; the response is cut at ``</s>`` and decoded. A
+        source that leaves fewer than 8 positions for the response is cut. Empty sources give ""."""
+        from tqdm import tqdm
+
+        hypotheses = [""] * len(sources)
+        head, n_pos = tokenizer.encode(instruction(model)), self.positions(model)
+        encoded = tokenizer.encode_batch(list(sources))
+        ids = {i: prompt_ids(tokenizer, head, e, limit=n_pos - 8) for i, e in enumerate(encoded) if e}
+        device = next(model.parameters()).device
         with tqdm(total=len(sources), unit="sent", desc="translate", disable=not progress, dynamic_ncols=True) as bar:
             bar.update(len(sources) - len(ids))
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                input_ids, mask = _left_pad([ids[i] for i in chunk], tokenizer.pad_id)
+            for chunk in generation.sorted_batches(ids, batch_size):
+                input_ids, mask = generation.pad_rows([ids[i] for i in chunk], tokenizer.pad_id, left=True)
                 S = input_ids.shape[1]
-                gen = GenerationConfig(
-                    num_beams=settings.beam, length_penalty=float(settings.length_penalty),
-                    max_new_tokens=max(1, min(settings.max_length, n_pos - S)), early_stopping=settings.beam > 1,
-                    do_sample=False, num_return_sequences=1, pad_token_id=tokenizer.pad_id,
-                    eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.eos_id,
-                    forced_eos_token_id=tokenizer.eos_id, suppress_tokens=suppress)
-                out = _generate(model, input_ids.to(device), mask.to(device), gen)
+                out = generation.generate(model, self._beam_config(model, tokenizer, settings, S),
+                                          input_ids=input_ids.to(device), attention_mask=mask.to(device))
                 for i, row in zip(chunk, out[:, S:].tolist(), strict=True):
-                    hypotheses[i] = tokenizer.decode(_cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
+                    hypotheses[i] = tokenizer.decode(generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
                 bar.update(len(chunk))
-    finally:
-        model.train(was_training)
-    return hypotheses
+        return hypotheses
+
+    def max_new_tokens(self, model, max_length: int, prompt_length: int = 0) -> int:
+        """Tokens generated at most after a prompt of ``prompt_length`` ids: within the positions, at least 1."""
+        return max(1, min(max_length, self.positions(model) - prompt_length))
+
+    def _beam_config(self, model, tokenizer, settings: DecodeSettings, prompt_length: int):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            num_beams=settings.beam, length_penalty=float(settings.length_penalty),
+            max_new_tokens=self.max_new_tokens(model, settings.max_length, prompt_length),
+            early_stopping=settings.beam > 1, do_sample=False, num_return_sequences=1,
+            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, forced_eos_token_id=tokenizer.eos_id,
+            suppress_tokens=generation.suppressed_ids(model, tokenizer))
+
+    def on_policy_batch(self, model, tokenizer, batch: dict, settings) -> dict:
+        """The batch's prompts (``prompts_of``) continued by samples of the learner, collated like ``collate``.
+
+        Ancestral sampling without gradient, in eval mode, with ``settings`` (temperature, top_p, max_new_tokens
+        and the model's positions, seed through ``generation.seeded_fork``); each sample ends at its first ``</s>``
+        (kept) or at the limit."""
+        from transformers import GenerationConfig
+
+        model = unwrap(model)
+        prompts = prompts_of(batch)
+        input_ids, mask = generation.pad_rows(prompts, tokenizer.pad_id, left=True)
+        S = input_ids.shape[1]
+        gen = GenerationConfig(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
+                               top_k=0, num_beams=1, max_new_tokens=self.max_new_tokens(model, settings.max_new_tokens,
+                                                                                         S),
+                               pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                               suppress_tokens=generation.suppressed_ids(model, tokenizer))
+        device = batch["input_ids"].device
+        was_training = model.training
+        model.eval()
+        try:
+            with generation.seeded_fork(device, settings.seed):
+                out = generation.generate(model, gen, input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        finally:
+            model.train(was_training)
+        responses = [generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=True) or [tokenizer.eos_id]
+                     for row in out[:, S:].tolist()]
+        return {k: v.to(device) for k, v in collate(prompts, responses, tokenizer.pad_id).items()}
 
 
-def _generate(model, input_ids, attention_mask, gen):
-    import torch
-
-    # generate() fills unset settings from model.generation_config: ours stands in for the call (see evaluate.py)
-    saved, model.generation_config = model.generation_config, gen
-    try:
-        with torch.inference_mode():
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
-    finally:
-        model.generation_config = saved
+def _dropout_kw(model_type: str, value) -> dict[str, Any]:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"model dropout must be in [0, 1), got {value!r}")
+    return dict.fromkeys(_DROPOUT_FIELDS.get(model_type, ("dropout",)), float(value))
 
 
-def _setting(settings, key: str, default=None):
-    return settings.get(key, default) if isinstance(settings, dict) else getattr(settings, key, default)
-
-
-def on_policy_batch(run, batch: dict, settings) -> dict:
-    """The batch's prompts continued by samples of the learner (``run.model``), collated like ``collate``.
-
-    Each prompt (``prompts_of(batch)``) is continued by ancestral sampling without gradient, in eval mode (no
-    dropout), with temperature ``settings.temperature``, nucleus ``settings.top_p`` and at most
-    ``settings.max_new_tokens`` tokens (and the model's positions); the sample ends at its first ``</s>``
-    (kept) or at the limit. The random draws come from ``settings.generator`` (a ``torch.Generator``): a seed
-    drawn from it seeds a forked global RNG, so the global RNG (dropout, exact resume) is left untouched and the
-    same generator state gives the same samples.
-
-    Returns:
-        ``{"input_ids", "attention_mask", "labels"}`` on ``run.device``: labels = the sampled tokens, shifted as in
-        ``collate``, -100 on the prompt and padding.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    model, tokenizer = run.model, run.tokenizer
-    prompts = prompts_of(batch)
-    input_ids, mask = _left_pad(prompts, tokenizer.pad_id)
-    S = input_ids.shape[1]
-    max_new = int(_setting(settings, "max_new_tokens", 128))
-    max_new = max(1, min(max_new, positions(model) - S))
-    gen = GenerationConfig(do_sample=True, temperature=float(_setting(settings, "temperature", 1.0)),
-                           top_p=float(_setting(settings, "top_p", 1.0)), top_k=0, num_beams=1,
-                           max_new_tokens=max_new, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                           bos_token_id=tokenizer.eos_id, suppress_tokens=_suppressed(model, tokenizer))
-    generator = _setting(settings, "generator")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = _generate(model, input_ids.to(device), mask.to(device), gen)
-    finally:
-        model.train(was_training)
-    responses = [_cut_at_eos(row, tokenizer.eos_id, keep_eos=True) or [tokenizer.eos_id]
-                 for row in out[:, S:].tolist()]
-    new = collate(prompts, responses, tokenizer.pad_id)
-    return {k: v.to(run.device) for k, v in new.items()}
+def _check_sizes(name: str, model_type: str, kw: dict[str, Any]) -> None:
+    sizes = [kw[k] for k in _SIZE_FIELDS[model_type]]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"causal preset {name!r}: {', '.join(_SIZE_FIELDS[model_type])} must be positive "
+                         f"integers, got {sizes}")
+    width, heads = sizes[1], sizes[2]
+    if width % heads or (model_type == "llama" and heads % kw["num_key_value_heads"]):
+        raise ValueError(f"causal preset {name!r}: width {width} must be divisible by {heads} heads (and heads by "
+                         "the key/value heads)")

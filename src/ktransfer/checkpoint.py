@@ -1,24 +1,27 @@
-"""Checkpoints as folders of safetensors + JSON, written atomically and verified on load; nothing is ever unpickled.
+"""Checkpoints are Hugging Face folders with ktransfer's training state beside them, written atomically and verified
+on load; nothing is ever unpickled.
 
-A checkpoint folder holds:
+A checkpoint folder (``RUN/checkpoints/best``, ``last``) holds:
 
-- ``model.safetensors``: the model's weights; tied matrices (shared embeddings, output layer) are stored once and
-  their other names recorded in ``state.json``;
+- what ``save_pretrained`` writes for the model (``config.json``, ``generation_config.json``, ``model.safetensors``)
+  and for the tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ... or SentencePiece files), so that
+  ``AutoModelForSeq2SeqLM/AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``
+  load it as they load any model;
 - ``optimizer.safetensors`` (when an optimizer is saved): every tensor of ``optimizer.state_dict()`` under its path,
-  e.g. ``state.0.exp_avg``; the rest (param groups, non-tensor values) is in ``state.json``;
-- ``state.json``: the model config and generation config, the run config, the tokenizer JSON, the scheduler state, the
-  train state (epoch, step, batch position, best metric, RNG states, ...), library versions, the size and sha256 of
-  each safetensors file, and a sha256 of its own content.
+  e.g. ``state.0.exp_avg``; the rest (param groups, non-tensor values) is in the state file;
+- ``training_state.json``: the run config, the scheduler state, the train state (epoch, step, batch position, best
+  metric, RNG states, ...), library versions, the size and sha256 of every other file of the folder, and a sha256 of
+  its own content.
 
 ``save_checkpoint`` writes everything into a hidden sibling folder ``.NAME.tmp-XXXX``, fsyncs it, then swaps it into
 place: the old folder is renamed aside (``.NAME.old-XXXX``), the new one renamed to NAME, the old one deleted. A kill at
-any moment leaves either the old or the new checkpoint whole; if it lands between the two renames, ``load_checkpoint``
-reads the aside copy and the next ``save_checkpoint`` puts it back in place.
+any moment leaves either the old or the new checkpoint whole; if it lands between the two renames, the loaders read
+the aside copy and the next ``save_checkpoint`` puts it back in place. ``ktransfer.models.load_model`` loads the
+model and tokenizer of a checkpoint after ``verified_folder`` has checked every file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,10 +40,11 @@ import safetensors.torch
 import torch
 
 FORMAT = "ktransfer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: state.json with the model config and tokenizer inside (before checkpoints were HF folders)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
+STATE_FILE = "training_state.json"
+OLD_STATE_FILE = "state.json"
 
 
 class CheckpointError(RuntimeError):
@@ -49,31 +53,25 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    """Everything ``load_checkpoint`` read from a checkpoint folder.
+    """The training state ``load_checkpoint`` read and verified from a checkpoint folder.
 
     Attributes:
-        path: the folder read (the aside copy when a swap was interrupted).
-        model_state: complete ``state_dict`` of the model (tied names point to one tensor), on CPU.
-        model_config: ``model.config.to_dict()``; model_class: e.g. ``"MarianMTModel"``.
-        generation_config: ``model.generation_config.to_dict()`` or None.
-        tokenizer: the ``ktransfer.tokenizer.Tokenizer`` the model was trained with.
+        path: the folder read (the aside copy when a swap was interrupted); ``models.load_model(path)`` gives the
+            model and tokenizer.
         config: the run config as a dict (``config_to_dict``).
         optimizer_state: ready for ``optimizer.load_state_dict`` (None if not saved or not loaded).
         scheduler_state: ``scheduler.state_dict()`` or None.
         train_state: the dict given to ``save_checkpoint`` plus ``"rng"`` (see ``capture_rng``).
+        files: name -> {bytes, sha256} of every file of the folder but the state file.
         versions: library versions at save time.
     """
 
     path: Path
-    model_state: dict[str, torch.Tensor]
-    model_config: dict[str, Any]
-    model_class: str
-    generation_config: dict[str, Any] | None
-    tokenizer: Any
     config: dict[str, Any]
     optimizer_state: dict[str, Any] | None
     scheduler_state: dict[str, Any] | None
     train_state: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,26 +156,6 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _join(v, tensors) for k, v in obj.items()}
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop names that alias an earlier tensor (tied weights): safetensors refuses shared storage."""
-    kept: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    first: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for name, t in state.items():
-        t = t.detach()
-        alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and alias in first:
-            tied[name] = first[alias]
-            continue
-        first[alias] = name
-        ptr = t.untyped_storage().data_ptr()
-        # distinct views of one storage must be copied apart
-        kept[name] = t.cpu().clone() if ptr in storages and t.numel() else t.cpu().contiguous()
-        storages.add(ptr)
-    return kept, tied
-
-
 # --- files -------------------------------------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     try:
@@ -218,13 +196,9 @@ def _versions() -> dict[str, str]:
 def _config_dict(config) -> dict[str, Any]:
     if config is None:
         return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        from ktransfer.config import config_to_dict
-
-        return config_to_dict(config)
     if isinstance(config, dict):
         return json.loads(json.dumps(config))  # a plain-JSON copy (tuples become lists); fails early if not JSON
-    raise TypeError(f"config must be a RunConfig dataclass or a dict, got {type(config).__name__}")
+    raise TypeError(f"config must be a dict (ktransfer.config.config_to_dict), got {type(config).__name__}")
 
 
 # --- save ----------------------------------------------------------------------------------------------------------
@@ -233,9 +207,9 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
 
     Args:
         path: the folder, e.g. ``RUN/checkpoints/last``; an existing checkpoint there is replaced.
-        model: a Hugging Face model (weights, ``config``, ``generation_config``).
-        tokenizer: has ``to_json()``.
-        config: the run config (``RunConfig`` or its dict).
+        model: a Hugging Face model (``save_pretrained``).
+        tokenizer: a ``ktransfer.tokenizer.Tokenizer`` (``save`` = ``save_pretrained``).
+        config: the run config as a dict (``config_to_dict``).
         optimizer, scheduler: saved through their ``state_dict()`` when given.
         train_state: JSON-ready dict (epoch, step, batch position, best metric, ...; tensors allowed). When it has
             no ``"rng"`` entry, the current ``capture_rng()`` is added.
@@ -254,31 +228,24 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
     train_state.setdefault("rng", capture_rng())
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        weights, tied = _dedupe(model.state_dict())
-        safetensors.torch.save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
-        files = {MODEL_FILE: _digest(tmp / MODEL_FILE)}
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save(tmp)
         optimizer_json = None
         if optimizer is not None:
             tensors: dict[str, torch.Tensor] = {}
             optimizer_json = _split(optimizer.state_dict(), "", tensors)
             safetensors.torch.save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
-            files[OPTIMIZER_FILE] = _digest(tmp / OPTIMIZER_FILE)
-        gen = getattr(model, "generation_config", None)
         body = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),
             "model_class": type(model).__name__,
-            "model_config": json.loads(model.config.to_json_string(use_diff=False)),
-            "generation_config": json.loads(gen.to_json_string(use_diff=False)) if gen is not None else None,
-            "tied": tied,
-            "tokenizer": tokenizer.to_json(),
             "config": _config_dict(config),
             "optimizer": optimizer_json,
             "scheduler": _split(scheduler.state_dict(), "", None) if scheduler is not None else None,
             "train_state": _split(train_state, "", None),
-            "files": files,
+            "files": {f.name: _digest(f) for f in sorted(tmp.iterdir()) if f.is_file()},
         }
         body["checksum"] = _body_checksum(body)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
@@ -319,6 +286,25 @@ def _asides(path: Path) -> list[Path]:
     return [d for *_, d in sorted(found, reverse=True)]
 
 
+def interrupted_swap(path) -> bool:
+    """Whether ``path`` is missing because a save was killed between its two renames (a whole copy lies beside it)."""
+    path = Path(path)
+    return not path.exists() and path.parent.is_dir() and bool(_asides(path))
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a ktransfer checkpoint folder (it has ``training_state.json``)."""
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def refuse_old_format(path) -> None:
+    """Raise ``CheckpointError`` for a checkpoint of ktransfer's first format (``state.json``, no ``config.json``)."""
+    old = Path(path) / OLD_STATE_FILE
+    if old.is_file() and not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path} is a checkpoint of an older ktransfer (format 1: {OLD_STATE_FILE}); checkpoints "
+                              "are now Hugging Face folders: train it again with this version")
+
+
 def _finish_interrupted_swap(path: Path) -> None:
     if not path.exists():
         asides = _asides(path)
@@ -332,6 +318,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     """``state.json`` of ``path``, checked; raises CheckpointError without a fallback hint."""
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")
+    refuse_old_format(path)
     state_path = path / STATE_FILE
     try:
         text = state_path.read_text(encoding="utf-8")
@@ -354,9 +341,9 @@ def _read_state(path: Path) -> dict[str, Any]:
     checksum = body.pop("checksum", None)
     if checksum != _body_checksum(body):
         raise CheckpointError(f"{state_path}: checksum mismatch (the file was edited or is corrupt)")
-    missing = [k for k in ("model_config", "tokenizer", "train_state", "files") if k not in body]
-    if missing or MODEL_FILE not in body["files"]:
-        raise CheckpointError(f"{state_path} lacks {missing or [MODEL_FILE]}")
+    missing = [k for k in ("train_state", "files") if k not in body]
+    if missing or MODEL_FILE not in body["files"] or "config.json" not in body["files"]:
+        raise CheckpointError(f"{state_path} lacks {missing or [MODEL_FILE, 'config.json']}")
     return body
 
 
@@ -468,63 +455,47 @@ def _inode(path: Path) -> int | None:
 def _read_checkpoint(path: Path, with_optimizer: bool) -> Checkpoint:
     try:
         body = _read_state(path)
-        weights = safetensors.torch.load(_read_file(path, MODEL_FILE, body["files"][MODEL_FILE]))
+        for name, expect in body["files"].items():
+            if name != OPTIMIZER_FILE:
+                _read_file(path, name, expect)
         optimizer_state = None
         if with_optimizer and body.get("optimizer") is not None:
             tensors = safetensors.torch.load(_read_file(path, OPTIMIZER_FILE, body["files"][OPTIMIZER_FILE]))
             optimizer_state = _join(body["optimizer"], tensors)
-        for name, target in body.get("tied", {}).items():
-            weights[name] = weights[target]
-        from ktransfer.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_json(body["tokenizer"])
         return Checkpoint(
             path=path,
-            model_state=weights,
-            model_config=body["model_config"],
-            model_class=body.get("model_class", ""),
-            generation_config=body.get("generation_config"),
-            tokenizer=tokenizer,
             config=body.get("config", {}),
             optimizer_state=optimizer_state,
             scheduler_state=_join(body.get("scheduler"), {}),
             train_state=_join(body["train_state"], {}),
+            files=body["files"],
             versions=body.get("versions", {}),
         )
     except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as e:
         raise CheckpointError(f"{path}: invalid checkpoint content ({type(e).__name__}: {e})") from e
 
 
-def model_from_checkpoint(ckpt: Checkpoint, device="cpu", **config_overrides):
-    """Build the model class recorded in ``ckpt`` from its config and load its weights (eval mode, on ``device``).
-
-    Seq2seq (Marian) and decoder-only models (GPT-2, Llama, ...: ``ktransfer.causal``) alike; a class name that
-    transformers does not export falls back to the Auto class of the config's kind."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
+def run_config_of(path) -> dict[str, Any]:
+    """The run config saved in checkpoint ``path`` (``{}`` for a folder that is no ktransfer checkpoint, or a hub id).
+    Read without verification: the model's loader verifies every file."""
+    state = Path(path) / STATE_FILE if Path(path).is_dir() else None
+    if state is None or not state.is_file():
+        return {}
     try:
-        cfg = {**ckpt.model_config, **config_overrides}
-        config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
-        cls = getattr(transformers, ckpt.model_class, None)
-        auto = AutoModelForSeq2SeqLM if cfg.get("is_encoder_decoder") else AutoModelForCausalLM
-        model = cls(config) if isinstance(cls, type) else auto.from_config(config)
-        model.load_state_dict(ckpt.model_state, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the saved model config: {e}") from e
-    if ckpt.generation_config is not None:
-        model.generation_config = GenerationConfig.from_dict(ckpt.generation_config)
-    return model.to(device).eval()
+        config = json.loads(state.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
-def load_model(path, device="cpu", **config_overrides):
-    """``(model, tokenizer)`` from a checkpoint folder; the model is in eval mode on ``device``.
+def verified_folder(path) -> Path:
+    """The folder of checkpoint ``path`` (the aside copy of an interrupted swap) after checking every file's size and
+    sha256 (the weights and tokenizer files included).
 
-    ``config_overrides`` change settings that keep the weights' shapes, e.g. ``dropout=0.1``.
+    Raises:
+        CheckpointError: naming what is wrong and an intact sibling.
     """
-    ckpt = load_checkpoint(path, with_optimizer=False)
-    return model_from_checkpoint(ckpt, device, **config_overrides), ckpt.tokenizer
+    return load_checkpoint(path, with_optimizer=False).path
 
 
 def restore_optimizer(optimizer, ckpt: Checkpoint) -> None:

@@ -95,16 +95,20 @@ class DataConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     name: ClassVar[str] = "model"
-    preset: str = _field("cpu-learner", "architecture: a preset name (see ktransfer.models.PRESETS) or a model folder")
-    init: str | None = _field(None, "checkpoint folder whose weights start training (None = random init)")
-    teacher: str | None = _field(None, "teacher checkpoint folder (needed by every objective but nll)")
+    preset: str = _field("cpu-learner", "the learner: a preset name (ktransfer.models.PRESETS, sized to the "
+                         "tokenizer), a Hugging Face model folder, a hub id, or a ktransfer run/checkpoint folder")
+    init: str | None = _field(None, "weights that start training: a ktransfer run/checkpoint folder, a Hugging Face "
+                              "folder or a hub id (None = model.preset)")
+    teacher: str | None = _field(None, "the frozen teacher (every objective but nll): a ktransfer run/checkpoint "
+                                 "folder, a Hugging Face folder or a hub id; its tokenizer is the learner's too")
     dropout: float | None = _field(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
+    trust_remote_code: bool = _field(False, "allow a model folder's own Python code (config.json auto_map); read "
+                                     "that code first")
 
     def _check_more(self) -> None:
-        from ktransfer.causal import CAUSAL_PRESETS
         from ktransfer.models import PRESETS
 
-        p, names = self.preset, [*PRESETS, *CAUSAL_PRESETS]  # seq2seq (Marian) and decoder-only presets
+        p, names = self.preset, list(PRESETS)  # seq2seq (Marian) and decoder-only presets
         if p not in names and not ("/" in p or os.sep in p or p.startswith(".") or Path(p).exists()):
             close = difflib.get_close_matches(p, names, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""

@@ -302,7 +302,7 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | 
         raise ValueError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
     eos = tokenizer.eos_id
     src_all = tokenizer.encode_batch([s for s, _ in pairs])
-    tgt_all = tokenizer.encode_batch([t for _, t in pairs])
+    tgt_all = tokenizer.encode_batch([t for _, t in pairs], target=True)
     src_ids, tgt_ids = [], []
     n_empty = n_long = 0
     for s, t in zip(src_all, tgt_all, strict=True):

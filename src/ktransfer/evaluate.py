@@ -15,98 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from ktransfer import __version__
-
-# --------------------------------------------------------------------------------------------------------------
-# Decoding settings and their signature
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Beam-search settings that change a hypothesis (and so a score).
-
-    Attributes:
-        beam: beam width (1 = greedy).
-        length_penalty: exponent ``alpha`` of the length normalisation; a finished hypothesis is ranked by
-            ``sum log p / len ** alpha`` (``generate()``'s convention; 0 = no normalisation).
-        max_length: most target tokens generated per sentence, ``</s>`` included.
-    """
-
-    beam: int = 6
-    length_penalty: float = 1.0
-    max_length: int = 256
-
-    def __post_init__(self):
-        if not isinstance(self.beam, int) or self.beam < 1:
-            raise ValueError(f"beam must be an integer >= 1, got {self.beam!r}")
-        if not isinstance(self.max_length, int) or self.max_length < 1:
-            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
-        if not isinstance(self.length_penalty, (int, float)) or self.length_penalty != self.length_penalty:
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
-
-    def signature(self) -> str:
-        """``beam:6|lp:1.0|maxlen:256|early:yes|nopad:yes|ktransfer:0.1.0``: early stopping of the beam when
-        ``beam`` hypotheses are finished, ``<pad>`` never generated, and the version of this code."""
-        return (f"beam:{self.beam}|lp:{float(self.length_penalty)}|maxlen:{self.max_length}|early:yes|nopad:yes"
-                f"|ktransfer:{__version__}")
-
+from ktransfer.checkpoint import run_config_of
+from ktransfer.generation import DecodeSettings
+from ktransfer.models import family_of, load_model, resolve_source
 
 # --------------------------------------------------------------------------------------------------------------
 # Translation
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _max_new_tokens(model, max_length: int) -> int:
-    # The decoder input is [start] + generated tokens; its positions must exist in the positional table.
-    positions = getattr(model.config, "max_position_embeddings", None)
-    return min(max_length, positions - 1) if positions else max_length
-
-
-@torch.inference_mode()
-def _generate(model, batch: list[list[int]], pad_id: int, eos_id: int, settings: DecodeSettings):
-    """Beam search on one batch of source ids (each ending with ``</s>``); returns [B, T] generated ids."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    S = max(map(len, batch))
-    input_ids = torch.full((len(batch), S), pad_id, dtype=torch.long)  # (B, S), padded on the right
-    for b, row in enumerate(batch):
-        input_ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-    attention_mask = (torch.arange(S)[None, :] < torch.tensor([len(r) for r in batch])[:, None]).long()
-    start_id = getattr(model.config, "decoder_start_token_id", None)
-    start_id = pad_id if start_id is None else start_id
-    gen = GenerationConfig(
-        num_beams=settings.beam,
-        length_penalty=float(settings.length_penalty),
-        max_length=_max_new_tokens(model, settings.max_length) + 1,  # the decoder start symbol + generated tokens
-        early_stopping=settings.beam > 1,  # stop once `beam` hypotheses are finished (greedy: no beam)
-        do_sample=False,
-        num_return_sequences=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        decoder_start_token_id=start_id,
-        forced_eos_token_id=eos_id,  # a hypothesis cut at max_length still ends with </s>
-        suppress_tokens=[pad_id],  # <pad> is the decoder's start symbol and never a target
-    )
-    # generate() fills every setting left unset here from model.generation_config; swapping ours in for the call
-    # keeps a checkpoint's own settings (no_repeat_ngram_size, min_length, bad words, ...) out of the search, so
-    # the decode signature tells the whole story.
-    saved, model.generation_config = model.generation_config, gen
-    try:
-        return model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              generation_config=gen)
-    finally:
-        model.generation_config = saved
 
 
 def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length_penalty: float = 1.0,
@@ -120,9 +43,10 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
     source longer than the model's positional table is cut to fit.
 
     Args:
-        model: a ``MarianMTModel`` (any device; inputs follow its parameters); a decoder-only LM is handed to
-            ``ktransfer.causal.translate`` (same arguments and result).
-        tokenizer: a ``ktransfer.tokenizer.Tokenizer`` (``encode_batch``, ``decode``, ``pad_id``, ``eos_id``).
+        model: an encoder-decoder or a decoder-only LM (any device; inputs follow its parameters); its family
+            (``ktransfer.models.family_of``) does the search: the decoder after the encoded source, or the
+            continuation of the prompt (instruction + source).
+        tokenizer: a ``ktransfer.tokenizer.Tokenizer``.
         sources: raw source sentences.
         beam, length_penalty, max_length: see ``DecodeSettings``.
         batch_size: sentences per ``generate()`` call (each one expands to ``beam`` rows).
@@ -131,40 +55,16 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
     Raises:
         ValueError: a setting out of range.
     """
-    if not getattr(model.config, "is_encoder_decoder", True):  # decoder-only LM: prompt + continuation
-        from ktransfer import causal
-
-        return causal.translate(model, tokenizer, sources, beam=beam, length_penalty=length_penalty,
-                                max_length=max_length, batch_size=batch_size, progress=progress)
     settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    sources = list(sources)
-    hypotheses = [""] * len(sources)
-    positions = getattr(model.config, "max_position_embeddings", None) or 10**9
-    encoded = tokenizer.encode_batch(sources)
-    ids = {i: [*e[:positions - 1], tokenizer.eos_id] for i, e in enumerate(encoded) if e}
-    order = sorted(ids, key=lambda i: (-len(ids[i]), i))  # longest first: a too-big batch fails at once
-
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(sources), unit="sent", desc="translate", disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
-            bar.update(len(sources) - len(ids))  # empty sources are done already
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                out = _generate(model, [ids[i] for i in chunk], tokenizer.pad_id, tokenizer.eos_id, settings)
-                for i, row in zip(chunk, out[:, 1:].tolist(), strict=True):  # drop the decoder start symbol
-                    if tokenizer.eos_id in row:  # what follows </s> is padding
-                        row = row[:row.index(tokenizer.eos_id)]
-                    hypotheses[i] = tokenizer.decode(row)
-                bar.update(len(chunk))
+        return family_of(model).translate(model, tokenizer, list(sources), settings, batch_size=batch_size,
+                                          progress=progress)
     finally:
         model.train(was_training)
-    return hypotheses
 
 
 def rank_device(device: str) -> str:
@@ -242,42 +142,6 @@ def score(hypotheses: Sequence[str], references: Sequence[str], *,
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
 
-CHECKPOINT_FILES = ("state.json", "model.safetensors")
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in CHECKPOINT_FILES)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder of ``path``: a checkpoint itself, or a run folder (its ``checkpoints/best``).
-
-    Raises:
-        FileNotFoundError: nothing at ``path``, or no checkpoint there; the message says what to pass instead.
-    """
-    p = Path(path).expanduser()
-    if not p.exists() and any(p.parent.glob(f".{p.name}.old-*")):
-        return p  # a save killed between its two renames: load_checkpoint reads the whole copy beside it
-    if not p.exists():
-        hint = ""
-        if p.name in ("best", "last") and p.parent.name == "checkpoints" and p.parent.is_dir():
-            others = sorted(x.name for x in p.parent.iterdir() if _is_checkpoint(x))
-            hint = f" (the run has {', '.join(others) if others else 'no checkpoint yet'})"
-        raise FileNotFoundError(f"checkpoint not found: {p}{hint}")
-    if _is_checkpoint(p):
-        return p
-    best, last = p / "checkpoints" / "best", p / "checkpoints" / "last"
-    if _is_checkpoint(best):
-        return best
-    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():
-        more = f"; {last} exists, pass it to use the last checkpoint" if _is_checkpoint(last) else ""
-        raise FileNotFoundError(f"run folder {p} has no best checkpoint: {best} not found{more}")
-    raise FileNotFoundError(
-        f"{p} is not a checkpoint (no {' or '.join(CHECKPOINT_FILES)} in it); pass a checkpoint folder, or a run "
-        f"folder whose checkpoints/best will be used (e.g. {p / 'checkpoints' / 'best'})"
-    )
-
-
 def _run_data(config: dict) -> dict:
     """The ``data`` section of the run config saved in a checkpoint (corpus, src_lang, tgt_lang, test, ...)."""
     data = config.get("data") if isinstance(config, dict) else None
@@ -349,14 +213,13 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         ValueError: both or neither of corpus mode and file mode, source and reference files of different line
             counts (``ktransfer.data.CorpusError`` for a corpus that is missing or malformed).
     """
-    from ktransfer.checkpoint import load_checkpoint, model_from_checkpoint
     from ktransfer.data import language_pair, read_lines, read_split, resolve_corpus, split_files
 
     settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1 or None, got {limit!r}")
-    checkpoint = resolve_checkpoint(model_path)
-    ckpt = load_checkpoint(checkpoint, with_optimizer=False)
+    checkpoint = resolve_source(model_path)
+    run_config = run_config_of(checkpoint)
     files_mode = src_file is not None or ref_file is not None
     if files_mode and corpus is not None:
         raise ValueError("give either a corpus (with a split) or --src/--ref files, not both")
@@ -374,7 +237,7 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         tgt_lang = tgt_lang or (ref_path.suffix[1:] if ref_path.suffix else "hyp")
         data_info = {"src_file": str(src_path), "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
     else:
-        run = _run_data(ckpt.config)
+        run = _run_data(run_config)
         corpus = corpus if corpus is not None else run.get("corpus")
         if corpus is None:
             raise ValueError(f"no corpus given and checkpoint {checkpoint} does not name one; pass a corpus or files")
@@ -396,7 +259,9 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
     # contiguous share of the sentences, rank 0 alone scores and writes, and every rank returns rank 0's result.
     with distributed.session(device):
         main, world = distributed.is_main(), distributed.world_size()
-        model, tokenizer = model_from_checkpoint(ckpt, rank_device(device)), ckpt.tokenizer
+        model, tokenizer = load_model(checkpoint, device=rank_device(device))
+        if tokenizer is None:
+            raise ValueError(f"{checkpoint} has no tokenizer files: save the tokenizer into the model folder")
         start = time.perf_counter()
         hypotheses = translate_sharded(model, tokenizer, sources, beam=settings.beam,
                                        length_penalty=settings.length_penalty, max_length=settings.max_length,
@@ -407,7 +272,8 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
             result = _score_and_write(hypotheses, references, settings, elapsed, out_dir, checkpoint, split,
                                       tgt_lang, data_info, {
                                           "batch_size": batch_size, "device": str(device), "processes": world,
-                                          "effective_max_new_tokens": _max_new_tokens(model, settings.max_length),
+                                          "effective_max_new_tokens":
+                                              family_of(model).max_new_tokens(model, settings.max_length),
                                       }, limit)
         return distributed.broadcast(result)
 

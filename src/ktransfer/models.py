@@ -1,225 +1,255 @@
-"""Marian transformer presets by name, building models for a tokenizer, and teacher/learner compatibility checks.
+"""One model interface, two families: where models come from, which family a model is, and whether two fit together.
 
-Every preset is a Marian encoder-decoder (Hugging Face ``MarianMTModel``) with post-norm layers, sinusoidal positions,
-embeddings scaled by sqrt(d_model), and one embedding matrix shared by the encoder, the decoder and the output layer.
-The vocabulary size and the special ids (pad, eos, decoder start = pad) always come from the tokenizer.
+A *family* (``ModelFamily``) owns everything that differs between an encoder-decoder and a decoder-only model:
+building from a preset, how examples become ids and batches, which logits line up with which labels, beam search and
+on-policy sampling. ``ktransfer.seq2seq.Seq2SeqFamily`` (Marian and any ``AutoModelForSeq2SeqLM``) and
+``ktransfer.causal.CausalFamily`` (any ``AutoModelForCausalLM``) implement it; ``family_of`` is the one place that
+picks, from the model's config. Code above this module never asks which family it holds.
 
-Sizes (encoder/decoder layers x d_model x attention heads; FFN = 4 x d_model; parameters for a 10K vocabulary):
+A model *source* (``model.preset``, ``model.init``, ``model.teacher``, the argument of ``evaluate``/``translate``/
+``distill-data``) is any of:
 
-==================  ================  ======  ==========================================================
-preset              layers x dim x h  params  use
-==================  ================  ======  ==========================================================
-paper-deen-teacher  6/6 x 1024 x 16   186.6M  the paper's De-En teacher (Table 1)
-paper-deen-learner  6/1 x 512 x 4      28.2M  the paper's De-En learner (Table 1)
-paper-then-teacher  3/1 x 256 x 2       6.0M  the paper's Th-En teacher (Table 1)
-paper-then-learner  1/1 x 128 x 1       1.7M  the paper's Th-En learner (Table 1)
-cpu-teacher         3/3 x 256 x 4       8.1M  Multi30k teacher sized for 2 CPU cores
-cpu-learner         2/1 x 128 x 2       1.9M  Multi30k learner, about 4x smaller than cpu-teacher
-tiny                1/1 x 32 x 2        0.3M  tests (builds and runs in milliseconds)
-==================  ================  ======  ==========================================================
+- a preset name (``PRESETS``: seq2seq and causal), built fresh for a tokenizer;
+- a ktransfer checkpoint folder (``RUN/checkpoints/best``: a Hugging Face folder plus ``training_state.json``),
+  verified file by file first;
+- a ktransfer run folder (its ``checkpoints/best``);
+- a Hugging Face model folder (``config.json`` + ``*.safetensors``, with or without tokenizer files);
+- a hub id (``Helsinki-NLP/opus-mt-de-en``), read through the local cache (``ktransfer.hub``).
+
+Remote code is never run unless ``trust_remote_code`` is set by the user; only safetensors weights are read.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-# Settings every preset shares. Dropout 0.3 on the residual stream, as for small-data translation (IWSLT, Multi30k);
-# relu FFN as in the base Transformer.
-_COMMON: dict[str, Any] = {
-    "max_position_embeddings": 256,
-    "dropout": 0.3,
-    "attention_dropout": 0.0,
-    "activation_dropout": 0.0,
-    "activation_function": "relu",
-    "scale_embedding": True,
-    "share_encoder_decoder_embeddings": True,
-    "tie_word_embeddings": True,
-    "init_std": 0.02,
-}
+import torch
+
+from ktransfer import checkpoint, hub
+from ktransfer.causal import CAUSAL_PRESETS, CausalFamily
+from ktransfer.generation import DecodeSettings, output_rows, unwrap
+from ktransfer.seq2seq import PRESETS as SEQ2SEQ_PRESETS
+from ktransfer.seq2seq import Seq2SeqFamily
+from ktransfer.tokenizer import Tokenizer, compare_tokenizers, is_tokenizer_folder, load_tokenizer
+
+PRESETS: dict[str, dict[str, Any]] = {**SEQ2SEQ_PRESETS, **CAUSAL_PRESETS}
 
 
-def _preset(enc: int, dec: int, dim: int, heads: int, ffn: int | None = None, **extra) -> dict[str, Any]:
-    ffn = 4 * dim if ffn is None else ffn
-    return {
-        **_COMMON,
-        "encoder_layers": enc,
-        "decoder_layers": dec,
-        "d_model": dim,
-        "encoder_attention_heads": heads,
-        "decoder_attention_heads": heads,
-        "encoder_ffn_dim": ffn,
-        "decoder_ffn_dim": ffn,
-        **extra,
-    }
+class ModelFamily(Protocol):
+    """What ``train``, ``evaluate``, ``prefixes``, ``seqkd`` and ``analysis`` ask of a model family."""
+
+    name: str
+    presets: dict[str, dict[str, Any]]
+    teacher_cache: bool  # whether ``train.teacher_cache`` can serve this family
+
+    def auto_class(self): ...
+    def build(self, preset: str, tokenizer: Tokenizer, **overrides): ...
+    def load_overrides(self, model_type: str, overrides: dict[str, Any]) -> dict[str, Any]: ...
+    def after_load(self, model) -> None: ...
+    def set_generation_config(self, model, tokenizer: Tokenizer) -> None: ...
+    def prepare(self, model, tokenizer: Tokenizer, *, src_lang: str, tgt_lang: str) -> None: ...
+    def positions(self, model) -> int: ...
+    def encode(self, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_length: int | None, *, model=None,
+               log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]: ...
+    def lengths(self, ids) -> tuple[list[int], list[int]]: ...
+    def collate(self, src, tgt, model, tokenizer: Tokenizer) -> dict[str, torch.Tensor]: ...
+    def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]: ...
+    def translate(self, model, tokenizer: Tokenizer, sources: Sequence[str], settings: DecodeSettings, *,
+                  batch_size: int = 64, progress: bool = False) -> list[str]: ...
+    def max_new_tokens(self, model, max_length: int) -> int: ...
+    def on_policy_batch(self, model, tokenizer: Tokenizer, batch: dict, settings) -> dict: ...
 
 
-# MarianConfig keyword arguments by preset name (vocabulary size and special ids are added from the tokenizer).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-deen-teacher": _preset(6, 6, 1024, 16),
-    "paper-deen-learner": _preset(6, 1, 512, 4),
-    "paper-then-teacher": _preset(3, 1, 256, 2),
-    "paper-then-learner": _preset(1, 1, 128, 1),
-    "cpu-teacher": _preset(3, 3, 256, 4),
-    "cpu-learner": _preset(2, 1, 128, 2),
-    "tiny": _preset(1, 1, 32, 2),
-}
-
-# Short names accepted by ``build_model(..., **overrides)`` that set both the encoder and the decoder value.
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "layers": ("encoder_layers", "decoder_layers"),
-    "heads": ("encoder_attention_heads", "decoder_attention_heads"),
-    "ffn_dim": ("encoder_ffn_dim", "decoder_ffn_dim"),
-}
-# Overrides that change no tensor shape, so they also apply to a model loaded from a folder.
-_SHAPE_FREE = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop")
+SEQ2SEQ, CAUSAL = Seq2SeqFamily(), CausalFamily()
 
 
-def build_model(preset_or_path: str | os.PathLike, tokenizer, **overrides):
-    """A fresh Marian model from a preset, or a model loaded from a local folder, for ``tokenizer``.
-
-    Args:
-        preset_or_path: a name in ``PRESETS``; a ktransfer checkpoint folder (has ``state.json``); or a local
-            Hugging Face seq2seq folder (``config.json`` + weights), loaded with ``AutoModelForSeq2SeqLM``. Causal
-            presets (``ktransfer.causal.CAUSAL_PRESETS``) and causal folders go to ``causal.build_causal_model``.
-        tokenizer: gives ``vocab_size``, ``pad_id`` and ``eos_id`` (the decoder starts with ``pad_id``).
-        **overrides: ``MarianConfig`` arguments (``d_model``, ``dropout``, ``encoder_layers``, ...) or the aliases
-            ``layers``, ``heads``, ``ffn_dim`` (both encoder and decoder). Changing ``d_model`` scales the FFN with it
-            unless ``ffn_dim`` is given. A model loaded from a folder takes only dropout overrides.
-
-    Returns:
-        ``MarianMTModel`` (or the folder's model class) in train mode, with a generation config set up for beam search.
+def family_of(model_or_config) -> ModelFamily:
+    """The family of a model (DDP-wrapped or not), a ``transformers`` config or a config dict.
 
     Raises:
-        ValueError: unknown preset (lists the presets), unknown or invalid override, heads not dividing d_model, or a
-            loaded model whose vocabulary or special ids differ from the tokenizer's.
+        ValueError: a model that is neither an encoder-decoder nor a causal LM that ``transformers`` knows.
     """
-    name = os.fspath(preset_or_path)
-    from ktransfer import causal
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("is_encoder_decoder", False):
+        return SEQ2SEQ
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if causal.is_causal_source(name):  # decoder-only presets and folders: ktransfer.causal
-        return causal.build_causal_model(name, tokenizer, **overrides)
-    if name in PRESETS:
-        model = _from_preset(name, tokenizer, overrides)
-    elif Path(name).is_dir():
-        model = _from_folder(Path(name), tokenizer, overrides)
-    else:
-        raise ValueError(
-            f"unknown model preset {name!r} (and no such folder); presets: "
-            f"{', '.join([*PRESETS, *causal.CAUSAL_PRESETS])}; "
-            "or give a local checkpoint folder"
-        )
-    model.train()
-    return model
+    if get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return CAUSAL
+    raise ValueError(f"model type {get('model_type')!r} is neither an encoder-decoder nor a causal language model "
+                     "known to transformers")
 
 
-def _resolve_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    valid = set(base) | {"encoder_layerdrop", "decoder_layerdrop"}
-    out = dict(base)
-    for key, value in overrides.items():
-        targets = _ALIASES.get(key, (key,))
-        if any(t not in valid for t in targets):
-            raise ValueError(
-                f"unknown model override {key!r}; valid: {', '.join(sorted(valid | set(_ALIASES)))} "
-                "(vocabulary size and special ids come from the tokenizer)"
-            )
-        for t in targets:
-            out[t] = value
-    ffn_given = any(k in overrides for k in ("ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim"))
-    if "d_model" in overrides and not ffn_given:  # FFN = 4 x d_model follows a new width
-        for side in ("encoder", "decoder"):
-            if base[f"{side}_ffn_dim"] == 4 * base["d_model"]:
-                out[f"{side}_ffn_dim"] = 4 * overrides["d_model"]
-    return out
+def preset_family(name: str) -> ModelFamily | None:
+    """The family of preset ``name``, None for a name that is no preset."""
+    return SEQ2SEQ if name in SEQ2SEQ_PRESETS else CAUSAL if name in CAUSAL_PRESETS else None
 
 
-def _check_architecture(kw: dict[str, Any]) -> None:
-    for key in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
-                "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"):
-        v = kw[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"model {key} must be a positive integer, got {v!r}")
-    for side in ("encoder", "decoder"):
-        heads = kw[f"{side}_attention_heads"]
-        if kw["d_model"] % heads:
-            raise ValueError(f"d_model={kw['d_model']} is not divisible by {side}_attention_heads={heads}")
-    for key in ("dropout", "attention_dropout", "activation_dropout"):
-        v = kw[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v < 1.0:
-            raise ValueError(f"model {key} must be in [0, 1), got {v!r}")
+# --------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------
+def resolve_source(source: str | os.PathLike) -> Path | str:
+    """The folder a model source stands for (a run folder becomes its ``checkpoints/best``), or the hub id.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder with no model in it (naming what was looked
+            for); checkpoint.CheckpointError: a checkpoint saved by an older ktransfer.
+    """
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if checkpoint.interrupted_swap(path):
+            return path  # a save killed between its two renames: the whole copy beside it stands in
+        if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+            return name  # a hub id (org/name): ktransfer.hub reads it from the cache or says why it cannot
+        raise FileNotFoundError(f"no such model folder: {path} (nor a preset: {', '.join(PRESETS)})")
+    if checkpoint.is_checkpoint(path) or (path / "config.json").is_file():
+        return path
+    checkpoint.refuse_old_format(path)
+    best = path / "checkpoints" / "best"
+    if checkpoint.is_checkpoint(best):
+        return best
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        last = path / "checkpoints" / "last"
+        more = f"; {last} exists, pass it to use the last checkpoint" if checkpoint.is_checkpoint(last) else ""
+        raise FileNotFoundError(f"run folder {path} has no best checkpoint: {best} not found{more}")
+    raise FileNotFoundError(f"{path} holds no model: neither a Hugging Face folder (config.json), a ktransfer "
+                            f"checkpoint ({checkpoint.STATE_FILE}) nor a run folder (checkpoints/best)")
 
 
-def _from_preset(name: str, tokenizer, overrides: dict[str, Any]):
-    from transformers import MarianConfig, MarianMTModel
+def load_model(source: str | os.PathLike, *, device="cpu", trust_remote_code: bool = False,
+               **overrides) -> tuple[torch.nn.Module, Tokenizer | None]:
+    """``(model, tokenizer)`` of a source that is not a preset (see the module docstring), the model in eval mode on
+    ``device``; the tokenizer is None when the folder has none.
 
-    kw = _resolve_overrides(PRESETS[name], overrides)
-    _check_architecture(kw)
+    ``overrides``: shape-free settings such as ``dropout=0.1`` (the family maps them to its config fields).
+
+    Raises:
+        FileNotFoundError: nothing at the path; checkpoint.CheckpointError: a checkpoint that fails verification
+            (naming an intact sibling); ValueError: the folder asks for remote code, has only pickle weights, or
+            a hub id without a network.
+    """
+    where = resolve_source(source)
+    if isinstance(where, Path) and (checkpoint.is_checkpoint(where) or checkpoint.interrupted_swap(where)):
+        where = checkpoint.verified_folder(where)  # the folder whose files all match their sha256
+    config = hub.load_config(where, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    kw = family.load_overrides(config.model_type, overrides)
+    model = hub.load_pretrained(family.auto_class(), where, trust_remote_code=trust_remote_code, **kw)
+    family.after_load(model)
+    tokenizer = None
+    if not isinstance(where, Path) or is_tokenizer_folder(where):
+        tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code)
+        check_model_tokenizer(model, tokenizer, str(source))
+    return model.to(device).eval(), tokenizer
+
+
+def build_model(source: str | os.PathLike, tokenizer: Tokenizer, *, trust_remote_code: bool = False, **overrides):
+    """A model for ``tokenizer`` in train mode: a fresh one of a preset, or one loaded from any other source.
+
+    Args:
+        source: a preset name (``PRESETS``) or a model source (module docstring).
+        tokenizer: gives the vocabulary size and special ids of a preset; a loaded model's tokenizer (when its
+            folder has one) must be the same, and its output layer must fit it.
+        **overrides: a preset's config fields (``d_model``, ``layers``, ``n_embd``, ``dropout``, ...); a loaded
+            model takes only dropout.
+
+    Raises:
+        ValueError: unknown preset (lists the presets), invalid override, a loaded model or tokenizer that does not
+            fit ``tokenizer``.
+    """
+    name = os.fspath(source)
+    family = preset_family(name)
+    if family is not None:
+        return family.build(name, tokenizer, **overrides)
     try:
-        config = MarianConfig(
-            **kw,
-            vocab_size=tokenizer.vocab_size,
-            decoder_vocab_size=tokenizer.vocab_size,
-            pad_token_id=tokenizer.pad_id,
-            eos_token_id=tokenizer.eos_id,
-            decoder_start_token_id=tokenizer.pad_id,
-            bos_token_id=None,
-            forced_eos_token_id=None,  # generation settings live in model.generation_config
-        )
-    except Exception as e:  # huggingface_hub's strict-dataclass errors are not ValueErrors
-        raise ValueError(f"invalid settings for model preset {name!r}: {e}") from e
-    model = MarianMTModel(config)
-    set_generation_config(model, tokenizer)
-    return model
+        model, own = load_model(name, trust_remote_code=trust_remote_code, **overrides)
+    except FileNotFoundError as e:
+        raise ValueError(f"unknown model preset {name!r} and {e}") from None
+    if own is not None:
+        compare_tokenizers(own, tokenizer, f"model {name}", "given")
+    check_model_tokenizer(model, tokenizer, name)
+    return model.train()
 
 
-def _from_folder(path: Path, tokenizer, overrides: dict[str, Any]):
-    bad = sorted(set(overrides) - set(_SHAPE_FREE))
-    if bad:
-        raise ValueError(f"{path}: a loaded model takes only dropout overrides ({', '.join(_SHAPE_FREE)}), got {bad}")
-    if (path / "state.json").is_file():  # a ktransfer checkpoint
-        from ktransfer.checkpoint import load_model
-
-        model, ckpt_tokenizer = load_model(path, **overrides)
-        if tokenizer is not None:
-            _compare_tokenizers(ckpt_tokenizer, tokenizer, "checkpoint", "given")
-    elif (path / "config.json").is_file():
-        from transformers import AutoModelForSeq2SeqLM
-
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True, **overrides)
-    else:
-        raise ValueError(f"{path} is neither a ktransfer checkpoint (state.json) nor a Hugging Face model folder")
-    if tokenizer is not None:
-        _compare_model_tokenizer(model, tokenizer, str(path))
-        if getattr(model.generation_config, "decoder_start_token_id", None) is None:
-            set_generation_config(model, tokenizer)
-    return model
+# --------------------------------------------------------------------------------------------------------------
+# Fit between models and tokenizers
+# --------------------------------------------------------------------------------------------------------------
+def _config_ids(model, key: str) -> list[int]:
+    """The ids the model's config gives for ``key`` (a list where it holds several), else its generation config's."""
+    model = unwrap(model)
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return [int(v) for v in (value if isinstance(value, list) else [value])]
+    return []
 
 
-def set_generation_config(model, tokenizer, max_length: int | None = None) -> None:
-    """Give ``model`` a generation config for ``tokenizer``: start = pad, stop at eos, at most ``max_length`` tokens.
+def check_model_tokenizer(model, tokenizer: Tokenizer, name: str) -> None:
+    """Raise unless ``model`` can use ``tokenizer``: at least ``vocab_size`` output rows, the tokenizer's eos among
+    the model's, and the same pad where the model sets one.
 
-    ``max_length`` defaults to the model's number of positions (sinusoidal tables have a fixed length).
+    Raises:
+        ValueError: naming the model and both values.
     """
-    from transformers import GenerationConfig
+    rows = output_rows(model)
+    if rows < tokenizer.vocab_size:
+        raise ValueError(f"{name} model has {rows} output rows but its tokenizer has {tokenizer.vocab_size} ids: "
+                         "ids would have no logit")
+    eos = _config_ids(model, "eos_token_id")
+    if eos and tokenizer.eos_id not in eos:
+        raise ValueError(f"{name} model has eos_token_id={eos[0]!r} but its tokenizer's is {tokenizer.eos_id!r}")
+    pad = getattr(unwrap(model).config, "pad_token_id", None)
+    if pad is not None and int(pad) != tokenizer.pad_id:
+        raise ValueError(f"{name} model has pad_token_id={pad!r} but its tokenizer's is {tokenizer.pad_id!r}")
 
-    if max_length is None:
-        max_length = int(getattr(model.config, "max_position_embeddings", 256))
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=tokenizer.pad_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-        forced_eos_token_id=tokenizer.eos_id,
-        max_length=max_length,
-    )
+
+def check_compatible(teacher, learner, teacher_tokenizer: Tokenizer, learner_tokenizer: Tokenizer, *,
+                     log: Callable[[str], object] | None = None) -> int:
+    """Raise unless teacher and learner can be compared id by id; return the number of shared ids ``V``.
+
+    Both must be of one family; the tokenizers the same (or the learner's vocabulary the first ids of the
+    teacher's); each model's output layer must fit its tokenizer. Output rows beyond ``V`` (embedding padding, e.g.
+    32064 vs 32000) are sliced away (``shared_logits``), said once through ``log``.
+
+    Raises:
+        ValueError: naming the first disagreement (the first token id that differs, with both tokens).
+    """
+    ft, fl = family_of(teacher), family_of(learner)
+    if ft is not fl:
+        raise ValueError(f"the teacher is {ft.name} ({type(unwrap(teacher)).__name__}) but the learner is {fl.name} "
+                         f"({type(unwrap(learner)).__name__}): both must be encoder-decoders or both decoder-only")
+    compare_tokenizers(teacher_tokenizer, learner_tokenizer, "teacher", "learner", allow_prefix=True)
+    check_model_tokenizer(teacher, teacher_tokenizer, "teacher")
+    check_model_tokenizer(learner, learner_tokenizer, "learner")
+    start_t, start_l = _config_ids(teacher, "decoder_start_token_id"), _config_ids(learner, "decoder_start_token_id")
+    if start_t and start_l and start_t[0] != start_l[0]:  # both models read the learner's decoder inputs
+        raise ValueError(f"teacher and learner differ in decoder_start_token_id: teacher {start_t[0]} vs learner "
+                         f"{start_l[0]}")
+    V, rows_t, rows_l = learner_tokenizer.vocab_size, output_rows(teacher), output_rows(learner)
+    if (rows_t != V or rows_l != V) and log is not None:
+        log(f"vocabulary: the teacher has {rows_t} output rows, the learner {rows_l}, the shared tokenizer ids "
+            f"0..{V - 1}: logits are sliced to them (the other rows are padding or ids the learner lacks)")
+    return V
+
+
+def shared_logits(logits: torch.Tensor, teacher_logits: torch.Tensor | None, vocab_size: int):
+    """``logits[..., :vocab_size]`` and the same for ``teacher_logits`` (None stays None): [B, L, rows] -> [B, L, V].
+
+    A view: gradients flow into the kept columns; the padding columns get none."""
+    cut = lambda x: x if x is None or x.shape[-1] == vocab_size else x[..., :vocab_size]  # noqa: E731
+    return cut(logits), cut(teacher_logits)
 
 
 def count_parameters(model, *, trainable_only: bool = True) -> int:
     """Number of distinct parameters (tied matrices once); by default only those that train (not sinusoidal tables)."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():  # parameters() already yields a tied tensor once; the id check is for safety
+    for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
@@ -227,93 +257,10 @@ def count_parameters(model, *, trainable_only: bool = True) -> int:
     return total
 
 
-def _special_ids(model) -> dict[str, Any]:
-    gen = getattr(model, "generation_config", None)
-    out = {}
-    for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-        value = getattr(model.config, key, None)
-        if value is None and gen is not None:
-            value = getattr(gen, key, None)
-        out[key] = value
-    return out
-
-
-def _output_size(model) -> int:
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
-def _compare_model_tokenizer(model, tokenizer, name: str) -> None:
-    want = {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id,
-            "decoder_start_token_id": tokenizer.pad_id}
-    if _output_size(model) != tokenizer.vocab_size:
-        raise ValueError(
-            f"{name} model has an output vocabulary of {_output_size(model)} but its tokenizer has "
-            f"vocab_size {tokenizer.vocab_size}"
-        )
-    got = _special_ids(model)
-    for key, value in want.items():
-        if got[key] != value:
-            raise ValueError(f"{name} model has {key}={got[key]!r} but the tokenizer implies {value!r}")
-
-
-def _vocab_and_merges(tokenizer) -> tuple[dict | None, list | None]:
-    try:
-        model = json.loads(tokenizer.to_json())["model"]
-        return model.get("vocab"), model.get("merges")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None, None
-
-
-def _compare_tokenizers(a, b, name_a: str, name_b: str) -> None:
-    for attr in ("vocab_size", "pad_id", "eos_id", "unk_id"):
-        va, vb = getattr(a, attr, None), getattr(b, attr, None)
-        if va != vb:
-            raise ValueError(f"{name_a} and {name_b} tokenizers differ in {attr}: {name_a} {va!r} vs {name_b} {vb!r}")
-    vocab_a, merges_a = _vocab_and_merges(a)
-    vocab_b, merges_b = _vocab_and_merges(b)
-    if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:
-        inv_a = {i: t for t, i in vocab_a.items()}
-        inv_b = {i: t for t, i in vocab_b.items()}
-        i = min(i for i in set(inv_a) | set(inv_b) if inv_a.get(i) != inv_b.get(i))
-        raise ValueError(
-            f"{name_a} and {name_b} tokenizers have different vocabularies: id {i} is {inv_a.get(i)!r} in {name_a} "
-            f"vs {inv_b.get(i)!r} in {name_b}"
-        )
-    if merges_a != merges_b or (vocab_a is None and a.to_json() != b.to_json()):
-        raise ValueError(
-            f"{name_a} and {name_b} tokenizers share vocab_size {a.vocab_size} but segment text differently "
-            "(different BPE merges or settings)"
-        )
-
-
-def check_compatible(teacher, learner, teacher_tokenizer, learner_tokenizer) -> None:
-    """Raise unless teacher and learner share one tokenizer and agree on vocabulary and special ids.
-
-    Distillation compares the two models' distributions id by id, so id ``i`` must mean the same token in both.
-
-    Raises:
-        ValueError: naming the first disagreement with the teacher's and the learner's value.
-    """
-    a = _special_ids(teacher) | {"output vocabulary": _output_size(teacher)}
-    b = _special_ids(learner) | {"output vocabulary": _output_size(learner)}
-    for key in a:
-        if a[key] != b[key]:
-            raise ValueError(
-                f"teacher and learner differ in {key}: teacher {a[key]!r} vs learner {b[key]!r}; "
-                "a learner must be built with the teacher's tokenizer"
-            )
-    _compare_tokenizers(teacher_tokenizer, learner_tokenizer, "teacher", "learner")
-    _compare_model_tokenizer(teacher, teacher_tokenizer, "teacher")
-    _compare_model_tokenizer(learner, learner_tokenizer, "learner")
-
-
 def describe_presets() -> str:
-    """One line per preset: layers, width, heads and FFN size."""
+    """One line per preset: its family and sizes."""
     lines = []
     for name, kw in PRESETS.items():
-        lines.append(
-            f"{name:20s} enc {kw['encoder_layers']} / dec {kw['decoder_layers']} layers, d_model {kw['d_model']}, "
-            f"{kw['encoder_attention_heads']} heads, ffn {kw['encoder_ffn_dim']}"
-        )
+        sizes = ", ".join(f"{k} {v}" for k, v in kw.items() if isinstance(v, int) and not isinstance(v, bool))
+        lines.append(f"{name:20s} {preset_family(name).name}: {sizes}")
     return "\n".join(lines)

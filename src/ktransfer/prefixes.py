@@ -56,8 +56,7 @@ class SampleSettings:
         temperature: divides the learner's logits before sampling (> 0).
         top_p: nucleus sampling mass (0 < top_p <= 1; 1 = the full distribution).
         max_new_tokens: most tokens sampled per sentence, ``</s>`` included (capped by the model's positions).
-        seed: seeds the RNG the sampler forks (``generator``: a ``torch.Generator`` seeded with it, for samplers that
-            draw their own seed, e.g. ``ktransfer.causal.on_policy_batch``).
+        seed: seeds the RNG the sampler forks (``ktransfer.generation.seeded_fork``).
     """
 
     temperature: float = 1.0
@@ -72,11 +71,6 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-
-    @property
-    def generator(self) -> torch.Generator:
-        """A new CPU ``torch.Generator`` seeded with ``seed``."""
-        return torch.Generator().manual_seed(self.seed)
 
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> SampleSettings:
@@ -110,82 +104,6 @@ def draw(generator: torch.Generator, prefix: str, on_policy_fraction: float) -> 
     coin = float(torch.rand((), generator=generator)) < on_policy_fraction
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     return {"reference": False, "learner": True, "mixed": coin}[prefix], seed
-
-
-@contextlib.contextmanager
-def _seeded_fork(device: torch.device, seed: int):
-    """Run the body with the global RNG of the CPU (and of ``device`` if it is a GPU) seeded to ``seed``; the states
-    from before are restored on exit."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.default_generators[devices[0]].manual_seed(seed)
-        yield
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sampling and the on-policy batch
-# --------------------------------------------------------------------------------------------------------------
-def _special_ids(model) -> tuple[int, int, int]:
-    c = model.config
-    pad, eos = c.pad_token_id, c.eos_token_id
-    start = getattr(c, "decoder_start_token_id", None)
-    return int(pad), int(eos), int(pad if start is None else start)
-
-
-def generation_config(model, settings: SampleSettings):
-    """The ``GenerationConfig`` of ``sample``: plain ancestral sampling at ``settings`` (no top-k, no beams),
-    ``<pad>`` suppressed, at most ``max_new_tokens`` (capped so that every decoder position exists)."""
-    from transformers import GenerationConfig
-
-    pad, eos, start = _special_ids(model)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    max_new = min(settings.max_new_tokens, positions - 1) if positions else settings.max_new_tokens
-    return GenerationConfig(do_sample=True, num_beams=1, temperature=float(settings.temperature),
-                            top_p=float(settings.top_p), top_k=0, max_new_tokens=max_new, pad_token_id=pad,
-                            eos_token_id=eos, decoder_start_token_id=start, suppress_tokens=[pad])
-
-
-@torch.no_grad()
-def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
-    """Target sequences sampled from ``model`` for the sources ``input_ids`` ``[B, S]``; returns ``[B, 1 + T]``:
-    the decoder start symbol, then the sampled tokens, ``<pad>`` after each sample's first ``</s>``.
-
-    Equal to ``torch.manual_seed(settings.seed); model.eval(); model.generate(..., generation_config=
-    generation_config(model, settings))``, but the global RNG and the model's mode are left as they were.
-    """
-    gen = generation_config(model, settings)
-    was_training, saved = model.training, model.generation_config
-    model.eval()
-    model.generation_config = gen  # keep the checkpoint's own settings (beams, min_length, ...) out of the call
-    try:
-        with _seeded_fork(input_ids.device, settings.seed):
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
-    finally:
-        model.generation_config = saved
-        model.train(was_training)
-
-
-def sampled_batch(generated: torch.Tensor, eos_id: int) -> dict:
-    """``decoder_input_ids`` and ``labels`` ``[B, T]`` of ``generated`` ``[B, 1 + T]`` (start + sampled tokens):
-    ``decoder_input_ids = generated[:, :-1]``, ``labels = generated[:, 1:]`` with -100 after each row's first
-    ``</s>`` (the ``</s>`` itself is a label; a row without one keeps all its tokens)."""
-    tokens = generated[:, 1:]
-    is_eos = (tokens == eos_id).long()
-    after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first </s>
-    return {"decoder_input_ids": generated[:, :-1].clone(), "labels": tokens.masked_fill(after, IGNORE_INDEX)}
-
-
-def on_policy_batch(model, batch: dict, settings: SampleSettings) -> dict:
-    """The on-policy version of a reference ``batch`` (``train.collate_batch`` output): the same sources
-    (``input_ids``, ``attention_mask``), with ``decoder_input_ids`` = start + the learner's samples and ``labels`` =
-    the sampled tokens (-100 after each sample's first ``</s>``); all int64 leaves on the batch's device."""
-    generated = sample(model, batch["input_ids"], batch["attention_mask"], settings)
-    _, eos, _ = _special_ids(model)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            **sampled_batch(generated, eos)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,10 +173,9 @@ def compute_loss(run, batch: dict, num_tokens: int | None = None, *, model=None)
     """``train.compute_loss`` for ``objective.prefix`` learner / mixed on a training batch; None when this batch
     keeps the reference prefix (a ``mixed`` coin that came up "reference").
 
-    Draws from ``batch_generator(train.seed, state.step, input_ids)``; samples with the unwrapped learner
-    ``run.model``; ``model`` (default ``run.model``, the DDP wrapper in ``train_step``) runs the training forward.
-    A causal LM (``run.causal``) gets its on-policy batch from ``ktransfer.causal.on_policy_batch(run, batch,
-    settings)``.
+    Draws from ``batch_generator(train.seed, state.step, input_ids)``; the family samples with the unwrapped learner
+    ``run.model`` (``run.family.on_policy_batch``); ``model`` (default ``run.model``, the DDP wrapper in
+    ``train_step``) runs the training forward.
     """
     cfg = run.cfg
     ob = cfg.objective
@@ -269,21 +186,8 @@ def compute_loss(run, batch: dict, num_tokens: int | None = None, *, model=None)
     if not use_learner:
         return None
     settings = SampleSettings.from_config(cfg, seed=seed)
-    if getattr(run, "causal", False):
-        try:
-            from ktransfer import causal
-        except ImportError:
-            causal = None
-        make = getattr(causal, "on_policy_batch", None)
-        if make is None:
-            raise NotImplementedError(
-                f"objective.prefix={ob.prefix!r} with a causal LM needs ktransfer.causal.on_policy_batch, which this "
-                "version lacks; use objective.prefix=reference")
-        sampled = make(run, batch, settings)
-    else:
-        sampled = on_policy_batch(run.model, batch, settings)
+    sampled = run.family.on_policy_batch(run.model, run.tokenizer, batch, settings)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     return on_policy_loss(run.model if model is None else model, run.teacher, batch, sampled, ob,
-                          num_tokens=num_tokens, autocast=autocast,
-                          vocab_size=run.tokenizer.vocab_size if getattr(run, "causal", False) else None)
+                          num_tokens=num_tokens, autocast=autocast, vocab_size=run.vocab_size)
 

@@ -581,7 +581,7 @@ def _analysis_sample(cfg: RunConfig, opts: Options) -> list[tuple[str, str]]:
 def _analysis0(cfg: RunConfig, opts: Options, run: Path, teacher_ckpt: str, learner_ckpt: str) -> None:
     """Epoch 0 of the analyses (the pre-trained learner) and the teacher's entropy, on the fixed sample."""
     from ktransfer.analysis import analyze_model, save_epoch
-    from ktransfer.checkpoint import load_model
+    from ktransfer.models import load_model
 
     if cfg.train.num_threads:
         import torch

@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ktransfer.checkpoint import STATE_FILE, run_config_of
 from ktransfer.data import corpus_layout, read_split, resolve_corpus
-from ktransfer.evaluate import DecodeSettings, resolve_checkpoint, translate
+from ktransfer.evaluate import translate
+from ktransfer.generation import DecodeSettings
+from ktransfer.models import load_model, resolve_source
 
 MANIFEST = ".seqkd.json"
 _WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
@@ -65,8 +68,9 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
     corpus folder ``out`` (see the module docstring); returns its manifest.
 
     Args:
-        teacher: checkpoint folder, or run folder (its ``checkpoints/best``).
-        corpus, src_lang, tgt_lang: the corpus to translate; default: the teacher's training corpus and languages.
+        teacher: any model source of ``ktransfer.models`` (checkpoint, run folder, Hugging Face folder, hub id).
+        corpus, src_lang, tgt_lang: the corpus to translate; default: the teacher's training corpus and languages
+            (a ktransfer checkpoint's run config).
         split: the split translated (the others are copied).
         beam, length_penalty, max_length: decode settings (``max_length`` default: the teacher run's
             ``eval.max_length``, else 256).
@@ -75,91 +79,28 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
         chunk_lines: lines per resumable chunk.
 
     Raises:
-        FileNotFoundError: no checkpoint at ``teacher``. FileExistsError: ``out`` exists and is not this job's
-        finished corpus. ValueError: bad settings, or a partial folder made with other settings. CorpusError: the
-        corpus is missing or malformed.
+        FileNotFoundError: no model at ``teacher``. FileExistsError: ``out`` exists and is not this job's finished
+        corpus. ValueError: bad settings, or a partial folder made with other settings. CorpusError: the corpus is
+        missing or malformed.
     """
-    from ktransfer.checkpoint import load_checkpoint, model_from_checkpoint
-
     if not isinstance(chunk_lines, int) or chunk_lines < 1:
         raise ValueError(f"chunk_lines must be an integer >= 1, got {chunk_lines!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1 or None, got {limit!r}")
-    ckpt_path = resolve_checkpoint(teacher)
-    ckpt = load_checkpoint(ckpt_path, with_optimizer=False)
-    run_cfg = ckpt.config if isinstance(ckpt.config, dict) else {}
-    data_cfg, eval_cfg = run_cfg.get("data") or {}, run_cfg.get("eval") or {}
-    corpus = corpus if corpus is not None else data_cfg.get("corpus")
-    if corpus is None:
-        raise ValueError(f"{ckpt_path}: the checkpoint names no training corpus; pass corpus=")
-    src_lang = src_lang or data_cfg.get("src_lang")
-    tgt_lang = tgt_lang or data_cfg.get("tgt_lang")
-    if not src_lang or not tgt_lang:
-        raise ValueError(f"{ckpt_path}: the checkpoint names no languages; pass src_lang= and tgt_lang=")
-    max_length = int(max_length or eval_cfg.get("max_length") or 256)
-    decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
-    folder = resolve_corpus(corpus).resolve()
-    sources = [s for s, _ in read_split(folder, split, src_lang, tgt_lang)][:limit]
-    job = {
-        "teacher": str(ckpt_path.resolve()),
-        "teacher_state_sha256": hashlib.sha256((ckpt_path / "state.json").read_bytes()).hexdigest()
-        if (ckpt_path / "state.json").is_file() else None,
-        "corpus": str(folder), "split": split, "src_lang": src_lang, "tgt_lang": tgt_lang,
-        "beam": decode.beam, "length_penalty": float(decode.length_penalty), "max_length": decode.max_length,
-        "limit": limit, "lines": len(sources), "chunk_lines": chunk_lines,
-        "source_sha256": hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest(),
-    }
-
+    where = resolve_source(teacher)
+    job, decode, sources = _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_length, limit,
+                                chunk_lines)
     out = Path(out).expanduser()
     if out.exists():
         return _finished(out, job, log)
     work = out.parent / f".{out.name}.partial"
-    chunks = work / _WORK
-    if (chunks / "job.json").is_file():
-        saved = json.loads((chunks / "job.json").read_text(encoding="utf-8"))
-        if saved != job:
-            raise ValueError(f"{work} holds a partial seq-KD corpus made with other settings "
-                             f"({_differences(saved, job)}); run with the same settings to resume it, or delete {work}")
-    else:
-        if work.exists():
-            shutil.rmtree(work)  # a partial folder from before its job was written: nothing in it to keep
-        chunks.mkdir(parents=True)
-        _write_atomic(chunks / "job.json", json.dumps(job, indent=2, ensure_ascii=False))
-
-    starts = range(0, len(sources), chunk_lines)
-    done = {k for k in starts if _read_chunk(chunks, k, min(chunk_lines, len(sources) - k)) is not None}
+    chunks = _open_work(work, job)
     t0 = time.time()
-    if done:
-        log(f"resuming {work}: {len(done)} of {len(starts)} chunks already translated")
-    todo = [k for k in starts if k not in done]
-    if todo:
-        from tqdm import tqdm
-
-        model = model_from_checkpoint(ckpt, device=device)
-        tokenizer = ckpt.tokenizer
-        done_lines = sum(min(chunk_lines, len(sources) - k) for k in done)
-        with tqdm(total=len(sources), initial=done_lines, unit="sent", desc="distill-data", file=sys.stderr,
-                  dynamic_ncols=True, disable=not progress) as bar:
-            for k in todo:
-                part = sources[k:k + chunk_lines]
-                hyps = translate(model, tokenizer, part, beam=decode.beam, length_penalty=decode.length_penalty,
-                                 max_length=decode.max_length, batch_size=batch_size)
-                _write_atomic(chunks / f"{k:010d}.json", json.dumps([_one_line(h) for h in hyps], ensure_ascii=False))
-                bar.update(len(part))
-    hyps = [h for k in starts for h in _read_chunk(chunks, k, min(chunk_lines, len(sources) - k))]
-
-    # assemble the corpus in the partial folder, then rename it into place
-    _write_atomic(work / f"{split}.{src_lang}", "".join(s + "\n" for s in sources))
-    _write_atomic(work / f"{split}.{tgt_lang}", "".join(h + "\n" for h in hyps))
-    copied = []
-    for other, langs in sorted(corpus_layout(folder).items()):
-        if other != split and src_lang in langs and tgt_lang in langs:
-            for lang in (src_lang, tgt_lang):
-                shutil.copyfile(folder / f"{other}.{lang}", work / f"{other}.{lang}")
-            copied.append(other)
+    hyps = _translate_chunks(where, chunks, sources, chunk_lines, decode, batch_size, device, progress, log)
+    copied = _assemble(work, job, sources, hyps)
     manifest = {
         "kind": "seqkd", "job": job, "teacher": job["teacher"], "corpus": job["corpus"], "split": split,
-        "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "src_lang": job["src_lang"], "tgt_lang": job["tgt_lang"],
         "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
                    "max_length": decode.max_length, "signature": decode.signature()},
         "lines": len(sources), "empty_hypotheses": sum(not h for h in hyps), "copied_splits": copied,
@@ -168,9 +109,93 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
     _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     os.replace(work, out)
     shutil.rmtree(out / _WORK, ignore_errors=True)
-    log(f"wrote {out}: {len(sources)} {split} pairs ({src_lang} source, {tgt_lang} = teacher's beam-{decode.beam} "
-        f"translations), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
+    log(f"wrote {out}: {len(sources)} {split} pairs ({job['src_lang']} source, {job['tgt_lang']} = teacher's "
+        f"beam-{decode.beam} translations), copied {', '.join(copied) or 'no other splits'}; train on it with "
+        f"data.corpus={out}")
     return manifest
+
+
+def _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_length, limit, chunk_lines):
+    """``(job, decode settings, source lines)``: the settings that make a seq-KD corpus, defaults from the teacher's
+    run config; the job is what a partial or finished folder must match."""
+    run_cfg = run_config_of(where)
+    data_cfg, eval_cfg = run_cfg.get("data") or {}, run_cfg.get("eval") or {}
+    corpus = corpus if corpus is not None else data_cfg.get("corpus")
+    if corpus is None:
+        raise ValueError(f"{where}: the teacher names no training corpus; pass corpus=")
+    src_lang, tgt_lang = src_lang or data_cfg.get("src_lang"), tgt_lang or data_cfg.get("tgt_lang")
+    if not src_lang or not tgt_lang:
+        raise ValueError(f"{where}: the teacher names no languages; pass src_lang= and tgt_lang=")
+    decode = DecodeSettings(beam=beam, length_penalty=length_penalty,
+                            max_length=int(max_length or eval_cfg.get("max_length") or 256))
+    folder = resolve_corpus(corpus).resolve()
+    sources = [s for s, _ in read_split(folder, split, src_lang, tgt_lang)][:limit]
+    state = Path(where) / STATE_FILE if isinstance(where, Path) else None
+    job = {
+        "teacher": str(where.resolve()) if isinstance(where, Path) else where,
+        "teacher_state_sha256": hashlib.sha256(state.read_bytes()).hexdigest() if state and state.is_file() else None,
+        "corpus": str(folder), "split": split, "src_lang": src_lang, "tgt_lang": tgt_lang,
+        "beam": decode.beam, "length_penalty": float(decode.length_penalty), "max_length": decode.max_length,
+        "limit": limit, "lines": len(sources), "chunk_lines": chunk_lines,
+        "source_sha256": hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest(),
+    }
+    return job, decode, sources
+
+
+def _open_work(work: Path, job: dict) -> Path:
+    """The chunk folder of the partial corpus ``work``, made for ``job`` or checked against it."""
+    chunks = work / _WORK
+    if (chunks / "job.json").is_file():
+        saved = json.loads((chunks / "job.json").read_text(encoding="utf-8"))
+        if saved != job:
+            raise ValueError(f"{work} holds a partial seq-KD corpus made with other settings "
+                             f"({_differences(saved, job)}); run with the same settings to resume it, or delete {work}")
+        return chunks
+    if work.exists():
+        shutil.rmtree(work)  # a partial folder from before its job was written: nothing in it to keep
+    chunks.mkdir(parents=True)
+    _write_atomic(chunks / "job.json", json.dumps(job, indent=2, ensure_ascii=False))
+    return chunks
+
+
+def _translate_chunks(where, chunks: Path, sources: list[str], chunk_lines: int, decode: DecodeSettings,
+                      batch_size: int, device: str, progress: bool, log) -> list[str]:
+    """The teacher's translation of every source line, chunk by chunk; chunks already on disk are not redone."""
+    starts = range(0, len(sources), chunk_lines)
+    size = lambda k: min(chunk_lines, len(sources) - k)  # noqa: E731
+    done = {k for k in starts if _read_chunk(chunks, k, size(k)) is not None}
+    if done:
+        log(f"resuming {chunks.parent}: {len(done)} of {len(starts)} chunks already translated")
+    todo = [k for k in starts if k not in done]
+    if todo:
+        from tqdm import tqdm
+
+        model, tokenizer = load_model(where, device=device)
+        if tokenizer is None:
+            raise ValueError(f"{where} has no tokenizer files")
+        with tqdm(total=len(sources), initial=sum(size(k) for k in done), unit="sent", desc="distill-data",
+                  file=sys.stderr, dynamic_ncols=True, disable=not progress) as bar:
+            for k in todo:
+                part = sources[k:k + chunk_lines]
+                hyps = translate(model, tokenizer, part, beam=decode.beam, length_penalty=decode.length_penalty,
+                                 max_length=decode.max_length, batch_size=batch_size)
+                _write_atomic(chunks / f"{k:010d}.json", json.dumps([_one_line(h) for h in hyps], ensure_ascii=False))
+                bar.update(len(part))
+    return [h for k in starts for h in _read_chunk(chunks, k, size(k))]
+
+
+def _assemble(work: Path, job: dict, sources: list[str], hyps: list[str]) -> list[str]:
+    """Write the translated split and copy the corpus's other splits into ``work``; returns the copied splits."""
+    split, src_lang, tgt_lang, folder = job["split"], job["src_lang"], job["tgt_lang"], Path(job["corpus"])
+    _write_atomic(work / f"{split}.{src_lang}", "".join(s + "\n" for s in sources))
+    _write_atomic(work / f"{split}.{tgt_lang}", "".join(h + "\n" for h in hyps))
+    copied = []
+    for other, langs in sorted(corpus_layout(folder).items()):
+        if other != split and src_lang in langs and tgt_lang in langs:
+            for lang in (src_lang, tgt_lang):
+                shutil.copyfile(folder / f"{other}.{lang}", work / f"{other}.{lang}")
+            copied.append(other)
+    return copied
 
 
 def _read_chunk(chunks: Path, start: int, n: int) -> list[str] | None:

@@ -324,7 +324,7 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
                           key="model.teacher") from None
     d = cfg.data
     return {"teacher_path": str(Path(cfg.model.teacher).resolve()), "teacher_sha256": digest,
-            "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
+            "tokenizer_sha256": tokenizer.fingerprint(),
             "corpus": d.corpus, "train": d.train, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
             "train_limit": d.train_limit, "max_length": d.max_length}
 

@@ -22,8 +22,11 @@ unwrapped learner and the global batch position, so they resume with any number 
 
 A run folder::
 
-    RUN/config.yaml  tokenizer.json  metrics.jsonl  train.log
-    RUN/checkpoints/last/  RUN/checkpoints/best/
+    RUN/config.yaml  tokenizer/  metrics.jsonl  train.log
+    RUN/checkpoints/last/  RUN/checkpoints/best/      (Hugging Face folders + training_state.json)
+
+The model family (``ktransfer.models.family_of``: seq2seq or causal) decides how examples become batches and which
+logits meet which labels; nothing here asks which family it holds.
 """
 
 from __future__ import annotations
@@ -37,20 +40,18 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ktransfer import causal as causal_lib
 from ktransfer import checkpoint as ckpt_lib
-from ktransfer import distributed
+from ktransfer import distributed, models
 from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
-from ktransfer.data import CorpusError, TokenBatchSampler, collate, encode_pairs, read_split, resolve_corpus
+from ktransfer.data import CorpusError, TokenBatchSampler, read_split, resolve_corpus
 from ktransfer.objectives import TransferLoss, transfer_loss
-from ktransfer.tokenizer import Tokenizer, train_tokenizer
+from ktransfer.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,11 +91,13 @@ class Run:
     device: torch.device
     tokenizer: Tokenizer
     model: torch.nn.Module  # the learner itself (checkpoints, validation, translation)
+    family: models.ModelFamily  # seq2seq or causal: encoding, batches, aligned logits and labels, generation
+    vocab_size: int  # ids shared by learner and teacher: logits are sliced to them
     teacher: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: TokenBatchSampler
-    train_ids: tuple[list[list[int]], list[list[int]]]  # (source ids, target ids), each row ending with </s>
+    train_ids: tuple[list[list[int]], list[list[int]]]  # (source, target) or (prompt, response) ids: family.encode
     valid_ids: tuple[list[list[int]], list[list[int]]]
     valid_pairs: list[tuple[str, str]]  # raw text of the validation (subset) for BLEU
     state: TrainState
@@ -106,12 +109,6 @@ class Run:
     on_epoch_end: Any = None  # optional callable(run) run after each validation, before `last` is saved
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
     teacher_cache: Any = None  # a ktransfer.teacher_cache.TeacherCache (train.teacher_cache), else None
-
-    @property
-    def causal(self) -> bool:
-        """A decoder-only learner (``ktransfer.causal``): ``train_ids``/``valid_ids`` hold (prompt ids, response
-        ids), batches are one prompt + response sequence per example, the model gets input_ids/attention_mask."""
-        return causal_lib.is_causal_model(self.model)
 
     def trained_model(self) -> torch.nn.Module:
         """What training steps run forward/backward through: the DDP wrapper when there is one, else the learner."""
@@ -136,8 +133,7 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         CorpusError: the corpus is missing or malformed.
     """
     out_dir = Path(cfg.train.out_dir)
-    last = out_dir / "checkpoints" / "last"
-    resume_from = _find_resume(cfg, last, require_resume)
+    resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
     train_pairs, valid_pairs = _read_data(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -146,62 +142,28 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     main = distributed.is_main()  # rank 0 alone writes into the run folder
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "train.log", enabled=main)
-
-    resumed = ckpt_lib.load_checkpoint(resume_from) if resume_from else None
-    if resumed is not None:
-        state = TrainState.from_dict(resumed.train_state)
-        if state.stopped == "nonfinite":
-            state.nonfinite = 0  # the user changed something; count afresh
-        state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
-        log(f"resuming from {resumed.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
-        _warn_config_changes(log, resumed.config, config_to_dict(cfg))
-    else:
-        state = TrainState()
-        log(f"new run in {out_dir}")
+    resumed, state = _train_state(cfg, resume_from, log)
     if main:
         save_config(cfg, out_dir / "config.yaml")
     metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0, enabled=main)
 
-    d = cfg.data
     teacher, teacher_tokenizer = _load_teacher(cfg, device, log)
-    init = _load_init(cfg) if cfg.model.init and resumed is None else None
-    tokenizer = _tokenizer(cfg, resumed or init, teacher_tokenizer, train_pairs, log)
-    if distributed.world_size() > 1:  # every rank uses rank 0's (a BPE trained here could differ in a tie)
-        tokenizer = Tokenizer.from_json(distributed.broadcast(tokenizer.to_json()))
+    model, tokenizer = _learner_and_tokenizer(cfg, resumed, teacher_tokenizer, train_pairs, log)
     if main:
-        tokenizer.save(out_dir / "tokenizer.json")
-
-    model = _build_learner(cfg, tokenizer, resumed or init).to(device)
-    if init is not None:
-        log(f"learner initialised from {cfg.model.init} (model.preset not used)")
-    causal = causal_lib.is_causal_model(model)
-    if causal:  # the instruction heading every prompt is kept in the model's config (and its checkpoints)
-        causal_lib.ensure_instruction(model, d.src_lang, d.tgt_lang)
-        for key in ("fused_head", "teacher_cache"):
-            if getattr(cfg.train, key, None):
-                raise ConfigError(f"train.{key}: not supported for a decoder-only model ({cfg.model.preset})",
-                                  key=f"train.{key}")
-    if teacher is not None:
-        from ktransfer.models import check_compatible
-
-        try:
-            if causal or causal_lib.is_causal_model(teacher):  # shared ids; embedding padding rows allowed
-                causal_lib.check_compatible(teacher, model, teacher_tokenizer, tokenizer, log=log)
-            else:
-                check_compatible(teacher, model, teacher_tokenizer, tokenizer)
-        except ValueError as e:
-            raise ConfigError(f"model.teacher: {cfg.model.teacher}: {e}", key="model.teacher") from None
+        tokenizer.save(out_dir / "tokenizer")
+    model = model.to(device)
+    family = models.family_of(model)
+    family.prepare(model, tokenizer, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang)
+    vocab_size = _check_teacher(cfg, teacher, model, teacher_tokenizer, tokenizer, log)
     if cfg.objective.objective == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
 
-    encode = (partial(causal_lib.encode_examples, instruction=causal_lib.instruction(model)) if causal
-              else encode_pairs)  # causal: (prompt ids, response ids), max_length bounds prompt + response
-    src, tgt = encode(train_pairs, tokenizer, d.max_length, log=log)
+    d = cfg.data
+    src, tgt = family.encode(train_pairs, tokenizer, d.max_length, model=model, log=log)
     if not src:
         raise ConfigError(f"data.max_length: no training pair fits in {d.max_length} tokens", key="data.max_length")
-    positions = int(getattr(model.config, "max_position_embeddings", 1024))
-    valid_ids = encode(valid_pairs, tokenizer, positions, log=log)
-    sampler = TokenBatchSampler(*_batch_lengths(causal, (src, tgt)), d.max_tokens, seed=cfg.train.seed)
+    valid_ids = family.encode(valid_pairs, tokenizer, family.positions(model), model=model, log=log)
+    sampler = TokenBatchSampler(*family.lengths((src, tgt)), d.max_tokens, seed=cfg.train.seed)
     cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
 
     ddp = None
@@ -209,27 +171,56 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer, scheduler = _optimizer(cfg, model, resumed)
 
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
-    if resumed is not None:
-        ckpt_lib.restore_optimizer(optimizer, resumed)
-        scheduler.load_state_dict(resumed.scheduler_state)
-        ckpt_lib.restore_rng(resumed.train_state)  # last: nothing after this may draw random numbers
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"learner: {n_params:,} parameters on {device}"
+    log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
         + (f" x {distributed.world_size()} processes (DDP)" if ddp is not None else "")
         + f"; objective {cfg.objective.objective}"
         + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
         + f"; {len(src)} training pairs in {len(sampler.epoch_batches(state.epoch))} batches, "
           f"{len(valid_ids[0])} validation pairs")
-    return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, teacher=teacher,
-               optimizer=optimizer, scheduler=scheduler, sampler=sampler, train_ids=(src, tgt), valid_ids=valid_ids,
-               valid_pairs=valid_pairs, state=state, log=log, metrics=metrics,
-               writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache)
+    return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
+               vocab_size=vocab_size, teacher=teacher, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+               train_ids=(src, tgt), valid_ids=valid_ids, valid_pairs=valid_pairs, state=state, log=log,
+               metrics=metrics, writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache)
+
+
+def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_lib.Checkpoint | None, TrainState]:
+    """The checkpoint to resume (None for a new run) and the train state to start from."""
+    if resume_from is None:
+        log(f"new run in {cfg.train.out_dir}")
+        return None, TrainState()
+    resumed = ckpt_lib.load_checkpoint(resume_from)
+    state = TrainState.from_dict(resumed.train_state)
+    if state.stopped == "nonfinite":
+        state.nonfinite = 0  # the user changed something; count afresh
+    state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
+    log(f"resuming from {resumed.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
+    _warn_config_changes(log, resumed.config, config_to_dict(cfg))
+    return resumed, state
+
+
+def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None):
+    """AdamW and the learning-rate schedule; restored from ``resumed`` with the RNG states (last: nothing after this
+    may draw random numbers)."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
+    if resumed is not None:
+        ckpt_lib.restore_optimizer(optimizer, resumed)
+        scheduler.load_state_dict(resumed.scheduler_state)
+        ckpt_lib.restore_rng(resumed.train_state)
+    return optimizer, scheduler
+
+
+def _check_teacher(cfg: RunConfig, teacher, model, teacher_tokenizer, tokenizer, log) -> int:
+    """The ids learner and teacher share (``models.check_compatible``); the tokenizer's size without a teacher."""
+    if teacher is None:
+        return tokenizer.vocab_size
+    try:
+        return models.check_compatible(teacher, model, teacher_tokenizer, tokenizer, log=log)
+    except ValueError as e:
+        raise ConfigError(f"model.teacher: {cfg.model.teacher}: {e}", key="model.teacher") from None
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
@@ -259,11 +250,16 @@ def _fused_head_and_cache(cfg: RunConfig, model, teacher, tokenizer, train_ids, 
                 raise ConfigError(f"train.fused_head: the {name}: {e}", key="train.fused_head") from None
     if not cfg.train.teacher_cache:
         return None
+    from ktransfer.seq2seq import decoder_start
     from ktransfer.teacher_cache import open_for_run
+
+    if not models.family_of(model).teacher_cache:
+        raise ConfigError(f"train.teacher_cache: not supported for a {models.family_of(model).name} model "
+                          f"({type(model).__name__})", key="train.teacher_cache")
 
     if teacher is None:
         raise ConfigError("train.teacher_cache: objective nll uses no teacher", key="train.teacher_cache")
-    return open_for_run(cfg, teacher, tokenizer, train_ids, model.config.decoder_start_token_id, device, log)
+    return open_for_run(cfg, teacher, tokenizer, train_ids, decoder_start(model), device, log)
 
 
 def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
@@ -306,61 +302,81 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _load(cfg: RunConfig, key: str, source: str, device="cpu", **overrides):
+    """``models.load_model(source)`` with its errors as a ConfigError naming ``key``."""
+    try:
+        return models.load_model(source, device=device, trust_remote_code=cfg.model.trust_remote_code, **overrides)
+    except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}", key=key) from None
+
+
 def _load_teacher(cfg: RunConfig, device: torch.device, log) -> tuple[torch.nn.Module | None, Tokenizer | None]:
-    """The teacher of ``model.teacher``, frozen: eval mode, no gradients; ``(None, None)`` without one."""
+    """The teacher of ``model.teacher`` (any model source), frozen: eval mode, no gradients; ``(None, None)``
+    without one. A teacher folder without tokenizer files takes ``data.tokenizer``."""
     if not cfg.model.teacher:
         return None, None
-    try:
-        teacher, tokenizer = ckpt_lib.load_model(cfg.model.teacher, device=device)
-    except ckpt_lib.CheckpointError as e:
-        raise ConfigError(f"model.teacher: {e}", key="model.teacher") from None
+    teacher, tokenizer = _load(cfg, "model.teacher", cfg.model.teacher, device)
+    if tokenizer is None:
+        tokenizer = _given_tokenizer(cfg)
+        if tokenizer is None:
+            raise ConfigError(f"model.teacher: {cfg.model.teacher} has no tokenizer files: give data.tokenizer",
+                              key="data.tokenizer")
     teacher.eval().requires_grad_(False)
-    log(f"teacher: {cfg.model.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters, frozen)")
+    log(f"teacher: {cfg.model.teacher} ({type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} "
+        "parameters, frozen)")
     return teacher, tokenizer
 
 
-def _load_init(cfg: RunConfig) -> ckpt_lib.Checkpoint:
+def _given_tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    if not cfg.data.tokenizer:
+        return None
     try:
-        return ckpt_lib.load_checkpoint(cfg.model.init, with_optimizer=False)
-    except ckpt_lib.CheckpointError as e:
-        raise ConfigError(f"model.init: {e}", key="model.init") from None
+        return load_tokenizer(cfg.data.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
 
 
-def _tokenizer(cfg: RunConfig, start: ckpt_lib.Checkpoint | None, teacher_tokenizer, train_pairs, log) -> Tokenizer:
-    """The checkpoint's (resumed or init), else data.tokenizer, else the teacher's, else a joint BPE trained on the
-    training split. A data.tokenizer that differs from the checkpoint's is an error (the teacher's: see setup)."""
-    given = None
-    if cfg.data.tokenizer:
-        try:
-            given = Tokenizer.load(cfg.data.tokenizer)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
-    if start is not None:
-        if given is not None and given.to_json() != start.tokenizer.to_json():
-            raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} differs from the tokenizer of the checkpoint "
-                              f"{start.path} the learner starts from", key="data.tokenizer")
-        return start.tokenizer
-    if given is not None or teacher_tokenizer is not None:
-        return given or teacher_tokenizer
+def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_pairs, log):
+    """The learner (train mode) and its tokenizer: a resumed run's; else ``model.init``'s (any model source); else a
+    new model of ``model.preset`` (a preset or a model source) for data.tokenizer, the teacher's tokenizer, or a
+    joint BPE trained on the training split, in that order."""
+    overrides = {} if cfg.model.dropout is None else {"dropout": cfg.model.dropout}
+    given = _given_tokenizer(cfg)
+    start, key = (resumed.path, "train.out_dir") if resumed is not None else (cfg.model.init, "model.init")
+    if start:
+        model, tokenizer = _load(cfg, key, start, **overrides)
+        if tokenizer is None:
+            tokenizer = given or teacher_tokenizer
+            if tokenizer is None:
+                raise ConfigError(f"{key}: {start} has no tokenizer files: give data.tokenizer", key="data.tokenizer")
+        elif given is not None and resumed is None:
+            try:
+                compare_tokenizers(tokenizer, given, f"model.init {start}", f"data.tokenizer {cfg.data.tokenizer}")
+            except ValueError as e:
+                raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
+        if resumed is None:
+            log(f"learner initialised from {start} (model.preset not used)")
+        return model.train(), tokenizer
+    tokenizer = given or teacher_tokenizer or _train_bpe(cfg, train_pairs, log)
+    try:
+        return models.build_model(cfg.model.preset, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                  **overrides).train(), tokenizer
+    except ValueError as e:
+        raise ConfigError(f"model.preset: {e}", key="model.preset") from None
+
+
+def _train_bpe(cfg: RunConfig, train_pairs, log) -> Tokenizer:
+    """A joint BPE on the training split; with several processes every rank takes rank 0's (a tie could differ)."""
     t0 = time.time()
     tokenizer = train_tokenizer([text for pair in train_pairs for text in pair], vocab_size=cfg.data.vocab_size)
+    if distributed.world_size() > 1:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        body = distributed.broadcast(tokenizer.hf.backend_tokenizer.to_str())
+        tokenizer = from_rust(RustTokenizer.from_str(body))
     log(f"trained a joint BPE tokenizer on {len(train_pairs)} pairs: {tokenizer.vocab_size} tokens "
         f"({time.time() - t0:.1f}s)")
     return tokenizer
-
-
-def _build_learner(cfg: RunConfig, tokenizer: Tokenizer, start: ckpt_lib.Checkpoint | None) -> torch.nn.Module:
-    """The learner in train mode: the model of the resumed or init checkpoint, else a new one from model.preset."""
-    from ktransfer.models import build_model
-
-    overrides = {} if cfg.model.dropout is None else {"dropout": cfg.model.dropout}
-    if start is not None:
-        return ckpt_lib.model_from_checkpoint(start, **causal_lib.checkpoint_overrides(start.model_config,
-                                                                                       overrides)).train()
-    try:
-        return build_model(cfg.model.preset, tokenizer, **overrides).train()
-    except ValueError as e:
-        raise ConfigError(f"model.preset: {e}", key="model.preset") from None
 
 
 def _warn_config_changes(log, saved: dict, now: dict) -> None:
@@ -519,10 +535,7 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
         out = prefixes.compute_loss(run, batch, num_tokens, model=model)
         if out is not None:  # None: a `mixed` batch whose coin kept the reference prefix
             return out
-    keys = ("input_ids", "attention_mask") if run.causal else ("input_ids", "attention_mask", "decoder_input_ids")
-    inputs, labels = {k: batch[k] for k in keys}, batch["labels"]
-    if run.causal:  # logits only from the first scored column on: the prompt before it is never scored
-        inputs["logits_to_keep"], labels = causal_lib.scored_window(labels)
+    inputs, labels = run.family.model_inputs(batch)  # model(**inputs).logits[:, t] is scored against labels[:, t]
     extra = {"support": ob.support} if ob.support is not None else {}
     if run.cfg.train.fused_head:  # logits never materialised (ktransfer.fused_linear); checked in setup
         from ktransfer.fused_linear import fused_model_loss
@@ -541,8 +554,8 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
         elif run.teacher is not None:
             with torch.no_grad():
                 teacher_logits = run.teacher(**inputs, use_cache=False).logits  # (B, T, V)
-    if run.causal:  # logits over the tokenizer's ids only (embedding padding rows, e.g. 32064 vs 32000, dropped)
-        logits, teacher_logits = causal_lib.shared_logits(logits, teacher_logits, run.tokenizer.vocab_size)
+    # logits over the shared ids only (embedding padding rows, e.g. 32064 vs 32000, dropped)
+    logits, teacher_logits = models.shared_logits(logits, teacher_logits, run.vocab_size)
     return transfer_loss(logits, teacher_logits, labels, objective=ob.objective, lam=ob.lam,
                          top_k=ob.top_k, temperature=ob.temperature, label_smoothing=ob.label_smoothing,
                          num_tokens=num_tokens, beta=ob.beta, alpha=ob.alpha, renormalize=ob.renormalize, **extra)
@@ -613,7 +626,7 @@ def validate(run: Run) -> dict:
     model, cfg = run.model, run.cfg
     model.eval()
     src, tgt = run.valid_ids
-    sampler = TokenBatchSampler(*_batch_lengths(run.causal, (src, tgt)), cfg.data.max_tokens, shuffle=False)
+    sampler = TokenBatchSampler(*run.family.lengths((src, tgt)), cfg.data.max_tokens, shuffle=False)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
     for idx in distributed.shard(sampler.epoch_batches(0)):  # several processes: each takes a share of batches
         batch = collate_batch(run, run.valid_ids, idx)
@@ -653,7 +666,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
     run.elapsed()
     path = run.out_dir / "checkpoints" / name
     if distributed.is_main():
-        ckpt_lib.save_checkpoint(path, model=run.model, tokenizer=run.tokenizer, config=run.cfg,
+        ckpt_lib.save_checkpoint(path, model=run.model, tokenizer=run.tokenizer, config=config_to_dict(run.cfg),
                                  optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state))
     distributed.barrier()
     return path
@@ -701,23 +714,11 @@ def _stop_for_signal(run: Run) -> None:
 # Small helpers: batches, autocast, logging, throughput
 # --------------------------------------------------------------------------------------------------------------
 def collate_batch(run: Run, ids, idx: list[int]) -> dict:
-    """The padded tensors (``collate``) of examples ``idx`` of ``ids`` = (source ids, target ids), on the device."""
+    """The padded tensors (``family.collate``) of examples ``idx`` of ``ids`` (``family.encode`` output), on the
+    device."""
     src, tgt = ids
-    if run.causal:  # (prompt ids, response ids): one right-padded sequence a row, labels already shifted
-        batch = causal_lib.collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id)
-    else:
-        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], run.tokenizer.pad_id,
-                        run.model.config.decoder_start_token_id)
+    batch = run.family.collate([src[i] for i in idx], [tgt[i] for i in idx], run.model, run.tokenizer)
     return {k: v.to(run.device) for k, v in batch.items()}
-
-
-def _batch_lengths(causal: bool, ids) -> tuple[list[int], list[int]]:
-    """Per-example lengths for ``TokenBatchSampler``: (source, target); causal: prompt + response on both sides."""
-    src, tgt = ids
-    if causal:
-        total = [len(p) + len(r) for p, r in zip(src, tgt, strict=True)]
-        return total, total
-    return [len(x) for x in src], [len(x) for x in tgt]
 
 
 def _training_batch(run: Run, idx: list[int]) -> dict:

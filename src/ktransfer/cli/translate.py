@@ -46,14 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ktransfer import distributed
-    from ktransfer.evaluate import DecodeSettings, resolve_checkpoint
+    from ktransfer.generation import DecodeSettings
+    from ktransfer.models import resolve_source
 
     try:
         DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
         chunk = args.chunk if args.chunk is not None else 16 * args.batch_size
         if args.batch_size < 1 or chunk < 1:
             raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_source(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 1
@@ -63,13 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
     from ktransfer import distributed
-    from ktransfer.checkpoint import load_model
+    from ktransfer.checkpoint import CheckpointError
     from ktransfer.evaluate import rank_device, translate_sharded
-
-    try:
-        from ktransfer.checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover
-        CheckpointError = RuntimeError  # noqa: N806
+    from ktransfer.models import load_model
 
     try:
         model, tokenizer = load_model(checkpoint, device=rank_device(args.device))

@@ -1,0 +1,274 @@
+"""The encoder-decoder family: Marian presets, and any ``AutoModelForSeq2SeqLM`` (an opus-mt Marian model, ...).
+
+A pair (source, reference) is ``src = encode(source) + [</s>]``, ``tgt = encode_target(reference) + [</s>]``; a batch
+feeds ``src`` to the encoder and ``[decoder start] + tgt[:-1]`` to the decoder, and ``labels = tgt`` line up with the
+logits position by position (``ktransfer.data.collate``). The decoder starts with the model's
+``decoder_start_token_id`` (Marian: ``<pad>``).
+
+Presets (encoder/decoder layers x d_model x attention heads; FFN = 4 x d_model; parameters for a 10K vocabulary), every
+one a Marian model with post-norm layers, sinusoidal positions, embeddings scaled by sqrt(d_model), and one embedding
+matrix shared by the encoder, the decoder and the output layer; the vocabulary size and the special ids come from the
+tokenizer:
+
+==================  ================  ======  ==========================================================
+preset              layers x dim x h  params  use
+==================  ================  ======  ==========================================================
+paper-deen-teacher  6/6 x 1024 x 16   186.6M  the paper's De-En teacher (Table 1)
+paper-deen-learner  6/1 x 512 x 4      28.2M  the paper's De-En learner (Table 1)
+paper-then-teacher  3/1 x 256 x 2       6.0M  the paper's Th-En teacher (Table 1)
+paper-then-learner  1/1 x 128 x 1       1.7M  the paper's Th-En learner (Table 1)
+cpu-teacher         3/3 x 256 x 4       8.1M  Multi30k teacher sized for 2 CPU cores
+cpu-learner         2/1 x 128 x 2       1.9M  Multi30k learner, about 4x smaller than cpu-teacher
+tiny                1/1 x 32 x 2        0.3M  tests (builds and runs in milliseconds)
+==================  ================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ktransfer import data, generation
+from ktransfer.data import IGNORE_INDEX
+from ktransfer.generation import DecodeSettings
+
+# Settings every preset shares. Dropout 0.3 on the residual stream, as for small-data translation (IWSLT, Multi30k);
+# relu FFN as in the base Transformer.
+_COMMON: dict[str, Any] = {
+    "max_position_embeddings": 256,
+    "dropout": 0.3,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "scale_embedding": True,
+    "share_encoder_decoder_embeddings": True,
+    "tie_word_embeddings": True,
+    "init_std": 0.02,
+}
+
+
+def _preset(enc: int, dec: int, dim: int, heads: int, ffn: int | None = None, **extra) -> dict[str, Any]:
+    ffn = 4 * dim if ffn is None else ffn
+    return {**_COMMON, "encoder_layers": enc, "decoder_layers": dec, "d_model": dim, "encoder_attention_heads": heads,
+            "decoder_attention_heads": heads, "encoder_ffn_dim": ffn, "decoder_ffn_dim": ffn, **extra}
+
+
+# MarianConfig keyword arguments by preset name (vocabulary size and special ids are added from the tokenizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-deen-teacher": _preset(6, 6, 1024, 16),
+    "paper-deen-learner": _preset(6, 1, 512, 4),
+    "paper-then-teacher": _preset(3, 1, 256, 2),
+    "paper-then-learner": _preset(1, 1, 128, 1),
+    "cpu-teacher": _preset(3, 3, 256, 4),
+    "cpu-learner": _preset(2, 1, 128, 2),
+    "tiny": _preset(1, 1, 32, 2),
+}
+
+# Short names accepted as overrides that set both the encoder and the decoder value.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "layers": ("encoder_layers", "decoder_layers"),
+    "heads": ("encoder_attention_heads", "decoder_attention_heads"),
+    "ffn_dim": ("encoder_ffn_dim", "decoder_ffn_dim"),
+}
+# Overrides that change no tensor shape, so they also apply to a loaded model.
+SHAPE_FREE = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop")
+
+
+def _resolve_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    valid = set(base) | {"encoder_layerdrop", "decoder_layerdrop"}
+    out = dict(base)
+    for key, value in overrides.items():
+        targets = ALIASES.get(key, (key,))
+        if any(t not in valid for t in targets):
+            raise ValueError(f"unknown model override {key!r}; valid: {', '.join(sorted(valid | set(ALIASES)))} "
+                             "(vocabulary size and special ids come from the tokenizer)")
+        for t in targets:
+            out[t] = value
+    ffn_given = any(k in overrides for k in ("ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim"))
+    if "d_model" in overrides and not ffn_given:  # FFN = 4 x d_model follows a new width
+        for side in ("encoder", "decoder"):
+            if base[f"{side}_ffn_dim"] == 4 * base["d_model"]:
+                out[f"{side}_ffn_dim"] = 4 * overrides["d_model"]
+    return out
+
+
+def _check_architecture(kw: dict[str, Any]) -> None:
+    for key in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"):
+        v = kw[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"model {key} must be a positive integer, got {v!r}")
+    for side in ("encoder", "decoder"):
+        heads = kw[f"{side}_attention_heads"]
+        if kw["d_model"] % heads:
+            raise ValueError(f"d_model={kw['d_model']} is not divisible by {side}_attention_heads={heads}")
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        check_dropout(kw[key], key)
+
+
+def check_dropout(value, key: str = "dropout") -> float:
+    """``value`` as a float in [0, 1); ValueError naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"model {key} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def decoder_start(model) -> int:
+    """The id the decoder starts with (``decoder_start_token_id`` of the config or generation config; else pad)."""
+    model = generation.unwrap(model)
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(cfg, "decoder_start_token_id", None)
+        if value is not None:
+            return int(value)
+    return int(model.config.pad_token_id)
+
+
+class Seq2SeqFamily:
+    """Encoder-decoder models (``AutoModelForSeq2SeqLM``): see the module docstring."""
+
+    name = "seq2seq"
+    presets = PRESETS
+    teacher_cache = True  # the teacher cache (``ktransfer.teacher_cache``) keys rows by target position
+
+    @staticmethod
+    def auto_class():
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM
+
+    # --- building and loading ----------------------------------------------------------------------------------
+    def build(self, preset: str, tokenizer, **overrides):
+        """A fresh Marian model of ``preset`` for ``tokenizer`` (vocabulary and special ids), in train mode.
+
+        ``overrides``: ``MarianConfig`` arguments or the aliases ``layers``, ``heads``, ``ffn_dim``; a new
+        ``d_model`` scales the FFN with it unless an FFN size is given."""
+        from transformers import MarianConfig, MarianMTModel
+
+        kw = _resolve_overrides(PRESETS[preset], overrides)
+        _check_architecture(kw)
+        try:
+            config = MarianConfig(**kw, vocab_size=tokenizer.vocab_size, decoder_vocab_size=tokenizer.vocab_size,
+                                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                                  decoder_start_token_id=tokenizer.pad_id, bos_token_id=None,
+                                  forced_eos_token_id=None)  # generation settings live in model.generation_config
+        except Exception as e:  # huggingface_hub's strict-dataclass errors are not ValueErrors
+            raise ValueError(f"invalid settings for model preset {preset!r}: {e}") from e
+        model = MarianMTModel(config)
+        self.set_generation_config(model, tokenizer)
+        return model.train()
+
+    def load_overrides(self, model_type: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Config fields for ``from_pretrained`` from ktransfer's overrides: only shape-free ones (dropout)."""
+        bad = sorted(set(overrides) - set(SHAPE_FREE))
+        if bad:
+            raise ValueError(f"a loaded model takes only dropout overrides ({', '.join(SHAPE_FREE)}), got {bad}")
+        return {k: check_dropout(v, k) if "dropout" in k else v for k, v in overrides.items()}
+
+    def after_load(self, model) -> None:
+        """Freeze sinusoidal position tables again: ``from_pretrained`` returns them with ``requires_grad=True``
+        (a fresh Marian model has them frozen), and training them would break exact resume."""
+        for module in model.modules():
+            if "Sinusoidal" in type(module).__name__:
+                module.requires_grad_(False)
+
+    def set_generation_config(self, model, tokenizer) -> None:
+        """Start with the decoder start id, stop at eos, at most the model's positions."""
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=decoder_start(model), eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+            forced_eos_token_id=tokenizer.eos_id, max_length=self.positions(model))
+
+    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
+        """Nothing to add for translation: the encoder reads the source as it is."""
+
+    def positions(self, model) -> int:
+        """Longest sequence either side holds (sinusoidal tables have a fixed length)."""
+        return int(getattr(generation.unwrap(model).config, "max_position_embeddings", None) or 1024)
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    def encode(self, pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | None, *, model=None,
+               log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
+        """``(source ids, target ids)`` of the pairs, each ending with ``</s>`` (``data.encode_pairs``)."""
+        return data.encode_pairs(pairs, tokenizer, max_length, log=log)
+
+    def lengths(self, ids) -> tuple[list[int], list[int]]:
+        """Per-example (source, target) lengths for ``TokenBatchSampler``."""
+        return [len(x) for x in ids[0]], [len(x) for x in ids[1]]
+
+    def collate(self, src, tgt, model, tokenizer) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``decoder_input_ids`` and ``labels`` (``data.collate``)."""
+        return data.collate(src, tgt, tokenizer.pad_id, decoder_start(model))
+
+    def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """``(inputs, labels)``: ``model(**inputs).logits[:, t]`` is scored against ``labels[:, t]``."""
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}, batch["labels"]
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def translate(self, model, tokenizer, sources: Sequence[str], settings: DecodeSettings, *, batch_size: int = 64,
+                  progress: bool = False) -> list[str]:
+        """Beam search of each source (see ``ktransfer.evaluate.translate``); a source longer than the positional
+        table is cut to fit; empty sources give ""."""
+        from tqdm import tqdm
+
+        positions = self.positions(model)
+        hypotheses = [""] * len(sources)
+        encoded = tokenizer.encode_batch(list(sources))
+        ids = {i: [*e[:positions - 1], tokenizer.eos_id] for i, e in enumerate(encoded) if e}
+        device = next(model.parameters()).device
+        with tqdm(total=len(sources), unit="sent", desc="translate", disable=not progress, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            bar.update(len(sources) - len(ids))  # empty sources are done already
+            for chunk in generation.sorted_batches(ids, batch_size):
+                input_ids, mask = generation.pad_rows([ids[i] for i in chunk], tokenizer.pad_id)
+                out = generation.generate(model, self._beam_config(model, tokenizer, settings),
+                                          input_ids=input_ids.to(device), attention_mask=mask.to(device))
+                for i, row in zip(chunk, out[:, 1:].tolist(), strict=True):  # drop the decoder start symbol
+                    hypotheses[i] = tokenizer.decode(generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
+                bar.update(len(chunk))
+        return hypotheses
+
+    def max_new_tokens(self, model, max_length: int) -> int:
+        """Tokens generated at most: the decoder input is [start] + generated tokens, all within the positions."""
+        return min(max_length, self.positions(model) - 1)
+
+    def _beam_config(self, model, tokenizer, settings: DecodeSettings):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            num_beams=settings.beam, length_penalty=float(settings.length_penalty),
+            max_length=self.max_new_tokens(model, settings.max_length) + 1,  # the start symbol + generated tokens
+            early_stopping=settings.beam > 1, do_sample=False, num_return_sequences=1, pad_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eos_id, decoder_start_token_id=decoder_start(model),
+            forced_eos_token_id=tokenizer.eos_id,  # a hypothesis cut at max_length still ends with </s>
+            suppress_tokens=generation.suppressed_ids(model, tokenizer))
+
+    def on_policy_batch(self, model, tokenizer, batch: dict, settings) -> dict:
+        """The batch's sources with ``decoder_input_ids`` = start + the learner's samples and ``labels`` = the
+        sampled tokens (-100 after each sample's first ``</s>``, which is kept). Sampling: ``settings`` (temperature,
+        top_p, max_new_tokens, seed), eval mode, a seeded fork of the global RNG (``generation.seeded_fork``)."""
+        from transformers import GenerationConfig
+
+        model = generation.unwrap(model)
+        gen = GenerationConfig(do_sample=True, num_beams=1, temperature=float(settings.temperature),
+                               top_p=float(settings.top_p), top_k=0,
+                               max_new_tokens=self.max_new_tokens(model, settings.max_new_tokens),
+                               pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                               decoder_start_token_id=decoder_start(model),
+                               suppress_tokens=generation.suppressed_ids(model, tokenizer))
+        was_training = model.training
+        model.eval()
+        try:
+            with generation.seeded_fork(batch["input_ids"].device, settings.seed):
+                generated = generation.generate(model, gen, input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"])
+        finally:
+            model.train(was_training)
+        tokens = generated[:, 1:]
+        is_eos = (tokens == tokenizer.eos_id).long()
+        after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first </s>
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "decoder_input_ids": generated[:, :-1].clone(), "labels": tokens.masked_fill(after, IGNORE_INDEX)}
