@@ -17,11 +17,13 @@ import safetensors.torch
 import torch
 
 from ktransfer import causal
-from ktransfer.checkpoint import load_model, save_checkpoint
+from ktransfer.checkpoint import save_checkpoint
 from ktransfer.config import load_config
 from ktransfer.data import collate as seq2seq_collate
 from ktransfer.data import read_split
-from ktransfer.models import build_model
+from ktransfer.generation import DecodeSettings, output_rows
+from ktransfer.models import CAUSAL, build_model, check_compatible, family_of, load_model, shared_logits
+from ktransfer.prefixes import SampleSettings
 from ktransfer.objectives import transfer_loss
 from ktransfer.tokenizer import train_tokenizer
 
@@ -143,7 +145,7 @@ def test_embedding_padding_is_accepted_and_sliced(small_tokenizer, pairs):
     teacher, learner = _model("gpt2-tiny", tok, seed=1), _model("gpt2-tiny", tok, seed=2)
     teacher.resize_token_embeddings(V + 64)  # e.g. 32000 -> 32064: rows no token id reaches
     said = []
-    assert causal.check_compatible(teacher, learner, tok, tok, log=said.append) == V
+    assert check_compatible(teacher, learner, tok, tok, log=said.append) == V
     assert len(said) == 1 and f"{V + 64}" in said[0] and f"0..{V - 1}" in said[0]
     prompts, responses = _examples(learner, tok, pairs, 3)
     batch = causal.collate(prompts, responses, tok.pad_id)
@@ -151,13 +153,13 @@ def test_embedding_padding_is_accepted_and_sliced(small_tokenizer, pairs):
         u = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         z = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert u.shape[-1] == V + 64
-    z_cut, u_cut = causal.shared_logits(z, u, V)
+    z_cut, u_cut = shared_logits(z, u, V)
     assert u_cut.shape[-1] == V and torch.equal(u_cut, u[..., :V]) and z_cut is z
     a = transfer_loss(z_cut, u_cut, batch["labels"], objective="kd", lam=1.0)
     ref = transfer_loss(z, u[..., :V].contiguous(), batch["labels"], objective="kd", lam=1.0)
     assert a.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     said.clear()
-    causal.check_compatible(learner, learner, tok, tok, log=said.append)
+    check_compatible(learner, learner, tok, tok, log=said.append)
     assert said == []  # nothing to say when the sizes agree
 
 
@@ -165,16 +167,16 @@ def test_other_vocabulary_mismatches_fail_naming_both(small_tokenizer, pairs):
     tok = small_tokenizer
     other_tok = train_tokenizer([x for p in pairs for x in p], vocab_size=400)
     teacher, learner = _model("gpt2-tiny", tok), _model("gpt2-tiny", other_tok)
-    with pytest.raises(ValueError, match="teacher and learner tokenizers differ") as e:
-        causal.check_compatible(teacher, learner, tok, other_tok, log=None)
-    assert f"{tok.vocab_size}" in str(e.value) and f"{other_tok.vocab_size}" in str(e.value)
+    with pytest.raises(ValueError, match=r"teacher and learner tokenizers have different vocabularies: id \d+") as e:
+        check_compatible(teacher, learner, tok, other_tok, log=None)
+    assert f"{tok.vocab_size} vs {other_tok.vocab_size} ids" in str(e.value)
     small = _model("gpt2-tiny", tok)
     small.resize_token_embeddings(tok.vocab_size - 10)
     with pytest.raises(ValueError, match=f"learner model has {tok.vocab_size - 10} output rows"):
-        causal.check_compatible(teacher, small, tok, tok)
+        check_compatible(teacher, small, tok, tok)
     marian = build_model("tiny", tok)
-    with pytest.raises(ValueError, match="teacher is a MarianMTModel"):
-        causal.check_compatible(marian, learner, tok, tok)
+    with pytest.raises(ValueError, match=r"the teacher is seq2seq \(MarianMTModel\) but the learner is causal"):
+        check_compatible(marian, learner, tok, tok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_checkpoint_round_trip_gives_identical_logits(name, small_tokenizer, pai
     save_checkpoint(tmp_path / "ck", model=model, tokenizer=tok, config={"model": {"preset": name}})
     assert not list((tmp_path / "ck").glob("*.bin")) and not list((tmp_path / "ck").glob("*.pt"))
     loaded, loaded_tok = load_model(tmp_path / "ck")
-    assert type(loaded) is type(model) and loaded_tok.to_json() == tok.to_json()
+    assert type(loaded) is type(model) and loaded_tok.fingerprint() == tok.fingerprint()
     assert causal.instruction(loaded) == "Translate German to English:"
     batch = causal.collate(*_examples(model, tok, pairs, 3), tok.pad_id)
     with torch.no_grad():
@@ -196,7 +198,7 @@ def test_checkpoint_round_trip_gives_identical_logits(name, small_tokenizer, pai
     assert torch.equal(a, b)
     assert set(safetensors.torch.load_file(tmp_path / "ck/model.safetensors")) <= set(model.state_dict())
     rebuilt = build_model(tmp_path / "ck", tok)  # a checkpoint as model.preset
-    assert causal.is_causal_model(rebuilt) and rebuilt.training
+    assert family_of(rebuilt) is CAUSAL and rebuilt.training
 
 
 def test_local_hugging_face_folder_with_padded_vocabulary(small_tokenizer, pairs, tmp_path):
@@ -205,7 +207,7 @@ def test_local_hugging_face_folder_with_padded_vocabulary(small_tokenizer, pairs
     model.resize_token_embeddings(tok.vocab_size + 64)
     model.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
     loaded = build_model(tmp_path / "hf", tok, dropout=0.0).eval()
-    assert type(loaded) is type(model) and causal.output_rows(loaded) == tok.vocab_size + 64
+    assert type(loaded) is type(model) and output_rows(loaded) == tok.vocab_size + 64
     batch = causal.collate(*_examples(model, tok, pairs, 2), tok.pad_id)
     with torch.no_grad():
         a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -215,10 +217,9 @@ def test_local_hugging_face_folder_with_padded_vocabulary(small_tokenizer, pairs
         head = loaded.get_output_embeddings().weight
         head[tok.vocab_size:] = torch.randn(64, head.shape[1], generator=torch.Generator().manual_seed(0)) * 100
         assert int(loaded(input_ids=batch["input_ids"][:1]).logits[0, -1].argmax()) >= tok.vocab_size
-    run = type("R", (), {"model": loaded, "tokenizer": tok, "device": torch.device("cpu")})()
-    sampled = causal.on_policy_batch(run, batch, {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6,
-                                                  "generator": torch.Generator().manual_seed(1)})["labels"]
-    assert int(sampled.max()) < tok.vocab_size  # (translate suppresses the same ids: causal._suppressed)
+    settings = SampleSettings(temperature=1.0, top_p=1.0, max_new_tokens=6, seed=1)
+    sampled = CAUSAL.on_policy_batch(loaded, tok, batch, settings)["labels"]
+    assert int(sampled.max()) < tok.vocab_size  # (translate suppresses the same ids: generation.suppressed_ids)
     with pytest.raises(ValueError, match="only the dropout override"):
         build_model(tmp_path / "hf", tok, n_layer=3)
 
@@ -227,12 +228,10 @@ def test_on_policy_batch_is_reproducible_and_leaves_the_global_rng_alone(small_t
     tok = small_tokenizer
     model = _model("gpt2-tiny", tok).train()
     batch = causal.collate(*_examples(model, tok, pairs, 4), tok.pad_id)
-    run = type("R", (), {"model": model, "tokenizer": tok, "device": torch.device("cpu")})()
 
     def sample(seed):
-        settings = {"temperature": 1.3, "top_p": 0.95, "max_new_tokens": 7,
-                    "generator": torch.Generator().manual_seed(seed)}
-        return causal.on_policy_batch(run, batch, settings)
+        settings = SampleSettings(temperature=1.3, top_p=0.95, max_new_tokens=7, seed=seed)
+        return CAUSAL.on_policy_batch(model, tok, batch, settings)
 
     rng = torch.get_rng_state()
     a, b, c = sample(5), sample(5), sample(6)
@@ -254,7 +253,7 @@ def test_translate_batched_equals_one_by_one_and_skips_empty(small_tokenizer, pa
     model = _model("llama-tiny", tok, seed=3)
     sources = [p[0] for p in pairs[:6]] + [""]
     one = translate(model, tok, sources, beam=2, max_length=12, batch_size=1)
-    many = causal.translate(model, tok, sources, beam=2, max_length=12, batch_size=7)
+    many = CAUSAL.translate(model, tok, sources, DecodeSettings(beam=2, max_length=12), batch_size=7)
     assert one == many and one[-1] == "" and all(h for h in one[:-1])
 
 
@@ -277,7 +276,7 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
     train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=10"))
     run = setup(_config(shared_data, tmp_path / "probe", "objective.objective=ka", "objective.top_k=8",
                         f"model.teacher={teacher / 'checkpoints/best'}"))
-    assert run.causal and causal.is_causal_model(run.teacher)
+    assert run.family is CAUSAL and family_of(run.teacher) is CAUSAL
     assert causal.instruction(run.model) == "Translate German to English:"
     from ktransfer.train import collate_batch, compute_loss
 
