@@ -23,8 +23,8 @@ from ktransfer.data import collate as seq2seq_collate
 from ktransfer.data import read_split
 from ktransfer.generation import DecodeSettings, output_rows
 from ktransfer.models import CAUSAL, build_model, check_compatible, family_of, load_model, shared_logits
-from ktransfer.prefixes import SampleSettings
 from ktransfer.objectives import transfer_loss
+from ktransfer.prefixes import SampleSettings
 from ktransfer.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

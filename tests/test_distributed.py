@@ -58,7 +58,7 @@ def records(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 
 def step_of(run_dir: Path) -> int:
-    return json.loads((run_dir / "checkpoints/last/state.json").read_text())["train_state"]["step"]
+    return json.loads((run_dir / "checkpoints/last/training_state.json").read_text())["train_state"]["step"]
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 600,

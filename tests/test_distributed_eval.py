@@ -149,7 +149,7 @@ def test_rank_device_follows_training(monkeypatch):
 def test_translate_cli_under_torchrun_stdin(checkpoint, small_tokenizer, shared_data):
     """``torchrun -m ktransfer translate`` reading stdin: rank 0 reads and broadcasts each chunk (3 lines, then 3,
     then 1: rank 1's share of the last is empty); stdout is exactly one process's translation, in input order."""
-    from ktransfer.checkpoint import load_model
+    from ktransfer.models import load_model
 
     de = (shared_data / "multi30k-de-en" / "test2016.de").read_text(encoding="utf-8").split("\n")[20:25]
     lines = [de[0], "", *de[1:4], "", de[4]]  # 7 lines, two of them empty

@@ -55,7 +55,7 @@ def _state(checkpoint: Path) -> dict:
 def _saved_step(checkpoint: Path) -> int:
     """Step of the checkpoint being written by another process; -1 while there is none (or it is mid-swap)."""
     try:
-        return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["train_state"]["step"]
+        return json.loads((checkpoint / "training_state.json").read_text(encoding="utf-8"))["train_state"]["step"]
     except (OSError, ValueError, KeyError):
         return -1
 
@@ -82,16 +82,16 @@ def test_pipeline_teacher_learner_distillation_evaluation_resume(shared_data, tm
 
     # BPE (trained by the teacher's run on its training slice) and the teacher, pre-trained with nll.
     _train("objective.objective=nll", f"train.out_dir={teacher}", "train.epochs=3")
-    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "train.log", "checkpoints/best/state.json",
-                 "checkpoints/last/state.json"):
+    for name in ("config.yaml", "tokenizer/tokenizer.json", "metrics.jsonl", "train.log",
+                 "checkpoints/best/training_state.json", "checkpoints/last/training_state.json"):
         assert (teacher / name).is_file(), name
     valid = [m for m in _metrics(teacher) if m["kind"] == "valid"]
     assert len(valid) == 3 and valid[-1]["nll"] < valid[0]["nll"]  # it learns something
 
     # The learner, pre-trained with nll on the teacher's tokenizer.
     _train("objective.objective=nll", f"train.out_dir={learner}", "train.epochs=1",
-           f"data.tokenizer={teacher / 'tokenizer.json'}")
-    assert (learner / "tokenizer.json").read_text() == (teacher / "tokenizer.json").read_text()
+           f"data.tokenizer={teacher / 'tokenizer'}")
+    assert (learner / "tokenizer/tokenizer.json").read_text() == (teacher / "tokenizer/tokenizer.json").read_text()
 
     # One epoch of each distillation objective, from the pre-trained learner and the frozen teacher.
     scores = {}

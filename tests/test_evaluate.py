@@ -12,7 +12,8 @@ import pytest
 import sacrebleu
 import torch
 
-from ktransfer.evaluate import DecodeSettings, evaluate, resolve_checkpoint, score, translate
+from ktransfer.evaluate import DecodeSettings, evaluate, score, translate
+from ktransfer.models import resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,19 +151,19 @@ def test_max_length_is_capped_by_positions(random_model, small_tokenizer):
 
 
 # --- checkpoints and evaluate -----------------------------------------------------------------------------------------
-def test_resolve_checkpoint(checkpoint, tmp_path):
+def test_resolve_source(checkpoint, tmp_path):
     run = checkpoint.parent.parent
-    assert resolve_checkpoint(run) == checkpoint
-    assert resolve_checkpoint(checkpoint) == checkpoint
+    assert resolve_source(run) == checkpoint
+    assert resolve_source(checkpoint) == checkpoint
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
-        resolve_checkpoint(tmp_path / "nothing")
+        resolve_source(tmp_path / "nothing")
     (tmp_path / "run" / "checkpoints" / "last").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "last" / "state.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "last" / "training_state.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no best checkpoint.*checkpoints/last exists"):
-        resolve_checkpoint(tmp_path / "run")
+        resolve_source(tmp_path / "run")
     (tmp_path / "plain").mkdir()
     with pytest.raises(FileNotFoundError, match="checkpoints/best"):
-        resolve_checkpoint(tmp_path / "plain")
+        resolve_source(tmp_path / "plain")
 
 
 def test_evaluate_files_mode_writes_hypotheses_and_scores(checkpoint, random_model, small_tokenizer, multi30k_test,

@@ -15,9 +15,9 @@ import safetensors.torch
 import torch
 from transformers import GenerationConfig
 
-from ktransfer.checkpoint import load_model
 from ktransfer.config import ConfigError, load_config
-from ktransfer.prefixes import SampleSettings, batch_generator, draw, on_policy_batch, sampled_batch
+from ktransfer.models import CAUSAL, SEQ2SEQ, load_model
+from ktransfer.prefixes import SampleSettings, batch_generator, draw
 from ktransfer.train import collate_batch, compute_loss, setup, train
 
 
@@ -82,14 +82,6 @@ def test_config_accepts_prefixes():
 # --------------------------------------------------------------------------------------------------------------
 # Sampling and masks
 # --------------------------------------------------------------------------------------------------------------
-def test_sampled_batch_masks_after_first_eos():
-    eos = 1
-    generated = torch.tensor([[0, 5, 1, 7, 1], [0, 5, 6, 7, 8], [0, 1, 0, 0, 0]])
-    out = sampled_batch(generated, eos)
-    assert out["decoder_input_ids"].tolist() == [[0, 5, 1, 7], [0, 5, 6, 7], [0, 1, 0, 0]]
-    assert out["labels"].tolist() == [[5, 1, -100, -100], [5, 6, 7, 8], [1, -100, -100, -100]]
-
-
 def test_samples_are_the_learners_and_masks_cover_them(teacher):
     """The on-policy batch equals an independent ``generate`` call with the same seed and settings; labels hold
     exactly the tokens up to each sample's first </s>; sampling leaves the RNG and the model's mode alone."""
@@ -103,7 +95,7 @@ def test_samples_are_the_learners_and_masks_cover_them(teacher):
     batch = collate(src, tgt, tokenizer.pad_id, model.config.decoder_start_token_id)
     settings = SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=1234)
     rng = torch.get_rng_state()
-    out = on_policy_batch(model, batch, settings)
+    out = SEQ2SEQ.on_policy_batch(model, tokenizer, batch, settings)
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     for key in ("decoder_input_ids", "labels"):
         assert out[key].dtype == torch.int64 and not out[key].requires_grad and out[key].grad_fn is None
@@ -130,7 +122,8 @@ def test_samples_are_the_learners_and_masks_cover_them(teacher):
     assert any(tokenizer.eos_id in row for row in ref[:, 1:].tolist())  # the mask is exercised
 
     # another seed gives other samples (the seed is used)
-    other = on_policy_batch(model, batch, SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=7))
+    other = SEQ2SEQ.on_policy_batch(model, tokenizer, batch,
+                                    SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=7))
     assert not torch.equal(other["decoder_input_ids"], out["decoder_input_ids"][:, :other["decoder_input_ids"]
                                                                                   .shape[1]])
 
@@ -173,7 +166,7 @@ def test_gradient_is_that_of_the_divergence_on_fixed_samples(teacher, shared_dat
 
     # the same samples, drawn again from the same (seed, step, batch)
     _, seed = draw(batch_generator(run.cfg.train.seed, run.state.step, batch["input_ids"]), "learner", 0.5)
-    fixed = on_policy_batch(run.model, batch, SampleSettings.from_config(run.cfg, seed=seed))
+    fixed = SEQ2SEQ.on_policy_batch(run.model, run.tokenizer, batch, SampleSettings.from_config(run.cfg, seed=seed))
     ref_logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            decoder_input_ids=batch["decoder_input_ids"]).logits
     smp_logits = run.model(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"],
@@ -247,9 +240,7 @@ def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, m
 
 def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     """A decoder-only learner (``ktransfer.causal``): the loss is (1-lam)*NLL(reference) + lam*KL on the batch that
-    ``causal.on_policy_batch`` samples with the same settings, computed again here with plain torch."""
-    from ktransfer import causal
-
+    ``CausalFamily.on_policy_batch`` samples with the same settings, computed again here with plain torch."""
     def cfg(out, *extra):
         return load_config(None, [
             f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.valid_subset=4",
@@ -262,11 +253,11 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     run = setup(cfg(tmp_path / "run", "objective.objective=kd", f"model.teacher={best}", "objective.prefix=learner",
                     f"objective.lam={lam}", "objective.sample_max_length=8",
                     "model.dropout=0"))
-    assert run.causal
+    assert run.family is CAUSAL
     batch = first_batch(run)
     out = compute_loss(run, batch)
     _, seed = draw(batch_generator(run.cfg.train.seed, run.state.step, batch["input_ids"]), "learner", 0.5)
-    sampled = causal.on_policy_batch(run, batch, SampleSettings.from_config(run.cfg, seed=seed))
+    sampled = CAUSAL.on_policy_batch(run.model, run.tokenizer, batch, SampleSettings.from_config(run.cfg, seed=seed))
     V = run.tokenizer.vocab_size
     with torch.no_grad():
         ref = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :V]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import ktransfer.seqkd as seqkd
-from ktransfer.checkpoint import load_model
 from ktransfer.config import load_config
 from ktransfer.data import read_lines, read_split
 from ktransfer.evaluate import translate
+from ktransfer.models import load_model
 from ktransfer.train import train
 
 SETTINGS = {"beam": 2, "max_length": 16, "batch_size": 4, "limit": 25, "chunk_lines": 10}
@@ -144,6 +144,6 @@ def test_a_causal_teacher_gives_seq_kd_data_for_its_learner(shared_data, tmp_pat
     assert read_lines(out / "train.en") == translate(model, tokenizer, sources, beam=1, max_length=12, batch_size=5)
     result = train(load_config(None, [*base, f"data.corpus={out}", "objective.objective=kd", "objective.lam=0.5",
                                       f"model.teacher={teacher / 'checkpoints/best'}",
-                                      f"data.tokenizer={teacher / 'tokenizer.json'}", "train.max_steps=2",
+                                      f"data.tokenizer={teacher / 'tokenizer'}", "train.max_steps=2",
                                       f"train.out_dir={tmp_path / 'learner'}"]))
     assert result["step"] == 2

@@ -61,7 +61,7 @@ def test_nll_training_reduces_loss(teacher):
     steps = records(teacher, "train")
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert all(0 <= r["bleu"] <= 100 and r["divergence"] == 0.0 for r in valid)
-    for name in ("config.yaml", "tokenizer.json", "train.log", "checkpoints/last/state.json",
+    for name in ("config.yaml", "tokenizer/tokenizer.json", "train.log", "checkpoints/last/training_state.json",
                  "checkpoints/best/model.safetensors"):
         assert (teacher / name).exists(), name
     assert load_config(teacher / "config.yaml", []).train.out_dir == str(teacher)
@@ -80,7 +80,7 @@ def test_one_distillation_epoch(objective, teacher, shared_data, tmp_path):
     assert all(r["divergence"] > 0 for r in records(out, "train"))
     assert (teacher / "checkpoints/best/model.safetensors").read_bytes() == before
     # the learner reuses the teacher's tokenizer
-    assert (out / "tokenizer.json").read_text() == (teacher / "tokenizer.json").read_text()
+    assert (out / "tokenizer/tokenizer.json").read_text() == (teacher / "tokenizer/tokenizer.json").read_text()
 
 
 def test_teacher_is_frozen(teacher, shared_data, tmp_path):
@@ -136,7 +136,7 @@ def _start(args: list[str]) -> subprocess.Popen:
 
 def _train_state(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / "checkpoints/last/state.json").read_text())["train_state"]
+        return json.loads((run_dir / "checkpoints/last/training_state.json").read_text())["train_state"]
     except (OSError, ValueError, KeyError):
         return None  # not written yet, or being swapped into place
 

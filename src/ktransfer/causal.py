@@ -234,12 +234,15 @@ class CausalFamily:
         """Nothing to fix after ``from_pretrained``."""
 
     def set_generation_config(self, model, tokenizer) -> None:
-        """Stop at eos, pad with pad; at most the model's number of positions in all."""
+        """Stop at eos (forced at the limit), pad with pad, never generate pad or padding rows; at most the model's
+        positions in all: a plain ``generate()`` of the saved model searches as ``translate`` does."""
         from transformers import GenerationConfig
 
         bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                                                   bos_token_id=bos, max_length=self.positions(model))
+                                                   bos_token_id=bos, max_length=self.positions(model),
+                                                   forced_eos_token_id=tokenizer.eos_id,
+                                                   suppress_tokens=generation.suppressed_ids(model, tokenizer))
 
     def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
         """Store the instruction heading every prompt in the model's config (``ensure_instruction``)."""

@@ -175,12 +175,14 @@ class Seq2SeqFamily:
                 module.requires_grad_(False)
 
     def set_generation_config(self, model, tokenizer) -> None:
-        """Start with the decoder start id, stop at eos, at most the model's positions."""
+        """Start with the decoder start id, stop at eos (forced at the limit), never generate pad, at most the model's
+        positions: a plain ``generate()`` of the saved model searches as ``translate`` does."""
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig(
             decoder_start_token_id=decoder_start(model), eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-            forced_eos_token_id=tokenizer.eos_id, max_length=self.positions(model))
+            forced_eos_token_id=tokenizer.eos_id, max_length=self.positions(model),
+            suppress_tokens=generation.suppressed_ids(model, tokenizer))
 
     def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
         """Nothing to add for translation: the encoder reads the source as it is."""

@@ -159,10 +159,12 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         teacher = None  # its tokenizer was wanted, not its predictions
 
     d = cfg.data
-    src, tgt = family.encode(train_pairs, tokenizer, d.max_length, model=model, log=log)
+    positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
+    src, tgt = family.encode(train_pairs, tokenizer, min(d.max_length, positions), model=model, log=log)
     if not src:
-        raise ConfigError(f"data.max_length: no training pair fits in {d.max_length} tokens", key="data.max_length")
-    valid_ids = family.encode(valid_pairs, tokenizer, family.positions(model), model=model, log=log)
+        raise ConfigError(f"data.max_length: no training pair fits in {min(d.max_length, positions)} tokens",
+                          key="data.max_length")
+    valid_ids = family.encode(valid_pairs, tokenizer, positions, model=model, log=log)
     sampler = TokenBatchSampler(*family.lengths((src, tgt)), d.max_tokens, seed=cfg.train.seed)
     cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
 

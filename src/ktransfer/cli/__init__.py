@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars for every checkpoint read or written
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ rank 0 alone scores, prints and writes, with the same hypotheses and scores as o
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder, or run folder (uses "
+    parser.add_argument("checkpoint", metavar="MODEL", help="a ktransfer checkpoint or run folder (uses "
                                                                  "RUN/checkpoints/best)")
     data = parser.add_argument_group("data (a corpus split, or a source file with its reference file)")
     data.add_argument("--corpus", default=None, help="corpus name under $KTRANSFER_DATA or path (default: the "
