@@ -213,45 +213,16 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         ValueError: both or neither of corpus mode and file mode, source and reference files of different line
             counts (``ktransfer.data.CorpusError`` for a corpus that is missing or malformed).
     """
-    from ktransfer.data import language_pair, read_lines, read_split, resolve_corpus, split_files
-
     settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1 or None, got {limit!r}")
     checkpoint = resolve_source(model_path)
-    run_config = run_config_of(checkpoint)
-    files_mode = src_file is not None or ref_file is not None
-    if files_mode and corpus is not None:
-        raise ValueError("give either a corpus (with a split) or --src/--ref files, not both")
-    if files_mode:
-        if src_file is None or ref_file is None:
-            raise ValueError(f"file mode needs both a source and a reference file; got src={src_file}, ref={ref_file}")
-        src_path, ref_path = Path(src_file), Path(ref_file)
-        sources, references = read_lines(src_path), read_lines(ref_path)
-        if len(sources) != len(references):
-            raise ValueError(f"source file {src_path} has {len(sources)} lines but reference file {ref_path} has "
-                             f"{len(references)} lines: they must be line-aligned")
-        if not sources:
-            raise ValueError(f"source file {src_path} is empty")
-        split = split or (src_path.stem if src_path.suffix else src_path.name)
-        tgt_lang = tgt_lang or (ref_path.suffix[1:] if ref_path.suffix else "hyp")
-        data_info = {"src_file": str(src_path), "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
+    if src_file is not None or ref_file is not None:
+        if corpus is not None:
+            raise ValueError("give either a corpus (with a split) or --src/--ref files, not both")
+        sources, references, split, tgt_lang, data_info = _file_data(src_file, ref_file, split, src_lang, tgt_lang)
     else:
-        run = _run_data(run_config)
-        corpus = corpus if corpus is not None else run.get("corpus")
-        if corpus is None:
-            raise ValueError(f"no corpus given and checkpoint {checkpoint} does not name one; pass a corpus or files")
-        split = split or (run.get("test") if _same_corpus(corpus, run.get("corpus")) else None) or "test"
-        src_lang, tgt_lang = src_lang or run.get("src_lang"), tgt_lang or run.get("tgt_lang")
-        if src_lang is None or tgt_lang is None:
-            pair = language_pair(corpus)
-            src_lang, tgt_lang = src_lang or pair[0], tgt_lang or pair[1]
-        pairs = read_split(corpus, split, src_lang, tgt_lang)
-        sources, references = [s for s, _ in pairs], [t for _, t in pairs]
-        src_path, ref_path = split_files(corpus, split, src_lang, tgt_lang)
-        data_info = {"corpus": str(corpus), "corpus_path": str(resolve_corpus(corpus)), "src_file": str(src_path),
-                     "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
-
+        sources, references, split, tgt_lang, data_info = _corpus_data(checkpoint, corpus, split, src_lang, tgt_lang)
     sources, references = sources[:limit], references[:limit]
     from ktransfer import distributed
 
@@ -278,12 +249,53 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         return distributed.broadcast(result)
 
 
+def _file_data(src_file, ref_file, split, src_lang, tgt_lang):
+    """``(sources, references, split, tgt_lang, data info)`` of a source file and its line-aligned reference file;
+    ``split`` defaults to the source file's name without its language suffix."""
+    from ktransfer.data import read_lines
+
+    if src_file is None or ref_file is None:
+        raise ValueError(f"file mode needs both a source and a reference file; got src={src_file}, ref={ref_file}")
+    src_path, ref_path = Path(src_file), Path(ref_file)
+    sources, references = read_lines(src_path), read_lines(ref_path)
+    if len(sources) != len(references):
+        raise ValueError(f"source file {src_path} has {len(sources)} lines but reference file {ref_path} has "
+                         f"{len(references)} lines: they must be line-aligned")
+    if not sources:
+        raise ValueError(f"source file {src_path} is empty")
+    split = split or (src_path.stem if src_path.suffix else src_path.name)
+    tgt_lang = tgt_lang or (ref_path.suffix[1:] if ref_path.suffix else "hyp")
+    info = {"src_file": str(src_path), "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
+    return sources, references, split, tgt_lang, info
+
+
+def _corpus_data(checkpoint, corpus, split, src_lang, tgt_lang):
+    """``(sources, references, split, tgt_lang, data info)`` of a corpus split; corpus, split and languages default
+    to the checkpoint run's (its ``data.test`` for its own corpus), else ``test`` and the corpus name's pair."""
+    from ktransfer.data import language_pair, read_split, resolve_corpus, split_files
+
+    run = _run_data(run_config_of(checkpoint))
+    corpus = corpus if corpus is not None else run.get("corpus")
+    if corpus is None:
+        raise ValueError(f"no corpus given and checkpoint {checkpoint} does not name one; pass a corpus or files")
+    split = split or (run.get("test") if _same_corpus(corpus, run.get("corpus")) else None) or "test"
+    src_lang, tgt_lang = src_lang or run.get("src_lang"), tgt_lang or run.get("tgt_lang")
+    if src_lang is None or tgt_lang is None:
+        pair = language_pair(corpus)
+        src_lang, tgt_lang = src_lang or pair[0], tgt_lang or pair[1]
+    pairs = read_split(corpus, split, src_lang, tgt_lang)
+    src_path, ref_path = split_files(corpus, split, src_lang, tgt_lang)
+    info = {"corpus": str(corpus), "corpus_path": str(resolve_corpus(corpus)), "src_file": str(src_path),
+            "ref_file": str(ref_path), "src_lang": src_lang, "tgt_lang": tgt_lang}
+    return [s for s, _ in pairs], [t for _, t in pairs], split, tgt_lang, info
+
+
 def _score_and_write(hypotheses: list[str], references: list[str], settings: DecodeSettings, elapsed: float,
                      out_dir, checkpoint: Path, split: str, tgt_lang: str, data_info: dict, run_settings: dict,
                      limit: int | None) -> dict:
     """``evaluate``'s result (scores, speed, settings, data, files) and its two files (rank 0's job)."""
     result = score(hypotheses, references, decoding=settings)
-    out = Path(out_dir) if out_dir is not None else _default_out_dir(checkpoint)
+    out = Path(out_dir) if out_dir is not None else _default_out_dir(Path(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     hyp_file, scores_file = out / f"hyp.{split}.{tgt_lang}", out / f"scores.{split}.json"
     result.update({
