@@ -95,7 +95,7 @@ def test_override_conversion(item, field, value):
         ("optim.schedule=cosine", r"optim.schedule: must be one of constant, inverse_sqrt, got 'cosine'"),
         ("objective.objective=kdd", r"must be one of nll, kd, ka.*got 'kdd'; did you mean 'kd'"),
         ("objective.lam=1.5", r"objective.lam: must be >= 0.0 and <= 1.0, got 1.5"),
-        ("objective.beta=0", r"objective.beta: must be > 0.0 and < 1.0, got 0.0"),
+        ("objective.beta=1.5", r"objective.beta: must be >= 0.0 and <= 1.0, got 1.5"),
         ("objective.top_k=0", r"objective.top_k: must be >= 1, got 0"),
         ("train.epochs=2.5", r"train.epochs: must be an integer, got 2.5"),
         ("train.epochs=null", r"train.epochs: must be int, got None"),

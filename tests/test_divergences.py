@@ -384,7 +384,7 @@ def test_random_shapes_match_reference(lead, V, kind, k, renormalize, T, seed, s
         ({"top_k": 7}, r"top_k .* got 7"),
         ({"top_k": 2.5}, r"top_k .* got 2.5"),
         ({"support": "both"}, r"unknown support 'both'; valid supports: learner, teacher, union"),
-        ({"beta": 0.0, "kind": "jsd"}, r"beta must be in the open interval \(0, 1\), got 0.0"),
+        ({"beta": -0.1, "kind": "jsd"}, r"beta must be in \[0, 1\] \(0: forward_kl, 1: reverse_kl, as TRL\), got -0.1"),
         ({"beta": 1.5}, r"beta .* got 1.5"),
         ({"alpha": 1.0}, r"alpha must be in the open interval \(0, 1\), got 1.0"),
         ({"temperature": 0}, r"temperature must be a finite number > 0, got 0"),

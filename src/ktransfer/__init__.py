@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from ktransfer.divergences import KINDS, divergence  # noqa: E402
 from ktransfer.fused_linear import fused_linear_divergence  # noqa: E402
+from ktransfer.hf_loss import hf_loss, shift_labels  # noqa: E402
 from ktransfer.objectives import TransferLoss, transfer_loss  # noqa: E402
 
-__all__ = ["KINDS", "TransferLoss", "__version__", "divergence", "fused_linear_divergence", "transfer_loss"]
+__all__ = ["KINDS", "TransferLoss", "__version__", "divergence", "fused_linear_divergence", "hf_loss", "shift_labels",
+           "transfer_loss"]

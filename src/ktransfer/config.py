@@ -142,7 +142,7 @@ class ObjectiveConfig(_Section):
     temperature: float = _field(1.0, "softmax temperature of both models inside the divergence", gt=0.0)
     label_smoothing: float = _field(0.0, "label smoothing of the NLL term", ge=0.0, lt=1.0)
     support: Support | None = _field(None, "top-k support: learner, teacher or union (None = the kind's default)")
-    beta: float = _field(0.5, "mixture weight of jsd", gt=0.0, lt=1.0)
+    beta: float = _field(0.5, "mixture weight of jsd (0: forward_kl, 1: reverse_kl, as TRL)", ge=0.0, le=1.0)
     alpha: float = _field(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
     renormalize: bool = _field(False, "renormalise p and q over the top-k support")
     prefix: Literal["reference", "learner", "mixed"] = _field(

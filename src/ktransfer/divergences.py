@@ -12,6 +12,7 @@ forward_kl         sum_S q (log q - log p) = KL(q || p)             teacher (q t
 reverse_kl         sum_S p (log p - log q) = KL(p || q)             learner (p proposes)   KA, "Backward"
 half               1/2 forward_kl + 1/2 reverse_kl (own supports)   each its own           paper's "1/2KA+1/2KD"
 jsd                b KL(q || m) + (1-b) KL(p || m), m = b q+(1-b) p  union                  TRL generalized JSD
+                   b = 0: forward_kl, b = 1: reverse_kl (TRL's ends)
 skew_forward_kl    KL(q || a q + (1-a) p)                            teacher                DistiLLM SKL
 skew_reverse_kl    KL(p || a p + (1-a) q)                            learner                DistiLLM SRKL
 tvd                1/2 sum_S |p - q|                                 union                  total variation
@@ -59,6 +60,9 @@ DEFAULT_SUPPORT = {
 # A chunk holds about this many elements per [chunk, V] temporary (512 KiB in float32): big enough that per-op overhead
 # is small, small enough that a chunk's few temporaries stay in a CPU's L2/L3 caches (measured: bench/divergence.py).
 CHUNK_ELEMENTS = 1 << 17
+# jsd's end points, as TRL's generalized_jsd_loss defines them (beta is the teacher's weight in m): beta = 0 is
+# KL(q || p), beta = 1 is KL(p || q). They are not limits of the mixture formula, which tends to 0 at both ends.
+JSD_END_POINTS = {0.0: "forward_kl", 1.0: "reverse_kl"}
 # On a GPU the cost is kernel launches, not cache misses: chunks of 2**24 elements (64 MiB in float32); measured on an
 # H100, 2**17 left the sweep launch-bound, ~100x slower than the unchunked composition (docs/benchmarks.md).
 CHUNK_ELEMENTS_CUDA = 1 << 24
@@ -98,7 +102,8 @@ def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, al
             raise ValueError(
                 f"vocabulary sizes differ: learner V={shape_l[-1]}, teacher V={shape_t[-1]} "
                 f"(learner_logits {list(shape_l)}, teacher_logits {list(shape_t)}); "
-                "the two models must share a vocabulary"
+                "the two models must share a vocabulary; if one is padded (e.g. 151936 vs 152064 rows), pass "
+                "vocab_size=<the tokenizer's size> to compare the shared ids [0, vocab_size) only"
             )
         raise ValueError(
             f"learner_logits and teacher_logits must have the same shape, got learner {list(shape_l)} "
@@ -115,8 +120,8 @@ def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, al
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta < 1):
-        raise ValueError(f"beta must be in the open interval (0, 1), got {beta!r}")
+    if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+        raise ValueError(f"beta must be in [0, 1] (0: forward_kl, 1: reverse_kl, as TRL), got {beta!r}")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha!r}")
     if reduction not in REDUCTIONS:
@@ -125,10 +130,44 @@ def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, al
         raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
 
 
-def _terms(kind: str, top_k: int | None, support: str | None) -> tuple[_Term, ...]:
-    def one(k, weight):
-        return _Term(k, None if top_k is None else (support or DEFAULT_SUPPORT[k]), weight)
+def check_vocab_size(vocab_size: int | None, **sizes: int | None) -> None:
+    """Raise ValueError unless ``vocab_size`` is None or an integer in [1, every given size] (None sizes skipped)."""
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be None or a positive integer, got {vocab_size!r}")
+    for name, size in sizes.items():
+        if size is not None and size < vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {name}'s {size} vocabulary rows")
 
+
+def slice_vocab(learner_logits: torch.Tensor, teacher_logits: torch.Tensor | None, vocab_size: int | None):
+    """``(z[..., :vocab_size], u[..., :vocab_size])``: the ids two padded vocabularies share (views; None stays None).
+
+    Models whose output layers are padded to different sizes (Qwen-style 151936 vs 152064 rows) share the tokenizer's
+    ids ``[0, vocab_size)``; the rows above are padding. Softmaxes are then taken over the shared ids only, and the
+    padding columns get a zero gradient. ``vocab_size=None`` returns both unchanged.
+
+    Raises:
+        ValueError: vocab_size is not a positive integer or exceeds either tensor's last dimension.
+    """
+    check_vocab_size(vocab_size, learner_logits=learner_logits.shape[-1],
+                     teacher_logits=None if teacher_logits is None else teacher_logits.shape[-1])
+    if vocab_size is None:
+        return learner_logits, teacher_logits
+
+    def cut(x):
+        return x if x is None or x.shape[-1] == vocab_size else x[..., :vocab_size]
+
+    return cut(learner_logits), cut(teacher_logits)
+
+
+def _terms(kind: str, top_k: int | None, support: str | None, beta: float = 0.5) -> tuple[_Term, ...]:
+    def one(k, weight, default_of=None):
+        return _Term(k, None if top_k is None else (support or DEFAULT_SUPPORT[default_of or k]), weight)
+
+    if kind == "jsd" and beta in JSD_END_POINTS:  # TRL's end points; the top-k support stays jsd's (union)
+        return (one(JSD_END_POINTS[beta], 1.0, default_of="jsd"),)
     if kind == "half":
         return (one("forward_kl", 0.5), one("reverse_kl", 0.5))
     return (one(kind, 1.0),)
@@ -536,6 +575,7 @@ def divergence(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Divergence D(p, q) between learner p = softmax(z/T) and teacher q = softmax(u/T), per position, reduced.
 
@@ -549,7 +589,8 @@ def divergence(
             own default unless ``support`` is given, which then applies to both). Selecting S is not differentiated.
         temperature: T > 0 divides both logits. No T^2 factor is applied: multiply the result by ``T**2`` for
             Hinton et al.'s gradient scaling.
-        beta: mixture weight of ``jsd``, m = beta q + (1 - beta) p, 0 < beta < 1 (TRL's convention).
+        beta: mixture weight of ``jsd``, m = beta q + (1 - beta) p, 0 <= beta <= 1 (TRL's convention, end points
+            included: beta = 0 is ``forward_kl`` KL(q || p), beta = 1 is ``reverse_kl`` KL(p || q)).
         alpha: skew of ``skew_forward_kl`` / ``skew_reverse_kl``, 0 < alpha < 1 (DistiLLM's convention).
         renormalize: renormalise p and q over S before the sum (default False: terms outside S are just dropped, the
             paper's Sec. 3.3 formula).
@@ -558,6 +599,8 @@ def divergence(
             (a float tensor of shape ``[...]``, 0 at unselected positions).
         chunk_size: positions per chunk of the Python path (memory O(chunk_size x V)); None picks about 2**17 / V on
             a CPU, 2**24 / V on a GPU. The C++ kernel works row by row (O(threads x V)) and ignores it.
+        vocab_size: compare only the ids ``[0, vocab_size)`` (``slice_vocab``): for models with padded output layers
+            of different sizes. None: both logits must have the same V.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
@@ -568,9 +611,11 @@ def divergence(
     """
     if not isinstance(learner_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise ValueError("learner_logits and teacher_logits must be tensors")
+    learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
     _check_options(kind, tuple(learner_logits.shape), tuple(teacher_logits.shape), top_k, support, temperature, beta,
                    alpha, reduction, chunk_size)
-    spec = _Spec(_terms(kind, top_k, support), top_k, float(temperature), float(beta), float(alpha), bool(renormalize))
+    spec = _Spec(_terms(kind, top_k, support, beta), top_k, float(temperature), float(beta), float(alpha),
+                 bool(renormalize))
     z2, u2, rows = _flatten(learner_logits, teacher_logits, mask)
     N = z2.shape[0]
     n_sel = N if rows is None else rows.numel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _run_chunk
+from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _run_chunk, check_vocab_size
 from ktransfer.objectives import TransferLoss, _plan
 
 # Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
@@ -30,6 +30,13 @@ def _weight_and_bias(head, bias):
     if isinstance(head, torch.nn.Linear):
         return head.weight, head.bias if bias is None else bias
     return head, bias
+
+
+def _first_rows(W, b, vocab_size):
+    """``W[:vocab_size]``, ``b[:vocab_size]`` (views: the padding rows get a zero gradient); None keeps them."""
+    if vocab_size is None or W.shape[0] == vocab_size:
+        return W, b
+    return W[:vocab_size], None if b is None else b[:vocab_size]
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -106,6 +113,7 @@ def fused_linear_divergence(
     learner_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
     **divergence_options,
 ) -> TransferLoss:
     """``transfer_loss`` on ``h W^T + b`` and ``g Wt^T + bt`` without materialising either ``[N, V]`` logits.
@@ -120,11 +128,16 @@ def fused_linear_divergence(
             ``lam`` must be 1 (pure divergence).
         lam, top_k, temperature, label_smoothing, num_tokens, **divergence_options: as in ``transfer_loss``.
         chunk_size: positions per chunk; None = about 2**23 / V on a CPU (at least 128), 2**24 / V on a GPU.
+        vocab_size: use only the first ``vocab_size`` rows of both heads (and biases): the ids shared by two output
+            layers padded to different sizes, as ``transfer_loss(..., vocab_size=)``.
 
     Returns:
         ``TransferLoss`` with the same value as ``transfer_loss`` on the materialised logits.
     """
     W, b = _weight_and_bias(learner_head, learner_bias)
+    check_vocab_size(vocab_size, learner_head=W.shape[0],
+                     teacher_head=None if teacher_head is None else _weight_and_bias(teacher_head, None)[0].shape[0])
+    W, b = _first_rows(W, b, vocab_size)
     H = learner_hidden.shape[-1]
     if W.dim() != 2 or W.shape[1] != H:
         raise ValueError(f"learner_head must be [V, H={H}], got {list(W.shape)}")
@@ -132,7 +145,7 @@ def fused_linear_divergence(
     lead = tuple(learner_hidden.shape[:-1])
     Wt = bt = None
     if teacher_head is not None:
-        Wt, bt = _weight_and_bias(teacher_head, teacher_bias)
+        Wt, bt = _first_rows(*_weight_and_bias(teacher_head, teacher_bias), vocab_size)
         if teacher_hidden is None or Wt.dim() != 2 or Wt.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError(f"teacher_head must be [V, Ht] matching teacher_hidden [..., Ht], got {list(Wt.shape)} "
                              f"and {None if teacher_hidden is None else list(teacher_hidden.shape)}")

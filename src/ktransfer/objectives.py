@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.divergences import KINDS, _check_options, _Fused, _Spec, _terms
+from ktransfer.divergences import KINDS, _check_options, _Fused, _Spec, _terms, slice_vocab
 
 ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
 OBJECTIVES = ("nll", "kd", "ka", *KINDS)
@@ -49,6 +49,7 @@ def transfer_loss(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     num_tokens: int | torch.Tensor | None = None,
+    vocab_size: int | None = None,
     **divergence_options,
 ) -> TransferLoss:
     """Eq. 12 of the paper: ``(1 - lam) * NLL + lam * D``; ``objective="nll"`` gives plain NLL.
@@ -56,7 +57,10 @@ def transfer_loss(
     Args:
         learner_logits: ``[..., V]`` learner logits (receives the gradient).
         teacher_logits: ``[..., V]`` frozen teacher logits; may be None for ``objective="nll"``.
-        labels: ``[...]`` integer reference tokens; ``ignore_index`` marks positions that are not counted.
+        labels: ``[...]`` integer reference tokens, aligned with the logits: ``logits[..., t, :]`` is scored against
+            ``labels[..., t]``; ``ignore_index`` marks positions that are not counted. A Hugging Face causal LM's
+            ``labels`` are *not* aligned (its logits at t predict token t + 1): use ``ktransfer.hf_loss``, or
+            ``ktransfer.shift_causal`` first.
         objective: ``"nll"``, ``"kd"`` (forward_kl), ``"ka"`` (reverse_kl), ``"half"``, or any kind in ``KINDS``.
         lam: weight of the divergence, 0 <= lam <= 1 (ignored for ``nll``).
         top_k, temperature: as in ``ktransfer.divergence``; the temperature applies to the divergence only (NLL is
@@ -64,11 +68,15 @@ def transfer_loss(
         label_smoothing: epsilon of the NLL term, as in ``torch.nn.functional.cross_entropy``.
         num_tokens: global number of counted positions (gradient accumulation, several processes); replaces the
             local count as the denominator of both means.
+        vocab_size: score only the ids ``[0, vocab_size)`` of both logits (``ktransfer.divergences.slice_vocab``),
+            for models whose output layers are padded to different sizes; labels must lie below it.
         **divergence_options: ``support``, ``beta``, ``alpha``, ``renormalize``, ``chunk_size`` of ``divergence``.
 
     Raises:
         ValueError: unknown objective or option, missing teacher, labels of the wrong shape or out of range.
     """
+    _refuse_model_output(learner_logits, teacher_logits)
+    learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
     plan = _plan(tuple(learner_logits.shape), None if teacher_logits is None else tuple(teacher_logits.shape),
                  labels, learner_logits.device, objective=objective, lam=lam, top_k=top_k, temperature=temperature,
                  ignore_index=ignore_index, label_smoothing=label_smoothing, num_tokens=num_tokens,
@@ -79,6 +87,15 @@ def transfer_loss(
     loss, div_sum, nll_sum = _Fused.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale, plan.nll_scale,
                                           "total", plan.chunk_size)
     return plan.result(loss, div_sum, nll_sum)
+
+
+def _refuse_model_output(*xs) -> None:
+    """A Hugging Face ``ModelOutput`` passed where logits belong: point to ``hf_loss`` (which shifts causal labels)."""
+    for x in xs:
+        if x is not None and not isinstance(x, torch.Tensor):
+            hint = " (a Hugging Face model output: use ktransfer.hf_loss(outputs, teacher_outputs, labels, ...), " \
+                "which aligns causal labels)" if hasattr(x, "logits") else ""
+            raise ValueError(f"logits must be tensors, got {type(x).__name__}{hint}")
 
 
 @dataclass
@@ -139,7 +156,7 @@ def _plan(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k
     count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64, device=device)
     inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-12), torch.zeros_like(count))
     N = flat_labels.numel()
-    spec = _Spec(_terms(kind, top_k, opts["support"]) if kind != "nll" else (), top_k, float(temperature),
+    spec = _Spec(_terms(kind, top_k, opts["support"], opts["beta"]) if kind != "nll" else (), top_k, float(temperature),
                  float(opts["beta"]), float(opts["alpha"]), bool(opts["renormalize"]), float(label_smoothing))
     return _Plan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
                  rows=rows, div_scale=(lam * inv).expand(N), nll_scale=((1.0 - lam) * inv).expand(N), count=count,

@@ -1,0 +1,93 @@
+"""ktransfer's losses inside Hugging Face trainers: ``transformers.Trainer`` and TRL's ``GKDTrainer``.
+
+Importing this package imports neither ``transformers.Trainer`` nor TRL; the ready trainers live in submodules that do:
+
+- ``ktransfer.integrations.hf_trainer.TransferTrainer``: a ``transformers.Trainer`` that trains ``model`` on
+  ``(1 - lam) NLL + lam D(p, q)`` with a frozen ``teacher_model``;
+- ``ktransfer.integrations.gkd.TransferGKDTrainer``: TRL's ``GKDTrainer`` (on-policy sampling, ``lmbda``, ``seq_kd``
+  untouched) with its ``generalized_jsd_loss`` replaced by ktransfer's (same value and gradient for every beta, and
+  every other kind, top-k supports and an NLL mix besides).
+
+Both take the loss settings as keyword arguments (``objective``, ``lam``, ``top_k``, ``support``, ``temperature``,
+``beta``, ``alpha``, ``renormalize``, ``label_smoothing``, ``vocab_size``, ``chunk_size``) and compute the loss with
+``TransferLossMixin.compute_loss``, which any other ``Trainer`` subclass can mix in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ktransfer.hf_loss import hf_loss
+from ktransfer.objectives import OBJECTIVES
+
+# Keyword arguments of the trainers that are ktransfer loss settings (the rest go to the trainer).
+TRANSFER_OPTIONS = ("top_k", "support", "temperature", "beta", "alpha", "renormalize", "label_smoothing",
+                    "vocab_size", "chunk_size")
+
+
+def pop_transfer_options(kwargs: dict) -> dict:
+    """Remove the ``TRANSFER_OPTIONS`` keys from ``kwargs`` (in place) and return them as a dict."""
+    return {k: kwargs.pop(k) for k in TRANSFER_OPTIONS if k in kwargs}
+
+
+class TransferLossMixin:
+    """``compute_loss`` for a ``transformers.Trainer`` subclass: ``ktransfer.hf_loss`` of the model and a teacher.
+
+    Put it before the trainer class (``class MyTrainer(TransferLossMixin, Trainer)``) and call ``init_transfer`` at the
+    end of ``__init__``. Per batch it runs the model and, without gradient, the teacher on the same inputs
+    (``transfer_inputs``), then ``hf_loss(outputs, teacher_outputs, inputs["labels"], model=model, ...)``: causal
+    labels are shifted once, ``-100`` is not counted, and the loss is normalised by the trainer's
+    ``num_items_in_batch`` when it passes one (the target tokens of the whole gradient-accumulation step, over all
+    processes with ``average_tokens_across_devices``; the loss is then multiplied by the number of processes, as
+    ``Trainer.compute_loss`` does, since DDP averages gradients), else by this batch's token count.
+    """
+
+    def init_transfer(self, teacher_model, objective: str, lam: float, options: dict) -> None:
+        """Store the loss settings; ``teacher_model`` None keeps ``self.teacher_model`` (set by e.g. GKDTrainer).
+
+        Raises:
+            ValueError: unknown objective, lam outside [0, 1], an unknown option, or no teacher for a divergence.
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        unknown = sorted(set(options) - set(TRANSFER_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown loss option(s) {unknown}; valid: {', '.join(TRANSFER_OPTIONS)}")
+        if teacher_model is not None:
+            teacher_model.requires_grad_(False)
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if objective != "nll" and getattr(self, "teacher_model", None) is None:
+            raise ValueError(f"objective {objective!r} needs a teacher_model")
+        self.transfer_objective, self.transfer_lam, self.transfer_options = objective, lam, dict(options)
+
+    def transfer_inputs(self, model, inputs: dict) -> dict:
+        """The model's forward arguments: ``inputs`` without ``labels``; for a seq2seq model without
+        ``decoder_input_ids``, those made from the labels (``prepare_decoder_input_ids_from_labels``)."""
+        out = {k: v for k, v in inputs.items() if k != "labels"}
+        core = self.accelerator.unwrap_model(model)
+        prepare = getattr(core, "prepare_decoder_input_ids_from_labels", None)
+        if getattr(core.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out:
+            if prepare is None:  # the model shifts its labels itself (and computes a loss we do not use)
+                out["labels"] = inputs["labels"]
+            else:
+                out["decoder_input_ids"] = prepare(labels=inputs["labels"])
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``(1 - lam) NLL + lam D`` on this batch (``TransferLoss.loss``), and the model's outputs if asked."""
+        model_inputs = self.transfer_inputs(model, inputs)
+        outputs = model(**model_inputs)
+        teacher_outputs = None
+        if self.transfer_objective != "nll":
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_outputs = self.teacher_model(**model_inputs)
+        result = hf_loss(outputs, teacher_outputs, inputs["labels"], objective=self.transfer_objective,
+                         lam=self.transfer_lam, model=self.accelerator.unwrap_model(model),
+                         num_items_in_batch=num_items_in_batch, **self.transfer_options)
+        loss = result.loss
+        if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss

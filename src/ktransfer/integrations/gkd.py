@@ -1,0 +1,45 @@
+"""``TransferGKDTrainer``: TRL's ``GKDTrainer`` with ktransfer's divergences in place of ``generalized_jsd_loss``.
+
+Everything of GKD stays (the ChatML collator, on-policy sampling with probability ``lmbda``, ``seq_kd``); only the
+loss changes. With the defaults (``objective="jsd"``, ``beta`` = ``GKDConfig.beta``, ``lam=1``, temperature 1, as
+GKDTrainer's loss is called) the loss equals stock GKD's, β = 0 and β = 1 included; any other kind, a top-k support
+or an NLL mix (``lam < 1``) is one keyword away. ``GKDConfig.temperature`` stays GKD's sampling temperature; pass
+``temperature=`` for the loss's own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ktransfer.integrations import TransferLossMixin, pop_transfer_options
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+try:  # TRL >= 1.0 keeps GKD under trl.experimental
+    from trl.experimental.gkd import GKDTrainer
+except ImportError:  # older TRL
+    from trl import GKDTrainer
+
+
+class TransferGKDTrainer(TransferLossMixin, GKDTrainer):
+    """``GKDTrainer`` whose loss is ``ktransfer.hf_loss`` (student = learner p, teacher = q).
+
+    Args:
+        *args, **kwargs: those of ``GKDTrainer`` (``model``, ``teacher_model``, ``args`` a ``GKDConfig``, ...).
+        objective: ``"jsd"`` (default: GKD's generalized JSD with ``beta = args.beta`` unless ``beta=`` is given),
+            ``"kd"``, ``"ka"``, ``"half"``, any kind of ``ktransfer.KINDS``, or ``"nll"``.
+        lam: weight of the divergence; ``1 - lam`` weighs the NLL of the batch's labels (the reference completion,
+            or the sampled one on on-policy steps). Default 1: divergence only, as GKD.
+        top_k, support, temperature, beta, alpha, renormalize, label_smoothing, vocab_size, chunk_size: as in
+            ``ktransfer.transfer_loss``.
+    """
+
+    def __init__(self, *args, objective: str = "jsd", lam: float = 1.0, **kwargs):
+        options = pop_transfer_options(kwargs)
+        super().__init__(*args, **kwargs)
+        if objective == "jsd":
+            options.setdefault("beta", self.beta)
+        self.init_transfer(None, objective, lam, options)
+
+    def transfer_inputs(self, model, inputs: dict) -> dict:
+        """What GKDTrainer feeds both models: ``input_ids`` and ``attention_mask``."""
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
