@@ -196,11 +196,13 @@ def _from_folder(path: Path, tokenizer, overrides: dict[str, Any]):
         if tokenizer is not None:
             _compare_tokenizers(ckpt.tokenizer, tokenizer, f"checkpoint {path}", "given")
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+        from ktransfer.hub import load_config, load_pretrained
+
+        model_type = load_config(path).model_type
         kw = _dropout_kw(model_type, overrides["dropout"]) if overrides else {}
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+        model = load_pretrained(AutoModelForCausalLM, path, **kw)
         if tokenizer is not None:
             set_generation_config(model, tokenizer)
     if tokenizer is not None:

@@ -187,7 +187,9 @@ def _from_folder(path: Path, tokenizer, overrides: dict[str, Any]):
     elif (path / "config.json").is_file():
         from transformers import AutoModelForSeq2SeqLM
 
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True, **overrides)
+        from ktransfer.hub import load_pretrained
+
+        model = load_pretrained(AutoModelForSeq2SeqLM, path, **overrides)
     else:
         raise ValueError(f"{path} is neither a ktransfer checkpoint (state.json) nor a Hugging Face model folder")
     if tokenizer is not None:
