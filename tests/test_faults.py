@@ -396,3 +396,57 @@ def test_two_trainings_into_one_folder(tmp_path, shared_data):
     assert codes == [0, 1], results
     (winner, *_), (_, _, err) = sorted(results, key=lambda r: r[1])
     assert f"being written by PID {winner}" in err and "Traceback" not in err
+
+
+# --- ten kills at random moments, then resume ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_ten_kills_at_random_moments_then_resume_bit_identical(shared_data, tmp_path):
+    """SIGKILL a training ten times (every third kill inside a save: a temporary folder present), resume each time;
+    the final model and optimizer equal an uninterrupted run's bit for bit (tests/test_train.py kills once)."""
+    import random
+
+    import safetensors.torch
+
+    from ktransfer.config import load_config
+    from ktransfer.train import train
+
+    args = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=300", "data.valid_subset=10",
+            "data.vocab_size=300", "data.max_tokens=200", "model.preset=tiny", "model.dropout=0.3",
+            "eval.max_length=8", "train.num_threads=1", "train.seed=5", "train.epochs=2", "train.save_every=1",
+            "train.log_every=1"]
+    run, rng, kills, step = tmp_path / "killed", random.Random(18), 0, -1
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    while kills < 10:
+        proc = subprocess.Popen([sys.executable, "-m", "ktransfer", "train", *args, f"train.out_dir={run}"],
+                                env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:  # progress past the last kill's step
+            state = _last_state(run)
+            if state is not None and state["step"] > step:
+                break
+            time.sleep(0.005)
+        if kills % 3 == 0:  # inside a save
+            while proc.poll() is None and not list((run / "checkpoints").glob(".last.tmp-*")):
+                pass
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        rc = proc.wait(30)
+        assert rc == -signal.SIGKILL, f"the training ended before kill {kills + 1}: {proc.stderr.read()}"
+        kills += 1
+        step = (_last_state(run) or {"step": step})["step"]
+    done = subprocess.run([sys.executable, "-m", "ktransfer", "train", *args, f"train.out_dir={run}"], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    train(load_config(None, [*args, f"train.out_dir={tmp_path / 'reference'}"]))
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        a = safetensors.torch.load_file(run / "checkpoints/last" / file)
+        b = safetensors.torch.load_file(tmp_path / "reference/checkpoints/last" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def _last_state(run: Path) -> dict | None:
+    try:
+        return json.loads((run / "checkpoints/last/state.json").read_text())["train_state"]
+    except (OSError, ValueError, KeyError):
+        return None
