@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -254,10 +255,23 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         _swap_into_place(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError | safetensors.SafetensorError):  # disk full, read-only, permission: name the path
+            raise write_error(path, e) from e
         raise
     return path
+
+
+def write_error(path: Path, error: BaseException) -> OSError:
+    """An ``OSError`` whose ``filename`` is the checkpoint ``path`` and whose text says why it could not be written
+    (``safetensors`` reports a full disk as ``SafetensorError ... code: 28``)."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"code: (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    reason = os.strerror(code) if code else str(error)
+    return OSError(code, f"cannot write the checkpoint ({reason}); the previous one there is unchanged", str(path))
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -401,7 +415,9 @@ def find_good_checkpoint(run_dir, *, exclude=()) -> Path | None:
 
 
 def _fail(path: Path, problem: str) -> CheckpointError:
-    good = find_good_checkpoint(path.parent, exclude=[path])
+    # only another checkpoint of the same run (RUN/checkpoints/*): a folder beside an arbitrary one is unrelated
+    same_run = path.parent.name == "checkpoints"
+    good = find_good_checkpoint(path.parent, exclude=[path]) if same_run else None
     hint = f"; the checkpoint at {good} is intact: use it instead" if good else "; no other intact checkpoint beside it"
     return CheckpointError(problem + hint)
 

@@ -174,6 +174,8 @@ def read_split(corpus: str | os.PathLike, split: str, src_lang: str, tgt_lang: s
     """
     src_path, tgt_path = split_files(corpus, split, src_lang, tgt_lang)
     for path in (src_path, tgt_path):
+        if path.is_dir():
+            raise CorpusError(f"{path}: is a folder, not a text file (split {split!r} needs a file there)")
         if not path.is_file():
             raise CorpusError(
                 f"{path}: no such file: split {split!r} of corpus {path.parent} lacks its {path.suffix[1:]!r} side "
@@ -189,6 +191,17 @@ def read_split(corpus: str | os.PathLike, split: str, src_lang: str, tgt_lang: s
     if not src:
         raise CorpusError(f"{src_path} and {tgt_path}: split {split!r} is empty (0 lines)")
     return list(zip(src, tgt, strict=True))
+
+
+def require_nonempty_pairs(pairs: Sequence[tuple[str, str]], corpus, split: str, src_lang: str,
+                           tgt_lang: str) -> None:
+    """Raise CorpusError when no pair of ``split`` has both sides non-empty (e.g. every target line is empty)."""
+    if pairs and not any(s and t for s, t in pairs):
+        src_path, tgt_path = split_files(corpus, split, src_lang, tgt_lang)
+        empty = [str(p) for p, side in ((src_path, 0), (tgt_path, 1)) if not any(pair[side] for pair in pairs)]
+        detail = f"{' and '.join(empty)}: only empty lines" if empty else "each pair has one side empty"
+        raise CorpusError(f"split {split!r}: every pair has an empty side ({detail}; {len(pairs)} pairs read): "
+                          "nothing to train on")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,10 +266,18 @@ def check_corpus(
         splits = [s for s, ls in layout.items() if src_lang in ls or tgt_lang in ls]
         if not splits:
             raise CorpusError(f"{folder}: no {src_lang}/{tgt_lang} files (files there: {describe_layout(folder)})")
-    stats, errors = [], {}
+        errors = {}
+        if "train" not in splits:  # a corpus to train on needs one
+            errors["train"] = (f"no train split: {folder} lacks train.{src_lang} and train.{tgt_lang} (files there: "
+                               f"{describe_layout(folder)})")
+    else:
+        errors = {}
+    stats = []
     for split in sorted(splits, key=_split_order):
         try:
-            stats.append(split_stats(split, read_split(folder, split, src_lang, tgt_lang)))
+            pairs = read_split(folder, split, src_lang, tgt_lang)
+            stats.append(split_stats(split, pairs))
+            require_nonempty_pairs(pairs, folder, split, src_lang, tgt_lang)
         except CorpusError as e:
             errors[split] = str(e)
     return folder, src_lang, tgt_lang, stats, errors

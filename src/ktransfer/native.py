@@ -7,17 +7,27 @@ or float16 (one dtype for both models); float64, mixed dtypes and CUDA tensors t
 reference the kernel is tested against (``tests/test_native.py``).
 
 Building needs a C++ compiler (and ninja, which the ``ninja`` Python package provides); it takes a few tens of seconds
-once, then the library is cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) and reloaded in well under a second. If the build fails, one warning is logged and the
-Python path is used from then on. ``KTRANSFER_NATIVE=0`` in the environment, or ``use_native(False)``, switches the
-kernel off.
+once, then the library is cached in ``build_folder()``: ``ktransfer_divergence_cpu_<isa>-<tag>`` in torch's extension
+folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where ``<tag>`` hashes the Python
+environment (``sys.prefix``, Python and torch versions): two virtualenvs build into two folders and never race. It is
+reloaded in well under a second. ``ktransfer build-kernel`` builds it ahead of time.
+
+A build holds an ``fcntl.flock`` on ``build.flock`` in that folder, which the OS releases when its holder dies (even by
+SIGKILL): a second process (another torchrun rank, another run) waits for it at most ``KTRANSFER_BUILD_WAIT`` seconds
+(default 600) with a message, then loads the built library. Under that lock, torch's own ``lock`` file, left behind
+by a builder killed mid-build, is removed (left alone it makes every later build wait forever). If the build fails or
+the wait runs out, one warning is logged and the Python path is used from then on. ``KTRANSFER_NATIVE=0`` in the
+environment, or ``use_native(False)``, switches the kernel off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +41,7 @@ _ARCH_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 KIND_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
+LOCK_FILE = "build.flock"
 _STATE = {"enabled": os.environ.get("KTRANSFER_NATIVE", "1") != "0", "module": None, "failed": False}
 
 
@@ -65,6 +76,65 @@ def _ninja_on_path() -> None:
             pass
 
 
+def build_folder(cap_name: str | None = None) -> Path:
+    """Where the kernel for this Python environment is built and cached (see the module docstring)."""
+    from torch.utils import cpp_extension
+
+    if cap_name is None:
+        cap_name = capability() if capability() in _ARCH_FLAGS else "DEFAULT"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    env = f"{sys.prefix}|{sys.version}|{torch.__version__}|{SOURCE}"
+    tag = hashlib.sha256(env.encode()).hexdigest()[:10]
+    return Path(root) / f"ktransfer_divergence_cpu_{cap_name.lower()}-{tag}"
+
+
+def _wait_seconds() -> float:
+    try:
+        return float(os.environ.get("KTRANSFER_BUILD_WAIT", "600"))
+    except ValueError:
+        raise ValueError(f"KTRANSFER_BUILD_WAIT must be a number of seconds, got "
+                         f"{os.environ['KTRANSFER_BUILD_WAIT']!r}") from None
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, wait_s: float | None = None):
+    """Hold an exclusive ``flock`` on ``folder/build.flock`` (released by the OS if this process dies).
+
+    Waits at most ``wait_s`` seconds (default ``KTRANSFER_BUILD_WAIT`` or 600) for another holder, saying so once;
+    then removes torch's ``lock`` file, which only a dead builder can have left.
+
+    Raises:
+        TimeoutError: another process held the lock longer than ``wait_s``.
+    """
+    wait_s = _wait_seconds() if wait_s is None else wait_s
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (torch's own baton only)
+        yield
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process has been building the kernel in {folder} for more than "
+                                       f"{wait_s:.0f} s (KTRANSFER_BUILD_WAIT)") from None
+                if not told:
+                    _log.warning("ktransfer.native: waiting (at most %.0f s) for another process building "
+                                 "ktransfer's CPU kernel in %s", wait_s, folder)
+                    told = True
+                time.sleep(0.2)
+        (folder / "lock").unlink(missing_ok=True)  # torch's baton: its owner is dead, since we hold the flock
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def kernel():
     """The compiled module (with ``sweep``), building it on first call; None when switched off or unbuildable."""
     if not native_enabled():
@@ -75,19 +145,20 @@ def kernel():
     arch = _ARCH_FLAGS.get(cap, [])
     cap_name = cap if arch else "DEFAULT"
     defines = [f"-DCPU_CAPABILITY={cap_name}", f"-DCPU_CAPABILITY_{cap_name}"]
+    name = f"ktransfer_divergence_cpu_{cap_name.lower()}"
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
 
         _ninja_on_path()
-        module = cpp_extension.load(
-            name=f"ktransfer_divergence_cpu_{cap_name.lower()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *arch, *defines],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, unsupported platform: the Python path still works
+        folder = build_folder(cap_name)
+        with build_lock(folder):
+            if not (folder / f"{name}.so").exists():
+                _log.warning("ktransfer.native: building ktransfer's CPU kernel in %s, ~45 s, once", folder)
+            module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                                        extra_cflags=["-O3", "-fopenmp", *arch, *defines],
+                                        extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, unsupported platform, a wait that ran out: the Python path
         _STATE["failed"] = True
         lines = str(exc).strip().splitlines() or [""]
         first_error = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
+_log = logging.getLogger(__name__)
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2 in a tokenizer of train_tokenizer
 METASPACE = "\u2581"  # ▁
@@ -280,5 +283,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_frequency
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    limited = WordLimiter(texts)
+    tok.train_from_iterator(limited, trainer=trainer)
+    if limited.cut:
+        _log.warning("tokenizer training: %d word(s) longer than %d characters cut into pieces (BPE time grows "
+                     "with the square of a word's length)", limited.cut, limited.max_chars)
     return from_rust(tok)
+
+
+class WordLimiter:
+    """Iterate over ``texts`` with every whitespace-free run longer than ``max_chars`` cut into pieces of at most
+    ``max_chars`` (spaces between them), so that BPE training stays linear in the input; ``cut`` counts such runs.
+
+    1000 characters keeps whole sentences of scripts without spaces (Thai); a 1 MB line without a space would
+    otherwise not finish training in minutes.
+    """
+
+    def __init__(self, texts: Iterable[str], max_chars: int = 1000):
+        if not isinstance(max_chars, int) or max_chars < 1:
+            raise ValueError(f"max_chars must be a positive integer, got {max_chars!r}")
+        self.texts, self.max_chars, self.cut = texts, max_chars, 0
+        self._long = re.compile(rf"\S{{{max_chars + 1},}}")
+
+    def _split(self, match: re.Match) -> str:
+        self.cut += 1
+        word, n = match.group(0), self.max_chars
+        return " ".join(word[i:i + n] for i in range(0, len(word), n))
+
+    def __iter__(self):
+        for text in self.texts:
+            yield self._long.sub(self._split, text) if len(text) > self.max_chars else text

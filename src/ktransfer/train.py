@@ -47,9 +47,9 @@ import numpy as np
 import torch
 
 from ktransfer import checkpoint as ckpt_lib
-from ktransfer import distributed, models
+from ktransfer import distributed, models, runlock
 from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
-from ktransfer.data import CorpusError, TokenBatchSampler, read_split, resolve_corpus
+from ktransfer.data import CorpusError, TokenBatchSampler, read_split, require_nonempty_pairs, resolve_corpus
 from ktransfer.objectives import TransferLoss, transfer_loss
 from ktransfer.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
 
@@ -141,6 +141,8 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     device = _device(cfg.train.device)
     main = distributed.is_main()  # rank 0 alone writes into the run folder
     out_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # one writer per run folder (released by train(), or by the OS when this process dies)
+        runlock.acquire(out_dir)
     log = RunLog(out_dir / "train.log", enabled=main)
     resumed, state = _train_state(cfg, resume_from, log)
     if main:
@@ -283,6 +285,7 @@ def _read_data(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, s
     except CorpusError as e:
         raise ConfigError(f"data.corpus: {e}", key="data.corpus") from None
     train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
     valid_pairs = read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
     return train_pairs, valid_pairs
 
@@ -420,6 +423,7 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
             with _stop_on_signals(run):
                 _train_loop(run)
         finally:
+            runlock.release(run.out_dir)
             if run.writer is not None:
                 run.writer.close()
     s = run.state
@@ -756,6 +760,15 @@ class _Throughput:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path``; an OSError (disk full, ...) names the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 class RunLog:
     """The human-readable ``train.log`` (timestamped lines, appended) mirrored to stderr; callable with a message.
     Not ``enabled`` (ranks other than 0): says nothing."""
@@ -769,8 +782,7 @@ class RunLog:
         if not self.enabled:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_text(self.path, line + "\n")
         tqdm.write(line, file=sys.stderr)
 
 
@@ -802,8 +814,7 @@ class MetricsFile:
         if record["kind"] == "valid":
             self.last_valid = record
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
         self.lines += 1
         s.metrics_lines = self.lines
         if run.writer is not None:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("ktransfer.cli.reproduce", "the paper's experiment as resumable stages, with analyses and report"),
     "report": ("ktransfer.cli.report", "rebuild the report (tables, figures) of a `reproduce` run folder"),
     "distill-data": ("ktransfer.cli.distill_data", "sequence-level KD data: the teacher's translations of a split"),
+    "build-kernel": ("ktransfer.cli.build_kernel", "build the C++ CPU kernel ahead of the first run (optional)"),
 }
 
 DESCRIPTION = """\
@@ -38,6 +39,22 @@ Run `ktransfer COMMAND --help` for the options of one command.
 """
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser that takes options anywhere among its positional items (``train A=1 --save-every 1
+    B=2``), through argparse's intermixed parsing; one with sub-commands of its own (``data``) parses as usual."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s module is imported to declare its options."""
     parser = argparse.ArgumentParser(
@@ -46,7 +63,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from ktransfer import __version__
 
     parser.add_argument("--version", action="version", version=f"ktransfer {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ktransfer.checkpoint import CheckpointError
     from ktransfer.data import CorpusError
     from ktransfer.distributed import launch_rank
+    from ktransfer.runlock import RunFolderBusy
     from ktransfer.train import NonFiniteLossError, train
 
     try:
@@ -73,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ktransfer train: config error: {e}", file=sys.stderr)
         return 2
-    except (CorpusError, CheckpointError, NonFiniteLossError) as e:
+    except (CorpusError, CheckpointError, NonFiniteLossError, RunFolderBusy) as e:
         print(f"ktransfer train: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only folder, permission: one line naming the path
+        where = e.filename or "a file of the run folder"
+        print(f"ktransfer train: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     stopped = result["stopped"] or ""
     if stopped.startswith("signal:"):

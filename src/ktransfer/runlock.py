@@ -1,0 +1,80 @@
+"""One writer per run folder: ``RUN/.lock`` holds an ``fcntl.flock`` and the PID of the process writing the folder.
+
+The OS releases the lock when its holder exits or dies (even by SIGKILL), so a killed run never blocks the next one;
+a second process that tries to write the same folder gets ``RunFolderBusy`` naming the PID holding it. Under torchrun,
+rank 0 (the one that writes) holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+_HELD: dict[Path, int] = {}  # resolved folder -> fd of its lock file, in this process
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process is writing the run folder."""
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text(encoding="utf-8").strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "another process"
+
+
+def acquire(folder) -> None:
+    """Lock ``folder`` (created if missing) for this process; a no-op when this process holds it already.
+
+    Raises:
+        RunFolderBusy: another process holds it (the message names its PID).
+        OSError: the folder or its lock file cannot be created.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _HELD:
+        return
+    lock = folder / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusy(f"{folder} is being written by {_holder(lock)} (it holds {lock}); wait for it to "
+                                "finish, stop it, or choose another train.out_dir") from None
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file as we opened it: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+
+
+def release(folder) -> None:
+    """Give up this process's lock on ``folder`` (a no-op if it holds none)."""
+    fd = _HELD.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def held(folder, *, enabled: bool = True):
+    """``acquire(folder)`` for the duration of the block (``enabled=False``: nothing, e.g. ranks other than 0)."""
+    if not enabled:
+        yield
+        return
+    acquired = Path(folder).resolve() not in _HELD
+    acquire(folder)
+    try:
+        yield
+    finally:
+        if acquired:
+            release(folder)
