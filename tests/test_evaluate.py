@@ -38,7 +38,7 @@ def random_model(small_tokenizer):
     model = build_model("tiny", small_tokenizer)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() > 1:
+            if p.dim() > 1 and p.requires_grad:  # not the sinusoidal tables (never saved: transformers makes them)
                 p.normal_(0.0, 0.3)
     return model
 
@@ -219,7 +219,7 @@ def test_evaluate_cli(checkpoint, multi30k_test, tmp_path, capsys):
     assert (tmp_path / "o" / "scores.t.json").is_file()
 
     assert main(["evaluate", str(tmp_path / "missing"), "--src", "x", "--ref", "y"]) == 1
-    assert f"checkpoint not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+    assert f"no such model folder: {tmp_path / 'missing'}" in capsys.readouterr().err
 
 
 def test_translate_cli_stdin_to_stdout(checkpoint, random_model, small_tokenizer, multi30k_test):

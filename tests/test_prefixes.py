@@ -180,7 +180,8 @@ def test_gradient_is_that_of_the_divergence_on_fixed_samples(teacher, shared_dat
     expected.backward()
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-4)
     assert float(out.nll) == pytest.approx(float(nll), rel=1e-4)
-    assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4) and float(kl) > 0
+    # float32 logits from a stacked, padded forward vs separate ones: equal up to about 1e-8 per token
+    assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4, abs=1e-7) and float(kl) > 0
     assert got.keys() == {n for n, p in run.model.named_parameters() if p.grad is not None}
     for name, p in run.model.named_parameters():
         if p.grad is not None:
@@ -222,14 +223,14 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, monkeypatch):
     """2 steps, stop, resume to 4 steps: the weights of 4 uninterrupted steps (samples depend on (seed, step,
     batch) only, and the dropout stream is not moved by sampling)."""
-    import ktransfer.prefixes as prefixes
+    from ktransfer.seq2seq import Seq2SeqFamily
 
     extra = ("objective.prefix=mixed", "objective.on_policy_fraction=0.5", "model.dropout=0.1",
              "objective.sample_max_length=12")
     train(learner_config(shared_data, tmp_path / "resumed", teacher, *extra, "train.max_steps=2"))
     train(learner_config(shared_data, tmp_path / "resumed", teacher, *extra, "train.max_steps=4"))
-    real, sampled = prefixes.on_policy_batch, []
-    monkeypatch.setattr(prefixes, "on_policy_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    real, sampled = Seq2SeqFamily.on_policy_batch, []
+    monkeypatch.setattr(Seq2SeqFamily, "on_policy_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
     train(learner_config(shared_data, tmp_path / "straight", teacher, *extra, "train.max_steps=4"))
     assert 0 < len(sampled) < 4  # both prefix sources were used
     a, b = weights(tmp_path / "resumed/checkpoints/last"), weights(tmp_path / "straight/checkpoints/last")
@@ -266,4 +267,5 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     nll = torch.nn.functional.cross_entropy(ref.double().flatten(0, 1), batch["labels"].flatten())
     kl = _kl(tea, smp, sampled["labels"] != -100)
     assert float(out.loss) == pytest.approx(float((1 - lam) * nll + lam * kl), rel=1e-4)
-    assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4) and float(kl) > 0
+    # float32 logits from a stacked, padded forward vs separate ones: equal up to about 1e-8 per token
+    assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4, abs=1e-7) and float(kl) > 0

@@ -124,7 +124,7 @@ def test_cli(teacher, tmp_path, capsys):
     assert manifest["lines"] == 6 and manifest["decode"]["beam"] == 1
     assert len(read_lines(out / "train.en")) == 6
     assert main(["distill-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "no such model folder" in capsys.readouterr().err
 
 
 def test_a_causal_teacher_gives_seq_kd_data_for_its_learner(shared_data, tmp_path):
