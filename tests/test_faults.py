@@ -92,10 +92,10 @@ def test_pickle_only_folder_is_refused_unread(tmp_path, monkeypatch):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     calls = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
-    from ktransfer.causal import build_causal_model
+    from ktransfer.models import load_model
 
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*safe_serialization=True"):
-        build_causal_model(folder, None)
+        load_model(folder)
     assert calls == []
 
 
@@ -237,7 +237,7 @@ def test_a_200k_character_word_is_cut_before_bpe(shared_data, caplog):
     with caplog.at_level(logging.WARNING, logger="ktransfer.tokenizer"):
         tok = train_tokenizer([*lines, word], vocab_size=2000)  # quadratic in 200k without the cut: minutes
     assert "1 word(s) longer than 1000 characters cut" in caplog.text
-    assert max(map(len, json.loads(tok.to_json())["model"]["vocab"])) <= 1001  # "▁" + at most 1000 characters
+    assert max(map(len, tok.vocab())) <= 1001  # "▁" + at most 1000 characters
     assert tok.decode(tok.encode(lines[5])) == lines[5]
 
 
@@ -284,7 +284,7 @@ def test_the_fallback_hint_names_only_a_checkpoint_of_the_same_run(tmp_path):
     tiny_checkpoint(tmp_path / "run/checkpoints/best")
     for broken in (tmp_path / "broken", tmp_path / "run/checkpoints/last"):
         broken.mkdir(parents=True)
-        (broken / "state.json").write_text("{")
+        (broken / "training_state.json").write_text("{")
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "broken")
     assert "unrelated" not in str(info.value) and "no other intact checkpoint" in str(info.value)
@@ -447,6 +447,6 @@ def test_ten_kills_at_random_moments_then_resume_bit_identical(shared_data, tmp_
 
 def _last_state(run: Path) -> dict | None:
     try:
-        return json.loads((run / "checkpoints/last/state.json").read_text())["train_state"]
+        return json.loads((run / "checkpoints/last/training_state.json").read_text())["train_state"]
     except (OSError, ValueError, KeyError):
         return None

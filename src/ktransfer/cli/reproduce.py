@@ -32,7 +32,7 @@ and each stage's train.log. The report is RUN/report.md (rebuild it with `ktrans
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("items", nargs=argparse.REMAINDER, metavar="PRESET [KEY=VALUE ...]",
+    parser.add_argument("items", nargs="*", metavar="PRESET [KEY=VALUE ...]",
                         help="smoke, multi30k-cpu, wmt-news-cpu, paper-deen or paper-then, then overrides (below)")
     parser.add_argument("--out", "-o", default=None, metavar="RUN", help="run folder (default: runs/reproduce-PRESET)")
     parser.add_argument("--list", action="store_true", help="list the presets with their settings and exit")
