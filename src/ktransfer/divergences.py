@@ -73,7 +73,7 @@ _COMPILE = {"enabled": False, "fn": None, "failed": False}
 
 
 @dataclass(frozen=True)
-class _Term:
+class Term:
     """One summand of a divergence: ``weight * sum_{y in S} f_kind(p_y, q_y)``; support None = all of V."""
 
     kind: str
@@ -82,8 +82,11 @@ class _Term:
 
 
 @dataclass(frozen=True)
-class _Spec:
-    terms: tuple[_Term, ...]
+class SweepSpec:
+    """Everything one sweep over a chunk of rows needs: the divergence's terms and the options that change a value
+    (shared by ``divergence``, ``objectives.transfer_loss`` and the fused head)."""
+
+    terms: tuple[Term, ...]
     top_k: int | None
     temperature: float
     beta: float
@@ -92,7 +95,8 @@ class _Spec:
     label_smoothing: float = 0.0
 
 
-def _check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, alpha, reduction, chunk_size):
+def check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, alpha, reduction, chunk_size):
+    """Raise ``ValueError`` naming the first option of ``divergence`` that is out of range or inconsistent."""
     if kind not in KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if len(shape_l) == 0:
@@ -162,9 +166,10 @@ def slice_vocab(learner_logits: torch.Tensor, teacher_logits: torch.Tensor | Non
     return cut(learner_logits), cut(teacher_logits)
 
 
-def _terms(kind: str, top_k: int | None, support: str | None, beta: float = 0.5) -> tuple[_Term, ...]:
+def terms_of(kind: str, top_k: int | None, support: str | None, beta: float = 0.5) -> tuple[Term, ...]:
+    """The summands of divergence ``kind`` (``half`` has two; jsd at beta 0 or 1 is a KL), each with its support."""
     def one(k, weight, default_of=None):
-        return _Term(k, None if top_k is None else (support or DEFAULT_SUPPORT[default_of or k]), weight)
+        return Term(k, None if top_k is None else (support or DEFAULT_SUPPORT[default_of or k]), weight)
 
     if kind == "jsd" and beta in JSD_END_POINTS:  # TRL's end points; the top-k support stays jsd's (union)
         return (one(JSD_END_POINTS[beta], 1.0, default_of="jsd"),)
@@ -207,7 +212,7 @@ def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float,
         d = p - q
         f = 0.5 * d.abs()
         w = 0.5 * p * d.sign()
-    else:  # pragma: no cover - guarded by _check_options
+    else:  # pragma: no cover - guarded by check_options
         raise ValueError(kind)
     return f, w
 
@@ -225,7 +230,7 @@ def _support_index(s: torch.Tensor, t: torch.Tensor, support: str, k: int):
     return torch.cat([ip, iq], dim=-1), valid
 
 
-def _compute_dtype(z, u):
+def compute_dtype(z, u):
     """float64 when either input is float64, else float32 (bf16/fp16 inputs are computed in float32)."""
     return torch.float64 if torch.float64 in (z.dtype, getattr(u, "dtype", None)) else torch.float32
 
@@ -277,7 +282,7 @@ def _full_kl(kind, s, t, p, lse_s, q, lse_t, weight, values, grad, coef, need_gr
     return grad
 
 
-def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool):
+def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: bool):
     """Value, NLL and gradient of one chunk of rows.
 
     Args:
@@ -287,7 +292,7 @@ def _sweep_chunk(z, u, labels, spec: _Spec, div_coef, nll_coef, need_grad: bool)
         values ``[c]`` (divergence per row, None without teacher), nll ``[c]`` or None, grad ``[c, V]`` or None,
         and a ``[c]`` bool tensor marking rows with no finite logit.
     """
-    cdt = _compute_dtype(z, u)
+    cdt = compute_dtype(z, u)
     T = spec.temperature
     z = z.to(cdt)
     s = z if T == 1 else z / T
@@ -430,7 +435,7 @@ def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
     return (values if u is not None else None), (nll if labels is not None else None), bad
 
 
-def _run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
+def run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
     """``_sweep_chunk`` through the compiled CPU kernel where it applies, else the compiled graph when
     ``use_compile(True)`` is on, else eagerly. The gradient comes back in the compute dtype."""
     mod = _native_module(z, u)
@@ -466,7 +471,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         values, nll, bad = _native_sweep(mod, z2, u2, labels, rows, spec, div_scale, nll_scale, grad)
         _raise_on_bad_rows(bad, rows)
         return values, nll, grad
-    cdt = _compute_dtype(z2, u2)
+    cdt = compute_dtype(z2, u2)
     n_sel = N if rows is None else rows.numel()
     per_chunk = CHUNK_ELEMENTS if z2.device.type == "cpu" else CHUNK_ELEMENTS_CUDA
     chunk = chunk_size or max(1, per_chunk // V)
@@ -488,7 +493,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         lc = labels[sel] if labels is not None else None
         dc = div_scale[sel].to(cdt).unsqueeze(-1) if need_grad else None
         nc = nll_scale[sel].to(cdt).unsqueeze(-1) if (need_grad and labels is not None) else None
-        v, n, g, bad = _run_chunk(zc, uc, lc, spec, dc, nc, need_grad)
+        v, n, g, bad = run_chunk(zc, uc, lc, spec, dc, nc, need_grad)
         if v is not None:
             values[sel] = v
         if n is not None:
@@ -512,7 +517,7 @@ def _raise_on_bad_rows(bad, rows):
         )
 
 
-class _Fused(torch.autograd.Function):
+class FusedSweep(torch.autograd.Function):
     """Value in forward, gradient computed in the same sweep; backward only scales it by grad_output."""
 
     @staticmethod
@@ -612,18 +617,18 @@ def divergence(
     if not isinstance(learner_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise ValueError("learner_logits and teacher_logits must be tensors")
     learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
-    _check_options(kind, tuple(learner_logits.shape), tuple(teacher_logits.shape), top_k, support, temperature, beta,
+    check_options(kind, tuple(learner_logits.shape), tuple(teacher_logits.shape), top_k, support, temperature, beta,
                    alpha, reduction, chunk_size)
-    spec = _Spec(_terms(kind, top_k, support, beta), top_k, float(temperature), float(beta), float(alpha),
+    spec = SweepSpec(terms_of(kind, top_k, support, beta), top_k, float(temperature), float(beta), float(alpha),
                  bool(renormalize))
     z2, u2, rows = _flatten(learner_logits, teacher_logits, mask)
     N = z2.shape[0]
     n_sel = N if rows is None else rows.numel()
     if reduction == "none":
         scale = z2.new_ones(N, dtype=torch.float32)
-        values, _, _ = _Fused.apply(z2, u2, None, rows, spec, scale, None, "rows", chunk_size)
+        values, _, _ = FusedSweep.apply(z2, u2, None, rows, spec, scale, None, "rows", chunk_size)
         return values.reshape(learner_logits.shape[:-1])
     per_row = 1.0 / n_sel if (reduction == "mean" and n_sel > 0) else 1.0
     scale = torch.full((N,), per_row, dtype=torch.float64, device=z2.device)
-    loss, _, _ = _Fused.apply(z2, u2, None, rows, spec, scale, None, "total", chunk_size)
+    loss, _, _ = FusedSweep.apply(z2, u2, None, rows, spec, scale, None, "total", chunk_size)
     return loss

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, _compute_dtype, _run_chunk, check_vocab_size
-from ktransfer.objectives import TransferLoss, _plan
+from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, check_vocab_size, compute_dtype, run_chunk
+from ktransfer.objectives import TransferLoss, plan_loss
 
 # Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
 # gradient, reading and writing all of it, so few rows per chunk make that traffic dominate: at N = 4096, H = 512,
@@ -45,7 +45,7 @@ class _FusedLinear(torch.autograd.Function):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_W or need_b
         N = h.shape[0]
-        cdt = _compute_dtype(h, ht)
+        cdt = compute_dtype(h, ht)
         rows = plan.rows
         n_sel = N if rows is None else rows.numel()
         grad_h = torch.zeros_like(h) if need_h else None
@@ -61,7 +61,7 @@ class _FusedLinear(torch.autograd.Function):
             u = F.linear(ht[sel], Wt, bt) if plan.spec.terms else None
             dc = plan.div_scale[sel].to(cdt).unsqueeze(-1)
             nc = plan.nll_scale[sel].to(cdt).unsqueeze(-1)
-            v, n, g, bad = _run_chunk(z, u, plan.labels[sel], plan.spec, dc, nc, need)
+            v, n, g, bad = run_chunk(z, u, plan.labels[sel], plan.spec, dc, nc, need)
             if bool(bad.any()):
                 raise ValueError("a position has no finite logit in the learner or the teacher (all -inf)")
             if v is not None:
@@ -156,10 +156,10 @@ def fused_linear_divergence(
         if lam != 1.0:
             raise ValueError(f"lam={lam} < 1 mixes in an NLL term, which needs labels")
         labels = torch.zeros(lead, dtype=torch.long, device=learner_hidden.device)
-    plan = _plan((*lead, V), None if Wt is None else (*lead, Wt.shape[0]), labels, learner_hidden.device,
-                 objective=kind, lam=lam, top_k=top_k, temperature=temperature, ignore_index=ignore_index,
-                 label_smoothing=label_smoothing, num_tokens=num_tokens,
-                 divergence_options={**divergence_options, "chunk_size": chunk_size})
+    plan = plan_loss((*lead, V), None if Wt is None else (*lead, Wt.shape[0]), labels, learner_hidden.device,
+                     objective=kind, lam=lam, top_k=top_k, temperature=temperature, ignore_index=ignore_index,
+                     label_smoothing=label_smoothing, num_tokens=num_tokens,
+                     divergence_options={**divergence_options, "chunk_size": chunk_size})
     if chunk_size is None:
         chunk_size = max(MIN_CHUNK_ROWS_CPU, CHUNK_ELEMENTS_CPU // V) if learner_hidden.device.type == "cpu" else \
             max(1, CHUNK_ELEMENTS_CUDA // V)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.divergences import KINDS, _check_options, _Fused, _Spec, _terms, slice_vocab
+from ktransfer.divergences import KINDS, FusedSweep, SweepSpec, check_options, slice_vocab, terms_of
 
 ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
 OBJECTIVES = ("nll", "kd", "ka", *KINDS)
@@ -77,14 +77,14 @@ def transfer_loss(
     """
     _refuse_model_output(learner_logits, teacher_logits)
     learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
-    plan = _plan(tuple(learner_logits.shape), None if teacher_logits is None else tuple(teacher_logits.shape),
+    plan = plan_loss(tuple(learner_logits.shape), None if teacher_logits is None else tuple(teacher_logits.shape),
                  labels, learner_logits.device, objective=objective, lam=lam, top_k=top_k, temperature=temperature,
                  ignore_index=ignore_index, label_smoothing=label_smoothing, num_tokens=num_tokens,
                  divergence_options=divergence_options)
     V = learner_logits.shape[-1]
     z2 = learner_logits.reshape(-1, V)
     u2 = teacher_logits.detach().reshape(-1, V) if plan.spec.terms else None
-    loss, div_sum, nll_sum = _Fused.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale, plan.nll_scale,
+    loss, div_sum, nll_sum = FusedSweep.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale, plan.nll_scale,
                                           "total", plan.chunk_size)
     return plan.result(loss, div_sum, nll_sum)
 
@@ -99,10 +99,10 @@ def _refuse_model_output(*xs) -> None:
 
 
 @dataclass
-class _Plan:
+class LossPlan:
     """Everything a fused sweep needs, validated: flat labels ``[N]``, selected rows, per-row gradient scales."""
 
-    spec: _Spec
+    spec: SweepSpec
     labels: torch.Tensor
     rows: torch.Tensor | None
     div_scale: torch.Tensor
@@ -116,8 +116,8 @@ class _Plan:
                             divergence=(div_sum * self.inv).to(loss.dtype), num_tokens=self.count)
 
 
-def _plan(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k, temperature, ignore_index,
-          label_smoothing, num_tokens, divergence_options) -> _Plan:
+def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k, temperature, ignore_index,
+              label_smoothing, num_tokens, divergence_options) -> LossPlan:
     """Validate the arguments of Eq. 12 and work out the rows and scales; shared by the fused linear path."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
@@ -141,7 +141,7 @@ def _plan(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k
         lam = 0.0
     elif teacher_shape is None:
         raise ValueError(f"objective {objective!r} needs teacher_logits (only 'nll' trains without a teacher)")
-    _check_options("forward_kl" if kind == "nll" else kind, tuple(learner_shape),
+    check_options("forward_kl" if kind == "nll" else kind, tuple(learner_shape),
                    tuple(learner_shape) if kind == "nll" else tuple(teacher_shape),
                    top_k, opts["support"], temperature, opts["beta"], opts["alpha"], "mean", opts["chunk_size"])
 
@@ -156,8 +156,9 @@ def _plan(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k
     count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64, device=device)
     inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-12), torch.zeros_like(count))
     N = flat_labels.numel()
-    spec = _Spec(_terms(kind, top_k, opts["support"], opts["beta"]) if kind != "nll" else (), top_k, float(temperature),
-                 float(opts["beta"]), float(opts["alpha"]), bool(opts["renormalize"]), float(label_smoothing))
-    return _Plan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
+    terms = terms_of(kind, top_k, opts["support"], opts["beta"]) if kind != "nll" else ()
+    spec = SweepSpec(terms, top_k, float(temperature), float(opts["beta"]), float(opts["alpha"]),
+                     bool(opts["renormalize"]), float(label_smoothing))
+    return LossPlan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
                  rows=rows, div_scale=(lam * inv).expand(N), nll_scale=((1.0 - lam) * inv).expand(N), count=count,
                  inv=inv, chunk_size=opts["chunk_size"])

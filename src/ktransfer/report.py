@@ -49,7 +49,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def build_results(run_dir: str | os.PathLike) -> dict:
     """Everything the report shows, from the files of ``run_dir``; written to ``RUN/results.json``."""
     from ktransfer.analysis import collect
-    from ktransfer.reproduce import Options, model_names, prefix_seeds, sweep_names
+    from ktransfer.experiment import Options, model_names, prefix_seeds, sweep_names
     from ktransfer.tokenizer import Tokenizer
 
     run = Path(run_dir)

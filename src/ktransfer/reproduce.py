@@ -57,29 +57,14 @@ from typing import Any
 
 from ktransfer import distributed
 from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
-
-STAGE_KINDS = ("bpe", "teacher", "learner", "analysis0", "finetune", "sweep", "eval", "significance")
-TRAIN_STAGES = ("teacher", "learner", "finetune", "sweep")
-PREFIX_SOURCES = ("learner", "mixed", "teacher")  # option prefixes: objective.prefix=learner|mixed, or seq-KD data
-
-
-@dataclass
-class Options:
-    """Settings of the experiment (not of one training run); ``key=value`` overrides set them too."""
-
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    objectives: list[str] = field(default_factory=lambda: ["kd", "ka", "half"])
-    control: bool = True  # also fine-tune with nll alone, for the same epochs
-    sweep: str = "none"  # "topk": KD and KA with each of topk_values (Fig. 4a)
-    topk_values: list[int | None] = field(default_factory=lambda: [2, 4, 8, 16, None])  # None = |V|
-    analysis_sample: int = 2000  # training pairs of the Sec. 5 analyses
-    table_sentences: int = 3  # sentences of the sample whose top-10 tokens are kept (Table 3)
-    test_limit: int | None = None  # only the first N test sentences
-    bootstrap: int = 1000  # paired bootstrap resamples
-    stop_after: str | None = None  # a stage kind: stop once its stages are done
-    prefixes: list[str] = field(default_factory=list)  # extra prefix sources: learner, mixed, teacher (seq-KD)
-    prefix_objectives: list[str] = field(default_factory=lambda: ["kd", "ka"])  # objectives run with each
-    prefix_seeds: list[int] | None = None  # None = seeds
+from ktransfer.experiment import (
+    PREFIX_SOURCES,
+    STAGE_KINDS,
+    TRAIN_STAGES,
+    Options,
+    model_names,
+    prefix_runs,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,30 +377,6 @@ def _train(cfg: RunConfig, **kwargs) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------------------------
-def model_names(opts: Options) -> list[str]:
-    """Every model evaluated on the test split: teacher, learner, then finetune/OBJ/seedS (nll = the control)."""
-    objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
-    return ["teacher", "learner", *(f"finetune/{o}/seed{s}" for o in objectives for s in opts.seeds),
-            *(f"finetune/{o}-{p}/seed{s}" for p in opts.prefixes for o in opts.prefix_objectives
-              for s in prefix_seeds(opts))]
-
-
-def prefix_seeds(opts: Options) -> list[int]:
-    """The seeds of the prefix-source runs (``prefix_seeds``, default ``seeds``)."""
-    return list(opts.seeds if opts.prefix_seeds is None else opts.prefix_seeds)
-
-
-def prefix_runs(opts: Options) -> list[tuple[str, str, int]]:
-    """(objective, prefix source, seed) of every ``finetune/OBJ-P/seedS`` run, in the order they are trained."""
-    return [(o, p, s) for s in prefix_seeds(opts) for p in opts.prefixes for o in opts.prefix_objectives]
-
-
-def sweep_names(opts: Options) -> list[str]:
-    if opts.sweep != "topk":
-        return []
-    return [f"sweep/{o}/k{'V' if k is None else k}" for o in ("kd", "ka") for k in opts.topk_values]
-
-
 def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """Run (or resume) every stage of ``preset_name`` in ``run_dir``; returns the results (``results.json``).
 

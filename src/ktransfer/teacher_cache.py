@@ -127,7 +127,7 @@ class TeacherCache:
 def exact_for(objective: str, top_k: int | None, support: str | None, k: int | None = None) -> str | None:
     """None when ``objective`` with ``top_k``/``support`` reads the teacher only on its top-``top_k`` tokens (so a
     cache of K >= top_k gives it exactly); else the reason it does not."""
-    from ktransfer.divergences import _terms
+    from ktransfer.divergences import terms_of
     from ktransfer.objectives import ALIASES
 
     kind = ALIASES.get(objective, objective)
@@ -136,7 +136,7 @@ def exact_for(objective: str, top_k: int | None, support: str | None, k: int | N
     if top_k is None:
         return (f"objective {objective!r} on the full vocabulary reads the teacher's probability of every token, "
                 "but the cache keeps only its top-K (set objective.top_k)")
-    off = sorted({t.kind for t in _terms(kind, top_k, support) if t.support != "teacher"})
+    off = sorted({t.kind for t in terms_of(kind, top_k, support) if t.support != "teacher"})
     if off:
         return (f"objective {objective!r} reads the teacher on a support other than its own top-k ({', '.join(off)}: "
                 f"support {support or 'default'}), where the cache only has the teacher's top-K; only divergences on "
