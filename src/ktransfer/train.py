@@ -160,21 +160,10 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     if cfg.objective.objective == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
 
-    d = cfg.data
-    positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
-    src, tgt = family.encode(train_pairs, tokenizer, min(d.max_length, positions), model=model, log=log)
-    if not src:
-        raise ConfigError(f"data.max_length: no training pair fits in {min(d.max_length, positions)} tokens",
-                          key="data.max_length")
-    valid_ids = family.encode(valid_pairs, tokenizer, positions, model=model, log=log)
-    sampler = TokenBatchSampler(*family.lengths((src, tgt)), d.max_tokens, seed=cfg.train.seed)
+    (src, tgt), valid_ids = _encode_pairs(cfg, family, model, teacher, tokenizer, train_pairs, valid_pairs, log)
+    sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
     cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
-
-    ddp = None
-    if distributed.world_size() > 1:  # the teacher stays outside: frozen, no gradients to synchronise
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = _ddp(model, device)
     optimizer, scheduler = _optimizer(cfg, model, resumed)
 
     log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
@@ -187,6 +176,30 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
                vocab_size=vocab_size, teacher=teacher, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                train_ids=(src, tgt), valid_ids=valid_ids, valid_pairs=valid_pairs, state=state, log=log,
                metrics=metrics, writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache)
+
+
+def _encode_pairs(cfg: RunConfig, family, model, teacher, tokenizer, train_pairs, valid_pairs, log):
+    """``((src, tgt), valid ids)``: the pairs as the family's ids, cut to what both models can read.
+
+    Raises:
+        ConfigError: no training pair fits in ``data.max_length`` tokens.
+    """
+    positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
+    max_length = min(cfg.data.max_length, positions)
+    src, tgt = family.encode(train_pairs, tokenizer, max_length, model=model, log=log)
+    if not src:
+        raise ConfigError(f"data.max_length: no training pair fits in {max_length} tokens", key="data.max_length")
+    return (src, tgt), family.encode(valid_pairs, tokenizer, positions, model=model, log=log)
+
+
+def _ddp(model, device: torch.device):
+    """The learner wrapped in DistributedDataParallel under torchrun (None for one process). The teacher stays
+    outside: frozen, it has no gradients to synchronise."""
+    if distributed.world_size() <= 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_lib.Checkpoint | None, TrainState]:
