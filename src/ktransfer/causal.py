@@ -34,9 +34,8 @@ import torch
 
 from ktransfer import generation
 from ktransfer.data import IGNORE_INDEX
-from ktransfer.generation import DecodeSettings, unwrap
+from ktransfer.generation import INSTRUCTION_KEY, DecodeSettings, unwrap
 
-INSTRUCTION_KEY = "ktransfer_instruction"  # attribute of model.config holding the instruction text
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech", "th": "Thai"}
 
 
@@ -127,6 +126,56 @@ def encode_examples(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int
     if n_empty or n_long:
         log(f"causal.encode_examples: kept {len(prompts)} of {len(pairs)} pairs; dropped {n_empty} with an empty "
             f"side and {n_long} whose prompt + response is longer than {max_length} tokens")
+    return prompts, responses
+
+
+def start_ids(tokenizer, prompt_ids: Sequence[int]) -> list[int]:
+    """What heads a prompt of a format other than parallel: ``<s>`` where the tokenizer has one of its own and the
+    prompt does not start with it; for an empty prompt (text data) ``<s>``, else ``</s>`` (GPT-2's document
+    separator), so that the first token is predicted from something."""
+    bos = tokenizer.bos_id
+    if not prompt_ids:
+        return [bos if bos is not None else tokenizer.eos_id]
+    if bos is not None and bos != tokenizer.eos_id and prompt_ids[0] != bos:
+        return [bos]
+    return []
+
+
+def encode_completions(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | None, *, instruction: str = "",
+                       truncate: bool = False, add_start: bool = True, log: Callable[[str], object] = print):
+    """``(prompt ids, response ids)`` of ``(prompt, completion)`` text pairs, nothing added but ``start_ids`` (with
+    ``add_start``; chat templates write their own), the ``instruction`` (when not empty) and ``</s>`` after the
+    completion (unless it ends with it already, as chat templates often do).
+
+    The prompt is tokenized alone, as it is when the model continues it; the completion is what tokenizing prompt +
+    completion adds to it where the prompt's ids are a prefix of those (then the model sees exactly the ids of the
+    whole text), else the completion tokenized alone.
+
+    A pair longer than ``max_length`` is dropped, or with ``truncate`` its completion is cut to fit (dropped all
+    the same when its prompt leaves no room); the log says how many.
+    """
+    head = tokenizer.encode(instruction) if instruction else []
+    prompts_all = tokenizer.encode_batch([p for p, _ in pairs])
+    whole_all = tokenizer.encode_batch([p + c for p, c in pairs])
+    prompts, responses, n_empty, n_long, n_cut = [], [], 0, 0, 0
+    for (_, text), p, whole in zip(pairs, prompts_all, whole_all, strict=True):
+        c = whole[len(p):] if whole[:len(p)] == p else tokenizer.encode(text, target=True)
+        if not c:
+            n_empty += 1
+            continue
+        prompt = [*(start_ids(tokenizer, head + p) if add_start or not (head + p) else []), *head, *p]
+        response = c if c[-1] == tokenizer.eos_id else [*c, tokenizer.eos_id]
+        if max_length is not None and len(prompt) + len(response) > max_length:
+            room = max_length - len(prompt)
+            if not truncate or room < 1:
+                n_long += 1
+                continue
+            response, n_cut = response[:room], n_cut + 1
+        prompts.append(prompt)
+        responses.append(response)
+    if n_empty or n_long or n_cut:
+        log(f"causal.encode_completions: kept {len(prompts)} of {len(pairs)} examples; dropped {n_empty} with an "
+            f"empty completion and {n_long} longer than {max_length} tokens; cut {n_cut} to fit (data.truncate)")
     return prompts, responses
 
 
@@ -244,9 +293,17 @@ class CausalFamily:
                                                    forced_eos_token_id=tokenizer.eos_id,
                                                    suppress_tokens=generation.suppressed_ids(model, tokenizer))
 
-    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
-        """Store the instruction heading every prompt in the model's config (``ensure_instruction``)."""
-        ensure_instruction(model, src_lang, tgt_lang)
+    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str, fmt: str = "parallel",
+                instruction: str | None = None) -> None:
+        """Store the instruction heading every prompt in the model's config: ``instruction`` when given; else, for
+        translation pairs, the model's own or ``make_instruction``; for the other formats none (``""``)."""
+        config = unwrap(model).config
+        if instruction is not None:
+            setattr(config, INSTRUCTION_KEY, instruction)
+        elif fmt == "parallel":
+            ensure_instruction(model, src_lang, tgt_lang)
+        else:
+            setattr(config, INSTRUCTION_KEY, "")
 
     def positions(self, model) -> int:
         """The longest sequence (prompt + response) the positional table holds (RoPE: its configured length)."""
@@ -258,11 +315,15 @@ class CausalFamily:
         return 1024
 
     # --- data ----------------------------------------------------------------------------------------------------
-    def encode(self, pairs, tokenizer, max_length: int | None, *, model=None,
-               log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
-        """``(prompt ids, response ids)`` of the pairs, the model's instruction heading each prompt
-        (``encode_examples``)."""
-        return encode_examples(pairs, tokenizer, max_length, instruction=instruction(model), log=log)
+    def encode(self, pairs, tokenizer, max_length: int | None, *, model=None, fmt: str = "parallel",
+               truncate: bool = False, log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
+        """``(prompt ids, response ids)`` of the ``(prompt, completion)`` pairs of data format ``fmt``: translation
+        pairs get the model's instruction and ``</s>`` after the source (``encode_examples``); the other formats
+        their text as it is (``encode_completions``), the instruction only where one was set."""
+        if fmt == "parallel":
+            return encode_examples(pairs, tokenizer, max_length, instruction=instruction(model), log=log)
+        return encode_completions(pairs, tokenizer, max_length, instruction=instruction(model), truncate=truncate,
+                                  add_start=fmt != "chat", log=log)
 
     def lengths(self, ids) -> tuple[list[int], list[int]]:
         """Prompt + response on both sides: one sequence a row."""
@@ -283,28 +344,35 @@ class CausalFamily:
     # --- generation ----------------------------------------------------------------------------------------------
     def translate(self, model, tokenizer, sources: Sequence[str], settings: DecodeSettings, *, batch_size: int = 64,
                   progress: bool = False) -> list[str]:
-        """Beam search after each left-padded prompt (instruction + source + ``</s>``): batches sorted by length,
-        positions follow the attention mask, at most ``min(max_length, positions - S)`` new tokens for a batch whose
-        longest prompt has ``S`` ids, ``</s>`` forced at the limit; the response is cut at ``</s>`` and decoded. A
-        source that leaves fewer than 8 positions for the response is cut. Empty sources give ""."""
-        from tqdm import tqdm
-
-        hypotheses = [""] * len(sources)
+        """Beam search after each prompt (instruction + source + ``</s>``, see ``complete``). A source that leaves
+        fewer than 8 positions for the response is cut. Empty sources give ""."""
         head, n_pos = tokenizer.encode(instruction(model)), self.positions(model)
         encoded = tokenizer.encode_batch(list(sources))
-        ids = {i: prompt_ids(tokenizer, head, e, limit=n_pos - 8) for i, e in enumerate(encoded) if e}
+        prompts = [prompt_ids(tokenizer, head, e, limit=n_pos - 8) if e else [] for e in encoded]
+        return self.complete(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress)
+
+    def complete(self, model, tokenizer, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
+                 batch_size: int = 64, progress: bool = False) -> list[str]:
+        """The decoded continuation of each prompt (ids as ``encode`` gives them; ``[]`` gives ""): beam search
+        after the left-padded prompts, batches sorted by length, positions following the attention mask, at most
+        ``min(max_length, positions - S)`` new tokens for a batch whose longest prompt has ``S`` ids, ``</s>``
+        forced at the limit; each continuation cut at ``</s>``."""
+        from tqdm import tqdm
+
+        out_text = [""] * len(prompts)
+        ids = {i: list(p) for i, p in enumerate(prompts) if len(p)}
         device = next(model.parameters()).device
-        with tqdm(total=len(sources), unit="sent", desc="translate", disable=not progress, dynamic_ncols=True) as bar:
-            bar.update(len(sources) - len(ids))
+        with tqdm(total=len(prompts), unit="seq", desc="generate", disable=not progress, dynamic_ncols=True) as bar:
+            bar.update(len(prompts) - len(ids))
             for chunk in generation.sorted_batches(ids, batch_size):
                 input_ids, mask = generation.pad_rows([ids[i] for i in chunk], tokenizer.pad_id, left=True)
                 S = input_ids.shape[1]
                 out = generation.generate(model, self._beam_config(model, tokenizer, settings, S),
                                           input_ids=input_ids.to(device), attention_mask=mask.to(device))
                 for i, row in zip(chunk, out[:, S:].tolist(), strict=True):
-                    hypotheses[i] = tokenizer.decode(generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
+                    out_text[i] = tokenizer.decode(generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
                 bar.update(len(chunk))
-        return hypotheses
+        return out_text
 
     def max_new_tokens(self, model, max_length: int, prompt_length: int = 0) -> int:
         """Tokens generated at most after a prompt of ``prompt_length`` ids: within the positions, at least 1."""

@@ -73,7 +73,22 @@ class _Section:
 @dataclass
 class DataConfig(_Section):
     name: ClassVar[str] = "data"
-    corpus: str = _field("multi30k-de-en", "corpus name (under $KTRANSFER_DATA) or a folder with SPLIT.LANG files")
+    corpus: str = _field("multi30k-de-en", "the data: a corpus name (under $KTRANSFER_DATA), a folder of SPLIT.LANG "
+                         "files, a .jsonl/.json/.txt file, a folder of SPLIT.jsonl files, or a datasets save_to_disk "
+                         "folder")
+    format: str = _field("auto", "parallel, prompt_completion, chat, text, or auto (from the path and the first "
+                         "record's keys; the log says which)")
+    prompt_key: str = _field("prompt", "JSONL/datasets column of the prompt (prompt_completion)")
+    completion_key: str = _field("completion", "JSONL/datasets column of the completion (prompt_completion)")
+    messages_key: str = _field("messages", "JSONL/datasets column of the [{role, content}] list (chat)")
+    text_key: str = _field("text", "JSONL/datasets column of the text (text)")
+    instruction: str | None = _field(None, "text put before every prompt (None = 'Translate German to English:' for "
+                                     "parallel data with a causal model, nothing otherwise; '' = nothing)")
+    truncate: bool = _field(False, "cut an over-long completion to data.max_length (causal models) instead of "
+                            "dropping the example")
+    valid_fraction: float = _field(0.05, "share of a single data file held out for validation when data.valid "
+                                   "names no split or file", gt=0.0, lt=1.0)
+    split_seed: int = _field(0, "seed of the held-out validation examples", ge=0)
     src_lang: str = _field("de", "source language suffix of the corpus files")
     tgt_lang: str = _field("en", "target language suffix of the corpus files")
     train: str = _field("train", "name of the training split")
@@ -87,7 +102,11 @@ class DataConfig(_Section):
     train_limit: int | None = _field(None, "use only the first N training pairs (None = all)", ge=1)
 
     def _check_more(self) -> None:
-        if self.src_lang == self.tgt_lang:
+        from ktransfer.formats import FORMATS
+
+        if self.format not in ("auto", *FORMATS):
+            raise ConfigError(f"data.format: {self.format!r}; choose auto, {', '.join(FORMATS)}", key="data.format")
+        if self.format in ("auto", "parallel") and self.src_lang == self.tgt_lang:
             raise ConfigError(f"data.tgt_lang: must differ from data.src_lang, both are {self.src_lang!r}",
                               key="data.tgt_lang")
 
@@ -202,6 +221,8 @@ class EvalConfig(_Section):
     batch_size: int = _field(64, "sentences per beam-search batch", ge=1)
     valid_beam: int | None = _field(None, "beam of the per-epoch validation BLEU (None = beam with valid_bleu, else 1)",
                                     ge=1)
+    valid_examples: int = _field(0, "generations of the first N validation prompts written to train.log at each "
+                                 "validation (data that is not parallel)", ge=0)
 
 
 @dataclass

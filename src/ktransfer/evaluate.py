@@ -5,7 +5,9 @@ Three layers, each usable on its own:
 - ``translate(model, tokenizer, sources)``: detokenized hypotheses, in the order of ``sources``;
 - ``score(hypotheses, references)``: corpus BLEU and chrF (sacreBLEU defaults) with sacreBLEU's signatures;
 - ``evaluate(checkpoint, corpus=..., split=...)`` or ``evaluate(checkpoint, src_file=..., ref_file=...)``: both of
-  the above on a corpus split or a pair of files, hypotheses and scores written to disk.
+  the above on a corpus split or a pair of files, hypotheses and scores written to disk. Data that is not
+  translation pairs (``ktransfer.formats``: prompt_completion, chat, text) gets ``evaluate_examples`` instead:
+  the token-level NLL and perplexity of the completions, and the model's generation for each prompt.
 
 Every reported number carries signatures that record what changes it: sacreBLEU's own (tokenizer, smoothing, case,
 version) and ours for decoding (``beam:6|lp:1.0|maxlen:256|early:yes|nopad:yes|ktransfer:0.1.0``).
@@ -25,7 +27,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from ktransfer.checkpoint import run_config_of
 from ktransfer.generation import DecodeSettings
-from ktransfer.models import family_of, load_model, resolve_source
+from ktransfer.models import family_of, load_model, prepare_for_data, resolve_source
 
 # --------------------------------------------------------------------------------------------------------------
 # Translation
@@ -178,7 +180,8 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
              src_file: str | os.PathLike | None = None, ref_file: str | os.PathLike | None = None,
              src_lang: str | None = None, tgt_lang: str | None = None, beam: int = 6, length_penalty: float = 1.0,
              max_length: int = 256, batch_size: int = 64, out_dir: str | os.PathLike | None = None,
-             limit: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
+             limit: int | None = None, device: str = "cpu", progress: bool = False,
+             data_format: str | None = None) -> dict:
     """Translate a corpus split (or a source file) with a checkpoint and score it against the references.
 
     Two modes:
@@ -203,6 +206,8 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         beam, length_penalty, max_length, batch_size: see ``translate``.
         limit: evaluate only the first ``limit`` sentences (None = all); recorded in the result.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rank_device`` for torchrun).
+        data_format: ``ktransfer.formats`` format of the corpus (default: the run's ``data.format`` for its own
+            corpus, else inferred); anything but ``parallel`` goes to ``evaluate_examples``.
 
     Returns:
         ``score()``'s dict plus ``decode_signature``, ``time_s`` and ``sentences_per_s`` (translation only), the
@@ -217,6 +222,11 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1 or None, got {limit!r}")
     checkpoint = resolve_source(model_path)
+    if src_file is None and ref_file is None:
+        examples, corpus, split = _examples_data(checkpoint, corpus, split, data_format)
+        if examples is not None:
+            return evaluate_examples(checkpoint, examples, corpus, split, settings, batch_size=batch_size,
+                                     out_dir=out_dir, limit=limit, device=device, progress=progress)
     if src_file is not None or ref_file is not None:
         if corpus is not None:
             raise ValueError("give either a corpus (with a split) or --src/--ref files, not both")
@@ -247,6 +257,89 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
                                               family_of(model).max_new_tokens(model, settings.max_length),
                                       }, limit)
         return distributed.broadcast(result)
+
+
+def _examples_data(checkpoint, corpus, split, data_format):
+    """``(examples or None for translation pairs, corpus, split)`` of corpus mode, with the run's data settings
+    where the corpus is its own: its format and keys, and its held-out validation share when its data is one file
+    (then ``split`` = its ``data.valid`` gives exactly the examples it validated on)."""
+    from ktransfer import formats
+
+    run = _run_data(run_config_of(checkpoint))
+    own = corpus is None or _same_corpus(corpus, run.get("corpus"))
+    corpus = corpus if corpus is not None else run.get("corpus")
+    if corpus is None:
+        raise ValueError(f"no corpus given and checkpoint {checkpoint} does not name one; pass a corpus or files")
+    fmt = data_format or (run.get("format") if own else None) or "auto"
+    keys = formats.Keys(**{k: run[f"{k}_key"] for k in ("prompt", "completion", "messages", "text")
+                           if own and isinstance(run.get(f"{k}_key"), str)})
+    if fmt == "auto":
+        fmt, _ = formats.infer_format(formats.locate(corpus), keys)
+    if fmt == "parallel":
+        return None, corpus, split
+    split = split or (run.get("valid") if own else None) or "valid"
+    if own and split == run.get("valid") and not formats.has_split(corpus, split, fmt):
+        every = formats.read_examples(corpus, run.get("train", "train"), fmt, keys=keys)
+        return formats.hold_out(every, run.get("valid_fraction", 0.05), run.get("split_seed", 0))[1], corpus, split
+    return formats.read_examples(corpus, split, fmt, keys=keys), corpus, split
+
+
+def evaluate_examples(model_path, examples, corpus, split: str, settings: DecodeSettings, *, batch_size: int = 64,
+                      out_dir=None, limit: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
+    """Token-level NLL and perplexity of the model on the completions of ``examples`` (``ktransfer.formats``; every
+    token for text data), and its generation (``settings``) for each prompt (none for text data: it has no prompt).
+
+    Writes ``OUT/generations.SPLIT.jsonl`` (``{"prompt", "reference", "generation"}`` a line, the texts as the
+    tokenizer decodes them) and ``OUT/scores.SPLIT.json`` (the returned dict).
+
+    Raises:
+        CorpusError: bad data (naming the file and line); ValueError: a model without tokenizer files.
+    """
+    from ktransfer import formats
+
+    model, tokenizer = load_model(model_path, device=device)
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files: save the tokenizer into the model folder")
+    examples, fmt = examples.head(limit), examples.format
+    family = prepare_for_data(model, tokenizer, fmt)
+    src, tgt = family.encode(formats.to_pairs(examples, tokenizer), tokenizer, family.positions(model), model=model,
+                             fmt=fmt, log=lambda _: None)
+    start = time.perf_counter()
+    nll_sum, tokens = completion_nll(model, tokenizer, src, tgt, batch_size=batch_size)
+    generations = [] if fmt == "text" else family.complete(model, tokenizer, src, settings, batch_size=batch_size,
+                                                           progress=progress)
+    nll = nll_sum / max(tokens, 1)
+    result = {"format": fmt, "corpus": str(corpus), "split": split, "examples": len(src), "tokens": tokens,
+              "nll": nll, "ppl": float(torch.tensor(min(nll, 50.0)).exp()), "generations": len(generations),
+              "decode_signature": settings.signature() if generations else None, "checkpoint": str(model_path),
+              "limit": limit, "time_s": round(time.perf_counter() - start, 3)}
+    out = Path(out_dir) if out_dir is not None else _default_out_dir(Path(model_path))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": tokenizer.decode(p), "reference": tokenizer.decode(r), "generation": g}
+            for p, r, g in zip(src, tgt, generations, strict=False)]
+    result["generations_file"] = str(out / f"generations.{split}.jsonl")
+    result["scores_file"] = str(out / f"scores.{split}.json")
+    _write_text(Path(result["generations_file"]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write_text(Path(result["scores_file"]), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, src, tgt, *, batch_size: int = 64) -> tuple[float, int]:
+    """``(sum of -log p over the scored tokens, their number)`` of ``model`` teacher-forced on the family's ids."""
+    from ktransfer.objectives import transfer_loss
+
+    family, total, count = family_of(model), 0.0, 0
+    device = next(model.parameters()).device
+    model.eval()
+    for start in range(0, len(src), batch_size):
+        batch = family.collate(src[start:start + batch_size], tgt[start:start + batch_size], model, tokenizer)
+        inputs, labels = family.model_inputs({k: v.to(device) for k, v in batch.items()})
+        logits = model(**inputs, use_cache=False).logits[..., :tokenizer.vocab_size]
+        out = transfer_loss(logits, None, labels, objective="nll")
+        total += float(out.nll) * int(out.num_tokens)
+        count += int(out.num_tokens)
+    return total, count
 
 
 def _file_data(src_file, ref_file, split, src_lang, tgt_lang):
@@ -322,6 +415,14 @@ def _write_text(path: Path, text: str) -> None:
 
 def format_result(result: dict) -> str:
     """A few readable lines: the scores with their signatures, the speed, the files written."""
+    if "nll" in result and "bleu" not in result:  # evaluate_examples
+        return "\n".join([
+            f"{result['corpus']} {result['split']} ({result['format']}), {result['examples']} examples, checkpoint "
+            f"{result['checkpoint']}",
+            f"NLL = {result['nll']:.4f} per token, perplexity = {result['ppl']:.2f} ({result['tokens']} tokens)",
+            f"generations: {result['generations']} ({result['decode_signature'] or 'none for text data'}) in "
+            f"{result['generations_file']}",
+            f"scores:      {result['scores_file']}"])
     where = result.get("corpus") or result.get("src_file")
     lines = [
         f"{where} {result.get('split')} ({result.get('src_lang') or '?'}->{result.get('tgt_lang')}), "

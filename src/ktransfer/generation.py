@@ -12,6 +12,8 @@ import torch
 
 from ktransfer import __version__
 
+INSTRUCTION_KEY = "ktransfer_instruction"  # model.config attribute: the instruction heading every prompt
+
 
 @dataclass(frozen=True)
 class DecodeSettings:

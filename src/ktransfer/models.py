@@ -30,7 +30,7 @@ import torch
 
 from ktransfer import checkpoint, hub
 from ktransfer.causal import CAUSAL_PRESETS, CausalFamily
-from ktransfer.generation import DecodeSettings, output_rows, unwrap
+from ktransfer.generation import INSTRUCTION_KEY, DecodeSettings, output_rows, unwrap
 from ktransfer.seq2seq import PRESETS as SEQ2SEQ_PRESETS
 from ktransfer.seq2seq import Seq2SeqFamily
 from ktransfer.tokenizer import Tokenizer, compare_tokenizers, is_tokenizer_folder, load_tokenizer
@@ -50,15 +50,19 @@ class ModelFamily(Protocol):
     def load_overrides(self, model_type: str, overrides: dict[str, Any]) -> dict[str, Any]: ...
     def after_load(self, model) -> None: ...
     def set_generation_config(self, model, tokenizer: Tokenizer) -> None: ...
-    def prepare(self, model, tokenizer: Tokenizer, *, src_lang: str, tgt_lang: str) -> None: ...
+    def prepare(self, model, tokenizer: Tokenizer, *, src_lang: str, tgt_lang: str, fmt: str = "parallel",
+                instruction: str | None = None) -> None: ...
     def positions(self, model) -> int: ...
     def encode(self, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_length: int | None, *, model=None,
+               fmt: str = "parallel", truncate: bool = False,
                log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]: ...
     def lengths(self, ids) -> tuple[list[int], list[int]]: ...
     def collate(self, src, tgt, model, tokenizer: Tokenizer) -> dict[str, torch.Tensor]: ...
     def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]: ...
     def translate(self, model, tokenizer: Tokenizer, sources: Sequence[str], settings: DecodeSettings, *,
                   batch_size: int = 64, progress: bool = False) -> list[str]: ...
+    def complete(self, model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
+                 batch_size: int = 64, progress: bool = False) -> list[str]: ...
     def max_new_tokens(self, model, max_length: int) -> int: ...
     def on_policy_batch(self, model, tokenizer: Tokenizer, batch: dict, settings) -> dict: ...
 
@@ -82,6 +86,16 @@ def family_of(model_or_config) -> ModelFamily:
         return CAUSAL
     raise ValueError(f"model type {get('model_type')!r} is neither an encoder-decoder nor a causal language model "
                      "known to transformers")
+
+
+def prepare_for_data(model, tokenizer: Tokenizer, fmt: str) -> ModelFamily:
+    """The model's family, the model made ready to read data of format ``fmt`` outside training (evaluation,
+    seq-KD): an instruction it was trained with is kept; a model without one (a foreign folder) gets the format's
+    default (none but for translation pairs)."""
+    family = family_of(model)
+    if getattr(unwrap(model).config, INSTRUCTION_KEY, None) is None:
+        family.prepare(model, tokenizer, src_lang="", tgt_lang="", fmt=fmt)
+    return family
 
 
 def preset_family(name: str) -> ModelFamily | None:

@@ -35,6 +35,8 @@ from ktransfer import data, generation
 from ktransfer.data import IGNORE_INDEX
 from ktransfer.generation import DecodeSettings
 
+FORMATS = ("parallel", "prompt_completion")  # data formats an encoder-decoder reads (ktransfer.formats)
+
 # Settings every preset shares. Dropout 0.3 on the residual stream, as for small-data translation (IWSLT, Multi30k);
 # relu FFN as in the base Transformer.
 _COMMON: dict[str, Any] = {
@@ -116,6 +118,12 @@ def check_dropout(value, key: str = "dropout") -> float:
     return float(value)
 
 
+def _with_instruction(model, pairs):
+    """The pairs with the model's stored instruction (``prepare``) before each source text, when it has one."""
+    head = getattr(generation.unwrap(model).config, generation.INSTRUCTION_KEY, "") if model is not None else ""
+    return [(f"{head} {s}" if head and s else s, t) for s, t in pairs]
+
+
 def decoder_start(model) -> int:
     """The id the decoder starts with (``decoder_start_token_id`` of the config or generation config; else pad)."""
     model = generation.unwrap(model)
@@ -184,8 +192,19 @@ class Seq2SeqFamily:
             forced_eos_token_id=tokenizer.eos_id, max_length=self.positions(model),
             suppress_tokens=generation.suppressed_ids(model, tokenizer))
 
-    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str) -> None:
-        """Nothing to add for translation: the encoder reads the source as it is."""
+    def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str, fmt: str = "parallel",
+                instruction: str | None = None) -> None:
+        """Store ``instruction`` (when given) in the model's config: ``encode`` and ``translate`` put it before
+        every source text. Otherwise nothing: the encoder reads the source as it is.
+
+        Raises:
+            ValueError: a data format an encoder-decoder cannot read (chat, text).
+        """
+        if fmt not in FORMATS:
+            raise ValueError(f"encoder-decoder models take {' or '.join(FORMATS)} data, not {fmt!r}: chat and text "
+                             "data need a causal language model")
+        if instruction is not None:
+            setattr(generation.unwrap(model).config, generation.INSTRUCTION_KEY, instruction)
 
     def positions(self, model) -> int:
         """Longest sequence either side holds (sinusoidal tables have a fixed length)."""
@@ -193,9 +212,14 @@ class Seq2SeqFamily:
 
     # --- data ----------------------------------------------------------------------------------------------------
     def encode(self, pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | None, *, model=None,
+               fmt: str = "parallel", truncate: bool = False,
                log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
-        """``(source ids, target ids)`` of the pairs, each ending with ``</s>`` (``data.encode_pairs``)."""
-        return data.encode_pairs(pairs, tokenizer, max_length, log=log)
+        """``(source ids, target ids)`` of the pairs (translation or prompt/completion), each ending with ``</s>``
+        (``data.encode_pairs``); the model's stored instruction (``prepare``), if any, heads each source text. A
+        pair over ``max_length`` is dropped (``truncate`` does not apply to an encoder-decoder)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"encoder-decoder models take {' or '.join(FORMATS)} data, not {fmt!r}")
+        return data.encode_pairs(_with_instruction(model, pairs), tokenizer, max_length, log=log)
 
     def lengths(self, ids) -> tuple[list[int], list[int]]:
         """Per-example (source, target) lengths for ``TokenBatchSampler``."""
@@ -214,16 +238,24 @@ class Seq2SeqFamily:
                   progress: bool = False) -> list[str]:
         """Beam search of each source (see ``ktransfer.evaluate.translate``); a source longer than the positional
         table is cut to fit; empty sources give ""."""
+        positions = self.positions(model)
+        encoded = tokenizer.encode_batch([s for s, _ in _with_instruction(model, [(s, "") for s in sources])])
+        prompts = [[*e[:positions - 1], tokenizer.eos_id] if e and src else [] for e, src in zip(encoded, sources,
+                                                                                                  strict=True)]
+        return self.complete(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress)
+
+    def complete(self, model, tokenizer, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
+                 batch_size: int = 64, progress: bool = False) -> list[str]:
+        """The decoded beam-search output for each encoder input (source ids as ``encode`` gives them; ``[]``
+        gives "")."""
         from tqdm import tqdm
 
-        positions = self.positions(model)
-        hypotheses = [""] * len(sources)
-        encoded = tokenizer.encode_batch(list(sources))
-        ids = {i: [*e[:positions - 1], tokenizer.eos_id] for i, e in enumerate(encoded) if e}
+        hypotheses = [""] * len(prompts)
+        ids = {i: list(p) for i, p in enumerate(prompts) if len(p)}
         device = next(model.parameters()).device
-        with tqdm(total=len(sources), unit="sent", desc="translate", disable=not progress, file=sys.stderr,
+        with tqdm(total=len(prompts), unit="sent", desc="translate", disable=not progress, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            bar.update(len(sources) - len(ids))  # empty sources are done already
+            bar.update(len(prompts) - len(ids))  # empty sources are done already
             for chunk in generation.sorted_batches(ids, batch_size):
                 input_ids, mask = generation.pad_rows([ids[i] for i in chunk], tokenizer.pad_id)
                 out = generation.generate(model, self._beam_config(model, tokenizer, settings),

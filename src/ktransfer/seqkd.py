@@ -221,3 +221,69 @@ def _finished(out: Path, job: dict, log) -> dict:
     shutil.rmtree(out / _WORK, ignore_errors=True)  # killed between the rename and this clean-up
     log(f"{out} is complete already (nothing to do)")
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data that is not translation pairs (ktransfer.formats): JSONL in, JSONL out
+# --------------------------------------------------------------------------------------------------------------
+def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data: str | os.PathLike,
+                     fmt: str | None = None, split: str = "train", keys=None, beam: int = 5,
+                     length_penalty: float = 1.0, max_length: int | None = None, batch_size: int = 64,
+                     limit: int | None = None, device: str = "cpu", progress: bool = False,
+                     log: Callable[[str], object] = print) -> dict:
+    """The teacher's completions of ``split`` of prompt_completion or chat ``data`` (every assistant turn, after the
+    reference conversation before it) as a new data folder ``out``: ``SPLIT.jsonl`` with the completions replaced,
+    the other ``*.jsonl`` splits of a data folder copied unchanged, and the manifest ``.seqkd.json``; returns it.
+
+    ``out`` appears whole or not at all (written beside it, then renamed); a killed run starts over.
+
+    Raises:
+        FileExistsError: ``out`` exists. ValueError: text data (it has no prompt to complete) or a teacher without
+        tokenizer files. CorpusError: bad data (naming the file and line).
+    """
+    from ktransfer import formats
+    from ktransfer.models import prepare_for_data
+
+    keys = keys or formats.Keys()
+    where = resolve_source(teacher)
+    path = formats.locate(data)
+    fmt = fmt or formats.infer_format(path, keys)[0]
+    if fmt not in ("prompt_completion", "chat"):
+        raise ValueError(f"distill-data on {fmt} data: {'text data has no prompt to complete' if fmt == 'text' else ''}"
+                         "; sequence-level KD data is made from prompt_completion or chat data (for text, train "
+                         "with objective.prefix=learner to distil on the learner's own samples)")
+    out = Path(out).expanduser()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another folder (or delete it)")
+    examples = formats.read_examples(data, split, fmt, keys=keys).head(limit)
+    model, tokenizer = load_model(where, device=device)
+    if tokenizer is None:
+        raise ValueError(f"{where} has no tokenizer files")
+    family = prepare_for_data(model, tokenizer, fmt)
+    prompts, _ = family.encode(formats.to_pairs(examples, tokenizer), tokenizer, None, model=model, fmt=fmt,
+                               log=log)
+    decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=int(max_length or 256))
+    t0 = time.time()
+    completions = family.complete(model, tokenizer, prompts, decode, batch_size=batch_size, progress=progress)
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = formats.replace_completions(examples, completions, keys)
+    _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    copied = []
+    if path.is_dir() and not formats.is_datasets_folder(path):
+        for other in sorted(path.glob("*.jsonl")):
+            if other.stem != split:
+                shutil.copyfile(other, work / other.name)
+                copied.append(other.stem)
+    manifest = {"kind": "seqkd", "format": fmt, "teacher": str(where), "data": str(path), "split": split,
+                "examples": len(examples), "completions": len(completions),
+                "empty_completions": sum(not c for c in completions), "copied_splits": copied,
+                "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
+                           "max_length": decode.max_length, "signature": decode.signature()},
+                "seconds": round(time.time() - t0, 3)}
+    _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    os.replace(work, out)
+    log(f"wrote {out}: {len(examples)} {fmt} examples of {split} with the teacher's completions "
+        f"({len(completions)}), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
+    return manifest

@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -47,9 +48,9 @@ import numpy as np
 import torch
 
 from ktransfer import checkpoint as ckpt_lib
-from ktransfer import distributed, models, runlock
+from ktransfer import distributed, formats, models, runlock
 from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
-from ktransfer.data import CorpusError, TokenBatchSampler, read_split, require_nonempty_pairs, resolve_corpus
+from ktransfer.data import CorpusError, TokenBatchSampler, read_split, require_nonempty_pairs
 from ktransfer.objectives import TransferLoss, transfer_loss
 from ktransfer.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
 
@@ -99,7 +100,7 @@ class Run:
     sampler: TokenBatchSampler
     train_ids: tuple[list[list[int]], list[list[int]]]  # (source, target) or (prompt, response) ids: family.encode
     valid_ids: tuple[list[list[int]], list[list[int]]]
-    valid_pairs: list[tuple[str, str]]  # raw text of the validation (subset) for BLEU
+    valid_pairs: list[tuple[str, str]]  # (prompt, completion) text of the validation (subset): BLEU, examples
     state: TrainState
     log: RunLog
     metrics: MetricsFile
@@ -109,6 +110,7 @@ class Run:
     on_epoch_end: Any = None  # optional callable(run) run after each validation, before `last` is saved
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
     teacher_cache: Any = None  # a ktransfer.teacher_cache.TeacherCache (train.teacher_cache), else None
+    data_format: str = "parallel"  # ktransfer.formats: parallel, prompt_completion, chat, text
 
     def trained_model(self) -> torch.nn.Module:
         """What training steps run forward/backward through: the DDP wrapper when there is one, else the learner."""
@@ -134,7 +136,19 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     """
     out_dir = Path(cfg.train.out_dir)
     resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
-    train_pairs, valid_pairs = _read_data(cfg)
+    data = _read_data(cfg)
+    fresh = not out_dir.exists()  # a new run folder is removed again if setup fails (nothing written half)
+    try:
+        return _setup(cfg, out_dir, resume_from, data)
+    except (ConfigError, CorpusError, ValueError):
+        if fresh and distributed.is_main():
+            runlock.release(out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, data: RunData) -> Run:
+    """``setup`` once the data is read: the run folder, models, tokenizer, encoded data and optimiser."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     _seed_everything(cfg.train.seed)
@@ -144,23 +158,33 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     if main:  # one writer per run folder (released by train(), or by the OS when this process dies)
         runlock.acquire(out_dir)
     log = RunLog(out_dir / "train.log", enabled=main)
+    log(f"data: {data.format} ({data.why}): {len(data.train)} training and {len(data.valid)} validation examples")
     resumed, state = _train_state(cfg, resume_from, log)
     if main:
         save_config(cfg, out_dir / "config.yaml")
     metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0, enabled=main)
 
     teacher, teacher_tokenizer = _load_teacher(cfg, device, log)
-    model, tokenizer = _learner_and_tokenizer(cfg, resumed, teacher_tokenizer, train_pairs, log)
+    model, tokenizer = _learner_and_tokenizer(cfg, resumed, teacher_tokenizer, data.train, log)
+    train_pairs, valid_pairs = formats.to_pairs(data.train, tokenizer), formats.to_pairs(data.valid, tokenizer)
     if main:
         tokenizer.save(out_dir / "tokenizer")
     model = model.to(device)
     family = models.family_of(model)
-    family.prepare(model, tokenizer, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang)
+    try:
+        family.prepare(model, tokenizer, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang, fmt=data.format,
+                       instruction=cfg.data.instruction)
+    except ValueError as e:
+        raise ConfigError(f"data.format: {e}", key="data.format") from None
+    if cfg.train.valid_bleu and data.format != "parallel":
+        raise ConfigError(f"train.valid_bleu: BLEU needs translation pairs, the data is {data.format}; select on "
+                          "the validation loss (train.valid_bleu=false)", key="train.valid_bleu")
     vocab_size = _check_teacher(cfg, teacher, model, teacher_tokenizer, tokenizer, log)
     if cfg.objective.objective == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
 
-    (src, tgt), valid_ids = _encode_pairs(cfg, family, model, teacher, tokenizer, train_pairs, valid_pairs, log)
+    (src, tgt), valid_ids = _encode_pairs(cfg, data.format, family, model, teacher, tokenizer, train_pairs,
+                                          valid_pairs, log)
     sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
     cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
     ddp = _ddp(model, device)
@@ -175,21 +199,23 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
                vocab_size=vocab_size, teacher=teacher, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                train_ids=(src, tgt), valid_ids=valid_ids, valid_pairs=valid_pairs, state=state, log=log,
-               metrics=metrics, writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache)
+               metrics=metrics, writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache,
+               data_format=data.format)
 
 
-def _encode_pairs(cfg: RunConfig, family, model, teacher, tokenizer, train_pairs, valid_pairs, log):
-    """``((src, tgt), valid ids)``: the pairs as the family's ids, cut to what both models can read.
+def _encode_pairs(cfg: RunConfig, fmt: str, family, model, teacher, tokenizer, train_pairs, valid_pairs, log):
+    """``((src, tgt), valid ids)``: the pairs of format ``fmt`` as the family's ids, within what both models read.
 
     Raises:
         ConfigError: no training pair fits in ``data.max_length`` tokens.
     """
     positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
     max_length = min(cfg.data.max_length, positions)
-    src, tgt = family.encode(train_pairs, tokenizer, max_length, model=model, log=log)
+    kw = {"model": model, "fmt": fmt, "truncate": cfg.data.truncate, "log": log}
+    src, tgt = family.encode(train_pairs, tokenizer, max_length, **kw)
     if not src:
-        raise ConfigError(f"data.max_length: no training pair fits in {max_length} tokens", key="data.max_length")
-    return (src, tgt), family.encode(valid_pairs, tokenizer, positions, model=model, log=log)
+        raise ConfigError(f"data.max_length: no training example fits in {max_length} tokens", key="data.max_length")
+    return (src, tgt), family.encode(valid_pairs, tokenizer, positions, **kw)
 
 
 def _ddp(model, device: torch.device):
@@ -290,17 +316,43 @@ def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
     return last if exists else None
 
 
-def _read_data(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The training pairs (first data.train_limit) and validation pairs (first data.valid_subset)."""
+@dataclass
+class RunData:
+    """The examples of a run as read (``ktransfer.formats``), and why that format."""
+
+    format: str
+    why: str
+    train: formats.Examples
+    valid: formats.Examples
+
+
+def _read_data(cfg: RunConfig) -> RunData:
+    """The training examples (first data.train_limit) and validation examples (first data.valid_subset), in the
+    format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
+
+    Raises:
+        ConfigError: nothing at data.corpus. CorpusError: bad data (naming the file and line).
+    """
     d = cfg.data
+    keys = formats.Keys(d.prompt_key, d.completion_key, d.messages_key, d.text_key)
     try:
-        resolve_corpus(d.corpus)
+        path = formats.locate(d.corpus)
     except CorpusError as e:
         raise ConfigError(f"data.corpus: {e}", key="data.corpus") from None
-    train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
-    require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
-    valid_pairs = read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
-    return train_pairs, valid_pairs
+    fmt, why = (d.format, "data.format") if d.format != "auto" else formats.infer_format(path, keys)
+    if fmt == "parallel":
+        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+        require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
+        valid_pairs = read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+        return RunData(fmt, why, formats.Examples(fmt, train_pairs), formats.Examples(fmt, valid_pairs))
+    train = formats.read_examples(d.corpus, d.train, fmt, keys=keys)
+    if formats.has_split(d.corpus, d.valid, fmt):
+        valid = formats.read_examples(d.corpus, d.valid, fmt, keys=keys)
+    else:
+        train, valid = formats.hold_out(train, d.valid_fraction, d.split_seed)
+        why += (f"; validation: {len(valid)} examples held out of {train.source} (data.valid_fraction "
+                f"{d.valid_fraction}, data.split_seed {d.split_seed})")
+    return RunData(fmt, why, train.head(d.train_limit), valid.head(d.valid_subset))
 
 
 def _seed_everything(seed: int) -> None:
@@ -354,7 +406,7 @@ def _given_tokenizer(cfg: RunConfig) -> Tokenizer | None:
         raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
 
 
-def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_pairs, log):
+def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_examples, log):
     """The learner (train mode) and its tokenizer: a resumed run's; else ``model.init``'s (any model source); else a
     new model of ``model.preset`` (a preset or a model source) for data.tokenizer, the teacher's tokenizer, or a
     joint BPE trained on the training split, in that order."""
@@ -375,7 +427,7 @@ def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_pai
         if resumed is None:
             log(f"learner initialised from {start} (model.preset not used)")
         return model.train(), tokenizer
-    tokenizer = given or teacher_tokenizer or _train_bpe(cfg, train_pairs, log)
+    tokenizer = given or teacher_tokenizer or _train_bpe(cfg, train_examples, log)
     try:
         return models.build_model(cfg.model.preset, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                   **overrides).train(), tokenizer
@@ -383,17 +435,19 @@ def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_pai
         raise ConfigError(f"model.preset: {e}", key="model.preset") from None
 
 
-def _train_bpe(cfg: RunConfig, train_pairs, log) -> Tokenizer:
+def _train_bpe(cfg: RunConfig, train_examples, log) -> Tokenizer:
     """A joint BPE on the training split; with several processes every rank takes rank 0's (a tie could differ)."""
     t0 = time.time()
-    tokenizer = train_tokenizer([text for pair in train_pairs for text in pair], vocab_size=cfg.data.vocab_size)
+    tokenizer = train_tokenizer(formats.texts(train_examples), vocab_size=cfg.data.vocab_size)
     if distributed.world_size() > 1:
         from tokenizers import Tokenizer as RustTokenizer
 
         body = distributed.broadcast(tokenizer.hf.backend_tokenizer.to_str())
         tokenizer = from_rust(RustTokenizer.from_str(body))
-    log(f"trained a joint BPE tokenizer on {len(train_pairs)} pairs: {tokenizer.vocab_size} tokens "
-        f"({time.time() - t0:.1f}s)")
+    log(f"trained a joint BPE tokenizer on {len(train_examples)} examples: {tokenizer.vocab_size} tokens "
+        f"({time.time() - t0:.1f}s)" + ("" if train_examples.format == "parallel" else
+                                        "; it folds whitespace runs into one space: give a Hugging Face tokenizer "
+                                        "(data.tokenizer, or the teacher's) to keep whitespace exactly"))
     return tokenizer
 
 
@@ -433,6 +487,8 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
         run = setup(cfg, require_resume=require_resume)
         run.on_epoch_end = on_epoch_end
         try:
+            if run.teacher is not None and run.state.step == 0 and run.state.batch == 0:
+                _teacher_valid(run)
             with _stop_on_signals(run):
                 _train_loop(run)
         finally:
@@ -442,6 +498,16 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
     s = run.state
     return {"epoch": s.epoch, "step": s.step, "tokens": s.tokens, "best": s.best, "best_epoch": s.best_epoch,
             "stopped": s.stopped, "valid": run.metrics.last_valid, "out_dir": str(run.out_dir)}
+
+
+@torch.no_grad()
+def _teacher_valid(run: Run) -> None:
+    """The teacher's validation NLL and perplexity, once at the start of a run (the learner's target to approach)."""
+    valid = valid_loss(run, model=run.teacher)
+    run.metrics.write(run, {"kind": "teacher_valid", "nll": valid["nll"], "ppl": valid["ppl"],
+                            "tokens": valid["tokens"]})
+    run.log(f"teacher on the validation examples: nll {valid['nll']:.4f} ppl {valid['ppl']:.2f} "
+            f"({valid['tokens']} tokens)")
 
 
 def _train_loop(run: Run) -> None:
@@ -626,8 +692,9 @@ def _end_of_epoch(run: Run) -> None:
         s.bad_validations += 1
     run.metrics.write(run, {"kind": "valid", **valid, "best": s.best, "improved": improved,
                             "elapsed": run.elapsed()})
+    bleu = f" BLEU {valid['bleu']:.2f} (beam {valid['beam']})" if valid["bleu"] is not None else ""
     run.log(f"epoch {s.epoch}/{run.cfg.train.epochs} (step {s.step}): valid loss {valid['loss']:.4f} "
-            f"nll {valid['nll']:.4f} BLEU {valid['bleu']:.2f} (beam {valid['beam']})"
+            f"nll {valid['nll']:.4f} ppl {valid['ppl']:.2f}{bleu}"
             + (" (best)" if improved else f" (best {_metric_name(run)} {s.best:.4f} after epoch {s.best_epoch})"))
     if improved:
         save_checkpoint(run, "best")
@@ -638,35 +705,68 @@ def _end_of_epoch(run: Run) -> None:
 
 @torch.no_grad()
 def validate(run: Run) -> dict:
-    """Validation loss (the training objective, NLL and divergence; token means) and BLEU/chrF of the
-    translations of the validation sources (beam ``eval.valid_beam``; other ``eval.*`` settings)."""
-    from ktransfer.evaluate import score, translate
-
+    """Validation loss (the training objective, NLL and divergence; token means) and perplexity; for translation
+    pairs also BLEU/chrF of the translations of the validation sources (beam ``eval.valid_beam``; other ``eval.*``
+    settings); for other data the generations of the first ``eval.valid_examples`` prompts, in ``train.log``."""
     model, cfg = run.model, run.cfg
     model.eval()
-    src, tgt = run.valid_ids
-    sampler = TokenBatchSampler(*run.family.lengths((src, tgt)), cfg.data.max_tokens, shuffle=False)
+    valid = valid_loss(run)
+    if run.data_format == "parallel":
+        valid.update(_valid_bleu(run))
+    else:
+        valid.update(bleu=None, chrf=None, beam=None, sentences=len(run.valid_ids[0]))
+        _log_examples(run, cfg.eval.valid_examples)
+    model.train()
+    return valid
+
+
+def valid_loss(run: Run, model=None) -> dict:
+    """Token means of the objective, its NLL and divergence, and the perplexity ``exp(nll)``, of ``model`` (default:
+    the learner) on the validation examples, with reference prefixes."""
+    sampler = TokenBatchSampler(*run.family.lengths(run.valid_ids), run.cfg.data.max_tokens, shuffle=False)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
     for idx in distributed.shard(sampler.epoch_batches(0)):  # several processes: each takes a share of batches
         batch = collate_batch(run, run.valid_ids, idx)
         n = int((batch["labels"] != -100).sum())
-        out = compute_loss(run, batch)
+        out = compute_loss(run, batch, model=model)
         for i, value in enumerate((out.loss, out.nll, out.divergence)):
             sums[i] += float(value) * n
         sums[3] += n
     *sums, total = distributed.all_reduce_sum(sums)
     valid = {k: v / max(total, 1) for k, v in zip(("loss", "nll", "divergence"), sums, strict=True)}
     valid["ppl"] = math.exp(min(valid["nll"], 50.0))
+    valid["tokens"] = int(total)
+    return valid
+
+
+def _valid_bleu(run: Run) -> dict:
+    """BLEU and chrF of the learner's translations of the validation sources."""
+    from ktransfer.evaluate import score, translate
+
+    cfg = run.cfg
     beam = cfg.eval.valid_beam or (cfg.eval.beam if cfg.train.valid_bleu else 1)
     sources, references = [p[0] for p in run.valid_pairs], [p[1] for p in run.valid_pairs]
     t0 = time.time()
     hyps = distributed.map_sharded(  # several processes: each translates a share; hypotheses in source order
-        lambda part: translate(model, run.tokenizer, part, beam=beam, length_penalty=cfg.eval.length_penalty,
+        lambda part: translate(run.model, run.tokenizer, part, beam=beam, length_penalty=cfg.eval.length_penalty,
                                max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size), sources)
     scores = distributed.broadcast(score(hyps, references) if distributed.is_main() else None)  # rank 0 scores
-    model.train()
-    return {**valid, "bleu": scores["bleu"], "chrf": scores["chrf"], "beam": beam, "sentences": len(sources),
+    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "beam": beam, "sentences": len(sources),
             "translate_s": time.time() - t0, "bleu_signature": scores["bleu_signature"]}
+
+
+def _log_examples(run: Run, n: int) -> None:
+    """Greedy generations of the learner for the first ``n`` validation prompts, beside their references."""
+    if n <= 0 or not distributed.is_main():
+        return
+    from ktransfer.generation import DecodeSettings
+
+    prompts = run.valid_ids[0][:n]
+    settings = DecodeSettings(beam=1, length_penalty=1.0, max_length=run.cfg.eval.max_length)
+    outputs = run.family.complete(run.model, run.tokenizer, prompts, settings, batch_size=n)
+    for i, out in enumerate(outputs):
+        run.log(f"  example {i + 1}: prompt {run.tokenizer.decode(prompts[i])!r}\n    learner   {out!r}\n"
+                f"    reference {run.tokenizer.decode(run.valid_ids[1][i])!r}")
 
 
 def _metric_name(run: Run) -> str:

@@ -17,6 +17,11 @@ SPLIT.SRC (the source lines, unchanged), SPLIT.TGT (the teacher's translations, 
 the corpus copied unchanged, and the manifest OUT/.seqkd.json. The work is done in .OUT.partial beside OUT in chunks
 of --chunk-lines lines; the same command, run again after a kill, translates only what is missing. Training on OUT
 (data.corpus=OUT) is sequence-level KD (Kim & Rush 2016), the `teacher` prefix source of docs/design.md.
+
+JSONL data (--corpus FILE.jsonl or a folder of SPLIT.jsonl; prompt_completion or chat): OUT/SPLIT.jsonl holds the
+same records with every completion (every assistant turn, generated after the reference conversation before it)
+replaced by the teacher's, the other SPLIT.jsonl files copied:
+  ktransfer distill-data runs/chat-teacher --corpus data/chat --out data/chat-seqkd --beam 1
 """
 
 
@@ -33,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--src-lang", default=None, help="source language (default: the teacher run's data.src_lang)")
     data.add_argument("--tgt-lang", default=None, help="target language (default: the teacher run's data.tgt_lang)")
     data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N lines of the split")
+    data.add_argument("--format", default=None, dest="data_format", choices=["parallel", "prompt_completion", "chat"],
+                      help="format of --corpus (default: inferred from the path and the first record); "
+                           "prompt_completion and chat give OUT/SPLIT.jsonl with the teacher's completions")
     dec = parser.add_argument_group("decoding")
     dec.add_argument("--beam", type=int, default=5, help="beam width; 1 = greedy (default: 5)")
     dec.add_argument("--length-penalty", type=float, default=1.0, help="length normalisation exponent (default: 1.0)")
@@ -49,18 +57,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ktransfer.checkpoint import CheckpointError
     from ktransfer.data import CorpusError
-    from ktransfer.seqkd import distill_corpus
+    from ktransfer.seqkd import distill_corpus, distill_examples
 
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:
-        manifest = distill_corpus(
-            args.teacher, args.out, corpus=args.corpus, split=args.split, src_lang=args.src_lang,
-            tgt_lang=args.tgt_lang, beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length,
-            batch_size=args.batch_size, limit=args.limit, chunk_lines=args.chunk_lines, device=args.device,
-            progress=not args.no_progress, log=log)
+        fmt = _data_format(args)
+        if fmt != "parallel":
+            manifest = distill_examples(
+                args.teacher, args.out, data=args.corpus, fmt=fmt, split=args.split, beam=args.beam,
+                length_penalty=args.length_penalty, max_length=args.max_length, batch_size=args.batch_size,
+                limit=args.limit, device=args.device, progress=not args.no_progress, log=log)
+        else:
+            manifest = distill_corpus(
+                args.teacher, args.out, corpus=args.corpus, split=args.split, src_lang=args.src_lang,
+                tgt_lang=args.tgt_lang, beam=args.beam, length_penalty=args.length_penalty,
+                max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
+                chunk_lines=args.chunk_lines, device=args.device,
+                progress=not args.no_progress, log=log)
     except (FileNotFoundError, FileExistsError, CorpusError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
     return 0
+
+
+def _data_format(args: argparse.Namespace) -> str:
+    """--format, else the format of --corpus as ``ktransfer.formats`` infers it (parallel without --corpus)."""
+    if args.data_format is not None or args.corpus is None:
+        return args.data_format or "parallel"
+    from ktransfer import formats
+
+    return formats.infer_format(formats.locate(args.corpus))[0]

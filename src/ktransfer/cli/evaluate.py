@@ -13,6 +13,7 @@ examples:
   ktransfer evaluate runs/ka --src test.de --ref test.en --out results/ka
 
   torchrun --nproc_per_node 8 -m ktransfer evaluate runs/ka --split test2016 --device cuda
+  ktransfer evaluate runs/chat-ka --corpus chat/ --split valid    # JSONL data: NLL, perplexity, generations
 
 CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Hypotheses go to
 OUT/hyp.SPLIT.TGT and the scores to OUT/scores.SPLIT.json (OUT defaults to RUN/eval/CHECKPOINT_NAME).
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "corpus, else test; with --src: the source file's name without "
                                                     "its language suffix)")
     data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N sentences")
+    data.add_argument("--format", default=None, dest="data_format",
+                      choices=["parallel", "prompt_completion", "chat", "text"],
+                      help="format of --corpus (default: the run's data.format for its own data, else inferred); "
+                           "not parallel: NLL/perplexity of the completions and generations.SPLIT.jsonl")
     data.add_argument("--src", default=None, metavar="FILE", help="source sentences, one per line")
     data.add_argument("--ref", default=None, metavar="FILE", help="reference translations, line-aligned with --src")
     data.add_argument("--src-lang", default=None, help="source language (default: from the checkpoint's config, "
@@ -68,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, corpus=args.corpus, split=args.split, src_file=args.src, ref_file=args.ref,
             src_lang=args.src_lang, tgt_lang=args.tgt_lang, beam=args.beam, length_penalty=args.length_penalty,
             max_length=args.max_length, batch_size=args.batch_size, out_dir=args.out, limit=args.limit,
-            device=args.device,
-            progress=args.progress,
+            device=args.device, progress=args.progress, data_format=args.data_format,
         )
     except (FileNotFoundError, CorpusError, CheckpointError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)

@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if launch_rank() != 0:  # torchrun: rank 0 alone reports
         return 0
     valid = result["valid"] or {}
+    last = (f"last valid BLEU {valid['bleu']:.2f}" if valid.get("bleu") is not None else
+            f"last valid ppl {valid.get('ppl', float('nan')):.2f}")
     print(f"{result['out_dir']}: {result['stopped']} after {result['step']} steps; best "
           f"{'BLEU' if cfg.train.valid_bleu else 'valid loss'} {result['best']} (epoch {result['best_epoch']}); "
-          f"last valid BLEU {valid.get('bleu', float('nan')):.2f}")
+          f"{last}")
     return 0
