@@ -120,6 +120,33 @@ def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch)
         hub.load_pretrained(AutoModelForSeq2SeqLM, str(tmp_path / "missing" / "deeper"))
 
 
+def test_hub_id_without_a_network_fails_at_once(tmp_path, monkeypatch, capsys):
+    """No HF_HUB_OFFLINE, a host that refuses connections: one clear error, without huggingface_hub's ~30 s of
+    retries (each printed)."""
+    import socket
+    import time
+
+    from ktransfer.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+
+    def refuse(address, timeout=None):
+        raise ConnectionRefusedError(f"refused: {address}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    assert main(["translate", "Helsinki-NLP/opus-mt-de-en"]) == 1
+    err = capsys.readouterr().err
+    assert time.perf_counter() - start < 5 and "Retrying" not in err
+    assert "Helsinki-NLP/opus-mt-de-en: not a local folder, not in the local Hugging Face cache, and the hub cannot " \
+           "be reached" in err
+
+
 # --- the kernel build -----------------------------------------------------------------------------------------------
 # A stand-in for csrc/divergence_cpu.cpp built through the same path (native.kernel with native.SOURCE replaced): a
 # Python module that takes seconds to compile (constexpr loops, ~1.5 s each), so a build can be killed midway.

@@ -7,7 +7,8 @@
 - Weights are read from safetensors only (``use_safetensors=True``); a folder with only pickle weights
   (``pytorch_model.bin``, ``*.pt``, ...) is refused with how to convert it.
 - A local folder loads with ``local_files_only=True``. Any other string is a hub id: the local cache is tried first,
-  then the network (unless ``HF_HUB_OFFLINE`` is set); without either, one error names the id.
+  then the network (unless ``HF_HUB_OFFLINE`` is set, or the hub's host refuses a connection: ``hub_reachable``);
+  without either, one error names the id, at once.
 """
 
 from __future__ import annotations
@@ -106,6 +107,31 @@ def _unreachable(repo_id: str) -> ValueError:
                       "download it where there is a network (huggingface-cli download ID) or give a local folder")
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection (once per process; True behind a proxy, which is not
+    probed). Without it huggingface_hub retries a dead connection for ~30 s before it gives up."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
 def _hub_file(repo_id: str, filename: str) -> Path | None:
     """``filename`` of hub repository ``repo_id`` from the cache, else downloaded; None if the repo lacks it."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -116,7 +142,7 @@ def _hub_file(repo_id: str, filename: str) -> Path | None:
         return Path(cached)
     if cached is not None:  # the cache records that the repository has no such file
         return None
-    if not offline():
+    if not offline() and hub_reachable():
         try:
             return Path(hf_hub_download(repo_id, filename))
         except LocalEntryNotFoundError:  # no connection, not cached
@@ -147,7 +173,7 @@ def _from_pretrained(loader, source: str, trust_remote_code: bool, kw: dict[str,
     repo_id = _hub_id(source)
     _check_hub_code(repo_id, trust_remote_code, names)
     error: OSError | None = None
-    for local_only in (True,) if offline() else (True, False):
+    for local_only in (True,) if offline() or not hub_reachable() else (True, False):
         try:
             return loader(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only, **kw)
         except OSError as e:
@@ -156,7 +182,7 @@ def _from_pretrained(loader, source: str, trust_remote_code: bool, kw: dict[str,
     if "safetensors" in text:
         raise ValueError(f"{repo_id}: no safetensors weights ({text}); ktransfer reads safetensors only; "
                          + CONVERT_HINT) from None
-    if "connect" in text or offline():
+    if "connect" in text or offline() or not hub_reachable():
         raise _unreachable(repo_id) from None
     raise ValueError(f"{repo_id}: {text}") from None
 
