@@ -43,6 +43,7 @@ import torch
 FORMAT = "ktransfer-checkpoint"
 FORMAT_VERSION = 2  # 1: state.json with the model config and tokenizer inside (before checkpoints were HF folders)
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA learner's checkpoint (ktransfer.adapters)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "training_state.json"
 OLD_STATE_FILE = "state.json"
@@ -356,8 +357,10 @@ def _read_state(path: Path) -> dict[str, Any]:
     if checksum != _body_checksum(body):
         raise CheckpointError(f"{state_path}: checksum mismatch (the file was edited or is corrupt)")
     missing = [k for k in ("train_state", "files") if k not in body]
-    if missing or MODEL_FILE not in body["files"] or "config.json" not in body["files"]:
-        raise CheckpointError(f"{state_path} lacks {missing or [MODEL_FILE, 'config.json']}")
+    model_files = ([MODEL_FILE, "config.json"] if "adapter_config.json" not in body["files"]
+                   else [ADAPTER_FILE, "adapter_config.json"])  # LoRA: the adapters (the base is named there)
+    if missing or any(name not in body["files"] for name in model_files):
+        raise CheckpointError(f"{state_path} lacks {missing or model_files}")
     return body
 
 

@@ -123,6 +123,19 @@ class ModelConfig(_Section):
     dropout: float | None = _field(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
     trust_remote_code: bool = _field(False, "allow a model folder's own Python code (config.json auto_map); read "
                                      "that code first")
+    lora_r: int | None = _field(None, "LoRA rank: train low-rank adapters of the learner's linear layers only "
+                                "(None = train every weight; needs peft and a pretrained learner: model.init or a "
+                                "folder)", ge=1)
+    lora_alpha: float = _field(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) * B A", gt=0.0)
+    lora_dropout: float = _field(0.0, "dropout on the LoRA branch's input", ge=0.0, lt=1.0)
+    lora_target_modules: tuple[str, ...] | None = _field(None, "names of the linear layers that get adapters, e.g. "
+                                                         "q_proj,v_proj (None = every linear layer but the head)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _field(
+        "float32", "the learner's weights (and so its optimiser state); float32 keeps master weights exact, "
+        "train.bf16 adds autocast on top")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "the frozen teacher's weights: auto = bfloat16 on a CUDA device that supports it (half the memory, "
+        "logits to bf16 precision), float32 elsewhere")
 
     def _check_more(self) -> None:
         from ktransfer.models import PRESETS
@@ -191,6 +204,8 @@ class TrainConfig(_Section):
     patience: int = _field(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
     seed: int = _field(1, "seed of every random generator", ge=0)
     bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
+    gradient_checkpointing: bool = _field(False, "recompute the learner's layer activations in the backward pass "
+                                          "instead of keeping them: less memory, ~30% more compute, same gradients")
     log_every: int = _field(100, "log training metrics every this many updates", ge=1)
     save_every: int = _field(500, "also save checkpoints/last every this many updates (0 = only after each epoch)",
                              ge=0)

@@ -13,7 +13,8 @@ A model *source* (``model.preset``, ``model.init``, ``model.teacher``, the argum
 - a ktransfer checkpoint folder (``RUN/checkpoints/best``: a Hugging Face folder plus ``training_state.json``),
   verified file by file first;
 - a ktransfer run folder (its ``checkpoints/best``);
-- a Hugging Face model folder (``config.json`` + ``*.safetensors``, with or without tokenizer files);
+- a Hugging Face model folder (``config.json`` + ``*.safetensors``, with or without tokenizer files), or a folder
+  of LoRA adapters (``adapter_config.json``, read with the base it names: ``ktransfer.adapters``);
 - a hub id (``Helsinki-NLP/opus-mt-de-en``), read through the local cache (``ktransfer.hub``).
 
 Remote code is never run unless ``trust_remote_code`` is set by the user; only safetensors weights are read.
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ktransfer import checkpoint, hub
+from ktransfer import adapters, checkpoint, hub
 from ktransfer.causal import CAUSAL_PRESETS, CausalFamily
 from ktransfer.generation import INSTRUCTION_KEY, DecodeSettings, output_rows, unwrap
 from ktransfer.seq2seq import PRESETS as SEQ2SEQ_PRESETS
@@ -121,7 +122,7 @@ def resolve_source(source: str | os.PathLike) -> Path | str:
         if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
             return name  # a hub id (org/name): ktransfer.hub reads it from the cache or says why it cannot
         raise FileNotFoundError(f"no such model folder: {path} (nor a preset: {', '.join(PRESETS)})")
-    if checkpoint.is_checkpoint(path) or (path / "config.json").is_file():
+    if checkpoint.is_checkpoint(path) or (path / "config.json").is_file() or adapters.is_adapter_folder(path):
         return path
     checkpoint.refuse_old_format(path)
     best = path / "checkpoints" / "best"
@@ -150,6 +151,12 @@ def load_model(source: str | os.PathLike, *, device="cpu", trust_remote_code: bo
     where = resolve_source(source)
     if isinstance(where, Path) and (checkpoint.is_checkpoint(where) or checkpoint.interrupted_swap(where)):
         where = checkpoint.verified_folder(where)  # the folder whose files all match their sha256
+    if isinstance(where, Path) and adapters.is_adapter_folder(where):  # LoRA: the base, then its adapters
+        base, tokenizer = load_model(adapters.base_of(where), device=device, trust_remote_code=trust_remote_code,
+                                     **overrides)
+        if is_tokenizer_folder(where):
+            tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code)
+        return adapters.load_adapters(base, where).to(device).eval(), tokenizer
     config = hub.load_config(where, trust_remote_code=trust_remote_code)
     family = family_of(config)
     kw = family.load_overrides(config.model_type, overrides)

@@ -169,7 +169,9 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, data: RunDat
     train_pairs, valid_pairs = formats.to_pairs(data.train, tokenizer), formats.to_pairs(data.valid, tokenizer)
     if main:
         tokenizer.save(out_dir / "tokenizer")
-    model = model.to(device)
+    model = model.to(device=device, dtype=DTYPES[cfg.model.dtype])
+    if cfg.train.gradient_checkpointing:
+        _gradient_checkpointing(model, log)
     family = models.family_of(model)
     try:
         family.prepare(model, tokenizer, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang, fmt=data.format,
@@ -218,6 +220,24 @@ def _encode_pairs(cfg: RunConfig, fmt: str, family, model, teacher, tokenizer, t
     return (src, tgt), family.encode(valid_pairs, tokenizer, positions, **kw)
 
 
+def _gradient_checkpointing(model, log) -> None:
+    """Recompute the learner's layer activations in backward (``transformers``' own checkpointing, non-reentrant:
+    the same gradients; dropout masks are replayed from the saved RNG state).
+
+    Raises:
+        ConfigError: a model class without gradient checkpointing.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it",
+                          key="train.gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    log("gradient checkpointing: the learner's layer activations are recomputed in the backward pass")
+
+
 def _ddp(model, device: torch.device):
     """The learner wrapped in DistributedDataParallel under torchrun (None for one process). The teacher stays
     outside: frozen, it has no gradients to synchronise."""
@@ -247,7 +267,8 @@ def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None):
     """AdamW and the learning-rate schedule; restored from ``resumed`` with the RNG states (last: nothing after this
     may draw random numbers)."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
     if resumed is not None:
         ckpt_lib.restore_optimizer(optimizer, resumed)
@@ -392,9 +413,21 @@ def _load_teacher(cfg: RunConfig, device: torch.device, log) -> tuple[torch.nn.M
             raise ConfigError(f"model.teacher: {cfg.model.teacher} has no tokenizer files: give data.tokenizer",
                               key="data.tokenizer")
     teacher.eval().requires_grad_(False)
+    dtype = teacher_dtype(cfg.model.teacher_dtype, device)
+    teacher.to(dtype)
     log(f"teacher: {cfg.model.teacher} ({type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} "
-        "parameters, frozen)")
+        f"parameters, frozen, {str(dtype).removeprefix('torch.')})")
     return teacher, tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.teacher_dtype``: ``auto`` is bfloat16 on a CUDA device that supports it, else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def _given_tokenizer(cfg: RunConfig) -> Tokenizer | None:
@@ -426,13 +459,34 @@ def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_exa
                 raise ConfigError(f"data.tokenizer: {e}", key="data.tokenizer") from None
         if resumed is None:
             log(f"learner initialised from {start} (model.preset not used)")
+            model = _with_lora(cfg, model, log)
         return model.train(), tokenizer
     tokenizer = given or teacher_tokenizer or _train_bpe(cfg, train_examples, log)
     try:
-        return models.build_model(cfg.model.preset, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  **overrides).train(), tokenizer
+        model = models.build_model(cfg.model.preset, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                   **overrides)
     except ValueError as e:
         raise ConfigError(f"model.preset: {e}", key="model.preset") from None
+    return _with_lora(cfg, model, log).train(), tokenizer
+
+
+def _with_lora(cfg: RunConfig, model, log):
+    """The learner with fresh LoRA adapters when ``model.lora_r`` is set (``ktransfer.adapters``), else itself."""
+    m = cfg.model
+    if m.lora_r is None:
+        return model
+    from ktransfer import adapters
+
+    try:
+        model = adapters.add_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                                  target_modules=m.lora_target_modules, causal=models.family_of(model).name == "causal")
+    except ImportError as e:
+        raise ConfigError(f"model.lora_r: {e}", key="model.lora_r") from None
+    except ValueError as e:
+        raise ConfigError(str(e), key="model.lora_r") from None
+    log(f"LoRA: rank {m.lora_r}, alpha {m.lora_alpha}, dropout {m.lora_dropout}, "
+        f"{adapters.parameter_summary(model)}")
+    return model
 
 
 def _train_bpe(cfg: RunConfig, train_examples, log) -> Tokenizer:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("ktransfer.cli.reproduce", "the paper's experiment as resumable stages, with analyses and report"),
     "report": ("ktransfer.cli.report", "rebuild the report (tables, figures) of a `reproduce` run folder"),
     "distill-data": ("ktransfer.cli.distill_data", "sequence-level KD data: the teacher's translations of a split"),
+    "export": ("ktransfer.cli.export", "a checkpoint as a plain Hugging Face model folder (LoRA adapters merged)"),
     "build-kernel": ("ktransfer.cli.build_kernel", "build the C++ CPU kernel ahead of the first run (optional)"),
 }
 

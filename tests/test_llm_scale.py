@@ -1,0 +1,170 @@
+"""Training at LLM scale, the parts that run on a CPU: gradient checkpointing gives the loss and gradients of the
+plain pass (both families), a bf16 teacher gives the float32 loss to bf16 precision, a bf16 learner trains and its
+checkpoint keeps its dtype. Memory is measured in ``bench/gradient_checkpointing.py``, not here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_hf_models import llama_teacher
+
+from ktransfer.config import load_config
+from ktransfer.train import compute_loss, setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lines(shared_data) -> dict[str, list[str]]:
+    folder = shared_data / "multi30k-de-en"
+    return {lang: (folder / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:2000] for lang in ("de", "en")}
+
+
+@pytest.fixture(scope="module")
+def causal_teacher(lines, tmp_path_factory) -> Path:
+    return llama_teacher(tmp_path_factory.mktemp("llama") / "teacher", lines)
+
+
+@pytest.fixture(scope="module")
+def seq2seq_teacher(small_tokenizer, tmp_path_factory) -> Path:
+    from ktransfer.models import build_model
+
+    folder = tmp_path_factory.mktemp("marian") / "teacher"
+    torch.manual_seed(0)
+    build_model("tiny", small_tokenizer, dropout=0.0).save_pretrained(folder)
+    small_tokenizer.save(folder)
+    return folder
+
+
+def _run(shared_data, tmp_path, teacher: Path, preset: str, *extra):
+    cfg = load_config(None, [f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={teacher}",
+                             f"model.preset={preset}", "model.dropout=0.0", "objective.objective=kd",
+                             "objective.lam=0.5", "data.train_limit=64", "data.valid_subset=4", "data.max_tokens=400",
+                             "data.max_length=40", "train.seed=3", f"train.out_dir={tmp_path}", *extra])
+    return setup(cfg)
+
+
+def _loss_and_grads(run) -> tuple[float, dict[str, torch.Tensor]]:
+    from ktransfer.train import collate_batch
+
+    batch = collate_batch(run, run.train_ids, run.sampler.epoch_batches(0)[0])
+    run.model.zero_grad(set_to_none=True)
+    out = compute_loss(run, batch)
+    out.loss.backward()
+    return float(out.loss), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "causal"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, shared_data, tmp_path, causal_teacher,
+                                                                  seq2seq_teacher):
+    teacher, preset = (seq2seq_teacher, "tiny") if family == "seq2seq" else (causal_teacher, "llama-tiny")
+    plain = _run(shared_data, tmp_path / "plain", teacher, preset)
+    ckpt = _run(shared_data, tmp_path / "ckpt", teacher, preset, "train.gradient_checkpointing=true")
+    assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    ckpt.model.load_state_dict(plain.model.state_dict())  # the same weights (two builds draw the same, but be sure)
+    loss_a, grads_a = _loss_and_grads(plain)
+    loss_b, grads_b = _loss_and_grads(ckpt)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 4
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_bf16_teacher_gives_the_float32_loss_to_bf16_precision(shared_data, tmp_path, causal_teacher):
+    full = _run(shared_data, tmp_path / "f32", causal_teacher, "llama-tiny", "model.teacher_dtype=float32")
+    half = _run(shared_data, tmp_path / "bf16", causal_teacher, "llama-tiny", "model.teacher_dtype=bfloat16")
+    assert next(half.teacher.parameters()).dtype == torch.bfloat16
+    assert next(full.teacher.parameters()).dtype == torch.float32  # auto on a CPU: float32
+    half.model.load_state_dict(full.model.state_dict())
+    a, b = _loss_and_grads(full)[0], _loss_and_grads(half)[0]
+    assert a != b and b == pytest.approx(a, rel=2e-2)  # bf16 has 8 bits of mantissa: ~0.4% per logit
+
+
+def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, causal_teacher):
+    from ktransfer.cli import main
+    from ktransfer.models import load_model
+
+    out = tmp_path / "run"
+    assert main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={causal_teacher}",
+                 "model.preset=llama-tiny", "model.dtype=bfloat16", "objective.objective=kd", "data.train_limit=64",
+                 "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=8", "train.max_steps=3",
+                 "train.epochs=1", f"train.out_dir={out}"]) == 0
+    model, _ = load_model(out / "checkpoints" / "last")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA learners (peft)
+# --------------------------------------------------------------------------------------------------------------
+def _lora_args(shared_data, base: Path, out: Path, steps: int) -> list[str]:
+    return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.init={base}", "model.lora_r=4",
+            "model.lora_alpha=8", "objective.objective=nll", "data.train_limit=96", "data.valid_subset=4",
+            "data.max_tokens=400", "data.max_length=40", "eval.max_length=6", "optim.lr=1e-2",
+            f"train.max_steps={steps}", "train.epochs=50", "train.log_every=1", "train.save_every=1",
+            "train.num_threads=1", f"train.out_dir={out}"]
+
+
+def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_path, causal_teacher):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ktransfer import adapters
+    from ktransfer.cli import main
+    from ktransfer.models import load_model
+
+    run = tmp_path / "run"
+    assert main(_lora_args(shared_data, causal_teacher, run, 12)) == 0
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
+    last = run / "checkpoints" / "last"
+    assert (last / "adapter_model.safetensors").is_file() and not (last / "model.safetensors").is_file()
+    # the base weights are bit for bit those of the base folder; only lora_A / lora_B were trained
+    model, tok = load_model(last)
+    assert adapters.is_lora(model)
+    base = load_file(causal_teacher / "model.safetensors")
+    state = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+             for k, v in model.state_dict().items() if "lora_" not in k}
+    assert base.keys() <= state.keys() | {"lm_head.weight"}
+    for name, w in base.items():
+        if name in state:
+            assert torch.equal(state[name], w), name
+    saved = load_file(last / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved) and any(v.abs().sum() > 0 for k, v in saved.items()
+                                                              if "lora_B" in k)
+    # merged (the exported folder, read by plain transformers) and unmerged give the same logits
+    assert main(["export", str(last), "--out", str(tmp_path / "merged")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([tok.encode("Ein Mann fährt Fahrrad.")])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(plain(ids).logits, load_model(causal_teacher)[0](ids).logits)
+
+
+def test_a_lora_run_resumes_exactly(shared_data, tmp_path, causal_teacher):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from ktransfer.cli import main
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(_lora_args(shared_data, causal_teacher, straight, 6)) == 0
+    assert main(_lora_args(shared_data, causal_teacher, resumed, 3)) == 0
+    assert main(_lora_args(shared_data, causal_teacher, resumed, 6)) == 0  # continues from checkpoints/last
+    a = load_file(straight / "checkpoints/last/adapter_model.safetensors")
+    b = load_file(resumed / "checkpoints/last/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_a_preset_is_refused(shared_data, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from ktransfer.cli import main
+
+    args = _lora_args(shared_data, Path("unused"), tmp_path / "run", 2)
+    args = [a for a in args if not a.startswith("model.init=")] + ["model.preset=gpt2-tiny"]
+    assert main(args) == 2
+    assert "LoRA adapts pretrained weights" in capsys.readouterr().err and not (tmp_path / "run").exists()
