@@ -168,3 +168,71 @@ def test_lora_on_a_preset_is_refused(shared_data, tmp_path, capsys):
     args = [a for a in args if not a.startswith("model.init=")] + ["model.preset=gpt2-tiny"]
     assert main(args) == 2
     assert "LoRA adapts pretrained weights" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fused head for causal models
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize(("objective", "top_k"), [("kd", None), ("ka", 4), ("nll", None)])
+def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, shared_data, causal_teacher):
+    """``fused_model_loss`` on a causal batch (with ``logits_to_keep``) against ``transfer_loss`` on the logits:
+    value and every gradient."""
+    from ktransfer import transfer_loss
+    from ktransfer.causal import CausalFamily
+    from ktransfer.fused_linear import fused_model_loss
+    from ktransfer.models import build_model, load_model
+
+    teacher, tok = load_model(causal_teacher)
+    torch.manual_seed(0)
+    learner = build_model(preset, tok, dropout=0.0).train()
+    family = CausalFamily()
+    family.prepare(learner, tok, src_lang="de", tgt_lang="en")
+    de, en = ((shared_data / f"multi30k-de-en/train.{lang}").read_text().splitlines()[:6] for lang in ("de", "en"))
+    pairs = list(zip(de, en, strict=True))
+    src, tgt = family.encode(pairs, tok, 100, model=learner)
+    inputs, labels = family.model_inputs(family.collate(src, tgt, learner, tok))
+    assert inputs["logits_to_keep"] < inputs["input_ids"].shape[1]  # the prompt columns are skipped
+    kw = dict(objective=objective, lam=0.6, top_k=top_k)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    V = tok.vocab_size
+    logits = learner(**inputs, use_cache=False).logits[..., :V]
+    with torch.no_grad():
+        t_logits = teacher(**inputs, use_cache=False).logits[..., :V]
+    want = transfer_loss(logits, t_logits, labels, **kw)
+    want_grads = torch.autograd.grad(want.loss, params)
+    got = fused_model_loss(learner, teacher, inputs, labels, **kw)
+    got_grads = torch.autograd.grad(got.loss, params)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_refuses_logit_softcapping_by_name(causal_teacher):
+    from ktransfer.fused_linear import output_head
+    from ktransfer.models import load_model
+
+    model, _ = load_model(causal_teacher)
+    body, head, _ = output_head(model)
+    assert body is model.model and head is model.lm_head
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0\): the fused head would leave that out"):
+        output_head(model)
+
+
+def test_causal_training_with_the_fused_head_equals_unfused(shared_data, tmp_path, causal_teacher):
+    from safetensors.torch import load_file
+
+    from ktransfer.cli import main
+
+    def args(out, fused):
+        return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={causal_teacher}",
+                "model.preset=llama-tiny", "objective.objective=ka", "objective.top_k=4", "data.train_limit=48",
+                "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=3",
+                "train.epochs=1", f"train.fused_head={str(fused).lower()}", f"train.out_dir={out}"]
+
+    assert main(args(tmp_path / "plain", False)) == 0 and main(args(tmp_path / "fused", True)) == 0
+    a = load_file(tmp_path / "plain/checkpoints/last/model.safetensors")
+    b = load_file(tmp_path / "fused/checkpoints/last/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -215,8 +215,8 @@ class TrainConfig(_Section):
     resume: bool = _field(True, "continue from out_dir/checkpoints/last when it exists")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.fused_linear): the [B, T, V] "
-                              "logits of learner and teacher are never held; same loss and gradients (Marian models, "
-                              "one process)")
+                              "logits of learner and teacher are never held; same loss and gradients (Marian "
+                              "and causal LMs with a plain lm_head, one process)")
     teacher_cache: str | None = _field(None, "folder of the teacher's top-k on the training data "
                                        "(ktransfer.teacher_cache; built when missing): no teacher pass in training "
                                        "steps; exact for kd / teacher-support divergences with top_k, else refused")

@@ -171,15 +171,23 @@ def fused_linear_divergence(
     return plan.result(loss, div_sum, nll_sum)
 
 
+# Config fields that change a causal LM's logits after its head: fusing would drop them, so such models are refused.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, torch.Tensor | None]:
     """``(body, head, bias)`` of a model whose logits are ``head(body(**inputs)[0]) + bias``, bias ``[V]`` or None.
 
-    Only ``MarianMTModel`` (the models of ``ktransfer.models``): ``lm_head`` (a bias-free ``nn.Linear`` tied to the
-    embeddings) plus the ``final_logits_bias`` buffer ``[1, V]``, on the decoder output of ``model.model``. Subclasses
-    that override ``forward`` are refused: their logits may be computed otherwise.
+    - ``MarianMTModel`` (the seq2seq models of ``ktransfer.models``): ``lm_head`` (a bias-free ``nn.Linear`` tied to
+      the embeddings) plus the ``final_logits_bias`` buffer ``[1, V]``, on the decoder output of ``model.model``;
+    - a ``transformers`` causal LM class (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) with a plain linear
+      ``lm_head`` on the output of its base model (``model.base_model``), and no logit softcapping or scaling in its
+      config (those are refused by name: the fused loss would leave them out).
+
+    Subclasses that override ``forward`` outside ``transformers`` are refused: their logits may be computed otherwise.
 
     Raises:
-        ValueError: any other model, naming its class.
+        ValueError: any other model, naming its class (and the config field that changes its logits).
     """
     from transformers import MarianMTModel
 
@@ -189,8 +197,23 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
         if model.lm_head.bias is not None:
             bias = bias + model.lm_head.bias
         return model.model, model.lm_head, bias
-    raise ValueError(f"{type(model).__name__} is not a model whose output layer ktransfer can fuse (a MarianMTModel "
-                     "with a plain linear lm_head and final_logits_bias)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    head = getattr(model, "lm_head", None)
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # GPT2LMHeadModel, LlamaForCausalLM, ...
+    if (name in causal_classes and type(model).forward.__module__.startswith("transformers.")
+            and type(head) is torch.nn.Linear and getattr(model, "base_model", model) is not model):
+        config = model.config
+        scaled = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            fields = ", ".join(f"{k}={getattr(config, k)}" for k in scaled)
+            raise ValueError(f"{name} changes its logits after the head ({fields}): the fused head would leave that "
+                             "out; train without train.fused_head")
+        return model.base_model, head, head.bias
+    raise ValueError(f"{name} is not a model whose output layer ktransfer can fuse (a MarianMTModel with a plain "
+                     "linear lm_head and final_logits_bias, or a transformers *ForCausalLM with a plain linear "
+                     "lm_head)")
 
 
 def fused_model_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, inputs: dict, labels: torch.Tensor, *,
@@ -201,12 +224,15 @@ def fused_model_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, in
     calls ``fused_linear_divergence`` with each model's head and bias; ``options`` are those of ``transfer_loss``.
     Value and gradients equal the unfused ones up to float rounding.
     """
+    inputs = dict(inputs)
+    keep = inputs.pop("logits_to_keep", None)  # causal: logits of the last `keep` positions only (the labels')
+    window = (lambda x: x) if not keep else (lambda x: x[:, -keep:])  # noqa: E731
     body, head, bias = output_head(model)
-    h = body(**inputs, use_cache=False)[0]
+    h = window(body(**inputs, use_cache=False)[0])
     g = t_head = t_bias = None
     if teacher is not None and objective != "nll":
         t_body, t_head, t_bias = output_head(teacher)
         with torch.no_grad():
-            g = t_body(**inputs, use_cache=False)[0]
+            g = window(t_body(**inputs, use_cache=False)[0])
     return fused_linear_divergence(h, head, g, t_head, objective, labels=labels, lam=lam, learner_bias=bias,
                                    teacher_bias=t_bias, **options)
