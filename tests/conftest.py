@@ -46,3 +46,18 @@ def small_tokenizer(shared_data):
     for lang in ("de", "en"):
         lines += (folder / f"train.{lang}").read_text(encoding="utf-8").split("\n")[:3000]
     return train_tokenizer(lines, vocab_size=2000)
+
+
+@pytest.fixture(scope="session")
+def multi30k_lines(shared_data) -> dict[str, list[str]]:
+    """The first 2,000 training lines of multi30k-de-en, by language (``"de"``, ``"en"``)."""
+    folder = shared_data / "multi30k-de-en"
+    return {lang: (folder / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:2000] for lang in ("de", "en")}
+
+
+@pytest.fixture(scope="session")
+def llama_folder(multi30k_lines, tmp_path_factory) -> Path:
+    """A tiny Llama teacher with a Llama-style fast tokenizer and a chat template (``test_hf_models.llama_teacher``)."""
+    from test_hf_models import llama_teacher
+
+    return llama_teacher(tmp_path_factory.mktemp("llama") / "teacher", multi30k_lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_models import CODE, llama_teacher
+from test_hf_models import CODE
 
 from ktransfer import formats
 from ktransfer.cli import main
@@ -21,14 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lines(shared_data) -> dict[str, list[str]]:
-    folder = shared_data / "multi30k-de-en"
-    return {lang: (folder / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:2000] for lang in ("de", "en")}
+def lines(multi30k_lines) -> dict[str, list[str]]:
+    return multi30k_lines
 
 
 @pytest.fixture(scope="module")
-def teacher(lines, tmp_path_factory) -> Path:
-    return llama_teacher(tmp_path_factory.mktemp("llama") / "teacher", lines)
+def teacher(llama_folder) -> Path:
+    return llama_folder
 
 
 def _write_jsonl(path: Path, rows) -> Path:

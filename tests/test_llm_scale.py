@@ -9,23 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_models import llama_teacher
 
 from ktransfer.config import load_config
 from ktransfer.train import compute_loss, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def lines(shared_data) -> dict[str, list[str]]:
-    folder = shared_data / "multi30k-de-en"
-    return {lang: (folder / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:2000] for lang in ("de", "en")}
-
-
-@pytest.fixture(scope="module")
-def causal_teacher(lines, tmp_path_factory) -> Path:
-    return llama_teacher(tmp_path_factory.mktemp("llama") / "teacher", lines)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +46,9 @@ def _loss_and_grads(run) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("family", ["seq2seq", "causal"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, shared_data, tmp_path, causal_teacher,
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, shared_data, tmp_path, llama_folder,
                                                                   seq2seq_teacher):
-    teacher, preset = (seq2seq_teacher, "tiny") if family == "seq2seq" else (causal_teacher, "llama-tiny")
+    teacher, preset = (seq2seq_teacher, "tiny") if family == "seq2seq" else (llama_folder, "llama-tiny")
     plain = _run(shared_data, tmp_path / "plain", teacher, preset)
     ckpt = _run(shared_data, tmp_path / "ckpt", teacher, preset, "train.gradient_checkpointing=true")
     assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
@@ -73,9 +61,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, shared
         torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_a_bf16_teacher_gives_the_float32_loss_to_bf16_precision(shared_data, tmp_path, causal_teacher):
-    full = _run(shared_data, tmp_path / "f32", causal_teacher, "llama-tiny", "model.teacher_dtype=float32")
-    half = _run(shared_data, tmp_path / "bf16", causal_teacher, "llama-tiny", "model.teacher_dtype=bfloat16")
+def test_a_bf16_teacher_gives_the_float32_loss_to_bf16_precision(shared_data, tmp_path, llama_folder):
+    full = _run(shared_data, tmp_path / "f32", llama_folder, "llama-tiny", "model.teacher_dtype=float32")
+    half = _run(shared_data, tmp_path / "bf16", llama_folder, "llama-tiny", "model.teacher_dtype=bfloat16")
     assert next(half.teacher.parameters()).dtype == torch.bfloat16
     assert next(full.teacher.parameters()).dtype == torch.float32  # auto on a CPU: float32
     half.model.load_state_dict(full.model.state_dict())
@@ -83,12 +71,12 @@ def test_a_bf16_teacher_gives_the_float32_loss_to_bf16_precision(shared_data, tm
     assert a != b and b == pytest.approx(a, rel=2e-2)  # bf16 has 8 bits of mantissa: ~0.4% per logit
 
 
-def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, causal_teacher):
+def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, llama_folder):
     from ktransfer.cli import main
     from ktransfer.models import load_model
 
     out = tmp_path / "run"
-    assert main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={causal_teacher}",
+    assert main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
                  "model.preset=llama-tiny", "model.dtype=bfloat16", "objective.objective=kd", "data.train_limit=64",
                  "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=8", "train.max_steps=3",
                  "train.epochs=1", f"train.out_dir={out}"]) == 0
@@ -107,7 +95,7 @@ def _lora_args(shared_data, base: Path, out: Path, steps: int) -> list[str]:
             "train.num_threads=1", f"train.out_dir={out}"]
 
 
-def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_path, causal_teacher):
+def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_path, llama_folder):
     pytest.importorskip("peft")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -117,7 +105,7 @@ def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_pat
     from ktransfer.models import load_model
 
     run = tmp_path / "run"
-    assert main(_lora_args(shared_data, causal_teacher, run, 12)) == 0
+    assert main(_lora_args(shared_data, llama_folder, run, 12)) == 0
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "train"]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
@@ -126,7 +114,7 @@ def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_pat
     # the base weights are bit for bit those of the base folder; only lora_A / lora_B were trained
     model, tok = load_model(last)
     assert adapters.is_lora(model)
-    base = load_file(causal_teacher / "model.safetensors")
+    base = load_file(llama_folder / "model.safetensors")
     state = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
              for k, v in model.state_dict().items() if "lora_" not in k}
     assert base.keys() <= state.keys() | {"lm_head.weight"}
@@ -142,19 +130,19 @@ def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_pat
     ids = torch.tensor([tok.encode("Ein Mann fährt Fahrrad.")])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(plain(ids).logits, load_model(causal_teacher)[0](ids).logits)
+        assert not torch.allclose(plain(ids).logits, load_model(llama_folder)[0](ids).logits)
 
 
-def test_a_lora_run_resumes_exactly(shared_data, tmp_path, causal_teacher):
+def test_a_lora_run_resumes_exactly(shared_data, tmp_path, llama_folder):
     pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     from ktransfer.cli import main
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(_lora_args(shared_data, causal_teacher, straight, 6)) == 0
-    assert main(_lora_args(shared_data, causal_teacher, resumed, 3)) == 0
-    assert main(_lora_args(shared_data, causal_teacher, resumed, 6)) == 0  # continues from checkpoints/last
+    assert main(_lora_args(shared_data, llama_folder, straight, 6)) == 0
+    assert main(_lora_args(shared_data, llama_folder, resumed, 3)) == 0
+    assert main(_lora_args(shared_data, llama_folder, resumed, 6)) == 0  # continues from checkpoints/last
     a = load_file(straight / "checkpoints/last/adapter_model.safetensors")
     b = load_file(resumed / "checkpoints/last/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -175,7 +163,7 @@ def test_lora_on_a_preset_is_refused(shared_data, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 @pytest.mark.parametrize(("objective", "top_k"), [("kd", None), ("ka", 4), ("nll", None)])
-def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, shared_data, causal_teacher):
+def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, shared_data, llama_folder):
     """``fused_model_loss`` on a causal batch (with ``logits_to_keep``) against ``transfer_loss`` on the logits:
     value and every gradient."""
     from ktransfer import transfer_loss
@@ -183,7 +171,7 @@ def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, 
     from ktransfer.fused_linear import fused_model_loss
     from ktransfer.models import build_model, load_model
 
-    teacher, tok = load_model(causal_teacher)
+    teacher, tok = load_model(llama_folder)
     torch.manual_seed(0)
     learner = build_model(preset, tok, dropout=0.0).train()
     family = CausalFamily()
@@ -208,11 +196,11 @@ def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, 
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_head_refuses_logit_softcapping_by_name(causal_teacher):
+def test_fused_head_refuses_logit_softcapping_by_name(llama_folder):
     from ktransfer.fused_linear import output_head
     from ktransfer.models import load_model
 
-    model, _ = load_model(causal_teacher)
+    model, _ = load_model(llama_folder)
     body, head, _ = output_head(model)
     assert body is model.model and head is model.lm_head
     model.config.final_logit_softcapping = 30.0
@@ -220,13 +208,13 @@ def test_fused_head_refuses_logit_softcapping_by_name(causal_teacher):
         output_head(model)
 
 
-def test_causal_training_with_the_fused_head_equals_unfused(shared_data, tmp_path, causal_teacher):
+def test_causal_training_with_the_fused_head_equals_unfused(shared_data, tmp_path, llama_folder):
     from safetensors.torch import load_file
 
     from ktransfer.cli import main
 
     def args(out, fused):
-        return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={causal_teacher}",
+        return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
                 "model.preset=llama-tiny", "objective.objective=ka", "objective.top_k=4", "data.train_limit=48",
                 "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=3",
                 "train.epochs=1", f"train.fused_head={str(fused).lower()}", f"train.out_dir={out}"]
