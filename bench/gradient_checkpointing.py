@@ -1,10 +1,11 @@
 """Peak memory and time of one training step with and without ``train.gradient_checkpointing``, for a causal and a
 seq2seq learner built from presets (random weights: memory and time do not depend on them).
 
-Each row runs in a fresh process: build the model, one warm-up step, then ``--steps`` measured steps (forward,
-NLL, backward) on a random batch of ``--batch`` x ``--length`` tokens. "step peak MiB" is the growth of the process's
-peak resident memory (``ru_maxrss``) over its value after the warm-up's allocations were freed: what the step's
-activations and gradients add. Prints a markdown table.
+Each row runs in a fresh process: build the model and a random batch of ``--batch`` x ``--length`` tokens, one
+step (forward, NLL, backward), then ``--steps`` timed steps. "step peak MiB" is how much the first step raises the
+process's peak resident memory (``ru_maxrss``): the activations kept for backward plus the parameters' gradients
+(the same with and without checkpointing, so the difference between two rows is activations). Prints a markdown
+table.
 
     .venv/bin/python bench/gradient_checkpointing.py                       # ~1 minute on 2 cores
     .venv/bin/python bench/gradient_checkpointing.py --batch 16 --length 256 --presets cpu-causal-teacher
@@ -51,14 +52,14 @@ def _one(preset: str, checkpointing: bool, batch: int, length: int, steps: int) 
         model.zero_grad(set_to_none=True)
         model(**inputs, use_cache=False).loss.backward()
 
-    step()  # warm-up: parameters' gradients, allocator caches
-    model.zero_grad(set_to_none=True)
-    base = _peak_mib()
+    base = _peak_mib()  # model, batch and tokenizer built; no step yet
+    step()  # the first step's peak: activations kept for backward, plus the parameters' gradients
+    peak = _peak_mib() - base
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return {"preset": preset, "checkpointing": checkpointing, "ms": 1000 * (time.perf_counter() - start) / steps,
-            "step_peak_mib": _peak_mib() - base}
+            "step_peak_mib": peak}
 
 
 def main() -> None:
@@ -80,7 +81,7 @@ def main() -> None:
     from pipeline import cpu_model
 
     print(f"{cpu_model()}, torch {torch.__version__}, {a.threads} threads, batch {a.batch} x {a.length} tokens, "
-          f"float32, one training step (forward + NLL + backward), mean of {a.steps}\n")
+          f"float32, one training step (forward + NLL + backward), time: mean of {a.steps} after the first\n")
     print("| preset | gradient checkpointing | ms / step | step peak MiB |")
     print("|---|---|---:|---:|")
     for preset in a.presets:

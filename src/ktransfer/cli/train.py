@@ -17,8 +17,15 @@ examples:
   ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
   ktransfer train --help-config             # every key, its default and help
 
+  # a Hugging Face teacher (folder or cached hub id): the learner takes its tokenizer, no BPE is trained
+  ktransfer train model.teacher=Helsinki-NLP/opus-mt-de-en model.preset=cpu-learner objective.objective=kd
+  # your own data: prompt/completion or chat JSONL, text, a datasets folder (data.format=auto says which)
+  ktransfer train data.corpus=chat.jsonl model.teacher=llama-teacher/ model.init=small-llama/ \
+      model.lora_r=16 train.gradient_checkpointing=true objective.objective=ka objective.top_k=8
+
 Settings: defaults < CONFIG.yaml < KEY=VALUE overrides (dotted keys; --help-config lists them all). The run folder
-(train.out_dir) receives config.yaml, tokenizer.json, metrics.jsonl, train.log and checkpoints/{last,best}. A run
+(train.out_dir) receives config.yaml, tokenizer/, metrics.jsonl, train.log and checkpoints/{last,best}: Hugging
+Face folders (AutoModelFor*.from_pretrained reads them) with ktransfer's training_state.json beside them. A run
 folder that holds checkpoints/last is resumed (train.resume=true, the default). SIGINT or SIGTERM saves
 checkpoints/last and exits with status 130 or 143; a configuration error exits with status 2.
 """
