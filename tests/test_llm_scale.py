@@ -224,3 +224,26 @@ def test_causal_training_with_the_fused_head_equals_unfused(shared_data, tmp_pat
     b = load_file(tmp_path / "fused/checkpoints/last/model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_causal_training_from_the_teacher_cache_equals_the_live_teacher(shared_data, tmp_path, llama_folder):
+    """kd on the teacher's top-4 for a causal learner: the cached teacher (rows keyed by response position, read at
+    each row's own column of the scored window) gives the weights of the live teacher."""
+    from safetensors.torch import load_file
+
+    from ktransfer.cli import main
+
+    def args(out, *extra):
+        return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
+                "model.preset=llama-tiny", "objective.objective=kd", "objective.top_k=4", "data.train_limit=48",
+                "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=4",
+                "train.epochs=1", f"train.out_dir={out}", *extra]
+
+    assert main(args(tmp_path / "live")) == 0
+    assert main(args(tmp_path / "cached", f"train.teacher_cache={tmp_path / 'cache'}")) == 0
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    a = load_file(tmp_path / "live/checkpoints/last/model.safetensors")
+    b = load_file(tmp_path / "cached/checkpoints/last/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)

@@ -234,7 +234,6 @@ class CausalFamily:
 
     name = "causal"
     presets = CAUSAL_PRESETS
-    teacher_cache = False  # ktransfer.teacher_cache keys rows by seq2seq target positions
 
     @staticmethod
     def auto_class():

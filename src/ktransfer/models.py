@@ -44,7 +44,6 @@ class ModelFamily(Protocol):
 
     name: str
     presets: dict[str, dict[str, Any]]
-    teacher_cache: bool  # whether ``train.teacher_cache`` can serve this family
 
     def auto_class(self): ...
     def build(self, preset: str, tokenizer: Tokenizer, **overrides): ...

@@ -139,7 +139,6 @@ class Seq2SeqFamily:
 
     name = "seq2seq"
     presets = PRESETS
-    teacher_cache = True  # the teacher cache (``ktransfer.teacher_cache``) keys rows by target position
 
     @staticmethod
     def auto_class():

@@ -86,23 +86,29 @@ class TeacherCache:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
-    def rows(self, example_index: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache rows ``[B, length]`` of positions 0..length-1 of examples ``example_index`` [B], and a mask of the
-        positions that exist (False past an example's end, where the row is clamped to a valid one)."""
+    def rows(self, example_index: torch.Tensor, length: int, shift: torch.Tensor | None = None):
+        """Cache rows ``[B, length]`` for label columns 0..length-1 of examples ``example_index`` [B], and a mask of
+        the columns that hold a target (False before an example's first target and past its last, where the row
+        is clamped to a valid one). ``shift`` [B]: the column of each example's first target (``first_targets``;
+        None = 0, the seq2seq layout)."""
         index = torch.as_tensor(example_index, dtype=torch.long).reshape(-1)
         start, end = self.offsets[index], self.offsets[index + 1]
-        pos = start.unsqueeze(-1) + torch.arange(length).unsqueeze(0)
-        valid = pos < end.unsqueeze(-1)
+        col = torch.arange(length).unsqueeze(0)
+        if shift is not None:
+            col = col - torch.as_tensor(shift, dtype=torch.long).reshape(-1, 1)
+        pos = start.unsqueeze(-1) + col
+        valid = (col >= 0) & (pos < end.unsqueeze(-1))
         return torch.where(valid, pos, start.unsqueeze(-1)), valid
 
-    def teacher_logits(self, example_index: torch.Tensor, length: int, *, device=None) -> torch.Tensor:
+    def teacher_logits(self, example_index: torch.Tensor, length: int, *, shift: torch.Tensor | None = None,
+                       device=None) -> torch.Tensor:
         """Stand-in teacher logits ``[B, length, V]`` (float32) for ``transfer_loss``: u' = T * log q' with
         q' = q on the cached top-K ids and the residual mass spread uniformly over the other V - K tokens.
 
-        Exact (up to float32 rounding) for divergences on the teacher's top-k support, k <= K; positions past an
-        example's end are 0 (they are padding, labels -100, never read).
+        Exact (up to float32 rounding) for divergences on the teacher's top-k support, k <= K; columns that hold
+        no target of the example are 0 (padding or a causal prompt: labels -100, never read).
         """
-        rows, valid = self.rows(example_index, length)
+        rows, valid = self.rows(example_index, length, shift)
         # only the [B, L, K] rows travel to the device; the [B, L, V] stand-in is built there
         ids = self.ids[rows].to(device=device, dtype=torch.long)
         logq = self.logq[rows].to(device=device, dtype=torch.float64)
@@ -159,18 +165,37 @@ def ids_digest(src: list[list[int]], tgt: list[list[int]]) -> str:
 
 
 @torch.no_grad()
-def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[list[int]], list[list[int]]], *,
-          k: int, temperature: float = 1.0, pad_id: int, decoder_start_id: int, max_tokens: int = 4096,
-          device: torch.device | str = "cpu", bf16: bool = False, dtype: torch.dtype = torch.float32,
-          shard_examples: int = 50_000, key: dict[str, Any] | None = None, log=None) -> TeacherCache:
-    """One teacher pass over ``ids`` = (source ids, target ids); writes the cache folder ``path`` and returns it.
+def first_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The column of each row's first target in ``labels`` [B, L] (0 for seq2seq labels; a causal batch's scored
+    window starts each response at its own column). Targets are contiguous from there."""
+    scored = labels != ignore_index
+    return torch.where(scored.any(-1), scored.int().argmax(-1), 0).cpu()
 
-    The teacher runs in eval mode under ``torch.no_grad`` (bf16 autocast with ``bf16``) on length-sorted batches of
-    at most ``max_tokens`` padded tokens per side. ``key``: settings that identify the run (teacher digest,
-    tokenizer, data), stored in the manifest and compared by ``load``. The folder is written under a temporary name
-    and renamed into place, so an interrupted build leaves nothing behind at ``path``.
+
+def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[list[int]], list[list[int]]], *,
+          k: int, temperature: float = 1.0, pad_id: int | None = None, decoder_start_id: int | None = None,
+          family=None, model=None, tokenizer=None, max_tokens: int = 4096, device: torch.device | str = "cpu",
+          bf16: bool = False, dtype: torch.dtype = torch.float32, shard_examples: int = 50_000,
+          key: dict[str, Any] | None = None, log=None) -> TeacherCache:
+    """One teacher pass over ``ids`` = (source ids, target ids) as a family encodes them; writes the cache folder
+    ``path`` and returns it. Row j of example i is the teacher at its j-th target (``len(ids[1][i])`` of them).
+
+    Batches: ``family.collate`` / ``family.model_inputs`` (with ``model`` and ``tokenizer``: any family, causal
+    included), else the seq2seq layout of ``ktransfer.data.collate`` with ``pad_id`` and ``decoder_start_id``. The
+    teacher runs in eval mode under ``torch.no_grad`` (bf16 autocast with ``bf16``) on length-sorted batches of at
+    most ``max_tokens`` padded tokens per side. ``key``: settings that identify the run (teacher digest, tokenizer,
+    data), stored in the manifest and compared by ``load``. The folder is written under a temporary name and renamed
+    into place, so an interrupted build leaves nothing behind at ``path``.
     """
     from ktransfer.data import TokenBatchSampler, collate
+
+    def batch_of(idx):
+        if family is not None:
+            batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
+            return family.model_inputs({n: v.to(device) for n, v in batch.items()})
+        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_id, decoder_start_id)
+        inputs = {n: batch[n].to(device) for n in ("input_ids", "attention_mask", "decoder_input_ids")}
+        return inputs, batch["labels"]
 
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
@@ -192,10 +217,11 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     all_logq = torch.empty(P, k, dtype=dtype)
     all_lse = torch.empty(P, dtype=torch.float32)
     V = None
-    sampler = TokenBatchSampler([len(s) for s in src], lengths, max_tokens, shuffle=False)
+    sides = family.lengths(ids) if family is not None else ([len(s) for s in src], lengths)
+    sampler = TokenBatchSampler(*sides, max_tokens, shuffle=False)
     for idx in sampler.epoch_batches(0):
-        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_id, decoder_start_id)
-        inputs = {n: batch[n].to(device) for n in ("input_ids", "attention_mask", "decoder_input_ids")}
+        inputs, labels = batch_of(idx)
+        shift = first_targets(labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             u = teacher(**inputs, use_cache=False).logits  # (B, T, V)
         V = u.shape[-1]
@@ -210,7 +236,8 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
         for b, i in enumerate(idx):
             rows = slice(int(offsets[i]), int(offsets[i + 1]))
             n = int(lengths[i])
-            all_ids[rows], all_logq[rows], all_lse[rows] = top_ids[b, :n], logq[b, :n].to(dtype), lse[b, :n]
+            cols = slice(int(shift[b]), int(shift[b]) + n)
+            all_ids[rows], all_logq[rows], all_lse[rows] = top_ids[b, cols], logq[b, cols].to(dtype), lse[b, cols]
     teacher.train(was_training)
     if V is None:
         raise ValueError("no training examples to cache")
@@ -316,11 +343,18 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
     from ktransfer import checkpoint as ckpt_lib
     from ktransfer.config import ConfigError
 
-    state_file = Path(cfg.model.teacher) / ckpt_lib.STATE_FILE
-    try:  # the digest that load_checkpoint verified the teacher's weights against
-        digest = json.loads(state_file.read_text(encoding="utf-8"))["files"][ckpt_lib.MODEL_FILE]["sha256"]
+    folder = Path(cfg.model.teacher)
+    state_file = folder / ckpt_lib.STATE_FILE
+    weights = sorted(folder.glob("*.safetensors"))
+    try:  # the digest that load_checkpoint verified the teacher's weights against; else that of its weight files
+        if state_file.is_file():
+            digest = json.loads(state_file.read_text(encoding="utf-8"))["files"][ckpt_lib.MODEL_FILE]["sha256"]
+        elif weights:
+            digest = hashlib.sha256("".join(_sha256(w) for w in weights).encode()).hexdigest()
+        else:
+            raise FileNotFoundError(f"no {ckpt_lib.STATE_FILE} and no *.safetensors in {folder}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"train.teacher_cache: cannot read the teacher's weight digest from {state_file}: {e}",
+        raise ConfigError(f"train.teacher_cache: cannot read the teacher's weight digest from {folder}: {e}",
                           key="model.teacher") from None
     d = cfg.data
     return {"teacher_path": str(Path(cfg.model.teacher).resolve()), "teacher_sha256": digest,
@@ -329,8 +363,8 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
             "train_limit": d.train_limit, "max_length": d.max_length}
 
 
-def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, decoder_start_id: int,
-                 device: torch.device, log) -> TeacherCache:
+def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, family, model, device: torch.device,
+                 log) -> TeacherCache:
     """The cache of ``train.teacher_cache`` for this run: checked against the objective, built when the folder does
     not exist (rank 0; the others wait), refused when stale.
 
@@ -358,9 +392,9 @@ def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, decoder_st
     if not path.exists():
         if distributed.is_main():
             log(f"teacher cache: building {path} (top-{ob.top_k}, T={ob.temperature})")
-            build(path, teacher, train_ids, k=ob.top_k, temperature=ob.temperature, pad_id=tokenizer.pad_id,
-                  decoder_start_id=decoder_start_id, max_tokens=cfg.data.max_tokens, device=device,
-                  bf16=cfg.train.bf16, key=run, log=log)
+            build(path, teacher, train_ids, k=ob.top_k, temperature=ob.temperature, family=family, model=model,
+                  tokenizer=tokenizer, max_tokens=cfg.data.max_tokens, device=device, bf16=cfg.train.bf16, key=run,
+                  log=log)
         distributed.barrier()
     expect = {"k_min": ob.top_k, "temperature": float(ob.temperature), "bf16": bool(cfg.train.bf16),
               "num_examples": len(tgt), "key": run}

@@ -314,16 +314,11 @@ def _fused_head_and_cache(cfg: RunConfig, model, teacher, tokenizer, train_ids, 
                 raise ConfigError(f"train.fused_head: the {name}: {e}", key="train.fused_head") from None
     if not cfg.train.teacher_cache:
         return None
-    from ktransfer.seq2seq import decoder_start
     from ktransfer.teacher_cache import open_for_run
-
-    if not models.family_of(model).teacher_cache:
-        raise ConfigError(f"train.teacher_cache: not supported for a {models.family_of(model).name} model "
-                          f"({type(model).__name__})", key="train.teacher_cache")
 
     if teacher is None:
         raise ConfigError("train.teacher_cache: objective nll uses no teacher", key="train.teacher_cache")
-    return open_for_run(cfg, teacher, tokenizer, train_ids, decoder_start(model), device, log)
+    return open_for_run(cfg, teacher, tokenizer, train_ids, models.family_of(model), model, device, log)
 
 
 def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
@@ -688,8 +683,10 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
         logits = (run.model if model is None else model)(**inputs, use_cache=False).logits  # (B, T, V)
         teacher_logits = None
         if run.teacher_cache is not None and "example_index" in batch:  # training batch: the cached teacher
-            teacher_logits = run.teacher_cache.teacher_logits(batch["example_index"], batch["labels"].shape[1],
-                                                              device=logits.device)
+            from ktransfer.teacher_cache import first_targets
+
+            teacher_logits = run.teacher_cache.teacher_logits(batch["example_index"], labels.shape[1],
+                                                              shift=first_targets(labels), device=logits.device)
         elif run.teacher is not None:
             with torch.no_grad():
                 teacher_logits = run.teacher(**inputs, use_cache=False).logits  # (B, T, V)
