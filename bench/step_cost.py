@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 rows")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables (default: aligned text)")
     parser.add_argument("--json", metavar="PATH", help="also write the per-batch times to PATH")
+    parser.add_argument("--on-policy", action="store_true",
+                        help="add the on-policy rows: 'sample' (the learner's samples of a batch alone) and 'kd "
+                             "on-policy' (a kd step with objective.prefix=learner); their ratio is to the kd step")
+    parser.add_argument("--sample-length", type=int, default=64,
+                        help="objective.sample_max_length of the on-policy rows (default: 64)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -122,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     save_checkpoint(work / "teacher", model=build_model(args.teacher, tokenizer), tokenizer=tokenizer, config={})
 
-    def make_run(objective: str, bf16: bool, top_k: int | None):
-        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}"
+    def make_run(objective: str, bf16: bool, top_k: int | None, *extra: str):
+        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{'-onpolicy' if extra else ''}"
         overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
                      f"model.preset={args.learner}", f"objective.objective={objective}", f"objective.lam={args.lam}",
                      f"train.bf16={bf16}", f"train.out_dir={work / name}", "train.seed=0",
@@ -132,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"objective.top_k={top_k}")
         if objective != "nll":
             overrides.append(f"model.teacher={work / 'teacher'}")
-        return setup(load_config(None, overrides))
+        return setup(load_config(None, [*overrides, *extra]))
+
+    def sample_fn(run):
+        from ktransfer.prefixes import SampleSettings
+
+        def sample(batch):
+            settings = SampleSettings.from_config(run.cfg, seed=0)
+            sampled = run.family.on_policy_batch(run.model, run.tokenizer, batch, settings)
+            return int((sampled["labels"] != -100).sum())
+        return sample
 
     def step_fn(run):
         def step(batch):
@@ -144,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def teacher_fn(run):
         # As train.compute_loss runs the teacher: frozen (eval, no gradients), under the run's autocast.
-        keys = ("input_ids", "attention_mask") if run.causal else ("input_ids", "attention_mask", "decoder_input_ids")
-
         def forward(batch):
+            inputs, _ = run.family.model_inputs(batch)
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.cfg.train.bf16):
-                logits = run.teacher(**{k: batch[k] for k in keys}, use_cache=False).logits  # (B, T, V)
+                logits = run.teacher(**inputs, use_cache=False).logits  # (B, T, V)
             del logits
             return int((batch["labels"] != -100).sum())
         return forward
@@ -168,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(SimpleNamespace(bf16=bf16, step=objective, top_k=top_k, fn=step_fn(run), times=[],
                                             tokens=[]))
         params["teacher"] = count_parameters(teacher_run.teacher, trainable_only=False)
+        if args.on_policy:
+            on = make_run("kd", bf16, None, "objective.prefix=learner",
+                          f"objective.sample_max_length={args.sample_length}")
+            rows.append(SimpleNamespace(bf16=bf16, step="sample", top_k=None, fn=sample_fn(on), times=[], tokens=[]))
+            rows.append(SimpleNamespace(bf16=bf16, step="kd on-policy", top_k=None, fn=step_fn(on), times=[],
+                                        tokens=[]))
         rows.insert(len(rows) - 2 * len(supports),
                     SimpleNamespace(bf16=bf16, step="teacher fwd", top_k=None, fn=teacher_fn(teacher_run), times=[],
                                     tokens=[]))
@@ -199,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         if r.step in ("kd", "ka"):
             entry["ratio"] = _summary([t / b for t, b in zip(r.times, base[r.bf16], strict=True)])
             entry["extra_ms"] = statistics.median([(t - b) * 1e3 for t, b in zip(r.times, base[r.bf16], strict=True)])
+        elif r.step in ("sample", "kd on-policy"):  # against the kd step on the reference prefixes
+            kd = next(x.times for x in rows if x.bf16 == r.bf16 and x.step == "kd" and x.top_k is None)
+            entry["ratio"] = _summary([t / b for t, b in zip(r.times, kd, strict=True)])
+            entry["extra_ms"] = statistics.median([(t - b) * 1e3 for t, b in zip(r.times, kd, strict=True)])
         table.append(entry)
 
     bf16_hw = "yes" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "no"
