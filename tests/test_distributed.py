@@ -226,3 +226,52 @@ def test_reproduce_on_two_processes(shared_data, tmp_path, monkeypatch):
     for name in ("finetune/kd/seed1", "finetune/ka/seed1"):  # every model kept, with the per-epoch analyses
         assert (run / name / "checkpoints/best/model.safetensors").is_file()
         assert (run / name / "analysis/epoch1.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FSDP2 (train.distributed=fsdp): learner and teacher sharded per block
+# --------------------------------------------------------------------------------------------------------------
+def test_fsdp_seq2seq_two_processes_equal_one_then_resume_on_one(setting, shared_data):
+    """Marian kd with learner and teacher sharded over 2 processes, 5 steps, then resumed on 1 process to the end
+    of the epoch: equal to the 1-process reference (accumulate=2) throughout, weights and optimiser gathered into
+    the checkpoint in the single-process layout."""
+    root, kd, reference = setting["root"], setting["kd"], setting["reference"]
+    two = root / "fsdp-two"
+    proc = torchrun(overrides(shared_data, two, *kd, "train.distributed=fsdp", "train.max_steps=5"))
+    assert "sharded over 2 processes (FSDP2)" in proc.stdout + proc.stderr
+    assert_same_weights(two, setting["one"])
+    saved = json.loads((two / "checkpoints/last/training_state.json").read_text())["optimizer"]
+    assert saved["param_groups"][0]["params"][:3] == [0, 1, 2]  # by index, as one process writes it
+    train(load_config(None, overrides(shared_data, two, *kd, "optim.accumulate=2")))  # resumed on one process
+    assert step_of(two) == step_of(reference)
+    assert_same_weights(two, reference)
+    shutil.rmtree(two)
+
+
+def test_fsdp_causal_one_process_checkpoint_resumed_on_two(shared_data, tmp_path):
+    """gpt2-tiny ka: 3 steps on one process (accumulate=2), resumed on 2 FSDP processes to step 6, equals 6 steps
+    on one process; the teacher is sharded too."""
+    gpt2 = ("model.preset=gpt2-tiny", "data.max_tokens=400")
+    teacher = tmp_path / "teacher"
+    train(load_config(None, overrides(shared_data, teacher, *gpt2, "train.max_steps=2")))
+    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}")
+    train(load_config(None, overrides(shared_data, tmp_path / "ref", *ka, "optim.accumulate=2", "train.max_steps=6")))
+    mixed = tmp_path / "mixed"
+    train(load_config(None, overrides(shared_data, mixed, *ka, "optim.accumulate=2", "train.max_steps=3")))
+    torchrun(overrides(shared_data, mixed, *ka, "train.distributed=fsdp", "train.max_steps=6"))
+    assert step_of(mixed) == 6
+    assert_same_weights(mixed, tmp_path / "ref")
+    (valid,) = records(mixed, "valid")[-1:]
+    assert valid["divergence"] != 0
+
+
+def test_fsdp_refuses_on_policy_prefixes_by_name(setting, shared_data, tmp_path):
+    """Sampling runs a different number of forward passes on each rank, which sharded weights cannot do."""
+    args = overrides(shared_data, tmp_path / "run", *setting["kd"], "train.distributed=fsdp", "train.max_steps=1",
+                     "objective.prefix=learner")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "ktransfer", "train", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "objective.prefix: not with train.distributed=fsdp (use ddp)" in proc.stderr

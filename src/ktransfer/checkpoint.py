@@ -204,7 +204,8 @@ def _config_dict(config) -> dict[str, Any]:
 
 
 # --- save ----------------------------------------------------------------------------------------------------------
-def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler=None, train_state=None) -> Path:
+def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler=None, train_state=None,
+                    state_dict=None, optimizer_state=None) -> Path:
     """Write a checkpoint folder at ``path`` atomically (see the module docstring); returns ``path``.
 
     Args:
@@ -215,6 +216,9 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
         optimizer, scheduler: saved through their ``state_dict()`` when given.
         train_state: JSON-ready dict (epoch, step, batch position, best metric, ...; tensors allowed). When it has
             no ``"rng"`` entry, the current ``capture_rng()`` is added.
+        state_dict, optimizer_state: the model's and the optimizer's full states when they are not the objects'
+            own (a sharded model: ``ktransfer.fsdp``); written in place of ``model.state_dict()`` and
+            ``optimizer.state_dict()``.
 
     Raises:
         TypeError: a value in the states that is neither JSON nor a tensor.
@@ -230,12 +234,14 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
     train_state.setdefault("rng", capture_rng())
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else
+                                                                  {"state_dict": state_dict}))
         tokenizer.save(tmp)
         optimizer_json = None
         if optimizer is not None:
             tensors: dict[str, torch.Tensor] = {}
-            optimizer_json = _split(optimizer.state_dict(), "", tensors)
+            state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+            optimizer_json = _split(state, "", tensors)
             safetensors.torch.save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
         body = {
             "format": FORMAT,

@@ -204,6 +204,9 @@ class TrainConfig(_Section):
     patience: int = _field(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
     seed: int = _field(1, "seed of every random generator", ge=0)
     bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
+    distributed: Literal["ddp", "fsdp"] = _field(
+        "ddp", "several processes (torchrun): ddp (a learner replica per process) or fsdp (FSDP2: learner and "
+        "teacher sharded per transformer block; checkpoints gathered into one HF folder)")
     gradient_checkpointing: bool = _field(False, "recompute the learner's layer activations in the backward pass "
                                           "instead of keeping them: less memory, ~30% more compute, same gradients")
     log_every: int = _field(100, "log training metrics every this many updates", ge=1)

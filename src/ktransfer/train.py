@@ -111,6 +111,7 @@ class Run:
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
     teacher_cache: Any = None  # a ktransfer.teacher_cache.TeacherCache (train.teacher_cache), else None
     data_format: str = "parallel"  # ktransfer.formats: parallel, prompt_completion, chat, text
+    fsdp: bool = False  # learner and teacher sharded (train.distributed=fsdp under torchrun): every rank runs alike
 
     def trained_model(self) -> torch.nn.Module:
         """What training steps run forward/backward through: the DDP wrapper when there is one, else the learner."""
@@ -189,11 +190,13 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, data: RunDat
                                           valid_pairs, log)
     sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
     cache = _fused_head_and_cache(cfg, model, teacher, tokenizer, (src, tgt), device, log)
-    ddp = _ddp(model, device)
-    optimizer, scheduler = _optimizer(cfg, model, resumed)
+    fsdp = _fsdp(cfg, model, teacher, log)
+    ddp = None if fsdp else _ddp(model, device)
+    optimizer, scheduler = _optimizer(cfg, model, resumed, fsdp=fsdp)
 
     log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
         + (f" x {distributed.world_size()} processes (DDP)" if ddp is not None else "")
+        + (f" sharded over {distributed.world_size()} processes (FSDP2)" if fsdp else "")
         + f"; objective {cfg.objective.objective}"
         + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
         + f"; {len(src)} training pairs in {len(sampler.epoch_batches(state.epoch))} batches, "
@@ -202,7 +205,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, data: RunDat
                vocab_size=vocab_size, teacher=teacher, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                train_ids=(src, tgt), valid_ids=valid_ids, valid_pairs=valid_pairs, state=state, log=log,
                metrics=metrics, writer=_tensorboard(out_dir) if main else None, ddp=ddp, teacher_cache=cache,
-               data_format=data.format)
+               data_format=data.format, fsdp=fsdp)
 
 
 def _encode_pairs(cfg: RunConfig, fmt: str, family, model, teacher, tokenizer, train_pairs, valid_pairs, log):
@@ -238,6 +241,34 @@ def _gradient_checkpointing(model, log) -> None:
     log("gradient checkpointing: the learner's layer activations are recomputed in the backward pass")
 
 
+def _fsdp(cfg: RunConfig, model, teacher, log) -> bool:
+    """Shard the learner and the teacher (``ktransfer.fsdp``) when ``train.distributed=fsdp`` with several
+    processes; whether it did.
+
+    Raises:
+        ConfigError: settings that need every rank to run its own number of forward passes or a whole model
+            (on-policy prefixes, the teacher cache, the fused head, LoRA), or a model without transformer blocks.
+    """
+    if cfg.train.distributed != "fsdp" or distributed.world_size() <= 1:
+        return False
+    refused = {"objective.prefix": cfg.objective.prefix != "reference", "train.teacher_cache": cfg.train.teacher_cache,
+               "train.fused_head": cfg.train.fused_head, "model.lora_r": cfg.model.lora_r is not None}
+    for key, on in refused.items():
+        if on:
+            raise ConfigError(f"{key}: not with train.distributed=fsdp (use ddp)", key=key)
+    from ktransfer import fsdp
+
+    try:
+        for m in (model, teacher):
+            if m is not None:
+                fsdp.shard(m)
+    except ValueError as e:
+        raise ConfigError(f"train.distributed: {e}", key="train.distributed") from None
+    log(f"FSDP2: learner{' and teacher' if teacher is not None else ''} sharded per transformer block over "
+        f"{distributed.world_size()} processes")
+    return True
+
+
 def _ddp(model, device: torch.device):
     """The learner wrapped in DistributedDataParallel under torchrun (None for one process). The teacher stays
     outside: frozen, it has no gradients to synchronise."""
@@ -263,14 +294,18 @@ def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_li
     return resumed, state
 
 
-def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None):
+def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, *, fsdp: bool = False):
     """AdamW and the learning-rate schedule; restored from ``resumed`` with the RNG states (last: nothing after this
     may draw random numbers)."""
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
-    if resumed is not None:
+    if resumed is not None and fsdp:  # the single-process layout of the checkpoint, scattered to the shards
+        from ktransfer import fsdp as fsdp_lib
+
+        fsdp_lib.load_optimizer_state(model, optimizer, resumed.optimizer_state)
+    elif resumed is not None:
         ckpt_lib.restore_optimizer(optimizer, resumed)
         scheduler.load_state_dict(resumed.scheduler_state)
         ckpt_lib.restore_rng(resumed.train_state)
@@ -641,7 +676,8 @@ def train_step(run: Run, batches: list[dict], *, padding: int = 0) -> dict:
             loss, nll, div = loss + out.loss.item(), nll + out.nll.item(), div + out.divergence.item()
     loss, nll, div = distributed.all_reduce_sum([loss, nll, div])  # every rank agrees on skipping a step
     clip = o.clip_norm if o.clip_norm is not None else float("inf")  # inf: only measure the norm
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lr = run.optimizer.param_groups[0]["lr"]
     if finite:
@@ -776,14 +812,17 @@ def valid_loss(run: Run, model=None) -> dict:
     the learner) on the validation examples, with reference prefixes."""
     sampler = TokenBatchSampler(*run.family.lengths(run.valid_ids), run.cfg.data.max_tokens, shuffle=False)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
-    for idx in distributed.shard(sampler.epoch_batches(0)):  # several processes: each takes a share of batches
+    batches = sampler.epoch_batches(0)
+    # several processes: each takes a share of the batches; sharded models (FSDP) run all of them on every rank,
+    # since each forward is a collective
+    for idx in batches if run.fsdp else distributed.shard(batches):
         batch = collate_batch(run, run.valid_ids, idx)
         n = int((batch["labels"] != -100).sum())
         out = compute_loss(run, batch, model=model)
         for i, value in enumerate((out.loss, out.nll, out.divergence)):
             sums[i] += float(value) * n
         sums[3] += n
-    *sums, total = distributed.all_reduce_sum(sums)
+    *sums, total = sums if run.fsdp else distributed.all_reduce_sum(sums)
     valid = {k: v / max(total, 1) for k, v in zip(("loss", "nll", "divergence"), sums, strict=True)}
     valid["ppl"] = math.exp(min(valid["nll"], 50.0))
     valid["tokens"] = int(total)
@@ -798,9 +837,12 @@ def _valid_bleu(run: Run) -> dict:
     beam = cfg.eval.valid_beam or (cfg.eval.beam if cfg.train.valid_bleu else 1)
     sources, references = [p[0] for p in run.valid_pairs], [p[1] for p in run.valid_pairs]
     t0 = time.time()
-    hyps = distributed.map_sharded(  # several processes: each translates a share; hypotheses in source order
-        lambda part: translate(run.model, run.tokenizer, part, beam=beam, length_penalty=cfg.eval.length_penalty,
-                               max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size), sources)
+    def translate_part(part):
+        return translate(run.model, run.tokenizer, part, beam=beam, length_penalty=cfg.eval.length_penalty,
+                         max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
+
+    # several processes: each translates a share, hypotheses in source order; FSDP: every rank translates them all
+    hyps = translate_part(sources) if run.fsdp else distributed.map_sharded(translate_part, sources)
     scores = distributed.broadcast(score(hyps, references) if distributed.is_main() else None)  # rank 0 scores
     return {"bleu": scores["bleu"], "chrf": scores["chrf"], "beam": beam, "sentences": len(sources),
             "translate_s": time.time() - t0, "bleu_signature": scores["bleu_signature"]}
@@ -808,7 +850,7 @@ def _valid_bleu(run: Run) -> dict:
 
 def _log_examples(run: Run, n: int) -> None:
     """Greedy generations of the learner for the first ``n`` validation prompts, beside their references."""
-    if n <= 0 or not distributed.is_main():
+    if n <= 0 or not (distributed.is_main() or run.fsdp):  # FSDP: every rank generates (collectives), 0 logs
         return
     from ktransfer.generation import DecodeSettings
 
@@ -835,9 +877,16 @@ def save_checkpoint(run: Run, name: str) -> Path:
     """
     run.elapsed()
     path = run.out_dir / "checkpoints" / name
+    gathered = {}
+    if run.fsdp:  # every rank takes part in gathering the full weights and optimiser state; rank 0 writes them
+        from ktransfer import fsdp
+
+        gathered = {"state_dict": fsdp.full_model_state(run.model),
+                    "optimizer_state": fsdp.full_optimizer_state(run.model, run.optimizer)}
     if distributed.is_main():
         ckpt_lib.save_checkpoint(path, model=run.model, tokenizer=run.tokenizer, config=config_to_dict(run.cfg),
-                                 optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state))
+                                 optimizer=run.optimizer, scheduler=run.scheduler, train_state=asdict(run.state),
+                                 **gathered)
     distributed.barrier()
     return path
 
