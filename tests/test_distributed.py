@@ -254,7 +254,8 @@ def test_fsdp_causal_one_process_checkpoint_resumed_on_two(shared_data, tmp_path
     gpt2 = ("model.preset=gpt2-tiny", "data.max_tokens=400")
     teacher = tmp_path / "teacher"
     train(load_config(None, overrides(shared_data, teacher, *gpt2, "train.max_steps=2")))
-    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}")
+    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
+          "optim.schedule=inverse_sqrt", "optim.warmup_steps=4")  # the restored schedule matters
     train(load_config(None, overrides(shared_data, tmp_path / "ref", *ka, "optim.accumulate=2", "train.max_steps=6")))
     mixed = tmp_path / "mixed"
     train(load_config(None, overrides(shared_data, mixed, *ka, "optim.accumulate=2", "train.max_steps=3")))

@@ -301,12 +301,13 @@ def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, *, fs
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
-    if resumed is not None and fsdp:  # the single-process layout of the checkpoint, scattered to the shards
-        from ktransfer import fsdp as fsdp_lib
+    if resumed is not None:
+        if fsdp:  # the single-process layout of the checkpoint, scattered to the shards
+            from ktransfer import fsdp as fsdp_lib
 
-        fsdp_lib.load_optimizer_state(model, optimizer, resumed.optimizer_state)
-    elif resumed is not None:
-        ckpt_lib.restore_optimizer(optimizer, resumed)
+            fsdp_lib.load_optimizer_state(model, optimizer, resumed.optimizer_state)
+        else:
+            ckpt_lib.restore_optimizer(optimizer, resumed)
         scheduler.load_state_dict(resumed.scheduler_state)
         ckpt_lib.restore_rng(resumed.train_state)
     return optimizer, scheduler
