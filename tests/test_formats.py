@@ -333,3 +333,17 @@ def test_distill_data_gives_the_teachers_completions(lines, teacher, tmp_path):
     assert main(["train", f"data.corpus={out}", f"model.teacher={teacher}", "model.preset=llama-tiny",
                  "objective.objective=kd", "train.max_steps=2", "train.epochs=1", "data.max_length=120",
                  "eval.max_length=6", f"train.out_dir={tmp_path / 'run'}"]) == 0
+
+
+def test_data_check_describes_jsonl_data_and_names_the_bad_line(lines, tmp_path, capsys):
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", _chat_rows(lines, 10))
+    _write_jsonl(folder / "valid.jsonl", _chat_rows(lines, 4, 100))
+    assert main(["data", "check", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{folder}: chat (" in out and "train: 10 examples, 15 assistant turns" in out
+    assert "valid: 4 examples, 6 assistant turns" in out
+    (folder / "valid.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
+    assert main(["data", "check", str(folder)]) == 1
+    assert f"{folder / 'valid.jsonl'}:1: 'messages' must be a non-empty list" in capsys.readouterr().err

@@ -313,6 +313,42 @@ def _checked(fmt: str, records: list, where: list[str], source: str) -> Examples
     return Examples(fmt, records, where, source)
 
 
+def split_names(corpus: str | os.PathLike) -> list[str]:
+    """The splits of data that is not parallel: a file is one split (``train``), a folder has ``SPLIT.jsonl`` (or
+    ``.json``, ``.txt``) files, a datasets folder its DatasetDict splits."""
+    path = locate(corpus)
+    if is_datasets_folder(path):
+        return _dataset_splits(path) if (path / "dataset_dict.json").is_file() else ["train"]
+    if path.is_file():
+        return ["train"]
+    return sorted({p.stem for p in path.iterdir() if p.suffix in DATA_SUFFIXES and not p.name.startswith(".")})
+
+
+def describe(corpus: str | os.PathLike, fmt: str, why: str, splits: Sequence[str] | None = None,
+             keys: Keys = Keys()) -> str:
+    """A few lines on the data: its format and why, then per split the examples, (for chat) the assistant turns,
+    and the characters of prompts and completions.
+
+    Raises:
+        CorpusError: the first bad record of a split (file and line).
+    """
+    lines = [f"{locate(corpus)}: {fmt} ({why})"]
+    for split in splits or split_names(corpus):
+        ex = read_examples(corpus, split, fmt, keys=keys)
+        turns = sum(m["role"] == "assistant" for r in ex.records for m in r) if fmt == "chat" else len(ex)
+        if fmt == "chat":
+            sizes = [(sum(len(m["content"]) for m in r if m["role"] != "assistant"),
+                      sum(len(m["content"]) for m in r if m["role"] == "assistant")) for r in ex.records]
+        elif fmt == "text":
+            sizes = [(0, len(t)) for t in ex.records]
+        else:
+            sizes = [(len(p), len(c)) for p, c in ex.records]
+        mean = [sum(x[i] for x in sizes) / len(sizes) for i in (0, 1)]
+        lines.append(f"  {split}: {len(ex)} examples" + (f", {turns} assistant turns" if fmt == "chat" else "")
+                     + f"; mean characters: prompt {mean[0]:.0f}, completion {mean[1]:.0f} ({ex.source})")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Examples -> (prompt, completion) strings
 # --------------------------------------------------------------------------------------------------------------

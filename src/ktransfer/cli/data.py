@@ -33,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "table (repeat for each file)")
     p.add_argument("--force", action="store_true", help="replace SPLIT.LANG files that already exist")
 
-    p = sub.add_parser("check", help="line counts, lengths, empty and duplicated pairs, length ratios per split")
-    p.add_argument("name", help="corpus name (under $KTRANSFER_DATA) or path")
+    p = sub.add_parser("check", help="line counts, lengths, empty and duplicated pairs, length ratios per split; "
+                                     "for JSONL, text and datasets data: the format, examples and turns per split, "
+                                     "and the first bad record (file and line)")
+    p.add_argument("name", help="corpus name (under $KTRANSFER_DATA) or path (a folder, a .jsonl/.txt file, a "
+                                "datasets folder)")
     p.add_argument("--src", default=None, help="source language (default: from the corpus name, e.g. de in "
                                                "multi30k-de-en)")
     p.add_argument("--tgt", default=None, help="target language")
@@ -53,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
                                  corpus=args.corpus, split=args.split, force=args.force)
             return 0
         if args.action == "check":
+            from ktransfer import formats
+
+            fmt, why = formats.infer_format(formats.locate(args.name))
+            if fmt != "parallel":
+                print(formats.describe(args.name, fmt, why, args.splits))
+                return 0
             if (args.src is None) != (args.tgt is None):
                 raise data.CorpusError("give both --src and --tgt, or neither")
             folder, src, tgt, stats, errors = data.check_corpus(args.name, args.src, args.tgt, args.splits)
