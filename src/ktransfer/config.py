@@ -177,6 +177,8 @@ class ObjectiveConfig(_Section):
     beta: float = _field(0.5, "mixture weight of jsd (0: forward_kl, 1: reverse_kl, as TRL)", ge=0.0, le=1.0)
     alpha: float = _field(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
     renormalize: bool = _field(False, "renormalise p and q over the top-k support")
+    tail: bool = _field(False, "add the rest of the vocabulary as one outcome beside the top-k support (a proper "
+                        "divergence of the (k+1)-outcome coarsenings; needs objective.top_k, not with renormalize)")
     prefix: Literal["reference", "learner", "mixed"] = _field(
         "reference", "prefixes the divergence is computed on: reference (the paper), learner (sampled from the "
         "learner, on-policy), or mixed (learner with probability on_policy_fraction per batch); see ktransfer.prefixes")
@@ -188,6 +190,9 @@ class ObjectiveConfig(_Section):
     sample_max_length: int | None = _field(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
 
     def _check_more(self) -> None:
+        if self.tail and (self.top_k is None or self.renormalize):
+            raise ConfigError("objective.tail: needs objective.top_k (the rest is what lies outside the top-k) and "
+                              "excludes objective.renormalize", key="objective.tail")
         if self.prefix != "reference" and self.objective == "nll":
             raise ConfigError(
                 f"objective.prefix: {self.prefix!r} needs a divergence objective (kd, ka, ...): with "

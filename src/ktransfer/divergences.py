@@ -93,10 +93,17 @@ class SweepSpec:
     alpha: float
     renormalize: bool
     label_smoothing: float = 0.0
+    tail: bool = False  # one more outcome, "the rest of V", beside each top-k support (see ``divergence``)
 
 
-def check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, alpha, reduction, chunk_size):
+def check_options(kind, shape_l, shape_t, top_k, support, temperature, beta, alpha, reduction, chunk_size,
+                  tail=False, renormalize=False):
     """Raise ``ValueError`` naming the first option of ``divergence`` that is out of range or inconsistent."""
+    if tail and top_k is None:
+        raise ValueError("tail=True needs a top_k support: the rest of the vocabulary is what lies outside it")
+    if tail and renormalize:
+        raise ValueError("tail=True and renormalize=True exclude each other: renormalising drops the rest of the "
+                         "vocabulary, the tail keeps it as one outcome")
     if kind not in KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if len(shape_l) == 0:
@@ -230,6 +237,23 @@ def _support_index(s: torch.Tensor, t: torch.Tensor, support: str, k: int):
     return torch.cat([ip, iq], dim=-1), valid
 
 
+def _rest_mass(x: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, valid) -> torch.Tensor:
+    """log of the mass of softmax(x) outside the support ``idx`` [c, k] (``valid`` masks a union's duplicates),
+    summed over the rest (accurate when the support holds nearly all the mass): ``[c, 1]``, -inf when nothing is
+    left."""
+    keep = idx if valid is None else torch.where(valid, idx, idx[..., :1])
+    rest = x.scatter(-1, keep, -math.inf)
+    return torch.logsumexp(rest, dim=-1, keepdim=True) - lse
+
+
+def _tail_term(kind, s, t, lse_s, lse_t, idx, valid, spec):
+    """``(f(p_rest, q_rest), df/dp at p_rest)`` ``[c, 1]`` of the tail outcome of one top-k term."""
+    logp_r, logq_r = _rest_mass(s, lse_s, idx, valid), _rest_mass(t, lse_t, idx, valid)
+    f, w = _value_and_w(kind, logp_r, logq_r, spec.beta, spec.alpha)
+    g = torch.where(torch.isneginf(logp_r), torch.zeros_like(w), w * (-logp_r).exp())  # w = p f'(p): f' = w / p
+    return f, g
+
+
 def compute_dtype(z, u):
     """float64 when either input is float64, else float32 (bf16/fp16 inputs are computed in float32)."""
     return torch.float64 if torch.float64 in (z.dtype, getattr(u, "dtype", None)) else torch.float32
@@ -344,6 +368,16 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
                     w = w - logp.exp().nan_to_num(0.0) * w_sum
                 else:
                     coef += term.weight * w_sum
+            if spec.tail:
+                f_r, g_r = _tail_term(term.kind, s, t, lse_s, lse_t, idx, valid, spec)
+                values += term.weight * f_r.squeeze(-1)
+                if need_grad:
+                    # d f(p_rest)/dz_j = g_r * (p_j [j not in S] - p_rest p_j) = p_j g_r p(S) - [j in S] p_j g_r
+                    p_set = 1.0 - _rest_mass(s, lse_s, idx, valid).exp()  # p(S), [c, 1]
+                    coef -= term.weight * g_r * p_set
+                    p_on = (logp.exp() if valid is None else torch.where(valid, logp.exp(), 0.0))
+                    w = w - g_r * p_on
+            if need_grad:
                 sparse.append((idx, term.weight * w))
         if need_grad:
             k = div_coef / T  # (c, 1)
@@ -405,9 +439,12 @@ def use_compile(enabled: bool = True) -> None:
 _SUPPORT_CODES = {None: -1, "learner": 0, "teacher": 1, "union": 2}
 
 
-def _native_module(z, u):
-    """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype), else None."""
+def _native_module(z, u, spec=None):
+    """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype) and options
+    (not ``tail``, which only the Python path has), else None."""
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if spec is not None and spec.tail:
         return None
     if u is not None and u.dtype != z.dtype:
         return None
@@ -438,7 +475,7 @@ def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
 def run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
     """``_sweep_chunk`` through the compiled CPU kernel where it applies, else the compiled graph when
     ``use_compile(True)`` is on, else eagerly. The gradient comes back in the compute dtype."""
-    mod = _native_module(z, u)
+    mod = _native_module(z, u, spec)
     if mod is not None:
         grad = torch.empty(z.shape, dtype=torch.float32) if need_grad else None
         dc = div_coef.squeeze(-1) if div_coef is not None else None
@@ -463,7 +500,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
     with each row's divergence gradient scaled by ``div_scale`` and its NLL gradient by ``nll_scale`` (``[N]`` each).
     """
     N, V = z2.shape
-    mod = _native_module(z2, u2)
+    mod = _native_module(z2, u2, spec)
     if mod is not None:  # one kernel call over all rows: its memory is O(threads x V), no chunks needed
         grad = None
         if need_grad:
@@ -581,6 +618,7 @@ def divergence(
     reduction: str = "mean",
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Divergence D(p, q) between learner p = softmax(z/T) and teacher q = softmax(u/T), per position, reduced.
 
@@ -599,6 +637,10 @@ def divergence(
         alpha: skew of ``skew_forward_kl`` / ``skew_reverse_kl``, 0 < alpha < 1 (DistiLLM's convention).
         renormalize: renormalise p and q over S before the sum (default False: terms outside S are just dropped, the
             paper's Sec. 3.3 formula).
+        tail: with a top-k support, add one outcome "the rest of V" with p_rest = 1 - p(S), q_rest = 1 - q(S): the
+            divergence of the (k + 1)-outcome coarsenings of p and q, a proper divergence (>= 0, zero iff p and q
+            agree on S and on the rest mass), unlike the paper's formula. Computed by the Python path (the C++
+            kernel does not have it yet); p_rest and q_rest are summed over the rest, not taken as 1 - p(S).
         mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).
@@ -618,9 +660,9 @@ def divergence(
         raise ValueError("learner_logits and teacher_logits must be tensors")
     learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
     check_options(kind, tuple(learner_logits.shape), tuple(teacher_logits.shape), top_k, support, temperature, beta,
-                   alpha, reduction, chunk_size)
+                  alpha, reduction, chunk_size, tail, renormalize)
     spec = SweepSpec(terms_of(kind, top_k, support, beta), top_k, float(temperature), float(beta), float(alpha),
-                 bool(renormalize))
+                     bool(renormalize), tail=bool(tail))
     z2, u2, rows = _flatten(learner_logits, teacher_logits, mask)
     N = z2.shape[0]
     n_sel = N if rows is None else rows.numel()

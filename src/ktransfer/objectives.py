@@ -17,7 +17,7 @@ from ktransfer.divergences import KINDS, FusedSweep, SweepSpec, check_options, s
 
 ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
 OBJECTIVES = ("nll", "kd", "ka", *KINDS)
-_DIVERGENCE_OPTIONS = ("support", "beta", "alpha", "renormalize", "chunk_size")
+_DIVERGENCE_OPTIONS = ("support", "beta", "alpha", "renormalize", "chunk_size", "tail")
 
 
 @dataclass
@@ -70,7 +70,8 @@ def transfer_loss(
             local count as the denominator of both means.
         vocab_size: score only the ids ``[0, vocab_size)`` of both logits (``ktransfer.divergences.slice_vocab``),
             for models whose output layers are padded to different sizes; labels must lie below it.
-        **divergence_options: ``support``, ``beta``, ``alpha``, ``renormalize``, ``chunk_size`` of ``divergence``.
+        **divergence_options: ``support``, ``beta``, ``alpha``, ``renormalize``, ``chunk_size``, ``tail`` of
+            ``divergence``.
 
     Raises:
         ValueError: unknown objective or option, missing teacher, labels of the wrong shape or out of range.
@@ -136,14 +137,16 @@ def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, t
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     kind = ALIASES.get(objective, objective)
-    opts = {"support": None, "beta": 0.5, "alpha": 0.1, "renormalize": False, "chunk_size": None, **divergence_options}
+    opts = {"support": None, "beta": 0.5, "alpha": 0.1, "renormalize": False, "chunk_size": None, "tail": False,
+            **divergence_options}
     if kind == "nll":
         lam = 0.0
     elif teacher_shape is None:
         raise ValueError(f"objective {objective!r} needs teacher_logits (only 'nll' trains without a teacher)")
     check_options("forward_kl" if kind == "nll" else kind, tuple(learner_shape),
-                   tuple(learner_shape) if kind == "nll" else tuple(teacher_shape),
-                   top_k, opts["support"], temperature, opts["beta"], opts["alpha"], "mean", opts["chunk_size"])
+                  tuple(learner_shape) if kind == "nll" else tuple(teacher_shape),
+                  top_k, opts["support"], temperature, opts["beta"], opts["alpha"], "mean", opts["chunk_size"],
+                  bool(opts["tail"]) and kind != "nll", bool(opts["renormalize"]))
 
     V = learner_shape[-1]
     mask = (labels != ignore_index).reshape(-1).to(device)
@@ -158,7 +161,7 @@ def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, t
     N = flat_labels.numel()
     terms = terms_of(kind, top_k, opts["support"], opts["beta"]) if kind != "nll" else ()
     spec = SweepSpec(terms, top_k, float(temperature), float(opts["beta"]), float(opts["alpha"]),
-                     bool(opts["renormalize"]), float(label_smoothing))
+                     bool(opts["renormalize"]), float(label_smoothing), tail=bool(opts["tail"]))
     return LossPlan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
                  rows=rows, div_scale=(lam * inv).expand(N), nll_scale=((1.0 - lam) * inv).expand(N), count=count,
                  inv=inv, chunk_size=opts["chunk_size"])

@@ -162,7 +162,8 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
     extra = {"support": ob.support} if ob.support is not None else {}
     div = transfer_loss(logits[B:, :T_smp], teacher_logits, sampled["labels"], objective=ob.objective, lam=1.0,
                         top_k=ob.top_k, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
-                        renormalize=ob.renormalize, **extra)  # mean over this batch's sampled tokens
+                        renormalize=ob.renormalize, tail=getattr(ob, "tail", False),
+                        **extra)  # mean over this batch's sampled tokens
     n_ref = int((reference["labels"] != IGNORE_INDEX).sum())
     weight = n_ref / num_tokens if num_tokens else 1.0  # this micro-batch's share of the reference tokens
     loss = (1.0 - ob.lam) * nll.loss + (ob.lam * weight) * div.loss

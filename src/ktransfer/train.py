@@ -715,7 +715,7 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
             return fused_model_loss(run.model if model is None else model, run.teacher, inputs, labels,
                                     objective=ob.objective, lam=ob.lam, top_k=ob.top_k, temperature=ob.temperature,
                                     label_smoothing=ob.label_smoothing, num_tokens=num_tokens, beta=ob.beta,
-                                    alpha=ob.alpha, renormalize=ob.renormalize, **extra)
+                                    alpha=ob.alpha, renormalize=ob.renormalize, tail=ob.tail, **extra)
     with _autocast(run):
         logits = (run.model if model is None else model)(**inputs, use_cache=False).logits  # (B, T, V)
         teacher_logits = None
@@ -731,7 +731,8 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
     logits, teacher_logits = models.shared_logits(logits, teacher_logits, run.vocab_size)
     return transfer_loss(logits, teacher_logits, labels, objective=ob.objective, lam=ob.lam,
                          top_k=ob.top_k, temperature=ob.temperature, label_smoothing=ob.label_smoothing,
-                         num_tokens=num_tokens, beta=ob.beta, alpha=ob.alpha, renormalize=ob.renormalize, **extra)
+                         num_tokens=num_tokens, beta=ob.beta, alpha=ob.alpha, renormalize=ob.renormalize, tail=ob.tail,
+                         **extra)
 
 
 def _skip_nonfinite(run: Run, result: dict) -> None:

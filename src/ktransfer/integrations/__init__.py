@@ -22,7 +22,7 @@ from ktransfer.objectives import OBJECTIVES
 
 # Keyword arguments of the trainers that are ktransfer loss settings (the rest go to the trainer).
 TRANSFER_OPTIONS = ("top_k", "support", "temperature", "beta", "alpha", "renormalize", "label_smoothing",
-                    "vocab_size", "chunk_size")
+                    "vocab_size", "chunk_size", "tail")
 
 
 def pop_transfer_options(kwargs: dict) -> dict:
