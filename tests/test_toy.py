@@ -198,3 +198,24 @@ def test_cli_help_is_helpful(capsys):
     for word in ("--q", "--k", "--epochs", "--optimizer", "--lr", "--init-logits", "--renormalize", "--output",
                  "--gradients", "--sweep", "teacher's top-k", "toy.json", "examples"):
         assert word in text
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.5), ("adam", 0.05)])
+def test_with_the_tail_both_orders_reach_q_on_the_support_and_the_rest_mass(optimizer, lr):
+    """tail=True: the coarsened divergence is proper, so Forward and Backward both end at p_S = q_S and
+    p(rest) = q(rest) (the split inside the rest is a flat direction: the optimiser decides it), where the paper's
+    formula leaves Forward at q_S / q(S) and Backward chattering (see the other tests)."""
+    from ktransfer.toy import DEFAULT_Q, run_toy
+
+    q = np.asarray(DEFAULT_Q)
+    result = run_toy(k=2, epochs=2000, optimizer=optimizer, lr=lr, tail=True)
+    for order in ("forward", "backward"):
+        s = result["summary"][order]
+        p = np.asarray(s["p_final"])
+        S = s["support_final"]
+        assert S == [0, 1]  # q's top-2, and p's own at the end
+        rest = [y for y in range(len(q)) if y not in S]
+        np.testing.assert_allclose(p[S], q[S], atol=1e-3)
+        assert abs(p[rest].sum() - q[rest].sum()) < 1e-3
+    with pytest.raises(ValueError, match="tail and renormalize exclude each other"):
+        run_toy(tail=True, renormalize=True)

@@ -81,7 +81,7 @@ def default_init_logits(q) -> list[float]:
 
 
 def train_order(order: str, q, init_logits, *, k: int, epochs: int, optimizer: str, lr: float,
-                renormalize: bool) -> dict:
+                renormalize: bool, tail: bool = False) -> dict:
     """Fit the learner's logits to q with one order of the top-k KL; record p, the loss and S at epochs 0..epochs.
 
     Epoch t's entry is measured at the parameters before step t, so entry ``epochs`` is the final learner and
@@ -96,7 +96,7 @@ def train_order(order: str, q, init_logits, *, k: int, epochs: int, optimizer: s
     opt = torch.optim.SGD([z], lr=lr) if optimizer == "sgd" else torch.optim.Adam([z], lr=lr)
     ps, losses, supports = [], [], []
     for t in range(epochs + 1):
-        loss = divergence(z, u, kind, top_k=k, renormalize=renormalize)
+        loss = divergence(z, u, kind, top_k=k, renormalize=renormalize, tail=tail)
         with torch.no_grad():  # the S divergence() selects (same torch.topk, same tie-breaking): of q or of p
             ranked = u if support_of == "teacher" else z
             supports.append(sorted(ranked.topk(k).indices.tolist()))
@@ -135,7 +135,7 @@ def summarize(p, q, supports) -> dict:
 
 
 def run_toy(q=DEFAULT_Q, *, k: int = 2, epochs: int = 200, optimizer: str = "sgd", lr: float = 0.5,
-            init_logits=None, renormalize: bool = False) -> dict:
+            init_logits=None, renormalize: bool = False, tail: bool = False) -> dict:
     """Run Forward (teacher's top-k) and Backward (learner's top-k) from the same initial logits.
 
     Args:
@@ -146,6 +146,7 @@ def run_toy(q=DEFAULT_Q, *, k: int = 2, epochs: int = 200, optimizer: str = "sgd
         lr: learning rate.
         init_logits: learner logits at epoch 0 ``[V]``; None = ``default_init_logits(q)`` (q reversed).
         renormalize: renormalise p and q over S before the sum (default False, the paper's Sec. 3.3 formula).
+        tail: keep the rest of V as one outcome beside S (``divergence(tail=True)``): a proper divergence.
 
     Returns:
         ``{"q", "k", "forward": {"p", "loss", "support"}, "backward": {...}, "settings", "summary"}``, JSON-ready.
@@ -154,14 +155,16 @@ def run_toy(q=DEFAULT_Q, *, k: int = 2, epochs: int = 200, optimizer: str = "sgd
         ValueError: naming the bad setting (see ``check_toy_args``).
     """
     check_toy_args(q, k, epochs, optimizer, lr, init_logits)
+    if tail and renormalize:
+        raise ValueError("tail and renormalize exclude each other")
     q = [float(x) for x in q]
     init = default_init_logits(q) if init_logits is None else [float(x) for x in init_logits]
     result = {"q": q, "k": k}
     for order in ORDERS:
         result[order] = train_order(order, q, init, k=k, epochs=epochs, optimizer=optimizer, lr=lr,
-                                    renormalize=renormalize)
+                                    renormalize=renormalize, tail=tail)
     result["settings"] = {"epochs": epochs, "optimizer": optimizer, "lr": lr, "init_logits": init,
-                          "renormalize": renormalize, "dtype": "float64",
+                          "renormalize": renormalize, "tail": tail, "dtype": "float64",
                           "epoch": "one full-batch optimiser step; entry t is measured before step t"}
     result["summary"] = {order: summarize(result[order]["p"], q, result[order]["support"]) for order in ORDERS}
     return result
@@ -178,7 +181,8 @@ def save_json(result: dict, path) -> Path:
 def _settings_line(result: dict) -> str:
     s = result["settings"]
     q = ", ".join(f"{x:g}" for x in result["q"])
-    renorm = "renormalised over S" if s["renormalize"] else "not renormalised"
+    renorm = ("renormalised over S" if s["renormalize"] else "with the tail outcome" if s.get("tail")
+              else "not renormalised")
     return f"q = ({q}), k = {result['k']}, {s['optimizer']} lr = {s['lr']:g}, {renorm}"
 
 

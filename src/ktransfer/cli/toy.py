@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renormalize", action="store_true",
                         help="renormalise p and q over S before the sum (default: drop the terms outside S, "
                              "the paper's Sec. 3.3 formula)")
+    parser.add_argument("--tail", action="store_true",
+                        help="keep the rest of the actions as one outcome beside S (a proper divergence of the "
+                             "(k+1)-outcome coarsenings; not with --renormalize)")
     parser.add_argument("-o", "--output", default="runs/toy", help="output folder (default: runs/toy)")
     parser.add_argument("--gradients", action="store_true",
                         help="also write toy_gradients.png, the gradient picture of Fig. 2")
@@ -61,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = toy.run_toy(args.q, k=args.k, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,
-                             init_logits=args.init_logits, renormalize=args.renormalize)
+                             init_logits=args.init_logits, renormalize=args.renormalize, tail=args.tail)
     except ValueError as e:
         print(f"ktransfer toy: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.output)
     written = [toy.save_json(result, out / "toy.json"), toy.plot_toy(result, out / "toy.png")]
     print(f"teacher q = {_fmt(result['q'])}, k = {args.k}, epochs = {args.epochs}, {args.optimizer} lr = {args.lr:g}, "
-          f"{'renormalised' if args.renormalize else 'not renormalised'}")
+          f"{'renormalised' if args.renormalize else 'with the tail outcome' if args.tail else 'not renormalised'}")
     print(f"learner at epoch 0: p = {_fmt(result['forward']['p'][0])}")
     for order, s in result["summary"].items():
         first = "never" if s["first_switch_epoch"] is None else f"first at epoch {s['first_switch_epoch']}"
