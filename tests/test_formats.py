@@ -347,3 +347,33 @@ def test_data_check_describes_jsonl_data_and_names_the_bad_line(lines, tmp_path,
     (folder / "valid.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
     assert main(["data", "check", str(folder)]) == 1
     assert f"{folder / 'valid.jsonl'}:1: 'messages' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_distill_data_on_jsonl_resumes_the_chunks_it_lacks(lines, teacher, tmp_path, monkeypatch):
+    from ktransfer.causal import CausalFamily
+    from ktransfer.seqkd import distill_examples
+
+    data = _data("chat", lines, tmp_path / "data")
+    kw = dict(data=data, beam=1, max_length=5, limit=4, chunk_lines=2, log=lambda _: None)
+    straight = distill_examples(teacher, tmp_path / "straight", **kw)
+    calls, real = [], CausalFamily.complete
+
+    def dying(self, *args, **kwargs):  # the second chunk kills the run
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalFamily, "complete", dying)
+    with pytest.raises(KeyboardInterrupt):
+        distill_examples(teacher, tmp_path / "resumed", **kw)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial").is_dir()
+    calls.clear()
+    monkeypatch.setattr(CausalFamily, "complete", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    resumed = distill_examples(teacher, tmp_path / "resumed", **kw)
+    turns = straight["completions"]  # 6 assistant turns in 4 conversations: chunks of 2 -> 3 chunks
+    assert turns == 6 and len(calls) == 2  # only the two chunks that were missing
+    assert (tmp_path / "resumed/train.jsonl").read_text() == (tmp_path / "straight/train.jsonl").read_text()
+    assert resumed["job"] == straight["job"]
+    assert distill_examples(teacher, tmp_path / "resumed", **kw)["job"] == straight["job"]  # finished: nothing to do
+    assert len(calls) == 2

@@ -158,9 +158,12 @@ def _open_work(work: Path, job: dict) -> Path:
     return chunks
 
 
-def _translate_chunks(where, chunks: Path, sources: list[str], chunk_lines: int, decode: DecodeSettings,
-                      batch_size: int, device: str, progress: bool, log) -> list[str]:
-    """The teacher's translation of every source line, chunk by chunk; chunks already on disk are not redone."""
+def _translate_chunks(where, chunks: Path, sources: list, chunk_lines: int, decode: DecodeSettings,
+                      batch_size: int, device: str, progress: bool, log, generate=None) -> list[str]:
+    """The teacher's output for every source, chunk by chunk; chunks already on disk are not redone.
+
+    ``generate(model, tokenizer, part)`` gives the outputs of a list of sources (default: ``translate`` of source
+    lines with ``decode``); the model is loaded only when a chunk is missing."""
     starts = range(0, len(sources), chunk_lines)
     size = lambda k: min(chunk_lines, len(sources) - k)  # noqa: E731
     done = {k for k in starts if _read_chunk(chunks, k, size(k)) is not None}
@@ -173,13 +176,17 @@ def _translate_chunks(where, chunks: Path, sources: list[str], chunk_lines: int,
         model, tokenizer = load_model(where, device=device)
         if tokenizer is None:
             raise ValueError(f"{where} has no tokenizer files")
+        if generate is None:
+            def generate(model, tokenizer, part):  # corpus lines: one line each
+                return [_one_line(h) for h in translate(model, tokenizer, part, beam=decode.beam,
+                                                        length_penalty=decode.length_penalty,
+                                                        max_length=decode.max_length, batch_size=batch_size)]
         with tqdm(total=len(sources), initial=sum(size(k) for k in done), unit="sent", desc="distill-data",
                   file=sys.stderr, dynamic_ncols=True, disable=not progress) as bar:
             for k in todo:
                 part = sources[k:k + chunk_lines]
-                hyps = translate(model, tokenizer, part, beam=decode.beam, length_penalty=decode.length_penalty,
-                                 max_length=decode.max_length, batch_size=batch_size)
-                _write_atomic(chunks / f"{k:010d}.json", json.dumps([_one_line(h) for h in hyps], ensure_ascii=False))
+                hyps = generate(model, tokenizer, part)
+                _write_atomic(chunks / f"{k:010d}.json", json.dumps(list(hyps), ensure_ascii=False))
                 bar.update(len(part))
     return [h for k in starts for h in _read_chunk(chunks, k, size(k))]
 
@@ -229,17 +236,18 @@ def _finished(out: Path, job: dict, log) -> dict:
 def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data: str | os.PathLike,
                      fmt: str | None = None, split: str = "train", keys=None, beam: int = 5,
                      length_penalty: float = 1.0, max_length: int | None = None, batch_size: int = 64,
-                     limit: int | None = None, device: str = "cpu", progress: bool = False,
+                     limit: int | None = None, chunk_lines: int = 1000, device: str = "cpu", progress: bool = False,
                      log: Callable[[str], object] = print) -> dict:
     """The teacher's completions of ``split`` of prompt_completion or chat ``data`` (every assistant turn, after the
     reference conversation before it) as a new data folder ``out``: ``SPLIT.jsonl`` with the completions replaced,
     the other ``*.jsonl`` splits of a data folder copied unchanged, and the manifest ``.seqkd.json``; returns it.
 
-    ``out`` appears whole or not at all (written beside it, then renamed); a killed run starts over.
+    As ``distill_corpus``: the work happens in ``.OUT.partial`` in chunks of ``chunk_lines`` completions, each written
+    as it finishes; the same call after a kill generates only the chunks it lacks; ``out`` appears whole.
 
     Raises:
-        FileExistsError: ``out`` exists. ValueError: text data (it has no prompt to complete) or a teacher without
-        tokenizer files. CorpusError: bad data (naming the file and line).
+        FileExistsError: ``out`` exists and is not this job's. ValueError: text data (it has no prompt to complete),
+        a teacher without tokenizer files, or a partial folder made with other settings. CorpusError: bad data.
     """
     from ktransfer import formats
     from ktransfer.models import prepare_for_data
@@ -252,22 +260,31 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
         raise ValueError(f"distill-data on {fmt} data: {'text data has no prompt to complete' if fmt == 'text' else ''}"
                          "; sequence-level KD data is made from prompt_completion or chat data (for text, train "
                          "with objective.prefix=learner to distil on the learner's own samples)")
+    examples = formats.read_examples(data, split, fmt, keys=keys).head(limit)
+    decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=int(max_length or 256))
+    records = json.dumps(examples.records, ensure_ascii=False)
+    state = Path(where) / STATE_FILE if isinstance(where, Path) else None
+    digest = hashlib.sha256(state.read_bytes()).hexdigest() if state and state.is_file() else None
+    job = {"format": fmt, "teacher": str(where.resolve()) if isinstance(where, Path) else where,
+           "teacher_state_sha256": digest,
+           "data": str(path.resolve()), "split": split, "beam": decode.beam,
+           "length_penalty": float(decode.length_penalty), "max_length": decode.max_length, "limit": limit,
+           "chunk_lines": chunk_lines, "records_sha256": hashlib.sha256(records.encode("utf-8")).hexdigest()}
     out = Path(out).expanduser()
     if out.exists():
-        raise FileExistsError(f"{out} exists; choose another folder (or delete it)")
-    examples = formats.read_examples(data, split, fmt, keys=keys).head(limit)
-    model, tokenizer = load_model(where, device=device)
-    if tokenizer is None:
-        raise ValueError(f"{where} has no tokenizer files")
-    family = prepare_for_data(model, tokenizer, fmt)
-    prompts, _ = family.encode(formats.to_pairs(examples, tokenizer), tokenizer, None, model=model, fmt=fmt,
-                               log=log)
-    decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=int(max_length or 256))
-    t0 = time.time()
-    completions = family.complete(model, tokenizer, prompts, decode, batch_size=batch_size, progress=progress)
+        return _finished(out, job, log)
     work = out.parent / f".{out.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    chunks = _open_work(work, job)
+    t0 = time.time()
+
+    def generate(model, tokenizer, part):
+        family = prepare_for_data(model, tokenizer, fmt)
+        prompts, _ = family.encode(part, tokenizer, None, model=model, fmt=fmt, log=log)
+        return family.complete(model, tokenizer, prompts, decode, batch_size=batch_size)
+
+    pairs = formats.to_pairs(examples, load_tokenizer_of(where))  # chat: the teacher's template renders the turns
+    completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
+                                    generate=generate)
     rows = formats.replace_completions(examples, completions, keys)
     _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     copied = []
@@ -276,14 +293,28 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
             if other.stem != split:
                 shutil.copyfile(other, work / other.name)
                 copied.append(other.stem)
-    manifest = {"kind": "seqkd", "format": fmt, "teacher": str(where), "data": str(path), "split": split,
-                "examples": len(examples), "completions": len(completions),
+    manifest = {"kind": "seqkd", "job": job, "format": fmt, "teacher": job["teacher"], "data": str(path),
+                "split": split, "examples": len(examples), "completions": len(completions),
                 "empty_completions": sum(not c for c in completions), "copied_splits": copied,
                 "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
                            "max_length": decode.max_length, "signature": decode.signature()},
-                "seconds": round(time.time() - t0, 3)}
+                "seconds_last_session": round(time.time() - t0, 3)}
     _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     os.replace(work, out)
+    shutil.rmtree(out / _WORK, ignore_errors=True)
     log(f"wrote {out}: {len(examples)} {fmt} examples of {split} with the teacher's completions "
         f"({len(completions)}), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
     return manifest
+
+
+def load_tokenizer_of(where):
+    """The tokenizer saved with a model source (a folder or a hub id), without loading the model.
+
+    Raises:
+        ValueError: the source has no tokenizer files.
+    """
+    from ktransfer.tokenizer import is_tokenizer_folder, load_tokenizer
+
+    if isinstance(where, Path) and not is_tokenizer_folder(where):
+        raise ValueError(f"{where} has no tokenizer files")
+    return load_tokenizer(where)

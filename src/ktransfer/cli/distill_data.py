@@ -20,7 +20,7 @@ of --chunk-lines lines; the same command, run again after a kill, translates onl
 
 JSONL data (--corpus FILE.jsonl or a folder of SPLIT.jsonl; prompt_completion or chat): OUT/SPLIT.jsonl holds the
 same records with every completion (every assistant turn, generated after the reference conversation before it)
-replaced by the teacher's, the other SPLIT.jsonl files copied:
+replaced by the teacher's, the other SPLIT.jsonl files copied; resumable in chunks as above:
   ktransfer distill-data runs/chat-teacher --corpus data/chat --out data/chat-seqkd --beam 1
 """
 
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             manifest = distill_examples(
                 args.teacher, args.out, data=args.corpus, fmt=fmt, split=args.split, beam=args.beam,
                 length_penalty=args.length_penalty, max_length=args.max_length, batch_size=args.batch_size,
-                limit=args.limit, device=args.device, progress=not args.no_progress, log=log)
+                limit=args.limit, chunk_lines=args.chunk_lines, device=args.device, progress=not args.no_progress,
+                log=log)
         else:
             manifest = distill_corpus(
                 args.teacher, args.out, corpus=args.corpus, split=args.split, src_lang=args.src_lang,
