@@ -36,7 +36,7 @@ def _kl(a, b, loga=None, logb=None):
     return terms.sum()
 
 
-def _support(p, q, support, k):
+def ref_support(p, q, support, k):
     if k is None:
         return np.arange(len(p))
     # top-k by logits = top-k by probabilities; stable order is irrelevant for the sum
@@ -53,11 +53,19 @@ def ref_row(z, u, kind, top_k=None, support=None, T=1.0, beta=0.5, alpha=0.1, re
         )
     logp, logq = _log_softmax(np.asarray(z) / T), _log_softmax(np.asarray(u) / T)
     p, q = np.exp(logp), np.exp(logq)
-    S = _support(p, q, support or DEFAULT_SUPPORT[kind], top_k)
+    S = ref_support(p, q, support or DEFAULT_SUPPORT[kind], top_k)
     pS, qS, logpS, logqS = p[S], q[S], logp[S], logq[S]
     if renormalize:
         logpS, logqS = _log_softmax(logpS), _log_softmax(logqS)
         pS, qS = np.exp(logpS), np.exp(logqS)
+    return ref_terms(kind, pS, qS, logpS, logqS, beta, alpha)
+
+
+def ref_terms(kind, pS, qS, logpS=None, logqS=None, beta=0.5, alpha=0.1):
+    """sum over the outcomes given of kind's f(p, q) (any outcomes: a support, or a coarsening with a tail)."""
+    if kind == "half":
+        return 0.5 * ref_terms("forward_kl", pS, qS, logpS, logqS) + 0.5 * ref_terms("reverse_kl", pS, qS, logpS,
+                                                                                    logqS)
     if kind == "forward_kl":
         return _kl(qS, pS, logqS, logpS)
     if kind == "reverse_kl":

@@ -1,53 +1,31 @@
 """``tail=True``: the rest of the vocabulary as one outcome beside a top-k support (issue #17's proper top-k
-divergence). Checked against an independent float64 reference built on the (k + 1)-outcome coarsenings of p and q,
-finite differences, the divergence properties (>= 0, zero iff p and q agree on S and on the rest mass), and
-p(S) -> 1; through ``transfer_loss``, the fused head and a training run."""
+divergence). Checked against the NumPy float64 reference of ``test_divergences`` applied to the (k + 1)-outcome
+coarsenings of p and q, finite differences, the divergence properties (>= 0, zero iff p and q agree on S and on the
+rest mass), and p(S) -> 1; through ``transfer_loss``, the fused head and a training run."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from test_divergences import ref_support, ref_terms
 
 import ktransfer
 from ktransfer.divergences import KINDS, SUPPORTS
 
 
-def _f(kind: str, P: np.ndarray, Q: np.ndarray, beta=0.5, alpha=0.1) -> float:
-    """The divergence of two discrete distributions (every outcome > 0), float64, from the definitions."""
-    kl = lambda a, b: float(np.sum(a * (np.log(a) - np.log(b))))  # noqa: E731
-    if kind == "forward_kl":
-        return kl(Q, P)
-    if kind == "reverse_kl":
-        return kl(P, Q)
-    if kind == "half":
-        return 0.5 * kl(Q, P) + 0.5 * kl(P, Q)
-    if kind == "jsd":
-        M = beta * Q + (1 - beta) * P
-        return beta * kl(Q, M) + (1 - beta) * kl(P, M)
-    if kind == "skew_forward_kl":
-        return kl(Q, alpha * Q + (1 - alpha) * P)
-    if kind == "skew_reverse_kl":
-        return kl(P, alpha * P + (1 - alpha) * Q)
-    return 0.5 * float(np.abs(P - Q).sum())  # tvd
-
-
 def _reference(z: np.ndarray, u: np.ndarray, kind: str, k: int, support: str) -> np.ndarray:
-    """Per row: the support S as ``support`` picks it, then f over S plus the rest as one outcome."""
+    """Per row: the support S as ``support`` picks it (``test_divergences``' reference), then f over S plus the rest
+    as one outcome."""
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    p, q = softmax(z), softmax(u)
     out = []
-    for pr, qr in zip(p, q, strict=True):
-        top = lambda x: set(np.argsort(-x)[:k].tolist())  # noqa: E731
-        S = top(pr) if support == "learner" else top(qr) if support == "teacher" else top(pr) | top(qr)
+    for pr, qr in zip(softmax(z), softmax(u), strict=True):
         m = np.zeros(len(pr), dtype=bool)
-        m[sorted(S)] = True
-        P = np.append(pr[m], pr[~m].sum())
-        Q = np.append(qr[m], qr[~m].sum())
-        out.append(_f(kind, P, Q))
+        m[ref_support(pr, qr, support, k)] = True
+        out.append(ref_terms(kind, np.append(pr[m], pr[~m].sum()), np.append(qr[m], qr[~m].sum())))
     return np.array(out)
 
 
