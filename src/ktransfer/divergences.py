@@ -247,11 +247,11 @@ def _rest_mass(x: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, valid) -> 
 
 
 def _tail_term(kind, s, t, lse_s, lse_t, idx, valid, spec):
-    """``(f(p_rest, q_rest), df/dp at p_rest)`` ``[c, 1]`` of the tail outcome of one top-k term."""
+    """``(f(p_rest, q_rest), df/dp at p_rest, log p_rest)`` ``[c, 1]`` each, of the tail outcome of one top-k term."""
     logp_r, logq_r = _rest_mass(s, lse_s, idx, valid), _rest_mass(t, lse_t, idx, valid)
     f, w = _value_and_w(kind, logp_r, logq_r, spec.beta, spec.alpha)
     g = torch.where(torch.isneginf(logp_r), torch.zeros_like(w), w * (-logp_r).exp())  # w = p f'(p): f' = w / p
-    return f, g
+    return f, g, logp_r
 
 
 def compute_dtype(z, u):
@@ -369,11 +369,11 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
                 else:
                     coef += term.weight * w_sum
             if spec.tail:
-                f_r, g_r = _tail_term(term.kind, s, t, lse_s, lse_t, idx, valid, spec)
+                f_r, g_r, logp_r = _tail_term(term.kind, s, t, lse_s, lse_t, idx, valid, spec)
                 values += term.weight * f_r.squeeze(-1)
                 if need_grad:
                     # d f(p_rest)/dz_j = g_r * (p_j [j not in S] - p_rest p_j) = p_j g_r p(S) - [j in S] p_j g_r
-                    p_set = 1.0 - _rest_mass(s, lse_s, idx, valid).exp()  # p(S), [c, 1]
+                    p_set = -torch.expm1(logp_r)  # p(S) = 1 - p_rest, [c, 1]
                     coef -= term.weight * g_r * p_set
                     p_on = (logp.exp() if valid is None else torch.where(valid, logp.exp(), 0.0))
                     w = w - g_r * p_on
