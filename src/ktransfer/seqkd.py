@@ -35,6 +35,7 @@ from ktransfer.data import corpus_layout, read_split, resolve_corpus
 from ktransfer.evaluate import translate
 from ktransfer.generation import DecodeSettings
 from ktransfer.models import load_model, resolve_source
+from ktransfer.tokenizer import load_tokenizer
 
 MANIFEST = ".seqkd.json"
 _WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
@@ -93,22 +94,17 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
     out = Path(out).expanduser()
     if out.exists():
         return _finished(out, job, log)
-    work = out.parent / f".{out.name}.partial"
-    chunks = _open_work(work, job)
+    work, chunks = _work_folder(out, job)
     t0 = time.time()
     hyps = _translate_chunks(where, chunks, sources, chunk_lines, decode, batch_size, device, progress, log)
     copied = _assemble(work, job, sources, hyps)
     manifest = {
         "kind": "seqkd", "job": job, "teacher": job["teacher"], "corpus": job["corpus"], "split": split,
-        "src_lang": job["src_lang"], "tgt_lang": job["tgt_lang"],
-        "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
-                   "max_length": decode.max_length, "signature": decode.signature()},
+        "src_lang": job["src_lang"], "tgt_lang": job["tgt_lang"], "decode": _decode_info(decode),
         "lines": len(sources), "empty_hypotheses": sum(not h for h in hyps), "copied_splits": copied,
         "seconds_last_session": round(time.time() - t0, 3),
     }
-    _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(work, out)
-    shutil.rmtree(out / _WORK, ignore_errors=True)
+    _publish(work, out, manifest)
     log(f"wrote {out}: {len(sources)} {split} pairs ({job['src_lang']} source, {job['tgt_lang']} = teacher's "
         f"beam-{decode.beam} translations), copied {', '.join(copied) or 'no other splits'}; train on it with "
         f"data.corpus={out}")
@@ -130,16 +126,40 @@ def _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_len
                             max_length=int(max_length or eval_cfg.get("max_length") or 256))
     folder = resolve_corpus(corpus).resolve()
     sources = [s for s, _ in read_split(folder, split, src_lang, tgt_lang)][:limit]
-    state = Path(where) / STATE_FILE if isinstance(where, Path) else None
     job = {
-        "teacher": str(where.resolve()) if isinstance(where, Path) else where,
-        "teacher_state_sha256": hashlib.sha256(state.read_bytes()).hexdigest() if state and state.is_file() else None,
+        **_teacher_key(where),
         "corpus": str(folder), "split": split, "src_lang": src_lang, "tgt_lang": tgt_lang,
         "beam": decode.beam, "length_penalty": float(decode.length_penalty), "max_length": decode.max_length,
         "limit": limit, "lines": len(sources), "chunk_lines": chunk_lines,
         "source_sha256": hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest(),
     }
     return job, decode, sources
+
+
+def _teacher_key(where) -> dict:
+    """The teacher as a job names it: its path (or hub id) and the sha256 of its training state, if it has one."""
+    state = Path(where) / STATE_FILE if isinstance(where, Path) else None
+    digest = hashlib.sha256(state.read_bytes()).hexdigest() if state and state.is_file() else None
+    return {"teacher": str(where.resolve()) if isinstance(where, Path) else where, "teacher_state_sha256": digest}
+
+
+def _work_folder(out: Path, job: dict) -> tuple[Path, Path]:
+    """``(.OUT.partial, its chunk folder)`` for ``job`` (``_open_work``)."""
+    work = out.parent / f".{out.name}.partial"
+    return work, _open_work(work, job)
+
+
+def _decode_info(decode: DecodeSettings) -> dict:
+    """The decode settings and their signature, as the manifest records them."""
+    return {"beam": decode.beam, "length_penalty": float(decode.length_penalty), "max_length": decode.max_length,
+            "signature": decode.signature()}
+
+
+def _publish(work: Path, out: Path, manifest: dict) -> None:
+    """Write the manifest last, rename the complete ``work`` folder to ``out``, drop its chunks."""
+    _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    os.replace(work, out)
+    shutil.rmtree(out / _WORK, ignore_errors=True)
 
 
 def _open_work(work: Path, job: dict) -> Path:
@@ -263,18 +283,13 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
     examples = formats.read_examples(data, split, fmt, keys=keys).head(limit)
     decode = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=int(max_length or 256))
     records = json.dumps(examples.records, ensure_ascii=False)
-    state = Path(where) / STATE_FILE if isinstance(where, Path) else None
-    digest = hashlib.sha256(state.read_bytes()).hexdigest() if state and state.is_file() else None
-    job = {"format": fmt, "teacher": str(where.resolve()) if isinstance(where, Path) else where,
-           "teacher_state_sha256": digest,
-           "data": str(path.resolve()), "split": split, "beam": decode.beam,
+    job = {"format": fmt, **_teacher_key(where), "data": str(path.resolve()), "split": split, "beam": decode.beam,
            "length_penalty": float(decode.length_penalty), "max_length": decode.max_length, "limit": limit,
            "chunk_lines": chunk_lines, "records_sha256": hashlib.sha256(records.encode("utf-8")).hexdigest()}
     out = Path(out).expanduser()
     if out.exists():
         return _finished(out, job, log)
-    work = out.parent / f".{out.name}.partial"
-    chunks = _open_work(work, job)
+    work, chunks = _work_folder(out, job)
     t0 = time.time()
 
     def generate(model, tokenizer, part):
@@ -282,7 +297,7 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
         prompts, _ = family.encode(part, tokenizer, None, model=model, fmt=fmt, log=log)
         return family.complete(model, tokenizer, prompts, decode, batch_size=batch_size)
 
-    pairs = formats.to_pairs(examples, load_tokenizer_of(where))  # chat: the teacher's template renders the turns
+    pairs = formats.to_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
     completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
                                     generate=generate)
     rows = formats.replace_completions(examples, completions, keys)
@@ -296,25 +311,9 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
     manifest = {"kind": "seqkd", "job": job, "format": fmt, "teacher": job["teacher"], "data": str(path),
                 "split": split, "examples": len(examples), "completions": len(completions),
                 "empty_completions": sum(not c for c in completions), "copied_splits": copied,
-                "decode": {"beam": decode.beam, "length_penalty": float(decode.length_penalty),
-                           "max_length": decode.max_length, "signature": decode.signature()},
-                "seconds_last_session": round(time.time() - t0, 3)}
-    _write_atomic(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(work, out)
-    shutil.rmtree(out / _WORK, ignore_errors=True)
+                "decode": _decode_info(decode), "seconds_last_session": round(time.time() - t0, 3)}
+    _publish(work, out, manifest)
     log(f"wrote {out}: {len(examples)} {fmt} examples of {split} with the teacher's completions "
         f"({len(completions)}), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
     return manifest
 
-
-def load_tokenizer_of(where):
-    """The tokenizer saved with a model source (a folder or a hub id), without loading the model.
-
-    Raises:
-        ValueError: the source has no tokenizer files.
-    """
-    from ktransfer.tokenizer import is_tokenizer_folder, load_tokenizer
-
-    if isinstance(where, Path) and not is_tokenizer_folder(where):
-        raise ValueError(f"{where} has no tokenizer files")
-    return load_tokenizer(where)
