@@ -16,6 +16,7 @@ version) and ours for decoding (``beam:6|lp:1.0|maxlen:256|early:yes|nopad:yes|k
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -310,7 +311,7 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
                                                            progress=progress)
     nll = nll_sum / max(tokens, 1)
     result = {"format": fmt, "corpus": str(corpus), "split": split, "examples": len(src), "tokens": tokens,
-              "nll": nll, "ppl": float(torch.tensor(min(nll, 50.0)).exp()), "generations": len(generations),
+              "nll": nll, "ppl": math.exp(min(nll, 50.0)), "generations": len(generations),
               "decode_signature": settings.signature() if generations else None, "checkpoint": str(model_path),
               "limit": limit, "time_s": round(time.perf_counter() - start, 3)}
     out = Path(out_dir) if out_dir is not None else _default_out_dir(Path(model_path))
@@ -325,15 +326,18 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
 
 
 @torch.no_grad()
-def completion_nll(model, tokenizer, src, tgt, *, batch_size: int = 64) -> tuple[float, int]:
-    """``(sum of -log p over the scored tokens, their number)`` of ``model`` teacher-forced on the family's ids."""
+def completion_nll(model, tokenizer, src, tgt, *, batch_size: int = 64, batches=None) -> tuple[float, int]:
+    """``(sum of -log p over the scored tokens, their number)`` of ``model`` teacher-forced on the family's ids, in
+    ``batches`` (lists of example indices, e.g. ``TokenBatchSampler``'s) or else ``batch_size`` examples at a time."""
     from ktransfer.objectives import transfer_loss
 
     family, total, count = family_of(model), 0.0, 0
     device = next(model.parameters()).device
     model.eval()
-    for start in range(0, len(src), batch_size):
-        batch = family.collate(src[start:start + batch_size], tgt[start:start + batch_size], model, tokenizer)
+    if batches is None:
+        batches = [range(i, min(i + batch_size, len(src))) for i in range(0, len(src), batch_size)]
+    for idx in batches:
+        batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
         inputs, labels = family.model_inputs({k: v.to(device) for k, v in batch.items()})
         logits = model(**inputs, use_cache=False).logits[..., :tokenizer.vocab_size]
         out = transfer_loss(logits, None, labels, objective="nll")

@@ -587,12 +587,19 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
 
 @torch.no_grad()
 def _teacher_valid(run: Run) -> None:
-    """The teacher's validation NLL and perplexity, once at the start of a run (the learner's target to approach)."""
-    valid = valid_loss(run, model=run.teacher)
-    run.metrics.write(run, {"kind": "teacher_valid", "nll": valid["nll"], "ppl": valid["ppl"],
-                            "tokens": valid["tokens"]})
+    """The teacher's validation NLL and perplexity, once at the start of a run (the learner's target to approach):
+    one teacher forward per validation batch, the batches of ``valid_loss``."""
+    from ktransfer.evaluate import completion_nll
+
+    total, tokens = completion_nll(run.teacher, run.tokenizer, *run.valid_ids, batches=valid_batches(run))
+    if not run.fsdp:  # FSDP: every rank ran every batch (each forward is a collective)
+        total, tokens = distributed.all_reduce_sum([total, tokens])
+    nll = total / max(tokens, 1)
+    # "valid_tokens", not "tokens": every metrics row's "tokens" is the training tokens so far
+    valid = {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "valid_tokens": int(tokens)}
+    run.metrics.write(run, {"kind": "teacher_valid", **valid})
     run.log(f"teacher on the validation examples: nll {valid['nll']:.4f} ppl {valid['ppl']:.2f} "
-            f"({valid['tokens']} tokens)")
+            f"({valid['valid_tokens']} tokens)")
 
 
 def _train_loop(run: Run) -> None:
@@ -809,25 +816,28 @@ def validate(run: Run) -> dict:
     return valid
 
 
-def valid_loss(run: Run, model=None) -> dict:
-    """Token means of the objective, its NLL and divergence, and the perplexity ``exp(nll)``, of ``model`` (default:
-    the learner) on the validation examples, with reference prefixes."""
+def valid_batches(run: Run) -> list[list[int]]:
+    """This rank's validation batches (indices into ``run.valid_ids``, token-batched): a share of them with several
+    processes; all of them on every rank under FSDP, where each forward is a collective."""
     sampler = TokenBatchSampler(*run.family.lengths(run.valid_ids), run.cfg.data.max_tokens, shuffle=False)
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
     batches = sampler.epoch_batches(0)
-    # several processes: each takes a share of the batches; sharded models (FSDP) run all of them on every rank,
-    # since each forward is a collective
-    for idx in batches if run.fsdp else distributed.shard(batches):
+    return batches if run.fsdp else distributed.shard(batches)
+
+
+def valid_loss(run: Run) -> dict:
+    """Token means of the objective, its NLL and divergence, and the perplexity ``exp(nll)``, of the learner on the
+    validation examples, with reference prefixes."""
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll, divergence (token sums), tokens
+    for idx in valid_batches(run):
         batch = collate_batch(run, run.valid_ids, idx)
         n = int((batch["labels"] != -100).sum())
-        out = compute_loss(run, batch, model=model)
+        out = compute_loss(run, batch)
         for i, value in enumerate((out.loss, out.nll, out.divergence)):
             sums[i] += float(value) * n
         sums[3] += n
     *sums, total = sums if run.fsdp else distributed.all_reduce_sum(sums)
     valid = {k: v / max(total, 1) for k, v in zip(("loss", "nll", "divergence"), sums, strict=True)}
     valid["ppl"] = math.exp(min(valid["nll"], 50.0))
-    valid["tokens"] = int(total)
     return valid
 
 
