@@ -12,6 +12,8 @@ those of ``transfer_loss(h @ W.T + b, g @ Wt.T + bt, labels, ...)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -175,6 +177,15 @@ def fused_linear_divergence(
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+@functools.cache
+def _causal_classes() -> frozenset[str]:
+    """Names of transformers' causal LM classes (GPT2LMHeadModel, LlamaForCausalLM, ...), read once: ``output_head``
+    runs in every fused training step."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, torch.Tensor | None]:
     """``(body, head, bias)`` of a model whose logits are ``head(body(**inputs)[0]) + bias``, bias ``[V]`` or None.
 
@@ -197,12 +208,9 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
         if model.lm_head.bias is not None:
             bias = bias + model.lm_head.bias
         return model.model, model.lm_head, bias
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     name = type(model).__name__
     head = getattr(model, "lm_head", None)
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # GPT2LMHeadModel, LlamaForCausalLM, ...
-    if (name in causal_classes and type(model).forward.__module__.startswith("transformers.")
+    if (name in _causal_classes() and type(model).forward.__module__.startswith("transformers.")
             and type(head) is torch.nn.Linear and getattr(model, "base_model", model) is not model):
         config = model.config
         scaled = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
