@@ -163,7 +163,8 @@ def encode_completions(pairs: Sequence[tuple[str, str]], tokenizer, max_length: 
         if not c:
             n_empty += 1
             continue
-        prompt = [*(start_ids(tokenizer, head + p) if add_start or not (head + p) else []), *head, *p]
+        body = [*head, *p]
+        prompt = [*start_ids(tokenizer, body), *body] if add_start or not body else body  # an empty one needs a start
         response = c if c[-1] == tokenizer.eos_id else [*c, tokenizer.eos_id]
         if max_length is not None and len(prompt) + len(response) > max_length:
             room = max_length - len(prompt)

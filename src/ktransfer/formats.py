@@ -189,19 +189,27 @@ def hold_out(examples: Examples, fraction: float, seed: int) -> tuple[Examples, 
     return examples.subset(kept), examples.subset(held)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 file's text as it is (a byte-order mark dropped).
+
+    Raises:
+        CorpusError: unreadable or not UTF-8, naming the file.
+    """
+    try:
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def _jsonl_rows(path: Path):
     """``(line number, record)`` of a JSONL file (or a JSON list); blank lines skipped.
 
     Raises:
         CorpusError: unreadable, not UTF-8, invalid JSON or a record that is not an object (naming the line).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read it ({e.strerror or e})") from None
-    text = text.removeprefix("\ufeff")
+    text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -229,10 +237,7 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
     if path.suffix == ".txt":
         if fmt != "text":
             raise CorpusError(f"{path}: a plain-text file holds text data, but data.format is {fmt!r}")
-        try:
-            lines = path.read_text(encoding="utf-8").removeprefix("\ufeff").split("\n")
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason})") from None
+        lines = _read_text(path).split("\n")
         kept = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
         return _checked(fmt, [line for _, line in kept], [f"{path}:{i}" for i, _ in kept], str(path))
     records, where = [], []
@@ -335,8 +340,9 @@ def describe(corpus: str | os.PathLike, fmt: str, why: str, splits: Sequence[str
     lines = [f"{locate(corpus)}: {fmt} ({why})"]
     for split in splits or split_names(corpus):
         ex = read_examples(corpus, split, fmt, keys=keys)
-        turns = sum(m["role"] == "assistant" for r in ex.records for m in r) if fmt == "chat" else len(ex)
+        turns = ""
         if fmt == "chat":
+            turns = f", {sum(m['role'] == 'assistant' for r in ex.records for m in r)} assistant turns"
             sizes = [(sum(len(m["content"]) for m in r if m["role"] != "assistant"),
                       sum(len(m["content"]) for m in r if m["role"] == "assistant")) for r in ex.records]
         elif fmt == "text":
@@ -344,8 +350,8 @@ def describe(corpus: str | os.PathLike, fmt: str, why: str, splits: Sequence[str
         else:
             sizes = [(len(p), len(c)) for p, c in ex.records]
         mean = [sum(x[i] for x in sizes) / len(sizes) for i in (0, 1)]
-        lines.append(f"  {split}: {len(ex)} examples" + (f", {turns} assistant turns" if fmt == "chat" else "")
-                     + f"; mean characters: prompt {mean[0]:.0f}, completion {mean[1]:.0f} ({ex.source})")
+        lines.append(f"  {split}: {len(ex)} examples{turns}; mean characters: prompt {mean[0]:.0f}, completion "
+                     f"{mean[1]:.0f} ({ex.source})")
     return "\n".join(lines)
 
 
