@@ -44,8 +44,9 @@ def setting(shared_data):
 def _build(tmp_path, setting, name="cache", **kw):
     tok, teacher, ids = setting
     opts = {"k": 8, "temperature": 1.0, "max_tokens": 200, "shard_examples": 25, **kw}
-    return tc.build(tmp_path / name, teacher, ids, pad_id=tok.pad_id,
-                    decoder_start_id=teacher.config.decoder_start_token_id, **opts)
+    from ktransfer.models import SEQ2SEQ
+
+    return tc.build(tmp_path / name, teacher, ids, family=SEQ2SEQ, model=teacher, tokenizer=tok, **opts)
 
 
 def _live(setting, idx):

@@ -173,29 +173,25 @@ def first_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tenso
 
 
 def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[list[int]], list[list[int]]], *,
-          k: int, temperature: float = 1.0, pad_id: int | None = None, decoder_start_id: int | None = None,
-          family=None, model=None, tokenizer=None, max_tokens: int = 4096, device: torch.device | str = "cpu",
+          k: int, family, model, tokenizer, temperature: float = 1.0, max_tokens: int = 4096,
+          device: torch.device | str = "cpu",
           bf16: bool = False, dtype: torch.dtype = torch.float32, shard_examples: int = 50_000,
           key: dict[str, Any] | None = None, log=None) -> TeacherCache:
     """One teacher pass over ``ids`` = (source ids, target ids) as a family encodes them; writes the cache folder
     ``path`` and returns it. Row j of example i is the teacher at its j-th target (``len(ids[1][i])`` of them).
 
-    Batches: ``family.collate`` / ``family.model_inputs`` (with ``model`` and ``tokenizer``: any family, causal
-    included), else the seq2seq layout of ``ktransfer.data.collate`` with ``pad_id`` and ``decoder_start_id``. The
-    teacher runs in eval mode under ``torch.no_grad`` (bf16 autocast with ``bf16``) on length-sorted batches of at
-    most ``max_tokens`` padded tokens per side. ``key``: settings that identify the run (teacher digest, tokenizer,
-    data), stored in the manifest and compared by ``load``. The folder is written under a temporary name and renamed
-    into place, so an interrupted build leaves nothing behind at ``path``.
+    Batches: ``family.collate`` / ``family.model_inputs`` with the learner ``model`` and ``tokenizer`` (any family,
+    causal included), as training builds them. The teacher runs in eval mode under ``torch.no_grad`` (bf16 autocast
+    with ``bf16``) on length-sorted batches of at most ``max_tokens`` padded tokens per side. ``key``: settings that
+    identify the run (teacher digest, tokenizer, data), stored in the manifest and compared by ``load``. The folder
+    is written under a temporary name and renamed into place, so an interrupted build leaves nothing behind at
+    ``path``.
     """
-    from ktransfer.data import TokenBatchSampler, collate
+    from ktransfer.data import TokenBatchSampler
 
     def batch_of(idx):
-        if family is not None:
-            batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
-            return family.model_inputs({n: v.to(device) for n, v in batch.items()})
-        batch = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_id, decoder_start_id)
-        inputs = {n: batch[n].to(device) for n in ("input_ids", "attention_mask", "decoder_input_ids")}
-        return inputs, batch["labels"]
+        batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
+        return family.model_inputs({n: v.to(device) for n, v in batch.items()})
 
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
@@ -217,8 +213,7 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     all_logq = torch.empty(P, k, dtype=dtype)
     all_lse = torch.empty(P, dtype=torch.float32)
     V = None
-    sides = family.lengths(ids) if family is not None else ([len(s) for s in src], lengths)
-    sampler = TokenBatchSampler(*sides, max_tokens, shuffle=False)
+    sampler = TokenBatchSampler(*family.lengths(ids), max_tokens, shuffle=False)
     for idx in sampler.epoch_batches(0):
         inputs, labels = batch_of(idx)
         shift = first_targets(labels)
