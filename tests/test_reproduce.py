@@ -76,8 +76,8 @@ def test_smoke_end_to_end(smoke):
             assert all(e > 0 for e in a["entropy"])
     report = (run / "report.md").read_text()
     for needle in ("## Table 2", "| KA |", "| KD |", "| 1/2KA+1/2KD |", "| Learner + nll (control) |",
-                   "| Teacher |", "paper (De-En / Th-En)", "BLEU signature", "## Significance",
-                   "## Table 3", "## Wall time per stage", "## Resolved configs"):
+                   "| Teacher |", "paper BLEU (De-En / Th-En)", "| 32.24 / 13.36 |", "BLEU signature",
+                   "## Significance", "## Table 3", "## Wall time per stage", "## Resolved configs"):
         assert needle in report, needle
     for figure in ("fig3_toy.png", "fig4a_topk.png", "fig4b_novel.png", "fig5_entropy.png"):
         assert (run / "figures" / figure).stat().st_size > 1000, figure
@@ -320,3 +320,92 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
     tests = json.loads((run / "significance-prefixes.json").read_text())["tests"]
     assert [(t["seed"], t["baseline"], t["system"]) for t in tests] == [
         (1, "ka", "ka-learner"), (1, "ka", "ka-mixed"), (1, "ka", "ka-teacher")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Columns beyond the objectives: OBJ-tail, OBJ-renorm and the smoothing control
+# ----------------------------------------------------------------------------------------------------------------
+def _valid_entropy_float64(checkpoint: Path, pairs) -> float:
+    """Mean token entropy of a checkpoint on ``pairs``, teacher-forced, from its logits in float64."""
+    from ktransfer.models import family_of, load_model
+
+    model, tokenizer = load_model(checkpoint)
+    family = family_of(model)
+    src, tgt = family.encode(pairs, tokenizer, 128, model=model, log=lambda _: None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(src), 16):
+            batch = family.collate(src[start:start + 16], tgt[start:start + 16], model, tokenizer)
+            inputs, labels = family.model_inputs(batch)
+            logp = torch.log_softmax(model(**inputs).logits[..., :tokenizer.vocab_size].double(), dim=-1)
+            h = -(logp.exp() * logp).sum(-1)
+            total, count = total + float(h[labels != -100].sum()), count + int((labels != -100).sum())
+    return total / count
+
+
+def test_variant_and_smoothing_columns(shared_data, tmp_path):
+    """objectives=ka,ka-tail,ka-renorm,smooth: the variants train with objective.tail / renormalize, the smoothing
+    control's epsilon is calibrated on the valid split to KA's entropy (grid, one interpolated point, the closest
+    chosen), every column is scored, tested against its baseline and reported; a second call skips everything."""
+    import yaml
+
+    from ktransfer.data import read_split
+
+    run = tmp_path
+    overrides = [*FAST, "sweep=none", "seeds=1", "objectives=ka,ka-tail,ka-renorm,smooth", "control=false",
+                 "teacher.train.epochs=1", "finetune.train.epochs=1", "smoothing_grid=0.05,0.4"]
+    reproduce("smoke", run, overrides)
+    stages = list(json.loads((run / "stages.json").read_text()))
+    calibration = [s for s in stages if s.startswith("smoothing")]
+    assert stages.index("finetune/ka/seed1") < stages.index("smoothing/target") < stages.index("finetune/smooth/seed1")
+    assert calibration[:3] == ["smoothing/target", "smoothing/eps0.05", "smoothing/eps0.4"]
+
+    def config(name):
+        return yaml.safe_load((run / name / "config.yaml").read_text())["objective"]
+
+    assert config("finetune/ka-tail/seed1")["tail"] is True and config("finetune/ka-tail/seed1")["top_k"] == 8
+    assert config("finetune/ka-renorm/seed1")["renormalize"] is True and not config("finetune/ka/seed1")["tail"]
+    smoothing = json.loads((run / "smoothing.json").read_text())
+    smooth = config("finetune/smooth/seed1")
+    assert smooth["objective"] == "nll" and smooth["label_smoothing"] == pytest.approx(smoothing["chosen"])
+    assert yaml.safe_load((run / "finetune/smooth/seed1/config.yaml").read_text())["model"]["teacher"] is None
+
+    # the entropies are those of the models' final weights on the whole valid split (float64 recomputation)
+    valid = read_split(shared_data / "multi30k-de-en", "valid", "de", "en")
+    target = smoothing["target"]["valid_entropy"]
+    assert target == pytest.approx(_valid_entropy_float64(run / "finetune/ka/seed1/checkpoints/last", valid),
+                                   rel=1e-4)
+    tried = {t["epsilon"]: t["valid_entropy"] for t in smoothing["tried"]}
+    assert tried[0.4] == pytest.approx(_valid_entropy_float64(run / "smoothing/eps0.4/checkpoints/last", valid),
+                                       rel=1e-4)
+    assert tried[0.4] > tried[0.05]  # label smoothing flattens the learner
+    if tried[0.05] <= target <= tried[0.4]:  # bracketed: one interpolated epsilon between them was tried
+        assert smoothing["refined"] is not None and 0.05 < smoothing["refined"] < 0.4
+        assert calibration[3] == f"smoothing/eps{smoothing['refined']:g}"
+    assert smoothing["chosen"] == min(tried, key=lambda e: abs(tried[e] - target))
+
+    tests = json.loads((run / "significance.json").read_text())["tests"]
+    assert [(t["baseline"], t["system"]) for t in tests] == [("smooth", "ka"), ("ka", "ka-tail"), ("ka", "ka-renorm")]
+    report = (run / "report.md").read_text()
+    for needle in ("| KA + tail | 1 |", "| KA renormalised | 1 |", "| Learner + label smoothing (control) | 1 |",
+                   f"label smoothing ε = **{smoothing['chosen']:g}**", "| 1 | KA + tail | KA |"):
+        assert needle in report, needle
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["analysis"]) == {"ka", "ka-tail", "ka-renorm", "smooth"}
+
+    before = (run / "stages.json").read_text()
+    log_lines = len((run / "reproduce.log").read_text().splitlines())
+    reproduce("smoke", run, overrides)
+    new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
+    assert not any("====" in line for line in new) and (run / "stages.json").read_text() == before
+
+
+def test_column_options_are_checked():
+    opts, _ = parse_overrides(PRESETS["smoke"], ["objectives=kd,ka,kd-tail,ka-renorm,smooth", "smoothing_grid=0.1,0.3"])
+    assert opts.smoothing_grid == [0.1, 0.3] and opts.smoothing_target == "ka"
+    assert "finetune/kd-tail/seed1" in model_names(opts) and "finetune/smooth/seed2" in model_names(opts)
+    for bad, word in (("objectives=ka-bogus", "ka-bogus"), ("objectives=nll-tail", "nll-tail"),
+                      ("objectives=kd,smooth", "smoothing_target"), ("objectives=ka,ka", "repeated"),
+                      ("smoothing_grid=0,0.1", "smoothing_grid")):
+        with pytest.raises(ConfigError, match=word):
+            parse_overrides(PRESETS["smoke"], [bad])

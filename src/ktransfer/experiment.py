@@ -12,6 +12,12 @@ STAGE_KINDS = ("bpe", "teacher", "learner", "analysis0", "finetune", "sweep", "e
 TRAIN_STAGES = ("teacher", "learner", "finetune", "sweep")
 PREFIX_SOURCES = ("learner", "mixed", "teacher")  # option prefixes: objective.prefix=learner|mixed, or seq-KD data
 
+# Fine-tuning columns beyond the objectives themselves. ``OBJ-tail`` / ``OBJ-renorm``: OBJ with the top-k support
+# coarsened by a tail bucket / renormalised (``ktransfer.divergences``). ``smooth``: the teacher-free control, nll
+# with label smoothing whose epsilon ``reproduce`` calibrates on the valid split (RUN/smoothing.json).
+VARIANTS = {"tail": "objective.tail=true", "renorm": "objective.renormalize=true"}
+SMOOTHING = "smooth"
+
 
 @dataclass
 class Options:
@@ -30,6 +36,26 @@ class Options:
     prefixes: list[str] = field(default_factory=list)  # extra prefix sources: learner, mixed, teacher (seq-KD)
     prefix_objectives: list[str] = field(default_factory=lambda: ["kd", "ka"])  # objectives run with each
     prefix_seeds: list[int] | None = None  # None = seeds
+    smoothing_target: str = "ka"  # column "smooth": label smoothing matched to this column's learner entropy
+    smoothing_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # epsilons tried first
+
+
+def column(name: str) -> tuple[str, tuple[str, ...]]:
+    """The objective and the fixed overrides of a fine-tuning column: ``ka`` -> ("ka", ()), ``ka-tail`` -> ("ka",
+    ("objective.tail=true",)), ``smooth`` -> ("nll", ()) (its label smoothing comes from the calibration).
+
+    Raises:
+        ValueError: a suffix that is not in ``VARIANTS``.
+    """
+    if name == SMOOTHING:
+        return "nll", ()
+    base, _, suffix = name.rpartition("-")
+    if not base:
+        return name, ()
+    if suffix not in VARIANTS:
+        raise ValueError(f"column {name!r}: unknown variant {suffix!r}; variants: "
+                         f"{', '.join(f'OBJ-{v}' for v in VARIANTS)} and {SMOOTHING}")
+    return base, (VARIANTS[suffix],)
 
 
 def model_names(opts: Options) -> list[str]:

@@ -9,8 +9,12 @@ Stages, in order (each is skipped when ``RUN/stages.json`` marks it done; a stag
     analysis0                RUN/analysis/           entropy / top-16 of the pre-trained learner (epoch 0) and
                                                      the teacher's entropy on the analysis sample
     finetune/OBJ/seedS       RUN/finetune/OBJ/seedS/ the pre-trained learner (init: RUN/learner/checkpoints/best)
-                                                     fine-tuned with OBJ in kd, ka, half, ... and with nll alone
-                                                     (the control, same epochs); per-epoch analyses in .../analysis/
+                                                     fine-tuned with OBJ in kd, ka, half, ..., a variant (kd-tail,
+                                                     ka-renorm, ...: experiment.column) and with nll alone (the
+                                                     control, same epochs); per-epoch analyses in .../analysis/
+    smoothing/...            RUN/smoothing/, RUN/smoothing.json   (column smooth) label smoothing calibrated on the
+                                                     valid split to the entropy of smoothing_target (SMOOTHING_RULE),
+                                                     then finetune/smooth/seedS with the epsilon chosen
     seqkd                    RUN/seqkd/              (prefixes has teacher) seq-KD data: the teacher's beam search
                                                      (eval.beam, eval.max_length) of the fine-tuning pairs (first
                                                      data.train_limit of the training split); a corpus folder whose
@@ -30,7 +34,9 @@ Overrides (``key=value``; later ones win):
 - ``SECTION.KEY=V`` (e.g. ``train.num_threads=1``): every training stage;
 - ``STAGE.SECTION.KEY=V`` with STAGE in teacher, learner, finetune, sweep (e.g. ``teacher.train.epochs=3``,
   ``finetune.objective.top_k=8``): that stage only (``finetune`` includes the nll control);
-- options of the experiment: ``seeds=1,2,3``, ``objectives=kd,ka,half``, ``control=true``, ``sweep=topk|none``,
+- options of the experiment: ``seeds=1,2,3``, ``objectives=kd,ka,half`` (columns: also ``OBJ-tail``, ``OBJ-renorm``
+  and ``smooth``, with ``smoothing_target=ka`` and ``smoothing_grid=0.02,0.05,0.1,0.2``), ``control=true``,
+  ``sweep=topk|none``,
   ``topk_values=2,4,8,16,V`` (``V`` = the whole vocabulary), ``analysis_sample=2000``, ``table_sentences=3``,
   ``test_limit=N``, ``bootstrap=1000``, ``stop_after=STAGE`` (bpe, teacher, learner, analysis0, finetune, sweep,
   eval, significance; finetune includes seqkd and the prefix-source runs);
@@ -46,6 +52,7 @@ Settings the layout needs are set by the stages themselves and cannot be overrid
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -59,9 +66,11 @@ from ktransfer import distributed
 from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
 from ktransfer.experiment import (
     PREFIX_SOURCES,
+    SMOOTHING,
     STAGE_KINDS,
     TRAIN_STAGES,
     Options,
+    column,
     model_names,
     prefix_runs,
 )
@@ -221,6 +230,8 @@ def _option_value(key: str, value: str) -> Any:
             return [int(x) for x in v.strip("[]").split(",") if x.strip()]
         if key in ("objectives", "prefixes", "prefix_objectives"):
             return [x.strip() for x in v.strip("[]").split(",") if x.strip()]
+        if key == "smoothing_grid":
+            return [float(x) for x in v.strip("[]").split(",") if x.strip()]
         if key == "topk_values":
             return [None if x.strip() in ("V", "v", "none", "None") else int(x)
                     for x in v.strip("[]").split(",") if x.strip()]
@@ -244,10 +255,19 @@ def _check_options(o: Options) -> None:
 
     if not o.seeds or len(set(o.seeds)) != len(o.seeds) or min(o.seeds) < 0:
         raise ConfigError(f"option seeds: distinct non-negative integers needed, got {o.seeds}", key="seeds")
-    bad = [x for x in o.objectives if x not in OBJECTIVES or x == "nll"]
-    if bad or not o.objectives:
-        raise ConfigError(f"option objectives: {bad or 'none given'}; choose among "
-                          f"{', '.join(x for x in OBJECTIVES if x != 'nll')} (nll is the control)", key="objectives")
+    bad = [x for x in o.objectives if not _valid_column(x)]
+    if bad or not o.objectives or len(set(o.objectives)) != len(o.objectives):
+        raise ConfigError(f"option objectives: {bad or o.objectives or 'none given'} (bad value, repeated or none); "
+                          f"choose among {', '.join(x for x in OBJECTIVES if x != 'nll')} (nll is the control), "
+                          f"their variants OBJ-tail and OBJ-renorm (e.g. ka-tail) and {SMOOTHING} (nll with label "
+                          "smoothing matched to the entropy of the column smoothing_target)", key="objectives")
+    if SMOOTHING in o.objectives and o.smoothing_target not in o.objectives or o.smoothing_target == SMOOTHING:
+        raise ConfigError(f"option smoothing_target: {o.smoothing_target!r} must be one of the other objectives "
+                          f"({', '.join(x for x in o.objectives if x != SMOOTHING)}): the {SMOOTHING} column matches "
+                          "its learner entropy", key="smoothing_target")
+    if not o.smoothing_grid or any(not 0.0 < e < 1.0 for e in o.smoothing_grid):
+        raise ConfigError(f"option smoothing_grid: label-smoothing epsilons in (0, 1) needed, got {o.smoothing_grid}",
+                          key="smoothing_grid")
     if o.sweep not in ("none", "topk"):
         raise ConfigError(f"option sweep: none or topk, got {o.sweep!r}", key="sweep")
     bad = [x for x in o.prefixes if x not in PREFIX_SOURCES]
@@ -273,6 +293,19 @@ def _check_options(o: Options) -> None:
             raise ConfigError(f"option {key}: must be positive, got {getattr(o, key)}", key=key)
     if o.test_limit is not None and o.test_limit < 1:
         raise ConfigError(f"option test_limit: must be positive, got {o.test_limit}", key="test_limit")
+
+
+def _valid_column(name: str) -> bool:
+    """A fine-tuning column ``objectives`` may name: an objective but nll, OBJ-tail / OBJ-renorm, or smooth."""
+    from ktransfer.objectives import OBJECTIVES
+
+    if name == SMOOTHING:
+        return True
+    try:
+        objective = column(name)[0]
+    except ValueError:
+        return False
+    return objective in OBJECTIVES and objective != "nll"
 
 
 def stage_config(preset: Preset, by_stage: dict[str, list[str]], kind: str, fixed: list[str]) -> RunConfig:
@@ -453,8 +486,9 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
     from ktransfer.analysis import EpochAnalyzer
 
     sample = _analysis_sample(sample_cfg, opts)
-    objectives = [*opts.objectives, *(["nll"] if opts.control else [])]
-    runs = [(o, s) for s in opts.seeds for o in objectives]
+    columns = [*opts.objectives, *(["nll"] if opts.control else [])]
+    runs = [(c, s) for s in opts.seeds for c in columns if c != SMOOTHING]
+    smooth_runs = [(SMOOTHING, s) for s in opts.seeds] if SMOOTHING in columns else []
 
     def fine_tune(c: RunConfig, name: str):
         folder = run / name / "analysis"
@@ -467,13 +501,26 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
         _on_main(copy_epoch0)
         return _train(c, on_epoch_end=EpochAnalyzer(folder, sample, opts.table_sentences))
 
-    for i, (objective, seed) in enumerate(runs, 1):
-        name = f"finetune/{objective}/seed{seed}"
-        # the nll control has no teacher and no prefix source but the reference (whatever finetune.* says)
+    def column_cfg(name: str, out: str, seed: int, *extra: str) -> RunConfig:
+        objective, fixed = column(name)
+        # the nll columns have no teacher and no prefix source but the reference (whatever finetune.* says)
         teacher = [f"model.teacher={teacher_ckpt}"] if objective != "nll" else ["objective.prefix=reference"]
-        c = cfg("finetune", name, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
-                f"train.seed={seed}")
-        stages.run(name, lambda c=c, name=name: fine_tune(c, name), index=f"[finetune {i}/{len(runs)}]")
+        return cfg("finetune", out, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
+                   *fixed, *extra, f"train.seed={seed}")
+
+    total = len(runs) + len(smooth_runs)
+    for i, (name, seed) in enumerate(runs, 1):
+        out = f"finetune/{name}/seed{seed}"
+        c = column_cfg(name, out, seed)
+        stages.run(out, lambda c=c, out=out: fine_tune(c, out), index=f"[finetune {i}/{total}]")
+    if smooth_runs:
+        epsilon = _calibrate_smoothing(
+            lambda eps: column_cfg(SMOOTHING, f"smoothing/eps{eps:g}", opts.seeds[0],
+                                   f"objective.label_smoothing={eps:g}"), opts, run, stages)
+        for i, (name, seed) in enumerate(smooth_runs, len(runs) + 1):
+            out = f"finetune/{name}/seed{seed}"
+            c = column_cfg(name, out, seed, f"objective.label_smoothing={epsilon:g}")
+            stages.run(out, lambda c=c, out=out: fine_tune(c, out), index=f"[finetune {i}/{total}]")
 
     # the prefix sources (option prefixes): seq-KD data from the teacher, then finetune/OBJ-P/seedS
     seqkd_dir = run / "seqkd"
@@ -516,6 +563,89 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
             lambda: _write_paired_tests(test_cfg, opts, run, tests, path)), index="[significance]",
                    key=[list(t) for t in tests])
     stop("significance")
+
+
+SMOOTHING_RULE = (
+    "label smoothing epsilon of the smooth column: each epsilon of smoothing_grid fine-tunes the pre-trained learner "
+    "with nll + label smoothing (first seed, the fine-tuning settings); the mean token entropy of its final weights "
+    "(checkpoints/last), teacher-forced on the whole valid split, is compared with that of the smoothing_target "
+    "column's first seed; if two grid points bracket the target, one more epsilon, linearly interpolated between "
+    "them, is tried; the epsilon whose entropy is closest to the target is chosen")
+
+
+def _calibrate_smoothing(cfg_of, opts: Options, run: Path, stages: Stages) -> float:
+    """The label smoothing of the ``smooth`` column (``SMOOTHING_RULE``), chosen on the valid split; every run and
+    entropy is a stage of its own (resumable) and the outcome is ``RUN/smoothing.json``."""
+    target_dir = run / "finetune" / opts.smoothing_target / f"seed{opts.seeds[0]}"
+    folder = run / "smoothing"
+    probe = cfg_of(opts.smoothing_grid[0])
+    stages.run("smoothing/target", lambda: _on_main(lambda: _write_entropy(probe, target_dir, folder / "target.json")),
+               index="[smoothing]")
+    target = _read(folder / "target.json")["valid_entropy"]
+
+    def tried() -> dict[float, float]:
+        return {e: _read(folder / f"eps{e:g}" / "valid_entropy.json")["valid_entropy"] for e in epsilons}
+
+    def try_epsilon(eps: float) -> None:
+        c = cfg_of(eps)
+
+        def train_and_measure():
+            _train(c)
+            _on_main(lambda: _write_entropy(c, Path(c.train.out_dir), Path(c.train.out_dir) / "valid_entropy.json"))
+
+        stages.run(f"smoothing/eps{eps:g}", train_and_measure, index="[smoothing]")
+
+    epsilons = sorted({float(f"{e:g}") for e in opts.smoothing_grid})
+    for eps in epsilons:
+        try_epsilon(eps)
+    refined = _interpolate(tried(), target)
+    if refined is not None and refined not in epsilons:
+        epsilons.append(refined)
+        try_epsilon(refined)
+    entropies = tried()
+    chosen = min(entropies, key=lambda e: (abs(entropies[e] - target), e))
+    record = {"rule": SMOOTHING_RULE, "target": {"column": opts.smoothing_target, "seed": opts.seeds[0],
+                                                 "valid_entropy": target},
+              "tried": [{"epsilon": e, "valid_entropy": entropies[e]} for e in sorted(entropies)],
+              "refined": refined, "chosen": chosen, "valid_split": probe.data.valid}
+    stages.run("smoothing", lambda: _on_main(lambda: (run / "smoothing.json").write_text(
+        json.dumps(record, indent=1) + "\n")), index="[smoothing]", key=[[e, entropies[e]] for e in sorted(entropies)])
+    return chosen
+
+
+def _interpolate(entropies: dict[float, float], target: float) -> float | None:
+    """The epsilon, linearly interpolated, between the two neighbouring grid points whose entropies bracket
+    ``target`` (rounded to 3 significant digits); None when no neighbours bracket it."""
+    points = sorted(entropies.items())
+    for (e0, h0), (e1, h1) in itertools.pairwise(points):
+        if min(h0, h1) <= target <= max(h0, h1) and h0 != h1:
+            return float(f"{e0 + (target - h0) * (e1 - e0) / (h1 - h0):.3g}")
+    return None
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_entropy(cfg: RunConfig, model_dir: Path, out: Path) -> None:
+    """``{"valid_entropy", "positions", "checkpoint"}`` of ``model_dir/checkpoints/last``: its mean token entropy,
+    teacher-forced on the whole valid split (``data.valid``), into ``out``."""
+    from ktransfer.analysis import analyze_model
+    from ktransfer.data import read_split
+    from ktransfer.models import load_model
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    d = cfg.data
+    checkpoint = model_dir / "checkpoints" / "last"
+    model, tokenizer = load_model(checkpoint)
+    summary, _ = analyze_model(model, tokenizer, read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang),
+                               table_sentences=0, max_length=d.max_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"valid_entropy": summary["entropy"], "positions": summary["positions"],
+                               "checkpoint": str(checkpoint)}) + "\n")
 
 
 def _train_bpe(cfg: RunConfig, path: Path, log) -> None:
@@ -607,11 +737,16 @@ def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
 
 
 def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
-    """(seed, baseline, system) of the paired bootstrap on the test split (``RUN/significance.json``): KA against KD,
-    and every objective against the nll control, per seed."""
+    """(seed, baseline, system) of the paired bootstrap on the test split (``RUN/significance.json``), per seed: KA
+    against KD, the smoothing target against the smooth control, each variant (OBJ-tail, OBJ-renorm) against its
+    objective, and every column against the nll control."""
     pairs = []
     if "kd" in opts.objectives and "ka" in opts.objectives:
         pairs.append(("kd", "ka"))
+    if SMOOTHING in opts.objectives:
+        pairs.append((SMOOTHING, opts.smoothing_target))
+    pairs += [(base, o) for o in opts.objectives if o != SMOOTHING and (base := column(o)[0]) != o
+              and base in opts.objectives]
     if opts.control:
         pairs += [("nll", o) for o in opts.objectives]
     return [(seed, base, system) for seed in opts.seeds for base, system in pairs]
