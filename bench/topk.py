@@ -9,7 +9,9 @@ the teacher's top-k for forward-type kinds, the learner's for reverse-type ones,
 for jsd and tvd), interleaved run by run, median of ``--repeats``; and one ``torch.log_softmax`` forward pass over one
 ``[N, V]`` tensor as a yardstick. "x full" is the top-k time over the full-vocabulary time of the same kind. The
 C++ CPU kernel selects the k largest entries itself (``ktransfer.native``); ``KTRANSFER_NATIVE=0`` times the Python
-path instead.
+path instead. ``--tail`` adds, for each k, the same support with ``tail=True`` (the rest of the vocabulary as one
+more outcome) and its time over the plain top-k time ("x top-k"); the C++ kernel has no tail yet, so a tail call
+takes the Python path and this column says what that costs.
 
 The script re-runs itself with glibc's mmap for large blocks off and no trimming (``MALLOC_MMAP_MAX_=0``, as
 ``bench/divergence.py --heap-only``), so that each fresh ``[N, V]`` gradient reuses freed memory: otherwise glibc's
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="logits dtype")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per configuration (default: 15)")
+    ap.add_argument("--tail", action="store_true", help="also time each k with tail=True (x top-k of the same k)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table with the machine and the command")
     ap.add_argument("--default-allocation", action="store_true",
                     help="keep glibc's default large-block mmap (page faults on fresh [N, V] gradients)")
@@ -94,24 +97,30 @@ def main(argv=None) -> None:
     u = (2.5 * torch.randn(N, V, generator=g)).to(dtype)
     load_before = load_average()
 
-    def step(kind, k):
+    def step(kind, k, tail=False):
         def run():
             z.grad = None
-            divergence(z, u, kind, top_k=k).backward()
+            divergence(z, u, kind, top_k=k, tail=tail).backward()
         return run
 
     rows = []
     for kind in args.kinds:
         fns = {"log_softmax": lambda: torch.log_softmax(z.detach(), -1), "full": step(kind, None)}
         fns.update({k: step(kind, k) for k in args.ks})
+        if args.tail:
+            fns.update({("tail", k): step(kind, k, tail=True) for k in args.ks})
         ms = _median_ms(fns, args.repeats)
         rows.append((kind, ms))
         line = "  ".join(f"k={k} {ms[k]:.2f} ({ms[k] / ms['full']:.2f}x)" for k in args.ks)
+        if args.tail:
+            line += "  " + "  ".join(f"k={k} tail {ms['tail', k]:.2f} ({ms['tail', k] / ms[k]:.2f}x top-k)"
+                                     for k in args.ks)
         print(f"# {kind}: full {ms['full']:.2f} ms ({ms['full'] / ms['log_softmax']:.1f}x log_softmax)  {line}",
               flush=True)
 
     path = "C++ kernel (ktransfer.native)" if native.kernel() is not None else "Python chunk path"
-    header = ["kind", "log_softmax ms", "full ms", *(f"k={k} ms (x full)" for k in args.ks)]
+    header = ["kind", "log_softmax ms", "full ms", *(f"k={k} ms (x full)" for k in args.ks),
+              *((f"k={k} tail ms (x top-k)" for k in args.ks) if args.tail else ())]
     print()
     if args.markdown:
         print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs visible; torch "
@@ -125,7 +134,8 @@ def main(argv=None) -> None:
         print("|---|" + "---:|" * (len(header) - 1))
     for kind, ms in rows:
         cells = [kind, f"{ms['log_softmax']:.2f}", f"{ms['full']:.2f}",
-                 *(f"{ms[k]:.2f} ({ms[k] / ms['full']:.2f})" for k in args.ks)]
+                 *(f"{ms[k]:.2f} ({ms[k] / ms['full']:.2f})" for k in args.ks),
+                 *((f"{ms['tail', k]:.2f} ({ms['tail', k] / ms[k]:.2f})" for k in args.ks) if args.tail else ())]
         print(("| " + " | ".join(cells) + " |") if args.markdown else "  ".join(cells))
 
 

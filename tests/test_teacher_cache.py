@@ -80,6 +80,8 @@ def test_rows_are_the_teachers_top_k(tmp_path, setting):
     ("kd", 3, 2.0, {"renormalize": True}),
     ("skew_forward_kl", 5, 1.0, {}),
     ("jsd", 4, 1.0, {"support": "teacher"}),
+    ("kd", 8, 1.0, {"tail": True}),  # the rest mass 1 - q(S) comes from the cached log q of S alone
+    ("skew_forward_kl", 3, 2.0, {"tail": True}),
 ])
 def test_cached_loss_and_gradient_equal_live_teacher(tmp_path, setting, objective, top_k, temperature, options):
     cache = _build(tmp_path, setting, temperature=temperature)

@@ -185,6 +185,12 @@ per side give 391 batches per epoch of the whole corpus and 80 for the 6,000-pai
 
 Prefix sources (prefixes=learner,teacher prefix_seeds=1,2) add a seq-KD stage (the teacher translates the 6,000
 fine-tuning sources with beam 5: ~2.5 min) and 8 fine-tunings (see docs/results.md for their times).
+
+The "why does KA help?" run (seeds=1,2,3,4,5 sweep=none objectives=kd,ka,kd-tail,ka-tail,ka-renorm,smooth) has
+35 fine-tunings (~1.5-2 min each; the tail columns' divergence takes the Python path, 7-10x the kernel's top-k
+cost per call in bench/topk.py, a smaller share of a whole step), the smoothing calibration (2-3 one-seed nll
+trainings and an entropy pass each) and 36 test decodings: roughly 100 minutes on 2 idle cores with the teacher and
+learner stages (an estimate, not yet measured).
 """
 
 

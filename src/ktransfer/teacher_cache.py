@@ -11,11 +11,12 @@ temperature T (u = teacher logits, log q = log_softmax(u / T)):
 
 Exactness. A divergence whose every term lives on the teacher's top-k support (``kd`` = forward_kl with top_k <= K
 and support teacher, which is its default; also skew_forward_kl, and jsd/tvd with ``support=teacher``), with or
-without ``renormalize``, reads q only on those k tokens and the learner's full log-probabilities, so it equals the
-value and gradient with the live teacher up to float32 rounding (``teacher_logits`` below). Anything else needs q off
-the cached ids (``ka`` = reverse_kl reads q on the learner's top-k; full-vocabulary divergences read all of q) and is
-refused. ``teacher_logits`` spreads the residual mass 1 - q(S_K) uniformly over the other V - K tokens; that is an
-approximation wherever q off S_K is read, which only the library-level call may use knowingly.
+without ``renormalize`` or ``tail`` (the rest mass 1 - q(S) is the cached q of S subtracted from 1), reads q only on
+those k tokens and the learner's full log-probabilities, so it equals the value and gradient with the live teacher
+up to float32 rounding (``teacher_logits`` below). Anything else needs q off the cached ids (``ka`` = reverse_kl
+reads q on the learner's top-k; full-vocabulary divergences read all of q) and is refused. ``teacher_logits``
+spreads the residual mass 1 - q(S_K) uniformly over the other V - K tokens; that is an approximation wherever q off
+S_K is read, which only the library-level call may use knowingly.
 
 Storage dtype: float32 by default, because float16 keeps 11 significant bits: a log-probability near -10 is off by
 up to 2**-7 (q off by 0.4 %), which breaks the "exact up to float32 rounding" contract. ``dtype=torch.float16`` halves

@@ -11,6 +11,8 @@ examples:
   ktransfer reproduce smoke --out runs/smoke                      # a minute: every stage on tiny models
   ktransfer reproduce multi30k-cpu --out runs/m30k                # about 50 minutes on 2 idle cores (see --list)
   ktransfer reproduce multi30k-cpu --out runs/m30k seeds=1 stop_after=learner
+  ktransfer reproduce multi30k-cpu --out runs/why seeds=1,2,3,4,5 sweep=none \
+      objectives=kd,ka,kd-tail,ka-tail,ka-renorm,smooth     # why does KA help? (docs/results.md)
   ktransfer reproduce paper-then --out runs/then train.device=cuda finetune.objective.top_k=4 sweep=topk
   ktransfer reproduce --list                                      # the presets and what they do
 
@@ -23,6 +25,14 @@ Overrides (later ones win):
                          bootstrap=1000  stop_after=bpe|teacher|learner|analysis0|finetune|sweep|eval|significance
                          prefixes=learner,mixed,teacher (extra rows: those prefix sources; teacher = seq-KD data)
                          prefix_objectives=kd,ka  prefix_seeds=1,2 (default: seeds)
+
+Columns of objectives= (each a fine-tuning per seed):
+  kd, ka, half, ...      a divergence from the preset (half = 1/2 KA + 1/2 KD)
+  OBJ-tail, OBJ-renorm   OBJ with objective.tail=true (the rest of the vocabulary as one outcome: a proper top-k
+                         divergence) or objective.renormalize=true (p and q renormalised on the top-k support)
+  smooth                 the smoothing control: nll with label smoothing, no teacher; its strength is chosen on the
+                         valid split so that the learner's entropy matches the smoothing_target column's
+                         (smoothing_target=ka, smoothing_grid=0.02,0.05,0.1,0.2; rule and value in RUN/smoothing.json)
 
 Run the same command again to continue a run that was stopped or killed: stages marked done in RUN/stages.json are
 skipped and the stage in progress resumes from its checkpoints/last. Progress: RUN/reproduce.log (stage banners)
