@@ -399,6 +399,13 @@ def test_variant_and_smoothing_columns(shared_data, tmp_path):
     new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
     assert not any("====" in line for line in new) and (run / "stages.json").read_text() == before
 
+    from ktransfer.cli import main  # the report, smoothing notes included, is rebuilt from the run folder alone
+
+    (run / "report.md").unlink()
+    (run / "results.json").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == report
+
 
 def test_column_options_are_checked():
     opts, _ = parse_overrides(PRESETS["smoke"], ["objectives=kd,ka,kd-tail,ka-renorm,smooth", "smoothing_grid=0.1,0.3"])
