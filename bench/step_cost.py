@@ -13,7 +13,9 @@ On the same token batches (``TokenBatchSampler``, ``--max-tokens`` per side, epo
   as ``train.compute_loss`` runs it;
 * ``kd`` and ``ka``: one training step with objective kd / ka (``train_step``: learner forward, teacher forward,
   ``transfer_loss`` = (1 - lam) NLL + lam D, backward, gradient norm, AdamW update), over the full vocabulary and
-  with ``objective.top_k`` = ``--top-k``.
+  with ``objective.top_k`` = ``--top-k``;
+* ``kd tail`` and ``ka tail`` (``--tail``): the same top-k steps with ``objective.tail=true`` (the rest of the
+  vocabulary as one more outcome).
 
 Each row is a real run built by ``ktransfer.train.setup`` (same seed, so the same initial learner); the teacher is an
 untrained ``cpu-teacher`` (speed does not depend on the weights). The rows are interleaved: batch k goes through
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-policy", action="store_true",
                         help="add the on-policy rows: 'sample' (the learner's samples of a batch alone) and 'kd "
                              "on-policy' (a kd step with objective.prefix=learner); their ratio is to the kd step")
+    parser.add_argument("--tail", action="store_true",
+                        help="add 'kd tail' and 'ka tail': the top-k steps with objective.tail=true (needs --top-k)")
     parser.add_argument("--sample-length", type=int, default=64,
                         help="objective.sample_max_length of the on-policy rows (default: 64)")
     args = parser.parse_args(argv)
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.top_k < 0:
         parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.tail and not args.top_k:
+        parser.error("--tail needs a top-k support: --top-k > 0")
     if args.no_bf16 and args.no_fp32:
         parser.error("--no-bf16 and --no-fp32 leave nothing to measure")
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(work / "teacher", model=build_model(args.teacher, tokenizer), tokenizer=tokenizer, config={})
 
     def make_run(objective: str, bf16: bool, top_k: int | None, *extra: str):
-        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{'-onpolicy' if extra else ''}"
+        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{'-' + str(len(extra)) if extra else ''}"
         overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
                      f"model.preset={args.learner}", f"objective.objective={objective}", f"objective.lam={args.lam}",
                      f"train.bf16={bf16}", f"train.out_dir={work / name}", "train.seed=0",
@@ -181,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(SimpleNamespace(bf16=bf16, step=objective, top_k=top_k, fn=step_fn(run), times=[],
                                             tokens=[]))
         params["teacher"] = count_parameters(teacher_run.teacher, trainable_only=False)
+        for objective in ("kd", "ka") if args.tail else ():
+            run = make_run(objective, bf16, args.top_k, "objective.tail=true")
+            rows.append(SimpleNamespace(bf16=bf16, step=f"{objective} tail", top_k=args.top_k, fn=step_fn(run),
+                                        times=[], tokens=[]))
         if args.on_policy:
             on = make_run("kd", bf16, None, "objective.prefix=learner",
                           f"objective.sample_max_length={args.sample_length}")
             rows.append(SimpleNamespace(bf16=bf16, step="sample", top_k=None, fn=sample_fn(on), times=[], tokens=[]))
             rows.append(SimpleNamespace(bf16=bf16, step="kd on-policy", top_k=None, fn=step_fn(on), times=[],
                                         tokens=[]))
-        rows.insert(len(rows) - 2 * len(supports),
+        rows.insert(len(rows) - 2 * len(supports) - 2 * args.tail - 2 * args.on_policy,
                     SimpleNamespace(bf16=bf16, step="teacher fwd", top_k=None, fn=teacher_fn(teacher_run), times=[],
                                     tokens=[]))
 
@@ -215,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = dict(precision="bf16 autocast" if r.bf16 else "fp32", step=r.step,
                      top_k="-" if r.step in ("nll", "teacher fwd") else (r.top_k or "all"),
                      median_s=statistics.median(r.times), target_tok_s=tok_s, times=r.times, tokens=r.tokens)
-        if r.step in ("kd", "ka"):
+        if r.step in ("kd", "ka", "kd tail", "ka tail"):
             entry["ratio"] = _summary([t / b for t, b in zip(r.times, base[r.bf16], strict=True)])
             entry["extra_ms"] = statistics.median([(t - b) * 1e3 for t, b in zip(r.times, base[r.bf16], strict=True)])
         elif r.step in ("sample", "kd on-policy"):  # against the kd step on the reference prefixes

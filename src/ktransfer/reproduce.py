@@ -187,8 +187,8 @@ Prefix sources (prefixes=learner,teacher prefix_seeds=1,2) add a seq-KD stage (t
 fine-tuning sources with beam 5: ~2.5 min) and 8 fine-tunings (see docs/results.md for their times).
 
 The "why does KA help?" run (seeds=1,2,3,4,5 sweep=none objectives=kd,ka,kd-tail,ka-tail,ka-renorm,smooth) has
-35 fine-tunings (~1.5-2 min each; the tail columns' divergence takes the Python path, 7-10x the kernel's top-k
-cost per call in bench/topk.py, a smaller share of a whole step), the smoothing calibration (2-3 one-seed nll
+35 fine-tunings (~1.5-2 min each; a tail column's step costs 1.33x a top-k step in bench/step_cost.py --tail,
+because its divergence takes the Python path), the smoothing calibration (2-3 one-seed nll
 trainings and an entropy pass each) and 36 test decodings: roughly 100 minutes on 2 idle cores with the teacher and
 learner stages (an estimate, not yet measured).
 """
