@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     save_checkpoint(work / "teacher", model=build_model(args.teacher, tokenizer), tokenizer=tokenizer, config={})
 
-    def make_run(objective: str, bf16: bool, top_k: int | None, *extra: str):
-        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{'-' + str(len(extra)) if extra else ''}"
+    def make_run(objective: str, bf16: bool, top_k: int | None, *extra: str, tag: str = ""):
+        name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{tag}"
         overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
                      f"model.preset={args.learner}", f"objective.objective={objective}", f"objective.lam={args.lam}",
                      f"train.bf16={bf16}", f"train.out_dir={work / name}", "train.seed=0",
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, params = [], {}
     for bf16 in precisions:
         nll = make_run("nll", bf16, None)
+        nll_row = len(rows)
         rows.append(SimpleNamespace(bf16=bf16, step="nll", top_k=None, fn=step_fn(nll), times=[], tokens=[]))
         params["learner"] = count_parameters(nll.model)
         teacher_run = None
@@ -188,16 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                                             tokens=[]))
         params["teacher"] = count_parameters(teacher_run.teacher, trainable_only=False)
         for objective in ("kd", "ka") if args.tail else ():
-            run = make_run(objective, bf16, args.top_k, "objective.tail=true")
+            run = make_run(objective, bf16, args.top_k, "objective.tail=true", tag="-tail")
             rows.append(SimpleNamespace(bf16=bf16, step=f"{objective} tail", top_k=args.top_k, fn=step_fn(run),
                                         times=[], tokens=[]))
         if args.on_policy:
             on = make_run("kd", bf16, None, "objective.prefix=learner",
-                          f"objective.sample_max_length={args.sample_length}")
+                          f"objective.sample_max_length={args.sample_length}", tag="-onpolicy")
             rows.append(SimpleNamespace(bf16=bf16, step="sample", top_k=None, fn=sample_fn(on), times=[], tokens=[]))
             rows.append(SimpleNamespace(bf16=bf16, step="kd on-policy", top_k=None, fn=step_fn(on), times=[],
                                         tokens=[]))
-        rows.insert(len(rows) - 2 * len(supports) - 2 * args.tail - 2 * args.on_policy,
+        rows.insert(nll_row + 1,
                     SimpleNamespace(bf16=bf16, step="teacher fwd", top_k=None, fn=teacher_fn(teacher_run), times=[],
                                     tokens=[]))
 

@@ -514,19 +514,19 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
         return cfg("finetune", out, f"model.init={learner_ckpt}", *teacher, f"objective.objective={objective}",
                    *fixed, *extra, f"train.seed={seed}")
 
-    total = len(runs) + len(smooth_runs)
-    for i, (name, seed) in enumerate(runs, 1):
+    def run_column(i: int, name: str, seed: int, *extra: str) -> None:
         out = f"finetune/{name}/seed{seed}"
-        c = column_cfg(name, out, seed)
-        stages.run(out, lambda c=c, out=out: fine_tune(c, out), index=f"[finetune {i}/{total}]")
-    if smooth_runs:
+        c = column_cfg(name, out, seed, *extra)
+        stages.run(out, lambda: fine_tune(c, out), index=f"[finetune {i}/{len(runs) + len(smooth_runs)}]")
+
+    for i, (name, seed) in enumerate(runs, 1):
+        run_column(i, name, seed)
+    if smooth_runs:  # after the others: the calibration matches the entropy of one of them
         epsilon = _calibrate_smoothing(
             lambda eps: column_cfg(SMOOTHING, f"smoothing/eps{eps:g}", opts.seeds[0],
                                    f"objective.label_smoothing={eps:g}"), opts, run, stages)
         for i, (name, seed) in enumerate(smooth_runs, len(runs) + 1):
-            out = f"finetune/{name}/seed{seed}"
-            c = column_cfg(name, out, seed, f"objective.label_smoothing={epsilon:g}")
-            stages.run(out, lambda c=c, out=out: fine_tune(c, out), index=f"[finetune {i}/{total}]")
+            run_column(i, name, seed, f"objective.label_smoothing={epsilon:g}")
 
     # the prefix sources (option prefixes): seq-KD data from the teacher, then finetune/OBJ-P/seedS
     seqkd_dir = run / "seqkd"
@@ -629,6 +629,14 @@ def _interpolate(entropies: dict[float, float], target: float) -> float | None:
     return None
 
 
+def _use_threads(cfg: RunConfig) -> None:
+    """torch's intra-op threads from ``train.num_threads`` (0: torch's default) for a stage that runs no training."""
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+
+
 def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -640,10 +648,7 @@ def _write_entropy(cfg: RunConfig, model_dir: Path, out: Path) -> None:
     from ktransfer.data import read_split
     from ktransfer.models import load_model
 
-    if cfg.train.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.num_threads)
+    _use_threads(cfg)
     d = cfg.data
     checkpoint = model_dir / "checkpoints" / "last"
     model, tokenizer = load_model(checkpoint)
@@ -680,10 +685,7 @@ def _analysis0(cfg: RunConfig, opts: Options, run: Path, teacher_ckpt: str, lear
     from ktransfer.analysis import analyze_model, save_epoch
     from ktransfer.models import load_model
 
-    if cfg.train.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.num_threads)
+    _use_threads(cfg)
     sample = _analysis_sample(cfg, opts)
     learner, tokenizer = load_model(learner_ckpt)
     summary, top16 = analyze_model(learner, tokenizer, sample, table_sentences=opts.table_sentences,
@@ -707,10 +709,7 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
     """Beam search (eval.*) of ``split`` with ``model_dir/checkpoints/best``; scores in ``out_dir``."""
     from ktransfer.evaluate import evaluate
 
-    if cfg.train.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.num_threads)
+    _use_threads(cfg)
     d, e = cfg.data, cfg.eval
     result = evaluate(model_dir / "checkpoints" / "best", corpus=d.corpus, split=split, src_lang=d.src_lang,
                       tgt_lang=d.tgt_lang, beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
@@ -726,10 +725,7 @@ def _seqkd(cfg: RunConfig, teacher_ckpt: str, out: Path, log) -> dict:
     data; ``out`` is a corpus folder whose other splits (valid, test) are the original files, copied."""
     from ktransfer.seqkd import distill_corpus
 
-    if cfg.train.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.num_threads)
+    _use_threads(cfg)
     d, e = cfg.data, cfg.eval
     return distill_corpus(teacher_ckpt, out, corpus=d.corpus, split=d.train, src_lang=d.src_lang, tgt_lang=d.tgt_lang,
                           beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
