@@ -1,5 +1,5 @@
 """The compiled CPU kernel (``ktransfer.native``) against the Python path in float64, which test_divergences.py checks
-against an independent NumPy reference: every kind, full and top-k supports, renormalisation, temperature, NLL with
+against an independent NumPy reference: every kind, full and top-k supports, renormalisation, the tail bucket, temperature, NLL with
 label smoothing, masks, -inf logits, low-precision inputs, thread counts, a long vocabulary, and the build fallback.
 
 Skipped only where no C++ compiler exists (then ``divergence`` runs the Python path, tested elsewhere).
@@ -73,6 +73,35 @@ def test_top_k_supports_equal_float64(kernel, kind, support, renormalize):
         lambda x, y: divergence(x, y, kind, top_k=7, support=support, renormalize=renormalize, temperature=1.5), z, u)
     assert float(abs(vk - vr) / vr.abs()) < 5e-6
     assert _rel(gk, gr) < 5e-6
+
+
+@pytest.mark.parametrize("support", ["learner", "teacher", "union"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_equals_float64(kernel, kind, support):
+    """tail=True on the kernel against the float64 Python path, which test_tail.py checks against the coarsened
+    reference and finite differences."""
+    z, u = _logits(11, 203, seed=41), _logits(11, 203, seed=42)
+    (vk, gk), (vr, gr) = _on_both_paths(
+        lambda x, y: divergence(x, y, kind, top_k=7, support=support, tail=True, temperature=1.5), z, u)
+    assert float(abs(vk - vr) / vr.abs()) < 5e-6
+    assert _rel(gk, gr) < 5e-6
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_tail_keeps_its_digits_when_the_support_holds_nearly_all_the_mass(kernel, kind):
+    """Rests of ~2e-6 (learner) and ~1e-4 (teacher): the kernel sums them over the rest, so the value and the gradient
+    at the rest's entries match float64 to 1e-4, where 1 - p(S) in float32 (rounding ~6e-8) would be off by about 3%
+    in p_rest (the check at the end shows that form missing the same tolerance)."""
+    z, u = _logits(4, 203, seed=43, scale=1.0), _logits(4, 203, seed=44, scale=1.0)
+    z[:, :3] += 18.0
+    u[:, :3] += 14.0
+    fn = lambda x, y: divergence(x, y, kind, top_k=3, support="learner", tail=True, reduction="sum")  # noqa: E731
+    (vk, gk), (vr, gr) = _on_both_paths(fn, z, u)
+    assert float(abs(vk - vr) / vr.abs()) < 1e-4
+    assert _rel(gk[:, 3:], gr[:, 3:]) < 1e-4
+    p_rest = torch.softmax(z.double(), -1)[:, 3:].sum(-1)
+    cancelled = 1 - torch.softmax(z, -1)[:, :3].sum(-1).double()
+    assert float(((cancelled - p_rest) / p_rest).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("k", [1, 16, 17, 70, 256, 300])

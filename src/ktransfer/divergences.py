@@ -440,11 +440,8 @@ _SUPPORT_CODES = {None: -1, "learner": 0, "teacher": 1, "union": 2}
 
 
 def _native_module(z, u, spec=None):
-    """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype) and options
-    (not ``tail``, which only the Python path has), else None."""
+    """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype), else None."""
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    if spec is not None and spec.tail:
         return None
     if u is not None and u.dtype != z.dtype:
         return None
@@ -462,7 +459,8 @@ def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
     values, nll, lse_s, lse_t = mod.sweep(
         z.contiguous(), None if u is None else u.contiguous(), None if labels is None else labels.contiguous(),
         rows, [native.KIND_CODES[t.kind] for t in spec.terms], [t.weight for t in spec.terms],
-        [_SUPPORT_CODES[t.support] for t in spec.terms], spec.top_k or 0, spec.renormalize, spec.temperature,
+        [_SUPPORT_CODES[t.support] for t in spec.terms], spec.top_k or 0, spec.renormalize, spec.tail,
+        spec.temperature,
         spec.beta, spec.alpha, spec.label_smoothing,
         div_scale.to(torch.float32).contiguous() if (need_grad and u is not None) else None,
         nll_scale.to(torch.float32).contiguous() if (need_grad and labels is not None) else None, grad)
@@ -639,8 +637,8 @@ def divergence(
             paper's Sec. 3.3 formula).
         tail: with a top-k support, add one outcome "the rest of V" with p_rest = 1 - p(S), q_rest = 1 - q(S): the
             divergence of the (k + 1)-outcome coarsenings of p and q, a proper divergence (>= 0, zero iff p and q
-            agree on S and on the rest mass), unlike the paper's formula. Computed by the Python path (the C++
-            kernel does not have it yet); p_rest and q_rest are summed over the rest, not taken as 1 - p(S).
+            agree on S and on the rest mass), unlike the paper's formula. p_rest and q_rest are summed over the rest,
+            not taken as 1 - p(S), on both paths (the C++ kernel and the Python one).
         mask: bool ``[...]``; positions where it is False are ignored (value 0, gradient 0).
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).

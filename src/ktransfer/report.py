@@ -15,8 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+from ktransfer.experiment import SMOOTHING
+
 ROW_NAMES = {"teacher": "Teacher", "learner": "Learner (pre-trained)", "nll": "Learner + nll (control)",
-             "kd": "KD", "ka": "KA", "half": "1/2KA+1/2KD", "smooth": "Learner + label smoothing (control)"}
+             "kd": "KD", "ka": "KA", "half": "1/2KA+1/2KD", SMOOTHING: "Learner + label smoothing (control)"}
 PREFIX_NAMES = {"learner": "learner prefixes", "mixed": "mixed prefixes", "teacher": "teacher prefixes (seq-KD)"}
 VARIANT_NAMES = {"tail": "+ tail", "renorm": "renormalised"}
 # The paper's Table 2 (BLEU): WMT'17 De-En and IWSLT'15 Th-En.
@@ -115,7 +117,7 @@ def build_results(run_dir: str | os.PathLike) -> dict:
         "test_split": first.get("split"), "test_sentences": first.get("sentences"),
         "stages": _read_json(run / "stages.json") or {},
     }
-    if "smooth" in opts.objectives:
+    if SMOOTHING in opts.objectives:
         results["smoothing"] = _read_json(run / "smoothing.json")
     if opts.prefixes:  # only then, so that the results of runs without prefix sources are unchanged
         results["significance_prefixes"] = _read_json(run / "significance-prefixes.json")
@@ -269,7 +271,7 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
         lines[-1:] = _smoothing_notes(results["smoothing"])
     derived = [(r["key"], r["key"].rpartition("-")[0]) for r in results["table2"] if "-" in r["key"]]
     target = opts.get("smoothing_target", "ka")
-    for a, b in (("ka", "kd"), ("half", "kd"), ("ka", "half"), (target, "smooth"),
+    for a, b in (("ka", "kd"), ("half", "kd"), ("ka", "half"), (target, SMOOTHING),
                  *((o, "nll") for o in opts["objectives"]), *derived):
         note = _spread_note(rows, a, b)
         if note:
@@ -335,7 +337,7 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
                       path.read_text(encoding="utf-8").rstrip(), "```", "", "</details>", ""]
     lines += ["Other fine-tuning runs differ only in `objective.objective`, `train.seed`, `train.out_dir` "
               "(and no `model.teacher` for the nll control); see each `RUN/finetune/OBJ/seedS/config.yaml`.", ""]
-    if any("-" in o or o == "smooth" for o in opts["objectives"]):
+    if any("-" in o or o == SMOOTHING for o in opts["objectives"]):
         lines += ["Variant columns add `objective.tail=true` (OBJ-tail) or `objective.renormalize=true` "
                   "(OBJ-renorm); the smoothing control is the nll control with `objective.label_smoothing` set.", ""]
     if opts.get("prefixes"):

@@ -16,7 +16,9 @@
 // pass 1 also keeps maxima of disjoint subsets of the row, the k largest entries of z and/or u are selected in pass 2
 // by a vectorised compare against a threshold that starts at the bound those maxima give (TopkSelector), pass 3 runs
 // on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S),
-// q~ = q / q(S) and leave the gradient on S only. The formulas of f and w per kind are those of
+// q~ = q / q(S) and leave the gradient on S only. With a tail, each top-k term adds one outcome "the rest of V" with
+// p_rest = sum of e_s outside S / Z_s (summed over the rest, not taken as 1 - p(S), which cancels as p(S) -> 1; the
+// teacher's e_t is then kept in a row of its own), and the gradient f'(p_rest) (p_j p(S) - [j in S] p_j). The formulas of f and w per kind are those of
 // ktransfer.divergences._value_and_w;
 // docs/divergences.md derives them. The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly
 // zero terms. The common single kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the
@@ -163,6 +165,7 @@ struct Options {
   float inv_T, T, beta, alpha, eps;
   int64_t top_k;     // 0: every term covers all of V
   bool renormalize;  // top-k terms: renormalise p and q over S
+  bool tail;         // top-k terms: one more outcome, the rest of V (excludes renormalize)
 };
 
 // Accumulates weight * f into F and weight * w into W for one term of kind K, at one vector of positions.
@@ -542,13 +545,64 @@ DenseFn<T> pick_dense(const Options& o) {
   return dense_terms<-1, -1, T>;
 }
 
+// sum of e[0:np] outside S, summed directly over the rest (accurate however much of the sum S holds): the entries at
+// S are set to 0 for the sum and restored after it (S has no repeated index).
+inline double rest_sum(float* e, int64_t np, const std::vector<int64_t>& S, std::vector<float>& saved) {
+  saved.resize(S.size());
+  for (size_t i = 0; i < S.size(); ++i) {
+    saved[i] = e[S[i]];
+    e[S[i]] = 0.0f;
+  }
+  Vec acc(0.0f);
+  double total = 0.0;
+  for (int64_t j = 0, k = 0; j < np; j += Vec::size(), ++k) {
+    acc = acc + Vec::loadu(e + j);
+    if (k % kFlush == kFlush - 1) {
+      total += hsum(acc);
+      acc = Vec(0.0f);
+    }
+  }
+  for (size_t i = 0; i < S.size(); ++i) e[S[i]] = saved[i];
+  return total + hsum(acc);
+}
+
+// The rest of the vocabulary's rows for a tail: e_s = exp(s - max s) and e_t (padded to np), their sums Z_s, Z_t,
+// and room for rest_sum's saved entries.
+struct RestRows {
+  float* es;
+  float* et;
+  int64_t np;
+  double Zs, Zt;
+  std::vector<float>* saved;
+};
+
+// The tail outcome of one top-k term with support S: adds weight f(p_rest, q_rest) to F
+// and returns weight f'(p_rest) (0 where p_rest = 0), whose gradient is f' (p_j p(S) - [j in S] p_j).
+inline double tail_term(const Options& o, const Term& term, const RestRows& rest, const std::vector<int64_t>& S,
+                        double& F) {
+  const double p_rest = rest_sum(rest.es, rest.np, S, *rest.saved) / rest.Zs;
+  const double q_rest = rest_sum(rest.et, rest.np, S, *rest.saved) / rest.Zt;
+  alignas(64) float lanes[4][Vec::size()];  // lane 0: the rest; the other lanes p = q = 0 (zero terms)
+  for (auto& l : lanes) std::fill(l, l + Vec::size(), 0.0f);
+  std::fill(lanes[2], lanes[2] + Vec::size(), kNegInf);
+  std::fill(lanes[3], lanes[3] + Vec::size(), kNegInf);
+  lanes[0][0] = static_cast<float>(p_rest);
+  lanes[1][0] = static_cast<float>(q_rest);
+  lanes[2][0] = static_cast<float>(std::log(p_rest));
+  lanes[3][0] = static_cast<float>(std::log(q_rest));
+  Vec f(0.0f), w(0.0f);
+  term_at(o, term, Vec::loadu(lanes[0]), Vec::loadu(lanes[1]), Vec::loadu(lanes[2]), Vec::loadu(lanes[3]), f, w);
+  F += hsum(f);
+  return p_rest > 0.0 ? hsum(w) / p_rest : 0.0;  // w = weight p f'(p)
+}
+
 // Value and gradient of the top-k terms at one row. z, u: the row's logits (float32, unscaled); lse_s, lse_t the
-// log-normalisers of z / T and u / T. Adds the value to F, sum_S w of non-renormalised terms to C, and
-// the sparse w at S (pass 4 scales it by div_coef / T) to `sparse`.
+// log-normalisers of z / T and u / T. Adds the value to F, sum_S w of non-renormalised terms to C (with a tail, its
+// -f'(p_rest) p(S) too), and the sparse w at S (pass 4 scales it by div_coef / T) to `sparse`.
 template <typename T>
 void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse_t,
                 const std::vector<int64_t>& idx_l, const std::vector<int64_t>& idx_t, std::vector<uint8_t>& mark,
-                std::vector<int64_t>& S, std::vector<float>& pk, double& F, double& C,
+                std::vector<int64_t>& S, std::vector<float>& pk, const RestRows& rest, double& F, double& C,
                 std::vector<std::pair<int64_t, float>>& sparse) {
   for (const Term& term : o.terms) {
     if (term.support == LEARNER) {
@@ -597,6 +651,12 @@ void topk_terms(const Options& o, const T* z, const T* u, float lse_s, float lse
     const double w_sum = hsum(W_acc);
     if (o.renormalize) {  // the gradient lives on S: w~ - p~ sum_S w~
       for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], ww[i] - pp[i] * static_cast<float>(w_sum));
+    } else if (o.tail) {  // f'(p_rest) (p_j p(S) - [j in S] p_j): -f' p(S) joins C, -f' p_j the w at S
+      const double g = tail_term(o, term, rest, S, F);
+      double p_set = 0.0;
+      for (int64_t i = 0; i < n; ++i) p_set += pp[i];
+      C += w_sum - g * p_set;
+      for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], ww[i] - static_cast<float>(g) * pp[i]);
     } else {
       C += w_sum;
       for (int64_t i = 0; i < n; ++i) sparse.emplace_back(S[i], ww[i]);
@@ -659,6 +719,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
     // es: e_s; eq: e_t, then W (full vocabulary), or the sparse w scattered into a zeroed row (top-k); g: the float32
     // gradient row when the output is not float32 (written where T != 1 with labels, then converted)
     std::vector<float> es(np), eq(has_t ? np : 0);
+    std::vector<float> et(has_t && o.tail ? np : 0), saved;  // tail: e_t, and rest_sum's saved entries
     std::vector<float> g(grad_f ? 0 : np);
     TopkSelector selector;  // top-k selections, fed by pass 2
     std::vector<int64_t> idx_l, idx_t, S;
@@ -687,8 +748,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
       if (has_t) {
         const float mt = row_max(ur, V, o.inv_T, need_t ? lanes_u : nullptr, groups);
         if (select_t) selector.start(o.top_k, lanes_u);
-        const double Zt = exp_sum(ur, V, np, o.inv_T, mt, dense ? eq.data() : nullptr,  // top-k: only Z_t
-                                  select_t ? &selector : nullptr);
+        float* e_t = dense ? eq.data() : (o.tail ? et.data() : nullptr);  // top-k: only Z_t, unless a tail
+        const double Zt = exp_sum(ur, V, np, o.inv_T, mt, e_t, select_t ? &selector : nullptr);
         if (select_t) selector.finish(V, idx_t, mark);
         const float lse_t = (std::isfinite(mt) ? mt : 0.0f) + static_cast<float>(std::log(Zt));
         lse_t_out[r] = lse_t;
@@ -696,7 +757,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
         if (dense) {
           dense_fn(o, zr, ur, V, np, es.data(), eq.data(), inv_Zs, static_cast<float>(1.0 / Zt), lse_s, lse_t, F, C);
         } else {
-          topk_terms(o, zr, ur, lse_s, lse_t, idx_l, idx_t, mark, S, pk, F, C, sparse);
+          const RestRows rest{es.data(), et.data(), np, Zs, Zt, &saved};
+          topk_terms(o, zr, ur, lse_s, lse_t, idx_l, idx_t, mark, S, pk, rest, F, C, sparse);
           if (need_grad)  // pass 4 adds kd * eq, as for the full vocabulary
             for (const auto& e : sparse) eq[e.first] += e.second;
         }
@@ -788,7 +850,8 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
 std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<torch::Tensor>& u,
                                  const c10::optional<torch::Tensor>& labels, const c10::optional<torch::Tensor>& rows,
                                  const std::vector<int64_t>& kinds, const std::vector<double>& weights,
-                                 const std::vector<int64_t>& supports, int64_t top_k, bool renormalize, double T,
+                                 const std::vector<int64_t>& supports, int64_t top_k, bool renormalize, bool tail,
+                                 double T,
                                  double beta, double alpha, double eps, const c10::optional<torch::Tensor>& div_coef,
                                  const c10::optional<torch::Tensor>& nll_coef, const c10::optional<torch::Tensor>& grad) {
   TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.device().is_cpu(), "z must be a contiguous [N, V] CPU tensor");
@@ -796,6 +859,7 @@ std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<tor
   const int64_t N = z.size(0), V = z.size(1);
   TORCH_CHECK(top_k >= 0 && top_k <= V, "top_k must be in [0, V]: got ", top_k);
   TORCH_CHECK(top_k == 0 || V < (int64_t{1} << 31), "top-k selection needs V < 2^31, got ", V);
+  TORCH_CHECK(!tail || (top_k > 0 && !renormalize), "a tail needs a top-k support and no renormalisation");
   if (u) TORCH_CHECK(u->sizes() == z.sizes() && u->is_contiguous() && u->scalar_type() == z.scalar_type(),
                      "u must be a contiguous tensor of z's shape and dtype");
   if (labels) TORCH_CHECK(labels->numel() == N && labels->scalar_type() == torch::kLong, "labels: [N] int64");
@@ -821,6 +885,7 @@ std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<tor
   o.eps = static_cast<float>(eps);
   o.top_k = top_k;
   o.renormalize = renormalize;
+  o.tail = tail;
   auto fopts = z.options().dtype(torch::kFloat);
   torch::Tensor values = torch::zeros({N}, fopts), nll = torch::zeros({N}, fopts);
   torch::Tensor lse_s = torch::zeros({N}, fopts), lse_t = torch::zeros({N}, fopts);
