@@ -292,7 +292,8 @@ def test_one_or_two_threads_give_identical_bits(kernel):
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
-def test_fused_head_uses_the_kernel_and_matches_float64(kernel):
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5, "tail": True}])
+def test_fused_head_uses_the_kernel_and_matches_float64(kernel, extra):
     from ktransfer import fused_linear_divergence
 
     g = torch.Generator().manual_seed(18)
@@ -307,7 +308,7 @@ def test_fused_head_uses_the_kernel_and_matches_float64(kernel):
         try:
             Wx = W.to(dtype).requires_grad_(True)
             loss = fused_linear_divergence(h.to(dtype), Wx, ht.to(dtype), Wt.to(dtype), "reverse_kl", labels=labels,
-                                           lam=0.5).loss
+                                           lam=0.5, **extra).loss
             loss.backward()
             grads.append((loss.detach().double(), Wx.grad.double()))
         finally:
