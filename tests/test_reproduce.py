@@ -79,7 +79,7 @@ def test_smoke_end_to_end(smoke):
                    "| Teacher |", "paper BLEU (De-En / Th-En)", "| 32.24 / 13.36 |", "BLEU signature",
                    "## Significance", "## Table 3", "## Wall time per stage", "## Resolved configs"):
         assert needle in report, needle
-    for figure in ("fig3_toy.png", "fig4a_topk.png", "fig4b_novel.png", "fig5_entropy.png"):
+    for figure in ("fig3_toy.png", "fig4a_topk.png", "fig4b_novel.png", "fig5_entropy.png", "bleu_seeds.png"):
         assert (run / "figures" / figure).stat().st_size > 1000, figure
         assert f"figures/{figure}" in report
 
@@ -153,7 +153,7 @@ def test_report_command_rebuilds_the_same_report(smoke):
         png.unlink()
     assert main(["report", str(run)]) == 0
     assert (run / "report.md").read_text() == before
-    assert len(list((run / "figures").glob("*.png"))) == 4
+    assert len(list((run / "figures").glob("*.png"))) == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------

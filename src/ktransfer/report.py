@@ -216,7 +216,31 @@ def draw_figures(results: dict, figures: Path) -> dict[str, str]:
         fig.savefig(figures / "fig5_entropy.png", dpi=120)
         plt.close(fig)
         notes["fig5"] = f"mean over {seeds} seed(s); epoch 0 = the pre-trained learner"
+    if _seed_figure(plt, results["table2"], figures / "bleu_seeds.png"):
+        notes["seeds"] = f"{results.get('test_split') or 'test'}; a dot per seed, a bar at the mean"
     return notes
+
+
+def _seed_figure(plt, rows: list[dict], out: Path) -> bool:
+    """Test BLEU of every fine-tuned row of Table 2, a dot per seed and a bar at the mean, with the pre-trained
+    learner as a dotted line; False (nothing drawn) when no fine-tuning has a score."""
+    tuned = [r for r in rows if r["key"] not in ("teacher", "learner") and r["bleu"]]
+    if not tuned:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(tuned) + 2), 4))
+    for i, r in enumerate(tuned):
+        ax.plot([i] * len(r["bleu"]), r["bleu"], "o", color="C0", alpha=0.6)
+        ax.hlines(r["bleu_mean"], i - 0.3, i + 0.3, color="C1", linewidth=2)
+    learner = next((r for r in rows if r["key"] == "learner" and r["bleu"]), None)
+    if learner:
+        ax.axhline(learner["bleu_mean"], color="gray", linestyle=":", label="pre-trained learner")
+        ax.legend()
+    ax.set_xticks(range(len(tuned)), [r["name"] for r in tuned], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="test BLEU", title="Test BLEU of every seed")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,10 +330,11 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
     lines += ["", "## Figures", "", f"Fig. 3 (toy, {notes.get('fig3')}):", "", "![Fig. 3](figures/fig3_toy.png)", ""]
     for key, file, title in (("fig4a", "fig4a_topk.png", "Fig. 4a: valid BLEU against top-k"),
                              ("fig4b", "fig4b_novel.png", "Fig. 4b: novel tokens in the learner's top-16"),
-                             ("fig5", "fig5_entropy.png", "Fig. 5: learner entropy over fine-tuning epochs")):
+                             ("fig5", "fig5_entropy.png", "Fig. 5: learner entropy over fine-tuning epochs"),
+                             ("seeds", "bleu_seeds.png", "Test BLEU of every seed")):
         if key in notes:
             lines += [f"{title} ({notes[key]}):", "", f"![{title}](figures/{file})", ""]
-        else:
+        elif key != "seeds":
             lines += [f"{title}: not run (" + ("sweep=topk not set" if key == "fig4a" else "no analyses") + ").", ""]
     if results["sweep"]:
         lines += ["| objective | " + " | ".join(("k=V (all)" if k == "V" else f"k={k}")
