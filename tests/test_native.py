@@ -64,25 +64,15 @@ def test_full_vocabulary_equals_float64(kernel, kind, T):
     assert _rel(gk, gr) < 2e-6
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("option", [None, "renormalize", "tail"])
 @pytest.mark.parametrize("support", [None, "learner", "teacher", "union"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_top_k_supports_equal_float64(kernel, kind, support, renormalize):
+def test_top_k_supports_equal_float64(kernel, kind, support, option):
+    """Plain, renormalised and tail (test_tail.py checks the float64 path's tail against the coarsened reference)."""
     z, u = _logits(11, 203, seed=3), _logits(11, 203, seed=4)
+    extra = {option: True} if option else {}
     (vk, gk), (vr, gr) = _on_both_paths(
-        lambda x, y: divergence(x, y, kind, top_k=7, support=support, renormalize=renormalize, temperature=1.5), z, u)
-    assert float(abs(vk - vr) / vr.abs()) < 5e-6
-    assert _rel(gk, gr) < 5e-6
-
-
-@pytest.mark.parametrize("support", ["learner", "teacher", "union"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_tail_equals_float64(kernel, kind, support):
-    """tail=True on the kernel against the float64 Python path, which test_tail.py checks against the coarsened
-    reference and finite differences."""
-    z, u = _logits(11, 203, seed=41), _logits(11, 203, seed=42)
-    (vk, gk), (vr, gr) = _on_both_paths(
-        lambda x, y: divergence(x, y, kind, top_k=7, support=support, tail=True, temperature=1.5), z, u)
+        lambda x, y: divergence(x, y, kind, top_k=7, support=support, temperature=1.5, **extra), z, u)
     assert float(abs(vk - vr) / vr.abs()) < 5e-6
     assert _rel(gk, gr) < 5e-6
 
