@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -545,29 +546,46 @@ DenseFn<T> pick_dense(const Options& o) {
   return dense_terms<-1, -1, T>;
 }
 
-// sum of e[0:np] outside S, summed directly over the rest (accurate however much of the sum S holds): the entries at
-// S are set to 0 for the sum and restored after it (S has no repeated index).
-inline double rest_sum(float* e, int64_t np, const std::vector<int64_t>& S, std::vector<float>& saved) {
-  saved.resize(S.size());
-  for (size_t i = 0; i < S.size(); ++i) {
-    saved[i] = e[S[i]];
-    e[S[i]] = 0.0f;
+// The sums of a[0:np] and b[0:np] outside S, summed directly over the rest (accurate however much of the sums S
+// holds): the entries at S are set to 0 for one pass over both rows and restored after it (S has no repeated index).
+// Two accumulators per row, so that the adds are not one chain of dependent additions.
+inline std::pair<double, double> rest_sums(float* a, float* b, int64_t np, const std::vector<int64_t>& S,
+                                           std::vector<float>& saved) {
+  const size_t n = S.size();
+  saved.resize(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    saved[i] = a[S[i]];
+    saved[n + i] = b[S[i]];
+    a[S[i]] = b[S[i]] = 0.0f;
   }
-  Vec acc(0.0f);
-  double total = 0.0;
-  for (int64_t j = 0, k = 0; j < np; j += Vec::size(), ++k) {
-    acc = acc + Vec::loadu(e + j);
+  constexpr int64_t w = Vec::size();
+  Vec a0(0.0f), a1(0.0f), b0(0.0f), b1(0.0f);
+  double sum_a = 0.0, sum_b = 0.0;
+  int64_t j = 0;
+  for (int64_t k = 0; j + 2 * w <= np; j += 2 * w, ++k) {
+    a0 = a0 + Vec::loadu(a + j);
+    a1 = a1 + Vec::loadu(a + j + w);
+    b0 = b0 + Vec::loadu(b + j);
+    b1 = b1 + Vec::loadu(b + j + w);
     if (k % kFlush == kFlush - 1) {
-      total += hsum(acc);
-      acc = Vec(0.0f);
+      sum_a += hsum(a0 + a1);
+      sum_b += hsum(b0 + b1);
+      a0 = a1 = b0 = b1 = Vec(0.0f);
     }
   }
-  for (size_t i = 0; i < S.size(); ++i) e[S[i]] = saved[i];
-  return total + hsum(acc);
+  if (j < np) {  // np is a multiple of the width: one vector left at most
+    a0 = a0 + Vec::loadu(a + j);
+    b0 = b0 + Vec::loadu(b + j);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    a[S[i]] = saved[i];
+    b[S[i]] = saved[n + i];
+  }
+  return {sum_a + hsum(a0 + a1), sum_b + hsum(b0 + b1)};
 }
 
 // The rest of the vocabulary's rows for a tail: e_s = exp(s - max s) and e_t (padded to np), their sums Z_s, Z_t,
-// and room for rest_sum's saved entries.
+// and room for rest_sums' saved entries.
 struct RestRows {
   float* es;
   float* et;
@@ -580,8 +598,8 @@ struct RestRows {
 // and returns weight f'(p_rest) (0 where p_rest = 0), whose gradient is f' (p_j p(S) - [j in S] p_j).
 inline double tail_term(const Options& o, const Term& term, const RestRows& rest, const std::vector<int64_t>& S,
                         double& F) {
-  const double p_rest = rest_sum(rest.es, rest.np, S, *rest.saved) / rest.Zs;
-  const double q_rest = rest_sum(rest.et, rest.np, S, *rest.saved) / rest.Zt;
+  const auto [sum_s, sum_t] = rest_sums(rest.es, rest.et, rest.np, S, *rest.saved);
+  const double p_rest = sum_s / rest.Zs, q_rest = sum_t / rest.Zt;
   alignas(64) float lanes[4][Vec::size()];  // lane 0: the rest; the other lanes p = q = 0 (zero terms)
   for (auto& l : lanes) std::fill(l, l + Vec::size(), 0.0f);
   std::fill(lanes[2], lanes[2] + Vec::size(), kNegInf);
@@ -719,7 +737,7 @@ void sweep_rows(const scalar_t* z, const scalar_t* u, const int64_t* labels, con
     // es: e_s; eq: e_t, then W (full vocabulary), or the sparse w scattered into a zeroed row (top-k); g: the float32
     // gradient row when the output is not float32 (written where T != 1 with labels, then converted)
     std::vector<float> es(np), eq(has_t ? np : 0);
-    std::vector<float> et(has_t && o.tail ? np : 0), saved;  // tail: e_t, and rest_sum's saved entries
+    std::vector<float> et(has_t && o.tail ? np : 0), saved;  // tail: e_t, and rest_sums' saved entries
     std::vector<float> g(grad_f ? 0 : np);
     TopkSelector selector;  // top-k selections, fed by pass 2
     std::vector<int64_t> idx_l, idx_t, S;
