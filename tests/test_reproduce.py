@@ -325,6 +325,21 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Columns beyond the objectives: OBJ-tail, OBJ-renorm and the smoothing control
 # ----------------------------------------------------------------------------------------------------------------
+def test_significance_pairs_of_the_why_columns():
+    """The issue #17 run: KA vs KD, the smoothing target vs smooth, each variant vs its objective, KA+tail vs KD+tail
+    (both proper divergences), every column vs nll; the same pairs for every seed."""
+    from ktransfer.experiment import Options
+    from ktransfer.reproduce import _significance_tests
+
+    opts = Options(seeds=[1, 2], objectives=["kd", "ka", "kd-tail", "ka-tail", "ka-renorm", "smooth"])
+    tests = _significance_tests(opts)
+    pairs = [(b, s) for seed, b, s in tests if seed == 1]
+    assert pairs == [("kd", "ka"), ("smooth", "ka"), ("kd", "kd-tail"), ("ka", "ka-tail"), ("ka", "ka-renorm"),
+                     ("kd-tail", "ka-tail"), *(("nll", o) for o in opts.objectives)]
+    assert [(b, s) for seed, b, s in tests if seed == 2] == pairs and len(tests) == 2 * len(pairs)
+    assert ("kd-renorm", "ka-renorm") not in pairs  # only where both columns run
+
+
 def _valid_entropy_float64(checkpoint: Path, pairs) -> float:
     """Mean token entropy of a checkpoint on ``pairs``, teacher-forced, from its logits in float64."""
     from ktransfer.models import family_of, load_model

@@ -19,6 +19,12 @@ VARIANTS = {"tail": "objective.tail=true", "renorm": "objective.renormalize=true
 SMOOTHING = "smooth"
 
 
+def variant_pairs(objectives: list[str]) -> list[tuple[str, str]]:
+    """(kd-V, ka-V) for every variant V whose KD and KA columns are both among ``objectives``: the two orders of the
+    divergence compared under the same support treatment (e.g. both with the tail, both proper divergences)."""
+    return [(f"kd-{v}", f"ka-{v}") for v in VARIANTS if f"kd-{v}" in objectives and f"ka-{v}" in objectives]
+
+
 @dataclass
 class Options:
     """Settings of the experiment (not of one training run); ``key=value`` overrides set them too."""

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ktransfer.experiment import SMOOTHING
+from ktransfer.experiment import SMOOTHING, variant_pairs
 
 ROW_NAMES = {"teacher": "Teacher", "learner": "Learner (pre-trained)", "nll": "Learner + nll (control)",
              "kd": "KD", "ka": "KA", "half": "1/2KA+1/2KD", SMOOTHING: "Learner + label smoothing (control)"}
@@ -296,7 +296,8 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
     derived = [(r["key"], r["key"].rpartition("-")[0]) for r in results["table2"] if "-" in r["key"]]
     target = opts.get("smoothing_target", "ka")
     for a, b in (("ka", "kd"), ("half", "kd"), ("ka", "half"), (target, SMOOTHING),
-                 *((o, "nll") for o in opts["objectives"]), *derived):
+                 *((o, "nll") for o in opts["objectives"]), *derived,
+                 *((ka, kd) for kd, ka in variant_pairs(opts["objectives"]))):
         note = _spread_note(rows, a, b)
         if note:
             lines.append(f"- {note}")

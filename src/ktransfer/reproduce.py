@@ -73,6 +73,7 @@ from ktransfer.experiment import (
     column,
     model_names,
     prefix_runs,
+    variant_pairs,
 )
 
 
@@ -741,7 +742,7 @@ def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
 def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
     """(seed, baseline, system) of the paired bootstrap on the test split (``RUN/significance.json``), per seed: KA
     against KD, the smoothing target against the smooth control, each variant (OBJ-tail, OBJ-renorm) against its
-    objective, and every column against the nll control."""
+    objective, KA-V against KD-V where both variant columns run, and every column against the nll control."""
     pairs = []
     if "kd" in opts.objectives and "ka" in opts.objectives:
         pairs.append(("kd", "ka"))
@@ -749,6 +750,7 @@ def _significance_tests(opts: Options) -> list[tuple[int, str, str]]:
         pairs.append((SMOOTHING, opts.smoothing_target))
     pairs += [(base, o) for o in opts.objectives if o != SMOOTHING and (base := column(o)[0]) != o
               and base in opts.objectives]
+    pairs += variant_pairs(opts.objectives)
     if opts.control:
         pairs += [("nll", o) for o in opts.objectives]
     return [(seed, base, system) for seed in opts.seeds for base, system in pairs]
