@@ -1,6 +1,7 @@
 """The compiled CPU kernel (``ktransfer.native``) against the Python path in float64, which test_divergences.py checks
-against an independent NumPy reference: every kind, full and top-k supports, renormalisation, the tail bucket, temperature, NLL with
-label smoothing, masks, -inf logits, low-precision inputs, thread counts, a long vocabulary, and the build fallback.
+against an independent NumPy reference: every kind, full and top-k supports, renormalisation, the tail bucket,
+temperature, NLL with label smoothing, masks, -inf logits, low-precision inputs, thread counts, a long vocabulary, and
+the build fallback.
 
 Skipped only where no C++ compiler exists (then ``divergence`` runs the Python path, tested elsewhere).
 """
