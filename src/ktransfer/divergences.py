@@ -439,7 +439,7 @@ def use_compile(enabled: bool = True) -> None:
 _SUPPORT_CODES = {None: -1, "learner": 0, "teacher": 1, "union": 2}
 
 
-def _native_module(z, u, spec=None):
+def _native_module(z, u):
     """The compiled CPU kernel if it applies to these logits (CPU; float32, bf16 or fp16; one dtype), else None."""
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
@@ -460,8 +460,7 @@ def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
         z.contiguous(), None if u is None else u.contiguous(), None if labels is None else labels.contiguous(),
         rows, [native.KIND_CODES[t.kind] for t in spec.terms], [t.weight for t in spec.terms],
         [_SUPPORT_CODES[t.support] for t in spec.terms], spec.top_k or 0, spec.renormalize, spec.tail,
-        spec.temperature,
-        spec.beta, spec.alpha, spec.label_smoothing,
+        spec.temperature, spec.beta, spec.alpha, spec.label_smoothing,
         div_scale.to(torch.float32).contiguous() if (need_grad and u is not None) else None,
         nll_scale.to(torch.float32).contiguous() if (need_grad and labels is not None) else None, grad)
     bad = torch.isneginf(lse_s) | (torch.isneginf(lse_t) if u is not None else False)
@@ -473,7 +472,7 @@ def _native_sweep(mod, z, u, labels, rows, spec, div_scale, nll_scale, grad):
 def run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
     """``_sweep_chunk`` through the compiled CPU kernel where it applies, else the compiled graph when
     ``use_compile(True)`` is on, else eagerly. The gradient comes back in the compute dtype."""
-    mod = _native_module(z, u, spec)
+    mod = _native_module(z, u)
     if mod is not None:
         grad = torch.empty(z.shape, dtype=torch.float32) if need_grad else None
         dc = div_coef.squeeze(-1) if div_coef is not None else None
@@ -498,7 +497,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
     with each row's divergence gradient scaled by ``div_scale`` and its NLL gradient by ``nll_scale`` (``[N]`` each).
     """
     N, V = z2.shape
-    mod = _native_module(z2, u2, spec)
+    mod = _native_module(z2, u2)
     if mod is not None:  # one kernel call over all rows: its memory is O(threads x V), no chunks needed
         grad = None
         if need_grad:

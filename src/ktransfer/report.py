@@ -329,14 +329,15 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
                          f"{t['system_bleu']:.2f} | {t['baseline_bleu']:.2f} | {t['delta']:+.2f} | {p} |")
 
     lines += ["", "## Figures", "", f"Fig. 3 (toy, {notes.get('fig3')}):", "", "![Fig. 3](figures/fig3_toy.png)", ""]
+    missing = {"fig4a": "sweep=topk not set", "fig4b": "no analyses", "fig5": "no analyses"}  # said when not drawn
     for key, file, title in (("fig4a", "fig4a_topk.png", "Fig. 4a: valid BLEU against top-k"),
                              ("fig4b", "fig4b_novel.png", "Fig. 4b: novel tokens in the learner's top-16"),
                              ("fig5", "fig5_entropy.png", "Fig. 5: learner entropy over fine-tuning epochs"),
                              ("seeds", "bleu_seeds.png", "Test BLEU of every seed")):
         if key in notes:
             lines += [f"{title} ({notes[key]}):", "", f"![{title}](figures/{file})", ""]
-        elif key != "seeds":
-            lines += [f"{title}: not run (" + ("sweep=topk not set" if key == "fig4a" else "no analyses") + ").", ""]
+        elif key in missing:
+            lines += [f"{title}: not run ({missing[key]}).", ""]
     if results["sweep"]:
         lines += ["| objective | " + " | ".join(("k=V (all)" if k == "V" else f"k={k}")
                                                 for k in next(iter(results["sweep"].values()))) + " |",

@@ -18,14 +18,13 @@
 // on the packed entries of S only, and pass 4 adds the sparse w at S; renormalised supports use p~ = p / p(S),
 // q~ = q / q(S) and leave the gradient on S only. With a tail, each top-k term adds one outcome "the rest of V" with
 // p_rest = sum of e_s outside S / Z_s (summed over the rest, not taken as 1 - p(S), which cancels as p(S) -> 1; the
-// teacher's e_t is then kept in a row of its own), and the gradient f'(p_rest) (p_j p(S) - [j in S] p_j). The formulas of f and w per kind are those of
-// ktransfer.divergences._value_and_w;
-// docs/divergences.md derives them. The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly
-// zero terms. The common single kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the
-// jsd and skew kinds take one table-driven log per entry (log_prob). Row
-// sums are accumulated in float vectors and flushed to double every 64 vectors. bfloat16/float16 entries are
-// converted to float32 vector by vector as they are read. One thread per row (at::parallel_for over rows), so the
-// results do not depend on the number of threads.
+// teacher's e_t is then kept in a row of its own), and the gradient f'(p_rest) (p_j p(S) - [j in S] p_j). The
+// formulas of f and w per kind are those of ktransfer.divergences._value_and_w; docs/divergences.md derives them.
+// The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly zero terms. The common single
+// kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the jsd and skew kinds take one
+// table-driven log per entry (log_prob). Row sums are accumulated in float vectors and flushed to double every 64
+// vectors. bfloat16/float16 entries are converted to float32 vector by vector as they are read. One thread per row
+// (at::parallel_for over rows), so the results do not depend on the number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -600,10 +599,8 @@ inline double tail_term(const Options& o, const Term& term, const RestRows& rest
                         double& F) {
   const auto [sum_s, sum_t] = rest_sums(rest.es, rest.et, rest.np, S, *rest.saved);
   const double p_rest = sum_s / rest.Zs, q_rest = sum_t / rest.Zt;
-  alignas(64) float lanes[4][Vec::size()];  // lane 0: the rest; the other lanes p = q = 0 (zero terms)
-  for (auto& l : lanes) std::fill(l, l + Vec::size(), 0.0f);
-  std::fill(lanes[2], lanes[2] + Vec::size(), kNegInf);
-  std::fill(lanes[3], lanes[3] + Vec::size(), kNegInf);
+  alignas(64) float lanes[4][Vec::size()];  // p, q, log p, log q; lane 0: the rest, the others p = q = 0 (zero terms)
+  for (int i = 0; i < 4; ++i) std::fill(lanes[i], lanes[i] + Vec::size(), i < 2 ? 0.0f : kNegInf);
   lanes[0][0] = static_cast<float>(p_rest);
   lanes[1][0] = static_cast<float>(q_rest);
   lanes[2][0] = static_cast<float>(std::log(p_rest));
@@ -869,8 +866,8 @@ std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<tor
                                  const c10::optional<torch::Tensor>& labels, const c10::optional<torch::Tensor>& rows,
                                  const std::vector<int64_t>& kinds, const std::vector<double>& weights,
                                  const std::vector<int64_t>& supports, int64_t top_k, bool renormalize, bool tail,
-                                 double T,
-                                 double beta, double alpha, double eps, const c10::optional<torch::Tensor>& div_coef,
+                                 double T, double beta, double alpha, double eps,
+                                 const c10::optional<torch::Tensor>& div_coef,
                                  const c10::optional<torch::Tensor>& nll_coef, const c10::optional<torch::Tensor>& grad) {
   TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.device().is_cpu(), "z must be a contiguous [N, V] CPU tensor");
   TORCH_CHECK(kinds.size() == weights.size() && kinds.size() == supports.size(), "kinds/weights/supports lengths");
