@@ -65,24 +65,39 @@ inline float hmax(const Vec& v) {
   return m;
 }
 
-// exp, inlined. AVX-512: Cephes' expf (x = n log 2 + r, degree-6 polynomial for exp(r), ~1 ulp, scaled by 2^n with
-// scalef); inputs below log(FLT_MIN) give exactly 0 (-inf included, so that p = 0 where a logit is -inf) by the
-// zero-masking of scalef, without clamps; NaN propagates through every step; large inputs overflow to inf. 15
-// instructions (dropping the clamps and a NaN blend took 10% off the bf16 sweep). Every entry of a row takes one exp
-// per model: inlining it saves SLEEF's out-of-line call per vector. Elsewhere: Vectorized::exp() (SLEEF, 1 ulp).
+// exp(r) for x = n log 2 + r, |r| <= log(2) / 2 (Cephes' expf: n = floor(x log2 e + 1/2), log 2 in two parts, a
+// degree-6 polynomial, ~1 ulp); n is returned beside it, for the caller's scaling by 2^n.
+inline Vec exp_reduced(const Vec& x, Vec& n) {
+  n = at::vec::fmadd(x, Vec(1.44269504088896341f), Vec(0.5f)).floor();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec y(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = at::vec::fmadd(y, r, Vec(c));
+  return at::vec::fmadd(y, r * r, r + Vec(1.0f));
+}
+
+// exp, inlined: exp_reduced scaled by 2^n. AVX-512: scalef, whose zero-masking gives exactly 0 below log(FLT_MIN)
+// (-inf included, so that p = 0 where a logit is -inf) without clamps; NaN propagates through every step; large
+// inputs overflow to inf. 15 instructions (dropping the clamps and a NaN blend took 10% off the bf16 sweep). AVX2: 2^n
+// made from its exponent bits (n clamped to 128: inputs above 88.37 give inf, where callers pass x <= 0), the lanes
+// below log(FLT_MIN) cleared by a mask. Every entry of a row takes one exp per model: inlining it saves SLEEF's
+// out-of-line call per vector, across which every live vector spills on AVX2 (all ymm registers are caller-saved;
+// measured: 21% off a top-k call, see docs/benchmarks.md). Elsewhere: Vectorized::exp() (SLEEF, 1 ulp).
 inline Vec fast_exp(const Vec& xv) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = xv;
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_LT_OQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __mmask16 under = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654475f), _CMP_LT_OQ);
+  Vec n;
+  const Vec y = exp_reduced(xv, n);
   return Vec(_mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), y, n));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 under = _mm256_cmp_ps(xv, _mm256_set1_ps(-87.33654475f), _CMP_LT_OQ);
+  Vec n;
+  const Vec y = exp_reduced(xv, n);
+  // 2^n for n in [-126, 128] (below: masked to 0; 128: the bits of inf); NaN: y is NaN, whatever 2^n is
+  const __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_min_ps(n, _mm256_set1_ps(128.0f))),
+                                     _mm256_set1_epi32(127));
+  return Vec(_mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)))));
 #else
   return xv.exp();
 #endif
