@@ -10,8 +10,8 @@ for jsd and tvd), interleaved run by run, median of ``--repeats``; and one ``tor
 ``[N, V]`` tensor as a yardstick. "x full" is the top-k time over the full-vocabulary time of the same kind. The
 C++ CPU kernel selects the k largest entries itself (``ktransfer.native``); ``KTRANSFER_NATIVE=0`` times the Python
 path instead. ``--tail`` adds, for each k, the same support with ``tail=True`` (the rest of the vocabulary as one
-more outcome) and its time over the plain top-k time ("x top-k"); the C++ kernel has no tail yet, so a tail call
-takes the Python path and this column says what that costs.
+more outcome) and its time over the plain top-k time ("x top-k"), in the kernel as the plain top-k (or the Python path
+with ``KTRANSFER_NATIVE=0``).
 
 The script re-runs itself with glibc's mmap for large blocks off and no trimming (``MALLOC_MMAP_MAX_=0``, as
 ``bench/divergence.py --heap-only``), so that each fresh ``[N, V]`` gradient reuses freed memory: otherwise glibc's
