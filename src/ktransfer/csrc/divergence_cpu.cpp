@@ -940,24 +940,30 @@ std::vector<torch::Tensor> sweep(const torch::Tensor& z, const c10::optional<tor
   return {values, nll, lse_s, lse_t};
 }
 
-// log_prob elementwise over a contiguous float32 CPU tensor (exposed for the tests of its accuracy).
-torch::Tensor log_prob_tensor(const torch::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == torch::kFloat,
-              "log_prob takes a contiguous float32 CPU tensor");
+// fn elementwise over a contiguous float32 CPU tensor (the kernel's log and exp, exposed for the tests of their
+// accuracy); lanes past the end are filled with `pad` and dropped.
+template <typename Fn>
+torch::Tensor elementwise(const torch::Tensor& x, const Fn& fn, float pad, const char* name) {
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == torch::kFloat, name,
+              " takes a contiguous float32 CPU tensor");
   torch::Tensor y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t n = x.numel();
   for (int64_t j = 0; j < n; j += Vec::size()) {
     const int64_t w = std::min<int64_t>(Vec::size(), n - j);
-    log_prob(Vec::set(Vec(1.0f), Vec::loadu(xp + j, w), w)).store(yp + j, w);
+    fn(Vec::set(Vec(pad), Vec::loadu(xp + j, w), w)).store(yp + j, w);
   }
   return y;
 }
+
+torch::Tensor log_prob_tensor(const torch::Tensor& x) { return elementwise(x, log_prob, 1.0f, "log_prob"); }
+torch::Tensor exp_tensor(const torch::Tensor& x) { return elementwise(x, fast_exp, 0.0f, "exp"); }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("log_prob", &log_prob_tensor, "the kernel's log for x in [FLT_MIN, 3/2), elementwise (for its tests)");
+  m.def("exp", &exp_tensor, "the kernel's exp, elementwise (for its tests)");
   m.def("sweep", &sweep, "value, NLL and gradient of a full-vocabulary divergence over rows (see the file header)");
 }
