@@ -104,39 +104,59 @@ inline Vec fast_exp(const Vec& xv) {
 }
 
 // log x for x in [FLT_MIN, 3/2) (a probability, or a mixture of two; callers clamp to FLT_MIN), one per entry in the
-// jsd and skew kinds. AVX-512, table-driven: x = m 2^k with m in [3/4, 3/2) (getmant/getexp; k + 1 where m < 1). The
-// top 4 bits of m's mantissa index 16 intervals (8 of width 1/16 in [1, 3/2), 8 of width 1/32 in [3/4, 1)) with
-// midpoints c_i; two 16-entry tables held in registers give r_i = 1/c_i and -log r_i (both rounded to float, -log r_i
-// computed in double from the rounded r_i). Then f = m r_i - 1 (|f| < 1/33, one rounding in the fma), log m =
-// -log r_i + log1p(f) with log1p to f^5 (truncation < 2e-10), log x = log m + k log 2 (log 2 in two parts). Error <=
-// half an ulp of the result + 5e-8 over the whole range, and <= 1e-8 within e^+-0.1 of 1 (tests/test_native.py checks
-// it against float64 on random float bit patterns), in 15 instructions where a 1-ulp Cephes logf takes 24
-// (measured: jsd 17.2 -> 15.2 ms, bf16 2048 x 8000).
-// AVX2: SLEEF's 3.5-ulp log. Elsewhere: Vectorized::log().
+// jsd and skew kinds. Table-driven: x = m 2^k with m in [3/4, 3/2) (k + 1 where m < 1). The top 4 bits of m's
+// mantissa index 16 intervals (8 of width 1/16 in [1, 3/2), 8 of width 1/32 in [3/4, 1)) with midpoints c_i; two
+// 16-entry tables held in registers give r_i = 1/c_i and -log r_i (both rounded to float, -log r_i computed in
+// double from the rounded r_i). Then f = m r_i - 1 (|f| < 1/33, one rounding in the fma), log m = -log r_i +
+// log1p(f) with log1p to f^5 (truncation < 2e-10), log x = log m + k log 2 (log 2 in two parts). Error <= half an
+// ulp of the result + 5e-8 over the whole range, and <= 1e-8 within e^+-0.1 of 1 (tests/test_native.py checks it
+// against float64 on random float bit patterns), in 15 instructions on AVX-512 (getmant/getexp, one permute per
+// table) where a 1-ulp Cephes logf takes 24 (measured: jsd 17.2 -> 15.2 ms, bf16 2048 x 8000). AVX2: m and k from
+// the bits (m >= 3/2 halved), each table as two 8-entry permutes and a blend, NaN kept by an unordered compare; it
+// replaced SLEEF's out-of-line 3.5-ulp log. Elsewhere: Vectorized::log().
+alignas(64) constexpr float kLogR[16] = {
+    0.969696999f, 0.914285719f, 0.864864886f, 0.820512831f, 0.780487776f, 0.744186044f, 0.711111128f, 0.680851042f,
+    1.30612242f,  1.25490201f,  1.20754719f,  1.16363633f,  1.12280703f,  1.08474576f,  1.04918027f,  1.01587307f};
+alignas(64) constexpr float kNegLogR[16] = {
+    0.030771628f,  0.0896121562f, 0.145181984f,  0.19782573f,   0.247836202f,  0.295464218f,  0.340926558f,
+    0.384411722f,  -0.267062753f, -0.227057487f, -0.188591182f, -0.151549861f, -0.115831822f, -0.0813456401f,
+    -0.0480091646f, -0.0157484151f};
+
+// log x from x = m 2^k and m's table entries r = r_i, neg_log_r = -log r_i (see log_prob).
+inline Vec log_from_table(const Vec& m, const Vec& k, const Vec& r, const Vec& neg_log_r) {
+  const Vec f = at::vec::fmsub(m, r, Vec(1.0f));
+  Vec y = at::vec::fmadd(f, Vec(0.2f), Vec(-0.25f));
+  y = at::vec::fmadd(y, f, Vec(1.0f / 3.0f));
+  y = at::vec::fmadd(y, f, Vec(-0.5f));
+  y = at::vec::fmadd(y, f, Vec(1.0f));
+  y = at::vec::fmadd(y, f, at::vec::fmadd(k, Vec(-2.12194440e-4f), neg_log_r));
+  return at::vec::fmadd(k, Vec(0.693359375f), y);
+}
+
 inline Vec log_prob(const Vec& xv) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = xv;
-  const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);  // [3/4, 3/2)
-  __m512 k = _mm512_getexp_ps(x);
+  const __m512 m = _mm512_getmant_ps(xv, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);  // [3/4, 3/2)
+  __m512 k = _mm512_getexp_ps(xv);
   k = _mm512_mask_add_ps(k, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ), k, _mm512_set1_ps(1.0f));
   const __m512i idx = _mm512_srli_epi32(_mm512_castps_si512(m), 19);  // permutexvar reads its low 4 bits
-  const __m512 r = _mm512_permutexvar_ps(
-      idx, _mm512_setr_ps(0.969696999f, 0.914285719f, 0.864864886f, 0.820512831f, 0.780487776f, 0.744186044f,
-                          0.711111128f, 0.680851042f, 1.30612242f, 1.25490201f, 1.20754719f, 1.16363633f,
-                          1.12280703f, 1.08474576f, 1.04918027f, 1.01587307f));
-  const __m512 neg_log_r = _mm512_permutexvar_ps(
-      idx, _mm512_setr_ps(0.030771628f, 0.0896121562f, 0.145181984f, 0.19782573f, 0.247836202f, 0.295464218f,
-                          0.340926558f, 0.384411722f, -0.267062753f, -0.227057487f, -0.188591182f, -0.151549861f,
-                          -0.115831822f, -0.0813456401f, -0.0480091646f, -0.0157484151f));
-  const __m512 f = _mm512_fmsub_ps(m, r, _mm512_set1_ps(1.0f));
-  __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(0.2f), _mm512_set1_ps(-0.25f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f / 3.0f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-0.5f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, f, _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), neg_log_r));
-  return Vec(_mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), y));
+  return log_from_table(Vec(m), Vec(k), Vec(_mm512_permutexvar_ps(idx, _mm512_load_ps(kLogR))),
+                        Vec(_mm512_permutexvar_ps(idx, _mm512_load_ps(kNegLogR))));
 #elif defined(CPU_CAPABILITY_AVX2)
-  return Vec(Sleef_logf8_u35(xv));
+  const __m256i bits = _mm256_castps_si256(xv);
+  const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(bits, 19), _mm256_set1_epi32(15));  // top 4 mantissa bits
+  const __m256i halve = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));  // m in [3/2, 2): m / 2, k + 1 (-1 lanes)
+  const __m256i m_bits = _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                         _mm256_add_epi32(_mm256_set1_epi32(0x3f800000),
+                                                          _mm256_and_si256(halve, _mm256_set1_epi32(-0x00800000))));
+  const __m256i k_int = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)), halve);
+  const __m256 high = _mm256_castsi256_ps(halve);
+  const auto lookup = [&](const float* table) {  // permutevar8x32 reads the low 3 bits of idx
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(table), idx),
+                            _mm256_permutevar8x32_ps(_mm256_load_ps(table + 8), idx), high);
+  };
+  const Vec y = log_from_table(Vec(_mm256_castsi256_ps(m_bits)), Vec(_mm256_cvtepi32_ps(k_int)), Vec(lookup(kLogR)),
+                               Vec(lookup(kNegLogR)));
+  return Vec(_mm256_or_ps(y, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q)));  // NaN in, NaN out
 #else
   return xv.log();
 #endif
