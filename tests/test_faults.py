@@ -410,6 +410,30 @@ def test_a_second_writer_is_refused_naming_the_pid(tmp_path):
     runlock.release(tmp_path / "run")
 
 
+def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path):
+    """The race CI hit: the loser reads the lock file between the winner's flock and its PID write."""
+    import fcntl
+    import threading
+
+    from ktransfer import runlock
+
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / runlock.LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a second open file description: flock conflicts in-process
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    late = threading.Timer(0.3, lambda: os.write(fd, b"4242\n"))
+    late.start()
+    try:
+        with pytest.raises(runlock.RunFolderBusy, match=r"being written by PID 4242 "):
+            runlock.acquire(tmp_path / "run")
+        os.ftruncate(fd, 0)  # a holder that never writes its PID: named as another process once the wait ends
+        with pytest.raises(runlock.RunFolderBusy, match=r"being written by another process "):
+            runlock.acquire(tmp_path / "run")
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_two_trainings_into_one_folder(tmp_path, shared_data):
     """Two identical commands at once: one trains, the other stops at once naming the first one's PID."""
     args = ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.vocab_size=200",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -19,12 +20,19 @@ class RunFolderBusy(RuntimeError):
     """Another live process is writing the run folder."""
 
 
-def _holder(lock: Path) -> str:
-    try:
-        pid = lock.read_text(encoding="utf-8").strip()
-    except OSError:
-        pid = ""
-    return f"PID {pid}" if pid.isdigit() else "another process"
+def _holder(lock: Path, wait: float = 2.0) -> str:
+    """The holder's PID as written in ``lock``, waiting up to ``wait`` s: a holder writes it just after it locks."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pid = lock.read_text(encoding="utf-8").strip()
+        except OSError:
+            pid = ""
+        if pid.isdigit():
+            return f"PID {pid}"
+        if time.monotonic() >= deadline:
+            return "another process"
+        time.sleep(0.01)
 
 
 def acquire(folder) -> None:
