@@ -442,7 +442,8 @@ def test_two_trainings_into_one_folder(tmp_path, shared_data):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     procs = [subprocess.Popen([sys.executable, "-m", "ktransfer", *args], env=env, cwd=REPO_ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = [(p.pid, p.wait(300), p.stderr.read()) for p in procs]
+    outputs = [p.communicate(timeout=300) for p in procs]  # reads both pipes while waiting: none can fill and block
+    results = [(p.pid, p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]
     codes = sorted(rc for _, rc, _ in results)
     assert codes == [0, 1], results
     (winner, *_), (_, _, err) = sorted(results, key=lambda r: r[1])
