@@ -410,8 +410,10 @@ def test_a_second_writer_is_refused_naming_the_pid(tmp_path):
     runlock.release(tmp_path / "run")
 
 
-def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path):
-    """The race CI hit: the loser reads the lock file between the winner's flock and its PID write."""
+@pytest.mark.parametrize("left", ["", "the PID of a finished process"])
+def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path, left):
+    """The race CI hit: the loser reads the lock file between the winner's flock and its PID write, when the file is
+    still empty or still holds the PID an earlier, finished holder left there."""
     import fcntl
     import threading
 
@@ -419,12 +421,20 @@ def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path)
 
     (tmp_path / "run").mkdir()
     lock = tmp_path / "run" / runlock.LOCK_NAME
+    if left:
+        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True, check=True)
+        lock.write_text(finished.stdout)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a second open file description: flock conflicts in-process
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    late = threading.Timer(0.3, lambda: os.write(fd, b"4242\n"))
+    def write_pid():  # as a holder does, with a live PID
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    late = threading.Timer(0.3, write_pid)
     late.start()
     try:
-        with pytest.raises(runlock.RunFolderBusy, match=r"being written by PID 4242 "):
+        with pytest.raises(runlock.RunFolderBusy, match=rf"being written by PID {os.getpid()} "):
             runlock.acquire(tmp_path / "run")
         os.ftruncate(fd, 0)  # a holder that never writes its PID: named as another process once the wait ends
         with pytest.raises(runlock.RunFolderBusy, match=r"being written by another process "):

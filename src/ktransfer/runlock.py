@@ -20,15 +20,26 @@ class RunFolderBusy(RuntimeError):
     """Another live process is writing the run folder."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
 def _holder(lock: Path, wait: float = 2.0) -> str:
-    """The holder's PID as written in ``lock``, waiting up to ``wait`` s: a holder writes it just after it locks."""
+    """The holder's PID as written in ``lock``, waiting up to ``wait`` s while the file holds none or a dead
+    process's: a holder writes its own just after it locks, over what an earlier holder left."""
     deadline = time.monotonic() + wait
     while True:
         try:
             pid = lock.read_text(encoding="utf-8").strip()
         except OSError:
             pid = ""
-        if pid.isdigit():
+        if pid.isdigit() and _alive(int(pid)):
             return f"PID {pid}"
         if time.monotonic() >= deadline:
             return "another process"
