@@ -3,7 +3,7 @@
 For every kind and every N x V (N positions, V vocabulary) this measures, on the same random logits:
 
 * ``ktransfer``: ``ktransfer.divergence(z, u, kind)`` with default settings (full support, T=1, reduction="mean"),
-  forward + backward; on CPU this is the C++ kernel (``ktransfer.native``, built or loaded before any timing),
+  forward + backward; on CPU this is the C++ kernel (``ktransfer.losses.native``, built or loaded before any timing),
   ``--python-path`` measures the Python chunk path instead (eager, or compiled with ``--compile``);
 * ``plain``: the textbook composition written out below in ``PLAIN`` (``log_softmax`` of both logits, elementwise
   terms, sum over V, mean over positions), forward + backward through autograd;
@@ -255,14 +255,14 @@ def _worker(cfg):
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    from ktransfer import native
+    from ktransfer.losses import native
 
     if cfg.get("python_path"):  # ktransfer's Python chunk path instead of its C++ kernel
         native.use_native(False)
     elif cfg["device"] == "cpu" and native.kernel() is None:  # built (or loaded) before any timing
         print("WARNING the C++ kernel could not be built; ktransfer runs its Python path", file=sys.stderr)
     if cfg.get("compile"):  # ktransfer's opt-in compiled chunks; compiled during the untimed warm-up
-        from ktransfer.divergences import use_compile
+        from ktransfer.losses.divergences import use_compile
 
         use_compile(True)
     device = torch.device(cfg["device"])
@@ -507,7 +507,7 @@ def _print_mapping(kinds, libs):
 
 def _path_name(args):
     if args.device == "cpu" and not args.python_path:
-        return "C++ kernel (ktransfer.native)"
+        return "C++ kernel (ktransfer.losses.native)"
     return f"Python chunks, {'compiled (use_compile)' if args.compile else 'eager'}"
 
 
@@ -539,11 +539,11 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="logits dtype")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (cuda is skipped if unavailable)")
     ap.add_argument("--compile", action="store_true",
-                    help="switch on ktransfer's opt-in torch.compile of the chunk math (ktransfer.divergences."
+                    help="switch on ktransfer's opt-in torch.compile of the chunk math (ktransfer.losses.divergences."
                          "use_compile); compile time falls in the untimed warm-up")
     ap.add_argument("--python-path", action="store_true",
                     help="run ktransfer's Python chunk path (eager, or compiled with --compile) instead of its C++ CPU "
-                         "kernel (ktransfer.native), e.g. to compare the two")
+                         "kernel (ktransfer.losses.native), e.g. to compare the two")
     ap.add_argument("--heap-only", action="store_true",
                     help="run the workers with glibc's mmap for large blocks off (MALLOC_MMAP_MAX_=0) and no trimming, "
                          "so that a fresh [N, V] output (log_softmax's, the gradient) reuses memory instead of "

@@ -23,7 +23,7 @@ def _one(path: str, N: int, H: int, V: int, repeats: int, threads: int) -> dict:
     import torch
 
     from ktransfer import transfer_loss
-    from ktransfer.fused_linear import fused_linear_divergence
+    from ktransfer.losses.fused_linear import fused_linear_divergence
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

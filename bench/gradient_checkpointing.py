@@ -34,8 +34,8 @@ def _peak_mib() -> float:
 def _one(preset: str, checkpointing: bool, batch: int, length: int, steps: int) -> dict:
     import torch
 
-    from ktransfer.models import build_model, family_of
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.models.family import build_model, family_of
+    from ktransfer.models.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer([f"word{i} token{i % 97}" for i in range(4000)], vocab_size=2000)

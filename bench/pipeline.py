@@ -10,8 +10,8 @@ backward, gradient norm and an AdamW update. Tokens/s
 counts target tokens (the positions the loss averages over); source tokens/s is shown beside it. The teacher of the ka
 rows is an untrained ``cpu-teacher`` (speed does not depend on the weights).
 
-Decoding: ``ktransfer.evaluate.translate`` on the first ``--sentences`` test2016 sources. An untrained model rarely
-emits ``</s>``, so every hypothesis runs to ``--max-length`` tokens: the figures are a lower bound for trained
+Decoding: ``ktransfer.evaluation.evaluate.translate`` on the first ``--sentences`` test2016 sources. An untrained model
+rarely emits ``</s>``, so every hypothesis runs to ``--max-length`` tokens: the figures are a lower bound for trained
 models, whose outputs on Multi30k are ~15 tokens.
 
 Prints a markdown table with the machine (CPU model, threads, torch version).
@@ -82,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.config import load_config
-    from ktransfer.data import TokenBatchSampler, collate, encode_pairs, read_split
-    from ktransfer.evaluate import translate
-    from ktransfer.models import build_model, count_parameters
-    from ktransfer.tokenizer import train_tokenizer
-    from ktransfer.train import setup, train_step
+    from ktransfer.data.batching import TokenBatchSampler, collate, encode_pairs
+    from ktransfer.data.corpora import read_split
+    from ktransfer.evaluation.evaluate import translate
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model, count_parameters
+    from ktransfer.models.tokenizer import train_tokenizer
+    from ktransfer.training.config import load_config
+    from ktransfer.training.train import setup, train_step
 
     load_before = load_average()
     t0 = time.perf_counter()
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(work / "teacher", model=fresh("cpu-teacher"), tokenizer=tokenizer, config={})
 
     def make_row(preset: str, objective: str, bf16: bool) -> SimpleNamespace:
-        # A real training run (ktransfer.train.setup) whose steps are ktransfer.train.train_step: forward, teacher
-        # forward, transfer_loss, backward, gradient norm, AdamW update. Only the batches are ours (the same for all).
+        # A real training run (ktransfer.training.train.setup) whose steps are ktransfer.training.train.train_step:
+        # forward, teacher forward, transfer_loss, backward, gradient norm, AdamW update. Only the batches are ours (the
+        # same for all).
         name = f"{preset}-{objective}-{'bf16' if bf16 else 'fp32'}"
         overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
                      f"model.preset={preset}", f"objective.objective={objective}", f"train.bf16={bf16}",
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.preset} | {count_parameters(r.run.model) / 1e6:.1f}M | {obj} | "
               f"{'bf16 autocast' if r.bf16 else 'fp32'} | {sum(r.tgt) / total:,.0f} | {best:,.0f} | "
               f"{sum(r.src) / total:,.0f} | {total / len(r.times):.2f} |")
-    print(f"\nDecoding {len(sources)} test2016 sentences with ktransfer.evaluate.translate, untrained models (every "
+    print(f"\nDecoding {len(sources)} test2016 sentences with ktransfer.evaluation.evaluate.translate, "
+          f"untrained models (every "
           f"hypothesis runs to the cap), max length {args.max_length} tokens, batches of {args.batch_size} sentences, "
           "fp32:\n")
     print("| preset | search | sentences/s | best batch sentences/s | mean hypothesis length (sub-words) |")

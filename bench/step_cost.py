@@ -7,7 +7,7 @@ teacher forward pass, for the CPU presets (learner ``cpu-learner``, teacher ``cp
 On the same token batches (``TokenBatchSampler``, ``--max-tokens`` per side, epoch 0 of seed 0, as in
 ``bench/pipeline.py``), in one process, it times for each precision (fp32, bf16 autocast):
 
-* ``nll``: one training step of the learner with objective nll (``ktransfer.train.train_step``: forward, loss,
+* ``nll``: one training step of the learner with objective nll (``ktransfer.training.train.train_step``: forward, loss,
   backward, gradient norm, AdamW update);
 * ``teacher fwd``: one forward pass of the frozen teacher (eval mode, ``torch.no_grad``, the same autocast), exactly
   as ``train.compute_loss`` runs it;
@@ -17,7 +17,8 @@ On the same token batches (``TokenBatchSampler``, ``--max-tokens`` per side, epo
 * ``kd tail`` and ``ka tail`` (``--tail``): the same top-k steps with ``objective.tail=true`` (the rest of the
   vocabulary as one more outcome).
 
-Each row is a real run built by ``ktransfer.train.setup`` (same seed, so the same initial learner); the teacher is an
+Each row is a real run built by ``ktransfer.training.train.setup`` (same seed, so the same initial learner); the
+teacher is an
 untrained ``cpu-teacher`` (speed does not depend on the weights). The rows are interleaved: batch k goes through
 every row (in an order rotated from batch to batch) before batch k + 1 goes through any, so load from other processes
 hits them alike. The first ``--warmup`` batches are not timed.
@@ -106,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.config import load_config
-    from ktransfer.data import TokenBatchSampler, collate, encode_pairs, read_split
-    from ktransfer.models import build_model, count_parameters
-    from ktransfer.tokenizer import train_tokenizer
-    from ktransfer.train import setup, train_step
+    from ktransfer.data.batching import TokenBatchSampler, collate, encode_pairs
+    from ktransfer.data.corpora import read_split
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model, count_parameters
+    from ktransfer.models.tokenizer import train_tokenizer
+    from ktransfer.training.config import load_config
+    from ktransfer.training.train import setup, train_step
 
     load_before = load_average()
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return setup(load_config(None, [*overrides, *extra]))
 
     def sample_fn(run):
-        from ktransfer.prefixes import SampleSettings
+        from ktransfer.training.prefixes import SampleSettings
 
         def sample(batch):
             settings = SampleSettings.from_config(run.cfg, seed=0)

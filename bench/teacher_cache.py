@@ -2,7 +2,7 @@
 
 A random (untrained: the cost does not depend on the weights) ``--teacher`` and a random ``--learner`` on the first
 ``--pairs`` Multi30k training pairs with a joint BPE of ``--vocab-size``; objective kd on the teacher's top-``--top-k``.
-Each variant runs ``ktransfer.train.setup`` in a fresh run folder and then the training steps of epoch 0
+Each variant runs ``ktransfer.training.train.setup`` in a fresh run folder and then the training steps of epoch 0
 (``train_step``, no validation), timed with ``perf_counter``; ``--repeats`` alternates the variants. The cache is built
 once (timed) before the first cached epoch and reused after.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 def _epoch(cfg) -> tuple[float, int, float, float]:
     """Seconds of the training steps of epoch 0, batches, mean loss and divergence; setup is not timed."""
-    from ktransfer.train import _training_batch, setup, train_step
+    from ktransfer.training.train import _training_batch, setup, train_step
 
     run = setup(cfg)
     batches = run.sampler.epoch_batches(0)
@@ -51,12 +51,12 @@ def main() -> None:
 
     import torch
 
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.config import load_config
-    from ktransfer.data import read_split, resolve_corpus
-    from ktransfer.models import build_model
-    from ktransfer.teacher_cache import disk_bytes
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.data.corpora import read_split, resolve_corpus
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model
+    from ktransfer.models.tokenizer import train_tokenizer
+    from ktransfer.training.config import load_config
+    from ktransfer.training.teacher_cache import disk_bytes
 
     torch.set_num_threads(args.threads)
     corpus = Path(args.corpus) if args.corpus else resolve_corpus("multi30k-de-en")

@@ -8,7 +8,8 @@ For each kind, in one process on the same random logits, it times forward + back
 the teacher's top-k for forward-type kinds, the learner's for reverse-type ones, each its own for ``half``, the union
 for jsd and tvd), interleaved run by run, median of ``--repeats``; and one ``torch.log_softmax`` forward pass over one
 ``[N, V]`` tensor as a yardstick. "x full" is the top-k time over the full-vocabulary time of the same kind. The
-C++ CPU kernel selects the k largest entries itself (``ktransfer.native``); ``KTRANSFER_NATIVE=0`` times the Python
+C++ CPU kernel selects the k largest entries itself (``ktransfer.losses.native``); ``KTRANSFER_NATIVE=0`` times the
+Python
 path instead. ``--tail`` adds, for each k, the same support with ``tail=True`` (the rest of the vocabulary as one
 more outcome) and its time over the plain top-k time ("x top-k"), in the kernel as the plain top-k (or the Python path
 with ``KTRANSFER_NATIVE=0``).
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from ktransfer import divergence, native
+    from ktransfer import divergence
+    from ktransfer.losses import native
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
         print(f"# {kind}: full {ms['full']:.2f} ms ({ms['full'] / ms['log_softmax']:.1f}x log_softmax)  {line}",
               flush=True)
 
-    path = "C++ kernel (ktransfer.native)" if native.kernel() is not None else "Python chunk path"
+    path = "C++ kernel (ktransfer.losses.native)" if native.kernel() is not None else "Python chunk path"
     header = ["kind", "log_softmax ms", "full ms", *(f"k={k} ms (x full)" for k in args.ks),
               *((f"k={k} tail ms (x top-k)" for k in args.ks) if args.tail else ())]
     print()

@@ -39,7 +39,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def small_tokenizer(shared_data):
     """A 2,000-token joint BPE trained on the first 3,000 lines of multi30k-de-en train (both sides): ~0.2 s."""
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.models.tokenizer import train_tokenizer
 
     folder = shared_data / "multi30k-de-en"
     lines = []

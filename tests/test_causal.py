@@ -1,4 +1,4 @@
-"""Decoder-only LMs (``ktransfer.causal``): the shifted labels score exactly the response, the causal and seq2seq
+"""Decoder-only LMs (``ktransfer.models.causal``): the shifted labels score exactly the response, the causal and seq2seq
 layouts give the same objective, prompt positions get no gradient, embedding padding is sliced away while other
 vocabulary mismatches fail, checkpoints round-trip, on-policy samples are reproducible, and a distillation run of a
 gpt2-tiny learner from a gpt2-tiny teacher trains, resumes and is scored with sacreBLEU.
@@ -16,16 +16,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from ktransfer import causal
-from ktransfer.checkpoint import save_checkpoint
-from ktransfer.config import load_config
-from ktransfer.data import collate as seq2seq_collate
-from ktransfer.data import read_split
-from ktransfer.generation import DecodeSettings, output_rows
-from ktransfer.models import CAUSAL, build_model, check_compatible, family_of, load_model, shared_logits
-from ktransfer.objectives import transfer_loss
-from ktransfer.prefixes import SampleSettings
-from ktransfer.tokenizer import train_tokenizer
+from ktransfer.data.batching import collate as seq2seq_collate
+from ktransfer.data.corpora import read_split
+from ktransfer.losses.objectives import transfer_loss
+from ktransfer.models import causal
+from ktransfer.models.checkpoint import save_checkpoint
+from ktransfer.models.family import CAUSAL, build_model, check_compatible, family_of, load_model, shared_logits
+from ktransfer.models.generation import DecodeSettings, output_rows
+from ktransfer.models.tokenizer import train_tokenizer
+from ktransfer.training.config import load_config
+from ktransfer.training.prefixes import SampleSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -247,7 +247,7 @@ def test_on_policy_batch_is_reproducible_and_leaves_the_global_rng_alone(small_t
 
 
 def test_translate_batched_equals_one_by_one_and_skips_empty(small_tokenizer, pairs):
-    from ktransfer.evaluate import translate
+    from ktransfer.evaluation.evaluate import translate
 
     tok = small_tokenizer
     model = _model("llama-tiny", tok, seed=3)
@@ -269,8 +269,8 @@ def _config(shared_data: Path, out: Path, *extra: str):
 
 
 def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_path):
-    from ktransfer.evaluate import evaluate
-    from ktransfer.train import setup, train
+    from ktransfer.evaluation.evaluate import evaluate
+    from ktransfer.training.train import setup, train
 
     teacher = tmp_path / "teacher"
     train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=10"))
@@ -278,7 +278,7 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
                         f"model.teacher={teacher / 'checkpoints/best'}"))
     assert run.family is CAUSAL and family_of(run.teacher) is CAUSAL
     assert causal.instruction(run.model) == "Translate German to English:"
-    from ktransfer.train import collate_batch, compute_loss
+    from ktransfer.training.train import collate_batch, compute_loss
 
     run.model.eval()
     batch = collate_batch(run, run.valid_ids, list(range(6)))
@@ -321,7 +321,7 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
 def test_bf16_autocast_on_a_causal_learner_with_its_own_samples(shared_data, tmp_path):
     """train.bf16 on the causal path: a ka loss under bf16 autocast equals the float32 one to bf16 precision, and a
     short run on the learner's own samples (objective.prefix=learner) trains with finite losses and scores."""
-    from ktransfer.train import collate_batch, compute_loss, setup, train
+    from ktransfer.training.train import collate_batch, compute_loss, setup, train
 
     teacher = tmp_path / "teacher"
     train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=5"))

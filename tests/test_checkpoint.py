@@ -18,8 +18,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ktransfer import checkpoint as ck
-from ktransfer.checkpoint import (
+from ktransfer.models import checkpoint as ck
+from ktransfer.models.checkpoint import (
     CheckpointError,
     capture_rng,
     find_good_checkpoint,
@@ -29,9 +29,9 @@ from ktransfer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from ktransfer.config import config_from_dict, config_to_dict, load_config
-from ktransfer.models import build_model, load_model
-from ktransfer.tokenizer import Tokenizer, train_tokenizer
+from ktransfer.models.family import build_model, load_model
+from ktransfer.models.tokenizer import Tokenizer, train_tokenizer
+from ktransfer.training.config import config_from_dict, config_to_dict, load_config
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +243,9 @@ def test_kill_between_renames_is_recovered(tok, trained, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.models import build_model
-    from ktransfer.tokenizer import load_tokenizer
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model
+    from ktransfer.models.tokenizer import load_tokenizer
     tok = load_tokenizer(sys.argv[2])
     model = build_model("tiny", tok, d_model=64)
     opt = torch.optim.Adam(model.parameters())

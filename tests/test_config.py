@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ktransfer.config import (
+from ktransfer.training.config import (
     SECTIONS,
     ConfigError,
     OptimConfig,

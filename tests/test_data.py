@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktransfer import data
 from ktransfer.cli import main
-from ktransfer.data import CorpusError, DownloadError, TokenBatchSampler, collate
+from ktransfer.data import batching, corpora, download
+from ktransfer.data.batching import TokenBatchSampler, collate
+from ktransfer.data.corpora import CorpusError
+from ktransfer.data.download import DownloadError
 
 
 def _write_split(folder, split, src_lines, tgt_lines, src="de", tgt="en"):
@@ -29,16 +31,16 @@ def _write_split(folder, split, src_lines, tgt_lines, src="de", tgt="en"):
 # Resolving and reading
 # --------------------------------------------------------------------------------------------------------------
 def test_resolve_by_name_and_path(shared_data):
-    assert data.resolve_corpus("multi30k-de-en") == shared_data / "multi30k-de-en"
-    assert data.resolve_corpus(shared_data / "th-en-lowres") == shared_data / "th-en-lowres"
-    assert "multi30k-de-en" in data.list_corpora()
-    assert data.language_pair("multi30k-de-en") == ("de", "en")
-    assert data.language_pair("th-en-lowres") == ("th", "en")
+    assert corpora.resolve_corpus("multi30k-de-en") == shared_data / "multi30k-de-en"
+    assert corpora.resolve_corpus(shared_data / "th-en-lowres") == shared_data / "th-en-lowres"
+    assert "multi30k-de-en" in corpora.list_corpora()
+    assert corpora.language_pair("multi30k-de-en") == ("de", "en")
+    assert corpora.language_pair("th-en-lowres") == ("th", "en")
 
 
 def test_resolve_not_found_says_where_and_what_exists(shared_data):
     with pytest.raises(CorpusError) as e:
-        data.resolve_corpus("no-such-corpus")
+        corpora.resolve_corpus("no-such-corpus")
     message = str(e.value)
     assert str(shared_data / "no-such-corpus") in message and "multi30k-de-en" in message
 
@@ -46,21 +48,21 @@ def test_resolve_not_found_says_where_and_what_exists(shared_data):
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("KTRANSFER_DATA")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.data_dir() == tmp_path / ".cache" / "ktransfer" / "data"
+    assert corpora.data_dir() == tmp_path / ".cache" / "ktransfer" / "data"
 
 
 def test_read_multi30k():
-    train = data.read_split("multi30k-de-en", "train", "de", "en")
+    train = corpora.read_split("multi30k-de-en", "train", "de", "en")
     assert len(train) == 29000
     assert train[0] == ("Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
                         "Two young, White males are outside near many bushes.")
-    assert len(data.read_split("multi30k-de-en", "test2016", "de", "en")) == 1000
+    assert len(corpora.read_split("multi30k-de-en", "test2016", "de", "en")) == 1000
 
 
 def test_mismatched_line_counts(tmp_path):
     _write_split(tmp_path, "train", ["a", "b", "c"], ["x", "y"])
     with pytest.raises(CorpusError) as e:
-        data.read_split(tmp_path, "train", "de", "en")
+        corpora.read_split(tmp_path, "train", "de", "en")
     message = str(e.value)
     assert f"{tmp_path / 'train.de'} has 3 lines" in message and f"{tmp_path / 'train.en'} has 2 lines" in message
     assert f"{tmp_path / 'train.de'}:3" in message
@@ -70,7 +72,7 @@ def test_invalid_utf8_names_file_line_and_offset(tmp_path):
     _write_split(tmp_path, "train", ["eins", "zwei", "drei"], ["one", "two", "three"])
     (tmp_path / "train.en").write_bytes(b"one\ntwo\nth\xffree\n")
     with pytest.raises(CorpusError) as e:
-        data.read_split(tmp_path, "train", "de", "en")
+        corpora.read_split(tmp_path, "train", "de", "en")
     message = str(e.value)
     assert f"{tmp_path / 'train.en'}:3:" in message and "byte offset 10" in message and "0xff" in message
 
@@ -79,17 +81,17 @@ def test_missing_side_and_empty_split(tmp_path):
     _write_split(tmp_path, "train", ["a"], ["b"])
     (tmp_path / "train.en").unlink()
     with pytest.raises(CorpusError, match=r"train\.en: no such file"):
-        data.read_split(tmp_path, "train", "de", "en")
+        corpora.read_split(tmp_path, "train", "de", "en")
     _write_split(tmp_path, "valid", [], [])
     with pytest.raises(CorpusError, match="'valid' is empty"):
-        data.read_split(tmp_path, "valid", "de", "en")
+        corpora.read_split(tmp_path, "valid", "de", "en")
 
 
 def test_lines_split_on_newline_only(tmp_path):
     # U+2028 and \r inside a line must not shift the alignment; a missing final newline is fine
     (tmp_path / "t.de").write_bytes("a\u2028b\r\nc".encode())
     (tmp_path / "t.en").write_bytes(b"x\ny\n")
-    assert data.read_split(tmp_path, "t", "de", "en") == [("a\u2028b", "x"), ("c", "y")]
+    assert corpora.read_split(tmp_path, "t", "de", "en") == [("a\u2028b", "x"), ("c", "y")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def test_check_reports_empty_duplicate_and_bad_splits(tmp_path, capsys):
     corpus = tmp_path / "toy-de-en"
     _write_split(corpus, "train", ["ein Hund", "", "ein Hund", "zwei Katzen"], ["a dog", "x", "a dog", "two cats"])
     _write_split(corpus, "valid", ["a", "b"], ["c"])
-    _, src, tgt, stats, errors = data.check_corpus(corpus)
+    _, src, tgt, stats, errors = corpora.check_corpus(corpus)
     assert (src, tgt) == ("de", "en")
     (train,) = stats
     assert (train.pairs, train.empty_pairs, train.duplicate_pairs, train.src_tokens_max) == (4, 1, 1, 2)
@@ -123,14 +125,14 @@ def test_check_reports_empty_duplicate_and_bad_splits(tmp_path, capsys):
 def test_encode_pairs_appends_eos_and_reports_drops(small_tokenizer):
     pairs = [("Ein Hund.", "A dog."), ("", "Empty source"), ("Zwei Hunde " * 30, "Two dogs"), ("Ja", "Yes")]
     logged = []
-    src, tgt = data.encode_pairs(pairs, small_tokenizer, max_length=20, log=logged.append)
+    src, tgt = batching.encode_pairs(pairs, small_tokenizer, max_length=20, log=logged.append)
     assert len(src) == len(tgt) == 2
     assert all(row[-1] == small_tokenizer.eos_id for row in src + tgt)
     assert src[0][:-1] == small_tokenizer.encode("Ein Hund.")
     assert len(logged) == 1 and "kept 2 of 4" in logged[0] and "1 with an empty side" in logged[0]
     assert "1 longer than 20" in logged[0]
     logged.clear()
-    data.encode_pairs(pairs[:1], small_tokenizer, max_length=None, log=logged.append)
+    batching.encode_pairs(pairs[:1], small_tokenizer, max_length=None, log=logged.append)
     assert logged == []
 
 
@@ -238,14 +240,14 @@ def test_download_multi30k_from_mirror(server, tmp_path):
     served, url = server
     checksums = _serve_multi30k(served)
     dest = tmp_path / "data"
-    folder = data.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
+    folder = download.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
     assert folder == dest / "multi30k-de-en"
     assert sorted(p.name for p in dest.iterdir()) == ["multi30k-de-en"]  # no temporary folder left
-    assert data.read_split(folder, "train", "de", "en")[4] == ("train de Satz 4", "train en Satz 4")
-    assert len(data.read_split(folder, "valid", "de", "en")) == 2
-    assert len(data.read_split(folder, "test2016", "de", "en")) == 3
+    assert corpora.read_split(folder, "train", "de", "en")[4] == ("train de Satz 4", "train en Satz 4")
+    assert len(corpora.read_split(folder, "valid", "de", "en")) == 2
+    assert len(corpora.read_split(folder, "test2016", "de", "en")) == 3
     with pytest.raises(DownloadError, match="already exist"):
-        data.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
+        download.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
 
 
 def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
@@ -254,7 +256,7 @@ def test_download_checksum_mismatch_leaves_nothing(server, tmp_path):
     checksums["val.en.gz"] = hashlib.md5(b"something else").hexdigest()
     dest = tmp_path / "data"
     with pytest.raises(DownloadError, match=r"checksum mismatch for .*val\.en\.gz: md5 is"):
-        data.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
+        download.download_corpus("multi30k", dest, base_url=url, checksums=checksums, log=lambda m: None)
     assert list(dest.iterdir()) == []
 
 
@@ -285,12 +287,12 @@ def test_download_sacrebleu_test_set(server, tmp_path, capsys):
     dest = tmp_path / "data"
     args = ["data", "download", "wmt16:de-en", "--dest", str(dest), "--base-url", url, "--checksum", f"test.tgz={md5}"]
     assert main(args) == 0
-    assert data.read_split(dest / "wmt16-de-en", "test", "de", "en") == [
+    assert corpora.read_split(dest / "wmt16-de-en", "test", "de", "en") == [
         ("Ein Satz.", "A sentence."), ("Noch ein Satz.", "Another sentence.")]
     # add it as a split of another, existing corpus
     _write_split(dest / "news-de-en", "train", ["x"], ["y"])
     assert main([*args, "--corpus", "news-de-en", "--split", "valid"]) == 0
-    assert data.corpus_layout(dest / "news-de-en") == {"train": ["de", "en"], "valid": ["de", "en"]}
+    assert corpora.corpus_layout(dest / "news-de-en") == {"train": ["de", "en"], "valid": ["de", "en"]}
     assert sorted(p.name for p in dest.iterdir()) == ["news-de-en", "wmt16-de-en"]
     capsys.readouterr()
     assert main([*args, "--corpus", "news-de-en", "--split", "valid"]) == 1  # present: needs --force
@@ -299,8 +301,8 @@ def test_download_sacrebleu_test_set(server, tmp_path, capsys):
 
 def test_download_unknown_names():
     with pytest.raises(DownloadError, match="unknown corpus"):
-        data.download_corpus("europarl")
+        download.download_corpus("europarl")
     with pytest.raises(DownloadError, match="no pair 'de-xx'"):
-        data.download_corpus("wmt16:de-xx")
+        download.download_corpus("wmt16:de-xx")
     with pytest.raises(DownloadError, match="no test set 'wmt99'"):
-        data.download_corpus("wmt99:de-en")
+        download.download_corpus("wmt99:de-en")

@@ -25,9 +25,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from ktransfer import distributed
-from ktransfer.config import load_config
-from ktransfer.train import rank_batches, train
+from ktransfer.runtime import distributed
+from ktransfer.training.config import load_config
+from ktransfer.training.train import rank_batches, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_rank_batches_split_a_global_step():
 
 
 _GATHER_WORKER = """
-from ktransfer import distributed
+from ktransfer.runtime import distributed
 assert distributed.init("cpu") and distributed.world_size() == 2  # from torchrun's variables: gloo
 rank = distributed.rank()
 items = [f"sentence {i}" for i in range(7)]

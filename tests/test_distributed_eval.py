@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktransfer.evaluate import evaluate, translate
+from ktransfer.evaluation.evaluate import evaluate, translate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DECODE = {"beam": 2, "max_length": 8, "batch_size": 2}  # several batches per share
@@ -45,8 +45,8 @@ def torchrun(*args: str, stdin: str | None = None, nproc: int = 2, timeout: floa
 
 @pytest.fixture(scope="module")
 def checkpoint(small_tokenizer, tmp_path_factory) -> Path:
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.models import build_model
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model
 
     torch.manual_seed(0)
     model = build_model("tiny", small_tokenizer)
@@ -83,16 +83,16 @@ def one_process(checkpoint, test_files, tmp_path_factory) -> tuple[dict, str]:
 _EVALUATE_WORKER = """
 import json, sys
 from pathlib import Path
-import ktransfer.evaluate
+import ktransfer.evaluation.evaluate
 from ktransfer.cli import main
 
 ckpt, src, ref, out, rank = sys.argv[1:6]
-library = ktransfer.evaluate.evaluate
+library = ktransfer.evaluation.evaluate.evaluate
 def spy(*args, **kwargs):  # keeps what evaluate() returns on this rank
     result = library(*args, **kwargs)
     Path(f"{out}-returned{rank}.json").write_text(json.dumps(result))
     return result
-ktransfer.evaluate.evaluate = spy
+ktransfer.evaluation.evaluate.evaluate = spy
 sys.exit(main(["evaluate", ckpt, "--src", src, "--ref", ref, "--beam", "2", "--max-length", "8", "--batch-size", "2",
                "--out", f"{out}{rank}", "--json"]))
 """
@@ -136,8 +136,8 @@ def test_evaluate_on_two_processes_equals_one(checkpoint, test_files, one_proces
 
 def test_rank_device_follows_training(monkeypatch):
     """Under torchrun, ``cuda`` is GPU ``LOCAL_RANK`` (as in ``train._device``); explicit devices stay as given."""
-    from ktransfer import distributed
-    from ktransfer.evaluate import rank_device
+    from ktransfer.evaluation.evaluate import rank_device
+    from ktransfer.runtime import distributed
 
     assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"  # one process
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -149,7 +149,7 @@ def test_rank_device_follows_training(monkeypatch):
 def test_translate_cli_under_torchrun_stdin(checkpoint, small_tokenizer, shared_data):
     """``torchrun -m ktransfer translate`` reading stdin: rank 0 reads and broadcasts each chunk (3 lines, then 3,
     then 1: rank 1's share of the last is empty); stdout is exactly one process's translation, in input order."""
-    from ktransfer.models import load_model
+    from ktransfer.models.family import load_model
 
     de = (shared_data / "multi30k-de-en" / "test2016.de").read_text(encoding="utf-8").split("\n")[20:25]
     lines = [de[0], "", *de[1:4], "", de[4]]  # 7 lines, two of them empty

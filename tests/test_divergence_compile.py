@@ -12,14 +12,14 @@ import logging
 import pytest
 import torch
 
-import ktransfer.divergences as D
-from ktransfer import native
-from ktransfer.divergences import divergence
+import ktransfer.losses.divergences as D
+from ktransfer.losses import native
+from ktransfer.losses.divergences import divergence
 
 
 @pytest.fixture(autouse=True, scope="module")
 def python_path_only():
-    """The compiled graph replaces the Python chunk math; the C++ kernel (ktransfer.native) would bypass both."""
+    """The compiled graph replaces the Python chunk math; the C++ kernel (ktransfer.losses.native) would bypass both."""
     saved = native._STATE["enabled"]
     native.use_native(False)
     yield
@@ -116,7 +116,7 @@ def test_failure_falls_back_to_eager_once(caplog):
         D._COMPILE.update(enabled=False, fn=None, failed=False)
         ve, ge = _value_grad(z, u, "skew_forward_kl", False)
         D._COMPILE.update(enabled=True, fn=_broken, failed=False)
-        with caplog.at_level(logging.WARNING, logger="ktransfer.divergences"):
+        with caplog.at_level(logging.WARNING, logger="ktransfer.losses.divergences"):
             vf, gf = _value_grad(z, u, "skew_forward_kl", True)
             _value_grad(z, u, "skew_forward_kl", True)
         assert D._COMPILE["failed"]
@@ -132,7 +132,7 @@ def test_switched_off_never_calls_the_compiled_graph(caplog):
     try:
         D._COMPILE.update(enabled=True, fn=_broken, failed=False)
         D.use_compile(False)
-        with caplog.at_level(logging.WARNING, logger="ktransfer.divergences"):
+        with caplog.at_level(logging.WARNING, logger="ktransfer.losses.divergences"):
             divergence(z.requires_grad_(True), u, "tvd").backward()
         assert not D._COMPILE["failed"] and not caplog.records
     finally:

@@ -47,7 +47,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def _state(checkpoint: Path) -> dict:
     """The train state of a checkpoint (load_checkpoint also finds the whole copy a kill mid-swap leaves aside)."""
-    from ktransfer.checkpoint import load_checkpoint
+    from ktransfer.models.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint, with_optimizer=False).train_state
 

@@ -12,8 +12,8 @@ import pytest
 import sacrebleu
 import torch
 
-from ktransfer.evaluate import DecodeSettings, evaluate, score, translate
-from ktransfer.models import resolve_source
+from ktransfer.evaluation.evaluate import DecodeSettings, evaluate, score, translate
+from ktransfer.models.family import resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def multi30k_test(shared_data):
 @pytest.fixture(scope="module")
 def random_model(small_tokenizer):
     """A ``tiny`` model with large random weights, so that different sources give different translations."""
-    from ktransfer.models import build_model
+    from ktransfer.models.family import build_model
 
     torch.manual_seed(0)
     model = build_model("tiny", small_tokenizer)
@@ -45,7 +45,7 @@ def random_model(small_tokenizer):
 
 @pytest.fixture(scope="module")
 def checkpoint(random_model, small_tokenizer, tmp_path_factory):
-    from ktransfer.checkpoint import save_checkpoint
+    from ktransfer.models.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("run") / "checkpoints" / "best"
     config = {"data": {"corpus": "multi30k-de-en", "src_lang": "de", "tgt_lang": "en"}}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktransfer import hub
+from ktransfer.models import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVIL_CODE = """\
@@ -92,7 +92,7 @@ def test_pickle_only_folder_is_refused_unread(tmp_path, monkeypatch):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     calls = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
-    from ktransfer.models import load_model
+    from ktransfer.models.family import load_model
 
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*safe_serialization=True"):
         load_model(folder)
@@ -165,14 +165,14 @@ BUILD_SCRIPT = """\
 import sys, logging
 from pathlib import Path
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-from ktransfer import native
+from ktransfer.losses import native
 native.SOURCE = Path(sys.argv[1])
 print("built" if native.kernel() is not None else "python path", flush=True)
 """
 
 
 def slow_source(tmp_path: Path, loops: int = 3) -> Path:
-    from ktransfer import native
+    from ktransfer.losses import native
 
     name = native.build_folder().name.rsplit("-", 1)[0]  # the module name kernel() builds
     src = tmp_path / "slow_kernel.cpp"
@@ -219,7 +219,7 @@ def test_a_wait_that_runs_out_takes_the_python_path(tmp_path, monkeypatch, caplo
     import fcntl
     import logging
 
-    from ktransfer import native
+    from ktransfer.losses import native
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("KTRANSFER_BUILD_WAIT", "0.3")
@@ -230,7 +230,7 @@ def test_a_wait_that_runs_out_takes_the_python_path(tmp_path, monkeypatch, caplo
     saved = dict(native._STATE)
     native._STATE.update(module=None, failed=False, enabled=True)
     try:
-        with caplog.at_level(logging.WARNING, logger="ktransfer.native"):
+        with caplog.at_level(logging.WARNING, logger="ktransfer.losses.native"):
             assert native.kernel() is None
         assert "waiting (at most 0 s)" in caplog.text and "TimeoutError" in caplog.text
     finally:
@@ -239,7 +239,7 @@ def test_a_wait_that_runs_out_takes_the_python_path(tmp_path, monkeypatch, caplo
 
 
 def test_two_virtualenvs_build_in_two_folders(monkeypatch):
-    from ktransfer import native
+    from ktransfer.losses import native
 
     a = native.build_folder("AVX2")
     monkeypatch.setattr(sys, "prefix", "/other/venv")
@@ -252,7 +252,7 @@ def test_a_200k_character_word_is_cut_before_bpe(shared_data, caplog):
     import logging
     import random
 
-    from ktransfer.tokenizer import WordLimiter, train_tokenizer
+    from ktransfer.models.tokenizer import WordLimiter, train_tokenizer
 
     rng = random.Random(0)
     word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(200_000))
@@ -261,7 +261,7 @@ def test_a_200k_character_word_is_cut_before_bpe(shared_data, caplog):
     out = list(limited)
     assert out[0] == lines[0] and limited.cut == 1
     assert "".join(out[1].split()) == f"x{word}y" and max(map(len, out[1].split())) == 1000  # cut, nothing lost
-    with caplog.at_level(logging.WARNING, logger="ktransfer.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="ktransfer.models.tokenizer"):
         tok = train_tokenizer([*lines, word], vocab_size=2000)  # quadratic in 200k without the cut: minutes
     assert "1 word(s) longer than 1000 characters cut" in caplog.text
     assert max(map(len, tok.vocab())) <= 1001  # "▁" + at most 1000 characters
@@ -298,14 +298,14 @@ def test_data_check_fails_without_a_train_split_and_names_a_folder_as_one(tmp_pa
     assert rc == 1 and "no train split" in out + err
     (folder / "train.de").write_text("a\n")
     (folder / "train.en").mkdir()
-    from ktransfer.data import CorpusError, read_split
+    from ktransfer.data.corpora import CorpusError, read_split
 
     with pytest.raises(CorpusError, match=r"train.en: is a folder, not a text file"):
         read_split(folder, "train", "de", "en")
 
 
 def test_the_fallback_hint_names_only_a_checkpoint_of_the_same_run(tmp_path):
-    from ktransfer.checkpoint import CheckpointError, load_checkpoint
+    from ktransfer.models.checkpoint import CheckpointError, load_checkpoint
 
     tiny_checkpoint(tmp_path / "unrelated")  # another model, beside the one given
     tiny_checkpoint(tmp_path / "run/checkpoints/best")
@@ -322,8 +322,8 @@ def test_the_fallback_hint_names_only_a_checkpoint_of_the_same_run(tmp_path):
 def tiny_checkpoint(path: Path, n_embd: int = 16, step: int = 1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ktransfer.checkpoint import save_checkpoint
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["ein haus", "a house"] * 5, vocab_size=40)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=n_embd, n_head=2, vocab_size=tok.vocab_size, n_positions=16))
@@ -343,8 +343,8 @@ def small_filesystem(path: Path, size: str = "2m") -> bool:
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ktransfer.checkpoint import load_checkpoint, save_checkpoint
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.models.checkpoint import load_checkpoint, save_checkpoint
+    from ktransfer.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["ein haus", "a house"] * 5, vocab_size=40)
     small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=tok.vocab_size, n_positions=16))
@@ -393,9 +393,9 @@ def test_a_write_error_in_training_is_one_line_naming_the_path(tmp_path, shared_
 
 
 def test_a_second_writer_is_refused_naming_the_pid(tmp_path):
-    from ktransfer import runlock
+    from ktransfer.runtime import runlock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ktransfer import runlock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ktransfer.runtime import runlock; "
                                "runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)",
                                str(tmp_path / "run")], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
                               stdout=subprocess.PIPE, text=True)
@@ -417,7 +417,7 @@ def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path,
     import fcntl
     import threading
 
-    from ktransfer import runlock
+    from ktransfer.runtime import runlock
 
     (tmp_path / "run").mkdir()
     lock = tmp_path / "run" / runlock.LOCK_NAME
@@ -469,8 +469,8 @@ def test_ten_kills_at_random_moments_then_resume_bit_identical(shared_data, tmp_
 
     import safetensors.torch
 
-    from ktransfer.config import load_config
-    from ktransfer.train import train
+    from ktransfer.training.config import load_config
+    from ktransfer.training.train import train
 
     args = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=300", "data.valid_subset=10",
             "data.vocab_size=300", "data.max_tokens=200", "model.preset=tiny", "model.dropout=0.3",

@@ -1,4 +1,5 @@
-"""Data as LLM and MT people keep it (``ktransfer.formats``): prompt/completion JSONL, chat messages, plain text and
+"""Data as LLM and MT people keep it (``ktransfer.data.formats``): prompt/completion JSONL, chat messages, plain text
+and
 ``datasets`` folders, built here from Multi30k sentences. Reading and its errors, which tokens the loss covers
 (checked against the chat template's own rendering), whitespace, and a causal learner distilled end to end on each
 format with a Llama-style tokenizer that has a chat template."""
@@ -12,10 +13,10 @@ import pytest
 import torch
 from test_hf_models import CODE
 
-from ktransfer import formats
 from ktransfer.cli import main
-from ktransfer.data import IGNORE_INDEX, CorpusError
-from ktransfer.tokenizer import load_tokenizer
+from ktransfer.data import formats
+from ktransfer.data.corpora import IGNORE_INDEX, CorpusError
+from ktransfer.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,7 +155,7 @@ def _scored(batch, row: int) -> list[int]:
 
 
 def test_chat_labels_cover_exactly_the_assistant_turns(lines, teacher):
-    from ktransfer.causal import CausalFamily
+    from ktransfer.models.causal import CausalFamily
 
     tok = load_tokenizer(teacher)
     messages = _chat_rows(lines, 2)[1]["messages"]  # a two-turn conversation
@@ -179,7 +180,7 @@ def test_chat_labels_cover_exactly_the_assistant_turns(lines, teacher):
 
 
 def test_prompt_completion_labels_and_whitespace(lines, teacher):
-    from ktransfer.causal import CausalFamily
+    from ktransfer.models.causal import CausalFamily
 
     tok = load_tokenizer(teacher)
     family = CausalFamily()
@@ -203,7 +204,7 @@ def test_prompt_completion_labels_and_whitespace(lines, teacher):
 
 
 def _with_instruction(folder: Path, text: str):
-    from ktransfer.models import load_model
+    from ktransfer.models.family import load_model
 
     model, _ = load_model(folder)
     model.config.ktransfer_instruction = text
@@ -264,9 +265,9 @@ def test_distil_a_causal_learner_on_each_format(kind, lines, teacher, tmp_path):
 
 def test_evaluate_nll_is_the_per_token_mean_of_the_completions(lines, teacher, tmp_path):
     """``evaluate_examples``'s NLL against a float64 sum of -log p over the completion tokens, computed here."""
-    from ktransfer.evaluate import evaluate_examples
-    from ktransfer.generation import DecodeSettings
-    from ktransfer.models import load_model
+    from ktransfer.evaluation.evaluate import evaluate_examples
+    from ktransfer.models.family import load_model
+    from ktransfer.models.generation import DecodeSettings
 
     data = _write_jsonl(tmp_path / "valid.jsonl", _pc_rows(lines, 5))
     examples = formats.read_examples(data, "valid", "prompt_completion")
@@ -289,7 +290,7 @@ def test_evaluate_nll_is_the_per_token_mean_of_the_completions(lines, teacher, t
 def test_on_policy_prefixes_on_chat_data(lines, teacher, tmp_path, monkeypatch):
     """The learner samples each assistant turn after its reference conversation (the prompt ends with the
     template's generation prompt), and the divergence is taken on the sample."""
-    from ktransfer.causal import CausalFamily, prompts_of
+    from ktransfer.models.causal import CausalFamily, prompts_of
 
     seen = []
     real = CausalFamily.on_policy_batch
@@ -310,9 +311,9 @@ def test_on_policy_prefixes_on_chat_data(lines, teacher, tmp_path, monkeypatch):
 
 
 def test_distill_data_gives_the_teachers_completions(lines, teacher, tmp_path):
-    from ktransfer.causal import CausalFamily
-    from ktransfer.generation import DecodeSettings
-    from ktransfer.models import load_model
+    from ktransfer.models.causal import CausalFamily
+    from ktransfer.models.family import load_model
+    from ktransfer.models.generation import DecodeSettings
 
     data = _data("chat", lines, tmp_path / "data")
     out = tmp_path / "seqkd"
@@ -350,8 +351,8 @@ def test_data_check_describes_jsonl_data_and_names_the_bad_line(lines, tmp_path,
 
 
 def test_distill_data_on_jsonl_resumes_the_chunks_it_lacks(lines, teacher, tmp_path, monkeypatch):
-    from ktransfer.causal import CausalFamily
-    from ktransfer.seqkd import distill_examples
+    from ktransfer.evaluation.seqkd import distill_examples
+    from ktransfer.models.causal import CausalFamily
 
     data = _data("chat", lines, tmp_path / "data")
     kw = dict(data=data, beam=1, max_length=5, limit=4, chunk_lines=2, log=lambda _: None)

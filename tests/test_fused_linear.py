@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ktransfer import transfer_loss
-from ktransfer.fused_linear import fused_linear_divergence
+from ktransfer.losses.fused_linear import fused_linear_divergence
 
 
 def _setup(seed=0, B=3, T=7, H=6, Ht=5, V=40, dtype=torch.float64):

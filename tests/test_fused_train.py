@@ -12,14 +12,15 @@ import safetensors.torch
 import torch
 
 from ktransfer import transfer_loss
-from ktransfer.config import load_config
-from ktransfer.data import collate, encode_pairs, read_split
-from ktransfer.fused_linear import fused_model_loss, output_head
-from ktransfer.train import train
+from ktransfer.data.batching import collate, encode_pairs
+from ktransfer.data.corpora import read_split
+from ktransfer.losses.fused_linear import fused_model_loss, output_head
+from ktransfer.training.config import load_config
+from ktransfer.training.train import train
 
 
 def _model(tokenizer, seed, bias_std=0.0):
-    from ktransfer.models import build_model
+    from ktransfer.models.family import build_model
 
     torch.manual_seed(seed)
     model = build_model("tiny", tokenizer)
@@ -75,7 +76,7 @@ def test_output_head_refuses_other_models(small_tokenizer):
 
 @pytest.fixture(scope="module")
 def teacher_dir(small_tokenizer, tmp_path_factory):
-    from ktransfer.checkpoint import save_checkpoint
+    from ktransfer.models.checkpoint import save_checkpoint
 
     out = tmp_path_factory.mktemp("teacher") / "ckpt"
     save_checkpoint(out, model=_model(small_tokenizer, 5, bias_std=3.0).eval(), tokenizer=small_tokenizer,
@@ -85,7 +86,7 @@ def teacher_dir(small_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("objective,top_k", [("kd", None), ("kd", 6), ("ka", None), ("ka", 6)])
 def test_fused_training_equals_unfused(shared_data, teacher_dir, tmp_path, objective, top_k, monkeypatch):
-    from ktransfer import fused_linear
+    from ktransfer.losses import fused_linear
 
     calls = []
     real = fused_linear.fused_linear_divergence

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ktransfer
-from ktransfer import native
-from ktransfer.fused_linear import fused_linear_divergence
+from ktransfer.losses import native
+from ktransfer.losses.fused_linear import fused_linear_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

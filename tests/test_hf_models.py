@@ -8,7 +8,7 @@ offline from Multi30k (no hub here):
 
 For each, ``ktransfer train model.teacher=FOLDER model.preset=PRESET`` distils a learner sized to the teacher's
 tokenizer, ``ktransfer evaluate`` scores it, and the learner reloads with ``AutoModelFor*.from_pretrained`` +
-``AutoTokenizer`` and generates what ``ktransfer.evaluate.translate`` gives.
+``AutoTokenizer`` and generates what ``ktransfer.evaluation.evaluate.translate`` gives.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ktransfer.cli import main
-from ktransfer.tokenizer import Tokenizer, load_tokenizer
+from ktransfer.models.tokenizer import Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,8 +191,8 @@ def _train_args(shared_data: Path, out: Path, folder: Path, preset: str) -> list
 def test_distil_from_a_hugging_face_teacher_and_reload_with_transformers(teacher, shared_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ktransfer.evaluate import translate
-    from ktransfer.models import CAUSAL, SEQ2SEQ, family_of, load_model
+    from ktransfer.evaluation.evaluate import translate
+    from ktransfer.models.family import CAUSAL, SEQ2SEQ, family_of, load_model
 
     name, folder, preset = teacher
     run = tmp_path / "run"
@@ -218,7 +218,7 @@ def test_distil_from_a_hugging_face_teacher_and_reload_with_transformers(teacher
             enc = hf_tok(source, return_tensors="pt")  # Marian / ktransfer's layout: the source + </s>
             out = hf_model.generate(**enc, max_length=11)[0, 1:]
         else:
-            from ktransfer.causal import instruction, prompt_ids
+            from ktransfer.models.causal import instruction, prompt_ids
 
             ids = prompt_ids(tok, tok.encode(instruction(ours)), tok.encode(source))
             out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -232,8 +232,8 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_the_first_token(line
     folder = gpt2_teacher(tmp_path / "gpt2", lines)
     other = llama_teacher(tmp_path / "llama", lines)
     args = _train_args(shared_data, tmp_path / "run", folder, "gpt2-tiny") + [f"data.tokenizer={other}"]
-    from ktransfer.config import load_config
-    from ktransfer.train import setup
+    from ktransfer.training.config import load_config
+    from ktransfer.training.train import setup
 
     with pytest.raises(ValueError, match=r"model.teacher: .*different vocabularies: id 0 is '<\|endoftext\|>' in "
                                          r"teacher vs '<unk>' in learner"):

@@ -147,7 +147,8 @@ def test_transfer_gkd_trainer_trains_top_k_ka(tok, shared_data, tmp_path):
     x = {k: inputs[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         out, t_out = start(**x), trainer.teacher_model(**x)
-        top8 = ktransfer.hf_loss(out, t_out, inputs["labels"], objective="ka", lam=0.5, top_k=8, num_items_in_batch=n)
+        top8 = ktransfer.hf_loss(out, t_out, inputs["labels"], objective="ka", lam=0.5, top_k=8,
+        num_items_in_batch=n)
         full = ktransfer.hf_loss(out, t_out, inputs["labels"], objective="ka", lam=0.5, num_items_in_batch=n)
     losses = trainer.losses
     assert losses[0] == pytest.approx(float(top8.loss), rel=1e-5) and abs(float(full.loss - top8.loss)) > 1e-3

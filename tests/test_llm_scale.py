@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktransfer.config import load_config
-from ktransfer.train import compute_loss, setup
+from ktransfer.training.config import load_config
+from ktransfer.training.train import compute_loss, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def seq2seq_teacher(small_tokenizer, tmp_path_factory) -> Path:
-    from ktransfer.models import build_model
+    from ktransfer.models.family import build_model
 
     folder = tmp_path_factory.mktemp("marian") / "teacher"
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def _run(shared_data, tmp_path, teacher: Path, preset: str, *extra):
 
 
 def _loss_and_grads(run) -> tuple[float, dict[str, torch.Tensor]]:
-    from ktransfer.train import collate_batch
+    from ktransfer.training.train import collate_batch
 
     batch = collate_batch(run, run.train_ids, run.sampler.epoch_batches(0)[0])
     run.model.zero_grad(set_to_none=True)
@@ -73,7 +73,7 @@ def test_a_bf16_teacher_gives_the_float32_loss_to_bf16_precision(shared_data, tm
 
 def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, llama_folder):
     from ktransfer.cli import main
-    from ktransfer.models import load_model
+    from ktransfer.models.family import load_model
 
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
@@ -100,9 +100,9 @@ def test_a_lora_learner_trains_only_its_adapters_and_merges(shared_data, tmp_pat
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ktransfer import adapters
     from ktransfer.cli import main
-    from ktransfer.models import load_model
+    from ktransfer.models import adapters
+    from ktransfer.models.family import load_model
 
     run = tmp_path / "run"
     assert main(_lora_args(shared_data, llama_folder, run, 12)) == 0
@@ -167,9 +167,9 @@ def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, 
     """``fused_model_loss`` on a causal batch (with ``logits_to_keep``) against ``transfer_loss`` on the logits:
     value and every gradient."""
     from ktransfer import transfer_loss
-    from ktransfer.causal import CausalFamily
-    from ktransfer.fused_linear import fused_model_loss
-    from ktransfer.models import build_model, load_model
+    from ktransfer.losses.fused_linear import fused_model_loss
+    from ktransfer.models.causal import CausalFamily
+    from ktransfer.models.family import build_model, load_model
 
     teacher, tok = load_model(llama_folder)
     torch.manual_seed(0)
@@ -197,8 +197,8 @@ def test_causal_fused_head_equals_materialised_logits(preset, objective, top_k, 
 
 
 def test_fused_head_refuses_logit_softcapping_by_name(llama_folder):
-    from ktransfer.fused_linear import output_head
-    from ktransfer.models import load_model
+    from ktransfer.losses.fused_linear import output_head
+    from ktransfer.models.family import load_model
 
     model, _ = load_model(llama_folder)
     body, head, _ = output_head(model)

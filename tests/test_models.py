@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ktransfer.models import PRESETS, build_model, check_compatible, count_parameters, describe_presets
-from ktransfer.seq2seq import PRESETS as SEQ2SEQ_PRESETS
-from ktransfer.tokenizer import train_tokenizer
+from ktransfer.models.family import PRESETS, build_model, check_compatible, count_parameters, describe_presets
+from ktransfer.models.seq2seq import PRESETS as SEQ2SEQ_PRESETS
+from ktransfer.models.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

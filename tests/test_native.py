@@ -1,4 +1,5 @@
-"""The compiled CPU kernel (``ktransfer.native``) against the Python path in float64, which test_divergences.py checks
+"""The compiled CPU kernel (``ktransfer.losses.native``) against the Python path in float64, which test_divergences.py
+checks
 against an independent NumPy reference: every kind, full and top-k supports, renormalisation, the tail bucket,
 temperature, NLL with label smoothing, masks, -inf logits, low-precision inputs, thread counts, a long vocabulary, and
 the build fallback.
@@ -14,8 +15,9 @@ import shutil
 import pytest
 import torch
 
-import ktransfer.divergences as D
-from ktransfer import KINDS, divergence, native, transfer_loss
+import ktransfer.losses.divergences as D
+from ktransfer import KINDS, divergence, transfer_loss
+from ktransfer.losses import native
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="needs a C++ compiler to build the kernel")
@@ -363,7 +365,7 @@ def test_a_failed_build_falls_back_to_the_python_path_once(monkeypatch, caplog):
     native._STATE.update(module=None, failed=False, enabled=True)
     try:
         z, u = _logits(4, 30, seed=19), _logits(4, 30, seed=20)
-        with caplog.at_level(logging.WARNING, logger="ktransfer.native"):
+        with caplog.at_level(logging.WARNING, logger="ktransfer.losses.native"):
             a = divergence(z, u, "jsd")
             b = divergence(z, u, "jsd")
         want = divergence(z.double(), u.double(), "jsd")

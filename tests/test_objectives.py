@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ktransfer import transfer_loss
-from ktransfer.objectives import OBJECTIVES
+from ktransfer.losses.objectives import OBJECTIVES
 
 
 def _data(seed=0, B=3, T=5, V=13, dtype=torch.float64):

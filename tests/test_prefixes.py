@@ -1,4 +1,5 @@
-"""Prefix sources (``ktransfer.prefixes``): the on-policy batch holds the learner's own samples (checked against an
+"""Prefix sources (``ktransfer.training.prefixes``): the on-policy batch holds the learner's own samples (checked
+against an
 independent ``generate`` call), masks cover exactly the sampled tokens, no gradient flows through sampling (the
 gradient equals that of a second computation on the samples held fixed), ``mixed`` at fraction 0 / 1 is reference /
 learner training, the normalisation rule under accumulation, config errors, and exact resume.
@@ -15,10 +16,10 @@ import safetensors.torch
 import torch
 from transformers import GenerationConfig
 
-from ktransfer.config import ConfigError, load_config
-from ktransfer.models import CAUSAL, SEQ2SEQ, load_model
-from ktransfer.prefixes import SampleSettings, batch_generator, draw
-from ktransfer.train import collate_batch, compute_loss, setup, train
+from ktransfer.models.family import CAUSAL, SEQ2SEQ, load_model
+from ktransfer.training.config import ConfigError, load_config
+from ktransfer.training.prefixes import SampleSettings, batch_generator, draw
+from ktransfer.training.train import collate_batch, compute_loss, setup, train
 
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -87,7 +88,8 @@ def test_samples_are_the_learners_and_masks_cover_them(teacher):
     exactly the tokens up to each sample's first </s>; sampling leaves the RNG and the model's mode alone."""
     model, tokenizer = load_model(teacher)
     model.train()
-    from ktransfer.data import collate, read_split
+    from ktransfer.data.batching import collate
+    from ktransfer.data.corpora import read_split
 
     pairs = read_split("multi30k-de-en", "valid", "de", "en")[:12]
     src = [tokenizer.encode(s) + [tokenizer.eos_id] for s, _ in pairs]
@@ -223,7 +225,7 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, monkeypatch):
     """2 steps, stop, resume to 4 steps: the weights of 4 uninterrupted steps (samples depend on (seed, step,
     batch) only, and the dropout stream is not moved by sampling)."""
-    from ktransfer.seq2seq import Seq2SeqFamily
+    from ktransfer.models.seq2seq import Seq2SeqFamily
 
     extra = ("objective.prefix=mixed", "objective.on_policy_fraction=0.5", "model.dropout=0.1",
              "objective.sample_max_length=12")
@@ -240,7 +242,8 @@ def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, m
 
 
 def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
-    """A decoder-only learner (``ktransfer.causal``): the loss is (1-lam)*NLL(reference) + lam*KL on the batch that
+    """A decoder-only learner (``ktransfer.models.causal``): the loss is (1-lam)*NLL(reference) + lam*KL on the batch
+    that
     ``CausalFamily.on_policy_batch`` samples with the same settings, computed again here with plain torch."""
     def cfg(out, *extra):
         return load_config(None, [

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktransfer.analysis import novel_token_counts, token_entropy
-from ktransfer.config import ConfigError
-from ktransfer.reproduce import PRESETS, model_names, parse_overrides, reproduce
+from ktransfer.evaluation.analysis import novel_token_counts, token_entropy
+from ktransfer.experiments.reproduce import PRESETS, model_names, parse_overrides, reproduce
+from ktransfer.training.config import ConfigError
 
 FAST = ["data.train_limit=200", "data.valid_subset=20", "data.vocab_size=300", "test_limit=20",
         "analysis_sample=20", "sweep=topk", "topk_values=2", "bootstrap=50"]
@@ -120,7 +120,7 @@ def test_stage_stopped_by_a_signal_is_not_marked_done(shared_data, tmp_path, mon
     marked done, and the rerun skipped a half-trained teacher), and the same command resumes it."""
     import signal
 
-    import ktransfer.train as train_module
+    import ktransfer.training.train as train_module
 
     monkeypatch.setenv("KTRANSFER_DATA", str(shared_data))
 
@@ -233,7 +233,7 @@ def test_novel_token_counts_match_sets():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_gives_valid_stage_configs(name):
-    from ktransfer.reproduce import stage_config
+    from ktransfer.experiments.reproduce import stage_config
 
     preset = PRESETS[name]
     opts, by_stage = parse_overrides(preset, ["train.num_threads=1", "finetune.objective.top_k=4"])
@@ -328,8 +328,8 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
 def test_significance_pairs_of_the_why_columns():
     """The issue #17 run: KA vs KD, the smoothing target vs smooth, each variant vs its objective, KA+tail vs KD+tail
     (both proper divergences), every column vs nll; the same pairs for every seed."""
-    from ktransfer.experiment import Options
-    from ktransfer.reproduce import _significance_tests
+    from ktransfer.experiments.experiment import Options
+    from ktransfer.experiments.reproduce import _significance_tests
 
     opts = Options(seeds=[1, 2], objectives=["kd", "ka", "kd-tail", "ka-tail", "ka-renorm", "smooth"])
     tests = _significance_tests(opts)
@@ -342,7 +342,7 @@ def test_significance_pairs_of_the_why_columns():
 
 def _valid_entropy_float64(checkpoint: Path, pairs) -> float:
     """Mean token entropy of a checkpoint on ``pairs``, teacher-forced, from its logits in float64."""
-    from ktransfer.models import family_of, load_model
+    from ktransfer.models.family import family_of, load_model
 
     model, tokenizer = load_model(checkpoint)
     family = family_of(model)
@@ -364,7 +364,7 @@ def test_variant_and_smoothing_columns(shared_data, tmp_path):
     chosen), every column is scored, tested against its baseline and reported; a second call skips everything."""
     import yaml
 
-    from ktransfer.data import read_split
+    from ktransfer.data.corpora import read_split
 
     run = tmp_path
     overrides = [*FAST, "sweep=none", "seeds=1", "objectives=ka,ka-tail,ka-renorm,smooth", "control=false",

@@ -1,4 +1,5 @@
-"""Sequence-level KD data (``ktransfer.seqkd``, ``ktransfer distill-data``): the new corpus is line-aligned with the
+"""Sequence-level KD data (``ktransfer.evaluation.seqkd``, ``ktransfer distill-data``): the new corpus is line-aligned
+with the
 source, each target is the teacher's ``translate`` of its source (an independent call), the other splits are copied,
 the manifest records the job, and a killed run resumes without translating or writing any line twice.
 
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import ktransfer.seqkd as seqkd
-from ktransfer.config import load_config
-from ktransfer.data import read_lines, read_split
-from ktransfer.evaluate import translate
-from ktransfer.models import load_model
-from ktransfer.train import train
+import ktransfer.evaluation.seqkd as seqkd
+from ktransfer.data.corpora import read_lines, read_split
+from ktransfer.evaluation.evaluate import translate
+from ktransfer.models.family import load_model
+from ktransfer.training.config import load_config
+from ktransfer.training.train import train
 
 SETTINGS = {"beam": 2, "max_length": 16, "batch_size": 4, "limit": 25, "chunk_lines": 10}
 
@@ -69,7 +70,7 @@ def test_manifest(teacher, distilled, shared_data):
     assert manifest["lines"] == 25 and manifest["copied_splits"] == ["test2016", "valid"]
     assert manifest["empty_hypotheses"] == sum(not t for t in read_lines(out / "train.en"))
     # the manifest is not taken for a SPLIT.LANG file
-    from ktransfer.data import corpus_layout
+    from ktransfer.data.corpora import corpus_layout
 
     assert set(corpus_layout(out)) == {"train", "valid", "test2016"}
 

@@ -11,7 +11,7 @@ import torch
 from test_divergences import ref_support, ref_terms
 
 import ktransfer
-from ktransfer.divergences import KINDS, SUPPORTS
+from ktransfer.losses.divergences import KINDS, SUPPORTS
 
 
 def _reference(z: np.ndarray, u: np.ndarray, kind: str, k: int, support: str) -> np.ndarray:
@@ -129,7 +129,7 @@ def test_bad_tail_options_are_named(kwargs, message):
 
 def test_a_run_with_objective_tail(shared_data, tmp_path):
     from ktransfer.cli import main
-    from ktransfer.config import ConfigError, load_config
+    from ktransfer.training.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="objective.tail: needs objective.top_k"):
         load_config(None, ["objective.objective=ka", "objective.tail=true"])

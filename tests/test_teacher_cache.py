@@ -13,15 +13,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from ktransfer import teacher_cache as tc
 from ktransfer import transfer_loss
-from ktransfer.config import ConfigError, load_config
-from ktransfer.data import collate, encode_pairs, read_split
-from ktransfer.train import train
+from ktransfer.data.batching import collate, encode_pairs
+from ktransfer.data.corpora import read_split
+from ktransfer.training import teacher_cache as tc
+from ktransfer.training.config import ConfigError, load_config
+from ktransfer.training.train import train
 
 
 def _teacher(tokenizer, seed=0):
-    from ktransfer.models import build_model
+    from ktransfer.models.family import build_model
 
     torch.manual_seed(seed)
     model = build_model("tiny", tokenizer).eval()
@@ -32,7 +33,7 @@ def _teacher(tokenizer, seed=0):
 
 @pytest.fixture(scope="module")
 def setting(shared_data):
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.models.tokenizer import train_tokenizer
 
     pairs = read_split(shared_data / "multi30k-de-en", "train", "de", "en")[:60]
     tok = train_tokenizer([x for p in pairs for x in p], vocab_size=300)
@@ -44,7 +45,7 @@ def setting(shared_data):
 def _build(tmp_path, setting, name="cache", **kw):
     tok, teacher, ids = setting
     opts = {"k": 8, "temperature": 1.0, "max_tokens": 200, "shard_examples": 25, **kw}
-    from ktransfer.models import SEQ2SEQ
+    from ktransfer.models.family import SEQ2SEQ
 
     return tc.build(tmp_path / name, teacher, ids, family=SEQ2SEQ, model=teacher, tokenizer=tok, **opts)
 
@@ -177,7 +178,7 @@ def test_which_objectives_are_exact():
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher_dir(shared_data, small_tokenizer, tmp_path_factory):
-    from ktransfer.checkpoint import save_checkpoint
+    from ktransfer.models.checkpoint import save_checkpoint
 
     out = tmp_path_factory.mktemp("teacher") / "ckpt"
     save_checkpoint(out, model=_teacher(small_tokenizer, seed=5), tokenizer=small_tokenizer, config=None)

@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 import torch
 
-from ktransfer.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ktransfer.models.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 
 def _lines(path, n):

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from ktransfer import cli, toy
+from ktransfer import cli
+from ktransfer.experiments import toy
 
 Q = [0.4, 0.3, 0.2, 0.1]
 INIT = [math.log(x) for x in (0.1, 0.2, 0.3, 0.4)]  # the default: q reversed, top-2 = {2, 3}
@@ -205,7 +206,7 @@ def test_with_the_tail_both_orders_reach_q_on_the_support_and_the_rest_mass(opti
     """tail=True: the coarsened divergence is proper, so Forward and Backward both end at p_S = q_S and
     p(rest) = q(rest) (the split inside the rest is a flat direction: the optimiser decides it), where the paper's
     formula leaves Forward at q_S / q(S) and Backward chattering (see the other tests)."""
-    from ktransfer.toy import DEFAULT_Q, run_toy
+    from ktransfer.experiments.toy import DEFAULT_Q, run_toy
 
     q = np.asarray(DEFAULT_Q)
     result = run_toy(k=2, epochs=2000, optimizer=optimizer, lr=lr, tail=True)

@@ -18,8 +18,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ktransfer.config import ConfigError, load_config
-from ktransfer.train import NonFiniteLossError, collate_batch, lr_factor, setup, train, train_step
+from ktransfer.training.config import ConfigError, load_config
+from ktransfer.training.train import NonFiniteLossError, collate_batch, lr_factor, setup, train, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_kill_and_sigterm_resume_exactly(shared_data, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 def _nan_on(calls: set[int] | None, monkeypatch):
     """Make ``transfer_loss`` return NaN on the given call numbers (every call from the first one when None)."""
-    import ktransfer.train as train_module
+    import ktransfer.training.train as train_module
 
     real, count = train_module.transfer_loss, [0]
 

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer import native
+    from ktransfer.losses import native
 
     folder = native.build_folder()
     if args.where:

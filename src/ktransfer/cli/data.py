@@ -47,41 +47,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer import data
+    from ktransfer.data import corpora, download
 
     try:
         if args.action == "download":
             checksums = _parse_checksums(args.checksum) if args.checksum else None
-            data.download_corpus(args.name, args.dest, base_url=args.base_url, checksums=checksums,
+            download.download_corpus(args.name, args.dest, base_url=args.base_url, checksums=checksums,
                                  corpus=args.corpus, split=args.split, force=args.force)
             return 0
         if args.action == "check":
-            from ktransfer import formats
+            from ktransfer.data import formats
 
             fmt, why = formats.infer_format(formats.locate(args.name))
             if fmt != "parallel":
                 print(formats.describe(args.name, fmt, why, args.splits))
                 return 0
             if (args.src is None) != (args.tgt is None):
-                raise data.CorpusError("give both --src and --tgt, or neither")
-            folder, src, tgt, stats, errors = data.check_corpus(args.name, args.src, args.tgt, args.splits)
-            print(data.format_stats(folder, src, tgt, stats, errors))
+                raise corpora.CorpusError("give both --src and --tgt, or neither")
+            folder, src, tgt, stats, errors = corpora.check_corpus(args.name, args.src, args.tgt, args.splits)
+            print(corpora.format_stats(folder, src, tgt, stats, errors))
             return 1 if errors else 0
         if args.action == "list":
-            root = data.data_dir()
-            names = data.list_corpora(root)
-            print(f"corpora in {root}:" if names else f"no corpora in {root} (set ${data.DATA_ENV} or download one)")
+            root = corpora.data_dir()
+            names = corpora.list_corpora(root)
+            print(f"corpora in {root}:" if names else f"no corpora in {root} (set ${corpora.DATA_ENV} or download one)")
             for name in names:
-                print(f"  {name}: {data.describe_layout(root / name)}")
+                print(f"  {name}: {corpora.describe_layout(root / name)}")
             return 0
-    except (data.CorpusError, data.DownloadError) as e:
+    except (corpora.CorpusError, download.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled action {args.action!r}")  # argparse only allows the actions above
 
 
 def _parse_checksums(items: list[str]) -> dict[str, str]:
-    from ktransfer.data import DownloadError
+    from ktransfer.data.download import DownloadError
 
     table = {}
     for item in items:

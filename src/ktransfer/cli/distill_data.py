@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer.checkpoint import CheckpointError
-    from ktransfer.data import CorpusError
-    from ktransfer.seqkd import distill_corpus, distill_examples
+    from ktransfer.data.corpora import CorpusError
+    from ktransfer.evaluation.seqkd import distill_corpus, distill_examples
+    from ktransfer.models.checkpoint import CheckpointError
 
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:
@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data_format(args: argparse.Namespace) -> str:
-    """--format, else the format of --corpus as ``ktransfer.formats`` infers it (parallel without --corpus)."""
+    """--format, else the format of --corpus as ``ktransfer.data.formats`` infers it (parallel without --corpus)."""
     if args.data_format is not None or args.corpus is None:
         return args.data_format or "parallel"
-    from ktransfer import formats
+    from ktransfer.data import formats
 
     return formats.infer_format(formats.locate(args.corpus))[0]

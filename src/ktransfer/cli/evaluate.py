@@ -59,12 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer import distributed
-    from ktransfer.data import CorpusError
-    from ktransfer.evaluate import evaluate, format_result
+    from ktransfer.data.corpora import CorpusError
+    from ktransfer.evaluation.evaluate import evaluate, format_result
+    from ktransfer.runtime import distributed
 
     try:
-        from ktransfer.checkpoint import CheckpointError
+        from ktransfer.models.checkpoint import CheckpointError
     except ImportError:  # pragma: no cover - checkpoint module always present in a full install
         CheckpointError = RuntimeError  # noqa: N806
 

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ktransfer.checkpoint import CheckpointError
-    from ktransfer.export import export_model
+    from ktransfer.models.checkpoint import CheckpointError
+    from ktransfer.models.export import export_model
 
     try:
         out = export_model(args.model, Path(args.out))

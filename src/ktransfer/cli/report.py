@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer.report import write_report
+    from ktransfer.experiments.report import write_report
 
     try:
         write_report(args.run_dir)

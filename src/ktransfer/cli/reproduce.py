@@ -49,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer.checkpoint import CheckpointError
-    from ktransfer.config import ConfigError
-    from ktransfer.data import CorpusError
-    from ktransfer.reproduce import MULTI30K_CPU_ESTIMATE, PRESETS, reproduce
+    from ktransfer.data.corpora import CorpusError
+    from ktransfer.experiments.reproduce import MULTI30K_CPU_ESTIMATE, PRESETS, reproduce
+    from ktransfer.models.checkpoint import CheckpointError
+    from ktransfer.training.config import ConfigError
 
     items, out = list(args.items), args.out
     for flag in ("--out", "-o"):  # `--out RUN` after the preset lands among the items (argparse.REMAINDER)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except (CorpusError, CheckpointError, FileNotFoundError) as e:
         print(f"ktransfer reproduce: error: {e}", file=sys.stderr)
         return 1
-    from ktransfer import distributed
+    from ktransfer.runtime import distributed
 
     if distributed.launch_rank() != 0:  # torchrun: rank 0 alone prints the summary
         return 0

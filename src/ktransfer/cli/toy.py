@@ -60,7 +60,7 @@ def _fmt(x) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer import toy
+    from ktransfer.experiments import toy
 
     try:
         result = toy.run_toy(args.q, k=args.k, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,

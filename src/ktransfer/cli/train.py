@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
     """(config file or None, overrides); a run folder stands for its config.yaml."""
-    from ktransfer.config import ConfigError
+    from ktransfer.training.config import ConfigError
 
     files = [i for i in items if "=" not in i]
     if len(files) > 1:
@@ -60,16 +60,16 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer.config import ConfigError, config_help, load_config
+    from ktransfer.training.config import ConfigError, config_help, load_config
 
     if args.help_config:
         print(config_help())
         return 0
-    from ktransfer.checkpoint import CheckpointError
-    from ktransfer.data import CorpusError
-    from ktransfer.distributed import launch_rank
-    from ktransfer.runlock import RunFolderBusy
-    from ktransfer.train import NonFiniteLossError, train
+    from ktransfer.data.corpora import CorpusError
+    from ktransfer.models.checkpoint import CheckpointError
+    from ktransfer.runtime.distributed import launch_rank
+    from ktransfer.runtime.runlock import RunFolderBusy
+    from ktransfer.training.train import NonFiniteLossError, train
 
     try:
         path, overrides = _split_items(args.items)

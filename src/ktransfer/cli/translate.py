@@ -45,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ktransfer import distributed
-    from ktransfer.generation import DecodeSettings
-    from ktransfer.models import resolve_source
+    from ktransfer.models.family import resolve_source
+    from ktransfer.models.generation import DecodeSettings
+    from ktransfer.runtime import distributed
 
     try:
         DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
-    from ktransfer import distributed
-    from ktransfer.checkpoint import CheckpointError
-    from ktransfer.evaluate import rank_device, translate_sharded
-    from ktransfer.models import load_model
+    from ktransfer.evaluation.evaluate import rank_device, translate_sharded
+    from ktransfer.models.checkpoint import CheckpointError
+    from ktransfer.models.family import load_model
+    from ktransfer.runtime import distributed
 
     try:
         model, tokenizer = load_model(checkpoint, device=rank_device(args.device))

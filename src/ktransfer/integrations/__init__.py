@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ktransfer.hf_loss import hf_loss
-from ktransfer.objectives import OBJECTIVES
+from ktransfer.losses.hf_loss import hf_loss
+from ktransfer.losses.objectives import OBJECTIVES
 
 # Keyword arguments of the trainers that are ktransfer loss settings (the rest go to the trainer).
 TRANSFER_OPTIONS = ("top_k", "support", "temperature", "beta", "alpha", "renormalize", "label_smoothing",
@@ -31,7 +31,8 @@ def pop_transfer_options(kwargs: dict) -> dict:
 
 
 class TransferLossMixin:
-    """``compute_loss`` for a ``transformers.Trainer`` subclass: ``ktransfer.hf_loss`` of the model and a teacher.
+    """``compute_loss`` for a ``transformers.Trainer`` subclass: ``ktransfer.hf_loss`` of the model and a
+    teacher.
 
     Put it before the trainer class (``class MyTrainer(TransferLossMixin, Trainer)``) and call ``init_transfer`` at the
     end of ``__init__``. Per batch it runs the model and, without gradient, the teacher on the same inputs

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ktransfer.divergences import divergence  # noqa: E402
+from ktransfer.losses.divergences import divergence  # noqa: E402
 
 DEFAULT_Q = (0.4, 0.3, 0.2, 0.1)
 OPTIMIZERS = ("sgd", "adam")

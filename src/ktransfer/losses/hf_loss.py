@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.objectives import TransferLoss, transfer_loss
+from ktransfer.losses.objectives import TransferLoss, transfer_loss
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

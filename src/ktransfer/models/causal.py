@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ktransfer import generation
-from ktransfer.data import IGNORE_INDEX
-from ktransfer.generation import INSTRUCTION_KEY, DecodeSettings, unwrap
+from ktransfer.data.corpora import IGNORE_INDEX
+from ktransfer.models import generation
+from ktransfer.models.generation import INSTRUCTION_KEY, DecodeSettings, unwrap
 
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech", "th": "Thai"}
 
@@ -81,7 +81,7 @@ def instruction(model) -> str:
     """
     text = getattr(unwrap(model).config, INSTRUCTION_KEY, None)
     if not isinstance(text, str):
-        raise ValueError(f"causal model has no {INSTRUCTION_KEY} in its config: call ktransfer.causal."
+        raise ValueError(f"causal model has no {INSTRUCTION_KEY} in its config: call ktransfer.models.causal."
                          "ensure_instruction(model, src_lang, tgt_lang) before translating with it")
     return text
 

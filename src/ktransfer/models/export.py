@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ktransfer import adapters
-from ktransfer.models import load_model
+from ktransfer.models import adapters
+from ktransfer.models.family import load_model
 
 
 def export_model(source: str | os.PathLike, out: Path) -> Path:

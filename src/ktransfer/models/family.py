@@ -2,8 +2,9 @@
 
 A *family* (``ModelFamily``) owns everything that differs between an encoder-decoder and a decoder-only model:
 building from a preset, how examples become ids and batches, which logits line up with which labels, beam search and
-on-policy sampling. ``ktransfer.seq2seq.Seq2SeqFamily`` (Marian and any ``AutoModelForSeq2SeqLM``) and
-``ktransfer.causal.CausalFamily`` (any ``AutoModelForCausalLM``) implement it; ``family_of`` is the one place that
+on-policy sampling. ``ktransfer.models.seq2seq.Seq2SeqFamily`` (Marian and any ``AutoModelForSeq2SeqLM``) and
+``ktransfer.models.causal.CausalFamily`` (any ``AutoModelForCausalLM``) implement it; ``family_of`` is the one place
+that
 picks, from the model's config. Code above this module never asks which family it holds.
 
 A model *source* (``model.preset``, ``model.init``, ``model.teacher``, the argument of ``evaluate``/``translate``/
@@ -14,8 +15,8 @@ A model *source* (``model.preset``, ``model.init``, ``model.teacher``, the argum
   verified file by file first;
 - a ktransfer run folder (its ``checkpoints/best``);
 - a Hugging Face model folder (``config.json`` + ``*.safetensors``, with or without tokenizer files), or a folder
-  of LoRA adapters (``adapter_config.json``, read with the base it names: ``ktransfer.adapters``);
-- a hub id (``Helsinki-NLP/opus-mt-de-en``), read through the local cache (``ktransfer.hub``).
+  of LoRA adapters (``adapter_config.json``, read with the base it names: ``ktransfer.models.adapters``);
+- a hub id (``Helsinki-NLP/opus-mt-de-en``), read through the local cache (``ktransfer.models.hub``).
 
 Remote code is never run unless ``trust_remote_code`` is set by the user; only safetensors weights are read.
 """
@@ -29,12 +30,12 @@ from typing import Any, Protocol
 
 import torch
 
-from ktransfer import adapters, checkpoint, hub
-from ktransfer.causal import CAUSAL_PRESETS, CausalFamily
-from ktransfer.generation import INSTRUCTION_KEY, DecodeSettings, output_rows, unwrap
-from ktransfer.seq2seq import PRESETS as SEQ2SEQ_PRESETS
-from ktransfer.seq2seq import Seq2SeqFamily
-from ktransfer.tokenizer import Tokenizer, compare_tokenizers, is_tokenizer_folder, load_tokenizer
+from ktransfer.models import adapters, checkpoint, hub
+from ktransfer.models.causal import CAUSAL_PRESETS, CausalFamily
+from ktransfer.models.generation import INSTRUCTION_KEY, DecodeSettings, output_rows, unwrap
+from ktransfer.models.seq2seq import PRESETS as SEQ2SEQ_PRESETS
+from ktransfer.models.seq2seq import Seq2SeqFamily
+from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, is_tokenizer_folder, load_tokenizer
 
 PRESETS: dict[str, dict[str, Any]] = {**SEQ2SEQ_PRESETS, **CAUSAL_PRESETS}
 
@@ -119,7 +120,7 @@ def resolve_source(source: str | os.PathLike) -> Path | str:
         if checkpoint.interrupted_swap(path):
             return path  # a save killed between its two renames: the whole copy beside it stands in
         if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-            return name  # a hub id (org/name): ktransfer.hub reads it from the cache or says why it cannot
+            return name  # a hub id (org/name): ktransfer.models.hub reads it from the cache or says why it cannot
         raise FileNotFoundError(f"no such model folder: {path} (nor a preset: {', '.join(PRESETS)})")
     if checkpoint.is_checkpoint(path) or (path / "config.json").is_file() or adapters.is_adapter_folder(path):
         return path

@@ -6,7 +6,7 @@ Three layers, each usable on its own:
 - ``score(hypotheses, references)``: corpus BLEU and chrF (sacreBLEU defaults) with sacreBLEU's signatures;
 - ``evaluate(checkpoint, corpus=..., split=...)`` or ``evaluate(checkpoint, src_file=..., ref_file=...)``: both of
   the above on a corpus split or a pair of files, hypotheses and scores written to disk. Data that is not
-  translation pairs (``ktransfer.formats``: prompt_completion, chat, text) gets ``evaluate_examples`` instead:
+  translation pairs (``ktransfer.data.formats``: prompt_completion, chat, text) gets ``evaluate_examples`` instead:
   the token-level NLL and perplexity of the completions, and the model's generation for each prompt.
 
 Every reported number carries signatures that record what changes it: sacreBLEU's own (tokenizer, smoothing, case,
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from ktransfer.checkpoint import run_config_of
-from ktransfer.generation import DecodeSettings
-from ktransfer.models import family_of, load_model, prepare_for_data, resolve_source
+from ktransfer.models.checkpoint import run_config_of
+from ktransfer.models.family import family_of, load_model, prepare_for_data, resolve_source
+from ktransfer.models.generation import DecodeSettings
 
 # --------------------------------------------------------------------------------------------------------------
 # Translation
@@ -47,9 +47,9 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
 
     Args:
         model: an encoder-decoder or a decoder-only LM (any device; inputs follow its parameters); its family
-            (``ktransfer.models.family_of``) does the search: the decoder after the encoded source, or the
+            (``ktransfer.models.family.family_of``) does the search: the decoder after the encoded source, or the
             continuation of the prompt (instruction + source).
-        tokenizer: a ``ktransfer.tokenizer.Tokenizer``.
+        tokenizer: a ``ktransfer.models.tokenizer.Tokenizer``.
         sources: raw source sentences.
         beam, length_penalty, max_length: see ``DecodeSettings``.
         batch_size: sentences per ``generate()`` call (each one expands to ``beam`` rows).
@@ -74,7 +74,7 @@ def rank_device(device: str) -> str:
     """The device this process decodes on, with training's conventions (``train._device``): ``auto`` is ``cuda``
     when a GPU is visible, else ``cpu``; under torchrun with several processes, ``cuda`` means GPU ``LOCAL_RANK``
     (the GPU ``distributed.init`` made current); anything else (``cpu``, ``cuda:1``, ``mps``) is used as given."""
-    from ktransfer import distributed
+    from ktransfer.runtime import distributed
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,7 +88,7 @@ def translate_sharded(model, tokenizer, sources: Sequence[str], *, progress: boo
     the r-th contiguous share of ``sources`` (shares differ by at most one sentence), and every rank gets all
     hypotheses in the order of ``sources``. The progress bar (``progress``) is rank 0's, over its own share. One
     process: ``translate(model, tokenizer, sources, ...)`` itself. Every rank must call it with the same sources."""
-    from ktransfer import distributed
+    from ktransfer.runtime import distributed
 
     show = progress and distributed.is_main()
     return distributed.map_sharded(lambda part: translate(model, tokenizer, part, progress=show, **kwargs), sources)
@@ -152,7 +152,7 @@ def _run_data(config: dict) -> dict:
 
 
 def _same_corpus(a, b) -> bool:
-    from ktransfer.data import CorpusError, resolve_corpus
+    from ktransfer.data.corpora import CorpusError, resolve_corpus
 
     if a is None or b is None:
         return False
@@ -207,7 +207,7 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
         beam, length_penalty, max_length, batch_size: see ``translate``.
         limit: evaluate only the first ``limit`` sentences (None = all); recorded in the result.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rank_device`` for torchrun).
-        data_format: ``ktransfer.formats`` format of the corpus (default: the run's ``data.format`` for its own
+        data_format: ``ktransfer.data.formats`` format of the corpus (default: the run's ``data.format`` for its own
             corpus, else inferred); anything but ``parallel`` goes to ``evaluate_examples``.
 
     Returns:
@@ -217,7 +217,7 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
     Raises:
         FileNotFoundError: no checkpoint at ``model_path``.
         ValueError: both or neither of corpus mode and file mode, source and reference files of different line
-            counts (``ktransfer.data.CorpusError`` for a corpus that is missing or malformed).
+            counts (``ktransfer.data.corpora.CorpusError`` for a corpus that is missing or malformed).
     """
     settings = DecodeSettings(beam=beam, length_penalty=length_penalty, max_length=max_length)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -235,7 +235,7 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
     else:
         sources, references, split, tgt_lang, data_info = _corpus_data(checkpoint, corpus, split, src_lang, tgt_lang)
     sources, references = sources[:limit], references[:limit]
-    from ktransfer import distributed
+    from ktransfer.runtime import distributed
 
     # torchrun: join the group (gloo on CPU, nccl on CUDA; a no-op for one process); every rank beam-searches a
     # contiguous share of the sentences, rank 0 alone scores and writes, and every rank returns rank 0's result.
@@ -264,7 +264,7 @@ def _examples_data(checkpoint, corpus, split, data_format):
     """``(examples or None for translation pairs, corpus, split)`` of corpus mode, with the run's data settings
     where the corpus is its own: its format and keys, and its held-out validation share when its data is one file
     (then ``split`` = its ``data.valid`` gives exactly the examples it validated on)."""
-    from ktransfer import formats
+    from ktransfer.data import formats
 
     run = _run_data(run_config_of(checkpoint))
     own = corpus is None or _same_corpus(corpus, run.get("corpus"))
@@ -287,7 +287,7 @@ def _examples_data(checkpoint, corpus, split, data_format):
 
 def evaluate_examples(model_path, examples, corpus, split: str, settings: DecodeSettings, *, batch_size: int = 64,
                       out_dir=None, limit: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
-    """Token-level NLL and perplexity of the model on the completions of ``examples`` (``ktransfer.formats``; every
+    """Token-level NLL and perplexity of the model on the completions of ``examples`` (``ktransfer.data.formats``; every
     token for text data), and its generation (``settings``) for each prompt (none for text data: it has no prompt).
 
     Writes ``OUT/generations.SPLIT.jsonl`` (``{"prompt", "reference", "generation"}`` a line, the texts as the
@@ -296,7 +296,7 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
     Raises:
         CorpusError: bad data (naming the file and line); ValueError: a model without tokenizer files.
     """
-    from ktransfer import formats
+    from ktransfer.data import formats
 
     model, tokenizer = load_model(model_path, device=device)
     if tokenizer is None:
@@ -329,7 +329,7 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
 def completion_nll(model, tokenizer, src, tgt, *, batch_size: int = 64, batches=None) -> tuple[float, int]:
     """``(sum of -log p over the scored tokens, their number)`` of ``model`` teacher-forced on the family's ids, in
     ``batches`` (lists of example indices, e.g. ``TokenBatchSampler``'s) or else ``batch_size`` examples at a time."""
-    from ktransfer.objectives import transfer_loss
+    from ktransfer.losses.objectives import transfer_loss
 
     family, total, count = family_of(model), 0.0, 0
     device = next(model.parameters()).device
@@ -349,7 +349,7 @@ def completion_nll(model, tokenizer, src, tgt, *, batch_size: int = 64, batches=
 def _file_data(src_file, ref_file, split, src_lang, tgt_lang):
     """``(sources, references, split, tgt_lang, data info)`` of a source file and its line-aligned reference file;
     ``split`` defaults to the source file's name without its language suffix."""
-    from ktransfer.data import read_lines
+    from ktransfer.data.corpora import read_lines
 
     if src_file is None or ref_file is None:
         raise ValueError(f"file mode needs both a source and a reference file; got src={src_file}, ref={ref_file}")
@@ -369,7 +369,7 @@ def _file_data(src_file, ref_file, split, src_lang, tgt_lang):
 def _corpus_data(checkpoint, corpus, split, src_lang, tgt_lang):
     """``(sources, references, split, tgt_lang, data info)`` of a corpus split; corpus, split and languages default
     to the checkpoint run's (its ``data.test`` for its own corpus), else ``test`` and the corpus name's pair."""
-    from ktransfer.data import language_pair, read_split, resolve_corpus, split_files
+    from ktransfer.data.corpora import language_pair, read_split, resolve_corpus, split_files
 
     run = _run_data(run_config_of(checkpoint))
     corpus = corpus if corpus is not None else run.get("corpus")

@@ -16,7 +16,7 @@ A checkpoint folder (``RUN/checkpoints/best``, ``last``) holds:
 ``save_checkpoint`` writes everything into a hidden sibling folder ``.NAME.tmp-XXXX``, fsyncs it, then swaps it into
 place: the old folder is renamed aside (``.NAME.old-XXXX``), the new one renamed to NAME, the old one deleted. A kill at
 any moment leaves either the old or the new checkpoint whole; if it lands between the two renames, the loaders read
-the aside copy and the next ``save_checkpoint`` puts it back in place. ``ktransfer.models.load_model`` loads the
+the aside copy and the next ``save_checkpoint`` puts it back in place. ``ktransfer.models.family.load_model`` loads the
 model and tokenizer of a checkpoint after ``verified_folder`` has checked every file.
 """
 
@@ -43,7 +43,7 @@ import torch
 FORMAT = "ktransfer-checkpoint"
 FORMAT_VERSION = 2  # 1: state.json with the model config and tokenizer inside (before checkpoints were HF folders)
 MODEL_FILE = "model.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA learner's checkpoint (ktransfer.adapters)
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA learner's checkpoint (ktransfer.models.adapters)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "training_state.json"
 OLD_STATE_FILE = "state.json"
@@ -200,7 +200,7 @@ def _config_dict(config) -> dict[str, Any]:
         return {}
     if isinstance(config, dict):
         return json.loads(json.dumps(config))  # a plain-JSON copy (tuples become lists); fails early if not JSON
-    raise TypeError(f"config must be a dict (ktransfer.config.config_to_dict), got {type(config).__name__}")
+    raise TypeError(f"config must be a dict (ktransfer.training.config.config_to_dict), got {type(config).__name__}")
 
 
 # --- save ----------------------------------------------------------------------------------------------------------
@@ -211,13 +211,13 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
     Args:
         path: the folder, e.g. ``RUN/checkpoints/last``; an existing checkpoint there is replaced.
         model: a Hugging Face model (``save_pretrained``).
-        tokenizer: a ``ktransfer.tokenizer.Tokenizer`` (``save`` = ``save_pretrained``).
+        tokenizer: a ``ktransfer.models.tokenizer.Tokenizer`` (``save`` = ``save_pretrained``).
         config: the run config as a dict (``config_to_dict``).
         optimizer, scheduler: saved through their ``state_dict()`` when given.
         train_state: JSON-ready dict (epoch, step, batch position, best metric, ...; tensors allowed). When it has
             no ``"rng"`` entry, the current ``capture_rng()`` is added.
         state_dict, optimizer_state: the model's and the optimizer's full states when they are not the objects'
-            own (a sharded model: ``ktransfer.fsdp``); written in place of ``model.state_dict()`` and
+            own (a sharded model: ``ktransfer.runtime.fsdp``); written in place of ``model.state_dict()`` and
             ``optimizer.state_dict()``.
 
     Raises:

@@ -20,7 +20,8 @@ Stages, in order (each is skipped when ``RUN/stages.json`` marks it done; a stag
                                                      data.train_limit of the training split); a corpus folder whose
                                                      valid and test splits are the original files, copied
     finetune/OBJ-P/seedS     RUN/finetune/OBJ-P/seedS/ (option prefixes) OBJ in prefix_objectives with prefix source
-                                                     P: objective.prefix=P (learner, mixed; ktransfer.prefixes) or
+                                                     P: objective.prefix=P (learner, mixed;
+                                                     ktransfer.training.prefixes) or
                                                      data.corpus=RUN/seqkd (teacher); per-epoch analyses as above
     sweep/OBJ/kK             RUN/sweep/OBJ/kK/       (sweep=topk) KD and KA with top-k = K, first seed; valid BLEU
     eval/NAME                RUN/eval/NAME/          test-split beam search and sacreBLEU scores of every model
@@ -62,9 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktransfer import distributed
-from ktransfer.config import SECTIONS, ConfigError, RunConfig, load_config
-from ktransfer.experiment import (
+from ktransfer.experiments.experiment import (
     PREFIX_SOURCES,
     SMOOTHING,
     STAGE_KINDS,
@@ -75,6 +74,8 @@ from ktransfer.experiment import (
     prefix_runs,
     variant_pairs,
 )
+from ktransfer.runtime import distributed
+from ktransfer.training.config import SECTIONS, ConfigError, RunConfig, load_config
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def _option_value(key: str, value: str) -> Any:
 
 
 def _check_options(o: Options) -> None:
-    from ktransfer.objectives import OBJECTIVES
+    from ktransfer.losses.objectives import OBJECTIVES
 
     if not o.seeds or len(set(o.seeds)) != len(o.seeds) or min(o.seeds) < 0:
         raise ConfigError(f"option seeds: distinct non-negative integers needed, got {o.seeds}", key="seeds")
@@ -304,7 +305,7 @@ def _check_options(o: Options) -> None:
 
 def _valid_column(name: str) -> bool:
     """A fine-tuning column ``objectives`` may name: an objective but nll, OBJ-tail / OBJ-renorm, or smooth."""
-    from ktransfer.objectives import OBJECTIVES
+    from ktransfer.losses.objectives import OBJECTIVES
 
     if name == SMOOTHING:
         return True
@@ -405,7 +406,7 @@ def _on_main(fn):
 def _train(cfg: RunConfig, **kwargs) -> dict:
     """``train.train``, except that a run stopped by a signal raises ``Interrupted`` (so its stage is not marked
     done)."""
-    from ktransfer.train import train
+    from ktransfer.training.train import train
 
     result = train(cfg, **kwargs)
     if str(result.get("stopped") or "").startswith("signal:"):
@@ -460,7 +461,7 @@ def _reproduce(preset_name: str, preset: Preset, opts: Options, by_stage, run: P
     except Interrupted as e:
         log(f"interrupted: {e}; run the same command again to resume")
         return {"interrupted": str(e)}
-    from ktransfer.report import write_report
+    from ktransfer.experiments.report import write_report
 
     results = _on_main(lambda: write_report(run))
     log(f"report: {run / 'report.md'}")
@@ -490,7 +491,7 @@ def _run_stages(preset: Preset, opts: Options, by_stage, run: Path, stages: Stag
                index="[analysis]")
     stop("analysis0")
 
-    from ktransfer.analysis import EpochAnalyzer
+    from ktransfer.evaluation.analysis import EpochAnalyzer
 
     sample = _analysis_sample(sample_cfg, opts)
     columns = [*opts.objectives, *(["nll"] if opts.control else [])]
@@ -645,9 +646,9 @@ def _read(path: Path) -> dict:
 def _write_entropy(cfg: RunConfig, model_dir: Path, out: Path) -> None:
     """``{"valid_entropy", "positions", "checkpoint"}`` of ``model_dir/checkpoints/last``: its mean token entropy,
     teacher-forced on the whole valid split (``data.valid``), into ``out``."""
-    from ktransfer.analysis import analyze_model
-    from ktransfer.data import read_split
-    from ktransfer.models import load_model
+    from ktransfer.data.corpora import read_split
+    from ktransfer.evaluation.analysis import analyze_model
+    from ktransfer.models.family import load_model
 
     _use_threads(cfg)
     d = cfg.data
@@ -662,8 +663,8 @@ def _write_entropy(cfg: RunConfig, model_dir: Path, out: Path) -> None:
 
 def _train_bpe(cfg: RunConfig, path: Path, log) -> None:
     """One joint BPE on the training split (first data.train_limit pairs), shared by every model."""
-    from ktransfer.data import read_split
-    from ktransfer.tokenizer import train_tokenizer
+    from ktransfer.data.corpora import read_split
+    from ktransfer.models.tokenizer import train_tokenizer
 
     d = cfg.data
     pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
@@ -673,8 +674,8 @@ def _train_bpe(cfg: RunConfig, path: Path, log) -> None:
 
 
 def _analysis_sample(cfg: RunConfig, opts: Options) -> list[tuple[str, str]]:
-    from ktransfer.analysis import sample_pairs
-    from ktransfer.data import read_split
+    from ktransfer.data.corpora import read_split
+    from ktransfer.evaluation.analysis import sample_pairs
 
     d = cfg.data
     pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
@@ -683,8 +684,8 @@ def _analysis_sample(cfg: RunConfig, opts: Options) -> list[tuple[str, str]]:
 
 def _analysis0(cfg: RunConfig, opts: Options, run: Path, teacher_ckpt: str, learner_ckpt: str) -> None:
     """Epoch 0 of the analyses (the pre-trained learner) and the teacher's entropy, on the fixed sample."""
-    from ktransfer.analysis import analyze_model, save_epoch
-    from ktransfer.models import load_model
+    from ktransfer.evaluation.analysis import analyze_model, save_epoch
+    from ktransfer.models.family import load_model
 
     _use_threads(cfg)
     sample = _analysis_sample(cfg, opts)
@@ -708,7 +709,7 @@ def _device(cfg: RunConfig) -> str:
 
 def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit: int | None) -> dict:
     """Beam search (eval.*) of ``split`` with ``model_dir/checkpoints/best``; scores in ``out_dir``."""
-    from ktransfer.evaluate import evaluate
+    from ktransfer.evaluation.evaluate import evaluate
 
     _use_threads(cfg)
     d, e = cfg.data, cfg.eval
@@ -721,10 +722,11 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
 
 
 def _seqkd(cfg: RunConfig, teacher_ckpt: str, out: Path, log) -> dict:
-    """Sequence-level KD data (``ktransfer.seqkd``): the teacher's beam search (eval.beam, eval.length_penalty,
+    """Sequence-level KD data (``ktransfer.evaluation.seqkd``): the teacher's beam search (eval.beam,
+    eval.length_penalty,
     eval.max_length, eval.batch_size) of the first data.train_limit pairs of the training split, the fine-tuning
     data; ``out`` is a corpus folder whose other splits (valid, test) are the original files, copied."""
-    from ktransfer.seqkd import distill_corpus
+    from ktransfer.evaluation.seqkd import distill_corpus
 
     _use_threads(cfg)
     d, e = cfg.data, cfg.eval
@@ -769,7 +771,7 @@ def _write_paired_tests(cfg: RunConfig, opts: Options, run: Path, pairs: list[tu
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
-    from ktransfer.data import read_split
+    from ktransfer.data.corpora import read_split
 
     d = cfg.data
     refs = [t for _, t in read_split(d.corpus, d.test, d.src_lang, d.tgt_lang)][:opts.test_limit]

@@ -26,10 +26,10 @@ which is what the chunked sweep writes (see ``docs/divergences.md`` for w of eve
 ``renormalize=True``, p and q are first renormalised over S (p~ = p / p(S)), and dD/ds = (w~ - p~ sum_S w~) on S,
 0 off S.
 
-Speed. On a CPU, float32/bfloat16/float16 logits go through ktransfer's compiled kernel (``ktransfer.native``: both
-log-normalisers, the terms, the NLL and the gradient in four passes over a cached row, top-k selection included), built
-on first use; float64, CUDA tensors, or a machine without a C++ compiler take the Python path below, which is also the
-kernel's reference in the tests.
+Speed. On a CPU, float32/bfloat16/float16 logits go through ktransfer's compiled kernel (``ktransfer.losses.native``:
+both log-normalisers, the terms, the NLL and the gradient in four passes over a cached row, top-k selection included),
+built on first use; float64, CUDA tensors, or a machine without a C++ compiler take the Python path below, which is also
+the kernel's reference in the tests.
 
 Memory. Rows are processed ``chunk_size`` at a time: both log-normalisers, the value and the gradient of a chunk are
 computed in one sweep while the chunk is hot in cache, and only the gradient ``[N, V]`` (needed anyway) is kept for the
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer import native
+from ktransfer.losses import native
 
 KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 SUPPORTS = ("learner", "teacher", "union")
@@ -415,12 +415,12 @@ def use_compile(enabled: bool = True) -> None:
     elementwise passes of the eager path into a few vectorised loops. Same formulas, same chunking, same autograd
     Function; values and gradients agree with the eager path to float32 rounding (Inductor sums a row in a different
     order: measured max relative gradient differences up to ~5e-5 of the largest entry in float32, see
-    ``docs/divergences.md``). The first call per (kind, support, dtype, ...) compiles, seconds of CPU each; to make
-    room for one graph per configuration this raises ``torch._dynamo.config.recompile_limit`` to at least 64. If
-    compiling or running the compiled graph fails (no C++ compiler, unsupported build), a warning is logged once and
-    the eager path is used from then on. Where the C++ kernel applies (``ktransfer.native``: CPU, float32/bf16/fp16)
-    it runs instead of either, being faster (docs/benchmarks.md); compiling then matters for CUDA tensors, float64, and
-    machines where the kernel cannot be built. ``fused_linear_divergence`` takes the same route per chunk.
+    ``docs/divergences.md``). The first call per (kind, support, dtype, ...) compiles, seconds of CPU each; to make room
+    for one graph per configuration this raises ``torch._dynamo.config.recompile_limit`` to at least 64. If compiling or
+    running the compiled graph fails (no C++ compiler, unsupported build), a warning is logged once and the eager path
+    is used from then on. Where the C++ kernel applies (``ktransfer.losses.native``: CPU, float32/bf16/fp16) it runs
+    instead of either, being faster (docs/benchmarks.md); compiling then matters for CUDA tensors, float64, and machines
+    where the kernel cannot be built. ``fused_linear_divergence`` takes the same route per chunk.
     """
     if not isinstance(enabled, bool):
         raise ValueError(f"use_compile(enabled) takes True or False, got {enabled!r}")
@@ -433,7 +433,8 @@ def use_compile(enabled: bool = True) -> None:
             _COMPILE["fn"] = torch.compile(_sweep_chunk, fullgraph=True, dynamic=True)
         except Exception as exc:  # torch.compile unavailable in this build
             _COMPILE["failed"] = True
-            _log.warning("ktransfer.divergences.use_compile: torch.compile unavailable (%s); using the eager path", exc)
+            _log.warning("ktransfer.losses.divergences.use_compile: torch.compile unavailable (%s); "
+                         "using the eager path", exc)
 
 
 _SUPPORT_CODES = {None: -1, "learner": 0, "teacher": 1, "union": 2}
@@ -485,7 +486,8 @@ def run_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad):
             return fn(z, u, labels, spec, div_coef, nll_coef, need_grad)
         except Exception as exc:  # compile/run failure: fall back for good, say so once
             _COMPILE["failed"] = True
-            _log.warning("ktransfer.divergences.use_compile: compiled chunk failed (%s: %s); using the eager path",
+            _log.warning("ktransfer.losses.divergences.use_compile: compiled chunk failed (%s: %s); "
+                         "using the eager path",
                          type(exc).__name__, exc)
     return _sweep_chunk(z, u, labels, spec, div_coef, nll_coef, need_grad)
 

@@ -76,7 +76,7 @@ def analyze_model(model, tokenizer, pairs: list[tuple[str, str]], *, table_sente
         "top": [[token, prob], ...]}, ...]}, top16)`` with ``top16`` the (N, 16) int32 top-16 ids at every target
         position, sentence by sentence.
     """
-    from ktransfer.models import family_of
+    from ktransfer.models.family import family_of
 
     family = family_of(model)
     was_training = model.training
@@ -140,7 +140,7 @@ class EpochAnalyzer:
         self.folder, self.pairs, self.table_sentences = Path(folder), pairs, table_sentences
 
     def __call__(self, run) -> None:
-        from ktransfer import distributed
+        from ktransfer.runtime import distributed
 
         if not distributed.is_main():  # several processes (torchrun): rank 0 alone writes; all hold the same weights
             return

@@ -1,6 +1,7 @@
 """What a ``ktransfer reproduce`` run is made of: its options and the names of its stages and models.
 
-``ktransfer.reproduce`` runs the stages; ``ktransfer.report`` reads the run folder back. Both take the layout from
+``ktransfer.experiments.reproduce`` runs the stages; ``ktransfer.experiments.report`` reads the run folder back. Both
+take the layout from
 here, so that a report can be rebuilt from the run folder alone (``reproduce.json`` holds the options).
 """
 
@@ -13,7 +14,8 @@ TRAIN_STAGES = ("teacher", "learner", "finetune", "sweep")
 PREFIX_SOURCES = ("learner", "mixed", "teacher")  # option prefixes: objective.prefix=learner|mixed, or seq-KD data
 
 # Fine-tuning columns beyond the objectives themselves. ``OBJ-tail`` / ``OBJ-renorm``: OBJ with the top-k support
-# coarsened by a tail bucket / renormalised (``ktransfer.divergences``). ``smooth``: the teacher-free control, nll
+# coarsened by a tail bucket / renormalised (``ktransfer.losses.divergences``). ``smooth``: the teacher-free control,
+# nll
 # with label smoothing whose epsilon ``reproduce`` calibrates on the valid split (RUN/smoothing.json).
 VARIANTS = {"tail": "objective.tail=true", "renorm": "objective.renormalize=true"}
 SMOOTHING = "smooth"

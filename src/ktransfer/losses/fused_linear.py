@@ -3,7 +3,7 @@
 For chunks of c positions at a time:
 
     z_c = h_c W^T + b          (learner logits, [c, V])     u_c = g_c Wt^T + bt    (teacher logits, [c, V], no grad)
-    value, dL/dz_c             (the chunked sweep of ``ktransfer.divergences``, NLL and divergence together)
+    value, dL/dz_c             (the chunked sweep of ``ktransfer.losses.divergences``, NLL and divergence together)
     dL/dh_c = dL/dz_c W        dL/dW += dL/dz_c^T h_c       dL/db += sum_rows dL/dz_c
 
 so the extra memory is O(c x V) plus the gradients of h, W and b, whatever N is. The value and every gradient equal
@@ -17,8 +17,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ktransfer.divergences import CHUNK_ELEMENTS_CUDA, check_vocab_size, compute_dtype, run_chunk
-from ktransfer.objectives import TransferLoss, plan_loss
+from ktransfer.losses.divergences import CHUNK_ELEMENTS_CUDA, check_vocab_size, compute_dtype, run_chunk
+from ktransfer.losses.objectives import TransferLoss, plan_loss
 
 # Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
 # gradient, reading and writing all of it, so few rows per chunk make that traffic dominate: at N = 4096, H = 512,
@@ -189,7 +189,8 @@ def _causal_classes() -> frozenset[str]:
 def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, torch.Tensor | None]:
     """``(body, head, bias)`` of a model whose logits are ``head(body(**inputs)[0]) + bias``, bias ``[V]`` or None.
 
-    - ``MarianMTModel`` (the seq2seq models of ``ktransfer.models``): ``lm_head`` (a bias-free ``nn.Linear`` tied to
+    - ``MarianMTModel`` (the seq2seq models of ``ktransfer.models.family``): ``lm_head`` (a bias-free ``nn.Linear``
+    tied to
       the embeddings) plus the ``final_logits_bias`` buffer ``[1, V]``, on the decoder output of ``model.model``;
     - a ``transformers`` causal LM class (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) with a plain linear
       ``lm_head`` on the output of its base model (``model.base_model``), and no logit softcapping or scaling in its

@@ -21,8 +21,8 @@ Every example becomes one ``(prompt, completion)`` pair of strings (``to_pairs``
 turn, the prompt being the conversation before it rendered with the tokenizer's chat template (with the generation
 prompt) and the completion the rest of the rendering of the conversation up to that turn; a causal model's logits
 at the positions of that turn are then exactly those of the whole conversation, so the loss is the loss of every
-assistant turn. ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.causal``,
-``ktransfer.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
+assistant turn. ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
+``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
 Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written.
 """
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ktransfer.data import CorpusError, corpus_layout, read_split, resolve_corpus
+from ktransfer.data.corpora import CorpusError, corpus_layout, read_split, resolve_corpus
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -359,7 +359,7 @@ def describe(corpus: str | os.PathLike, fmt: str, why: str, splits: Sequence[str
 # Examples -> (prompt, completion) strings
 # --------------------------------------------------------------------------------------------------------------
 def check_chat_template(tokenizer, label: str = "the tokenizer") -> None:
-    """Raise CorpusError unless ``tokenizer`` (a ``ktransfer.tokenizer.Tokenizer``) has a chat template."""
+    """Raise CorpusError unless ``tokenizer`` (a ``ktransfer.models.tokenizer.Tokenizer``) has a chat template."""
     if not getattr(tokenizer.hf, "chat_template", None):
         raise CorpusError(f"chat data needs a tokenizer with a chat template, but {label} "
                           f"({type(tokenizer.hf).__name__}) has none: use a tokenizer that has one (data.tokenizer, "

@@ -134,8 +134,8 @@ class TeacherCache:
 def exact_for(objective: str, top_k: int | None, support: str | None, k: int | None = None) -> str | None:
     """None when ``objective`` with ``top_k``/``support`` reads the teacher only on its top-``top_k`` tokens (so a
     cache of K >= top_k gives it exactly); else the reason it does not."""
-    from ktransfer.divergences import terms_of
-    from ktransfer.objectives import ALIASES
+    from ktransfer.losses.divergences import terms_of
+    from ktransfer.losses.objectives import ALIASES
 
     kind = ALIASES.get(objective, objective)
     if kind == "nll":
@@ -188,7 +188,7 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     is written under a temporary name and renamed into place, so an interrupted build leaves nothing behind at
     ``path``.
     """
-    from ktransfer.data import TokenBatchSampler
+    from ktransfer.data.batching import TokenBatchSampler
 
     def batch_of(idx):
         batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
@@ -336,8 +336,8 @@ def disk_bytes(path: str | os.PathLike) -> int:
 # --------------------------------------------------------------------------------------------------------------
 def run_key(cfg, tokenizer) -> dict[str, Any]:
     """The settings a cache of ``cfg``'s run depends on, besides the encoded ids: teacher digest, tokenizer, data."""
-    from ktransfer import checkpoint as ckpt_lib
-    from ktransfer.config import ConfigError
+    from ktransfer.models import checkpoint as ckpt_lib
+    from ktransfer.training.config import ConfigError
 
     folder = Path(cfg.model.teacher)
     state_file = folder / ckpt_lib.STATE_FILE
@@ -368,8 +368,8 @@ def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, family, mo
         ConfigError: an objective the cache cannot serve exactly, on-policy prefixes, the fused head, or a stale or
             broken cache folder (key ``train.teacher_cache``).
     """
-    from ktransfer import distributed
-    from ktransfer.config import ConfigError
+    from ktransfer.runtime import distributed
+    from ktransfer.training.config import ConfigError
 
     ob, key = cfg.objective, "train.teacher_cache"
     why = exact_for(ob.objective, ob.top_k, ob.support)

@@ -2,7 +2,7 @@
 
 A pair (source, reference) is ``src = encode(source) + [</s>]``, ``tgt = encode_target(reference) + [</s>]``; a batch
 feeds ``src`` to the encoder and ``[decoder start] + tgt[:-1]`` to the decoder, and ``labels = tgt`` line up with the
-logits position by position (``ktransfer.data.collate``). The decoder starts with the model's
+logits position by position (``ktransfer.data.batching.collate``). The decoder starts with the model's
 ``decoder_start_token_id`` (Marian: ``<pad>``).
 
 Presets (encoder/decoder layers x d_model x attention heads; FFN = 4 x d_model; parameters for a 10K vocabulary), every
@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from ktransfer import data, generation
-from ktransfer.data import IGNORE_INDEX
-from ktransfer.generation import DecodeSettings
+from ktransfer.data import batching
+from ktransfer.data.corpora import IGNORE_INDEX
+from ktransfer.models import generation
+from ktransfer.models.generation import DecodeSettings
 
-FORMATS = ("parallel", "prompt_completion")  # data formats an encoder-decoder reads (ktransfer.formats)
+FORMATS = ("parallel", "prompt_completion")  # data formats an encoder-decoder reads (ktransfer.data.formats)
 
 # Settings every preset shares. Dropout 0.3 on the residual stream, as for small-data translation (IWSLT, Multi30k);
 # relu FFN as in the base Transformer.
@@ -214,19 +215,19 @@ class Seq2SeqFamily:
                fmt: str = "parallel", truncate: bool = False,
                log: Callable[[str], object] = print) -> tuple[list[list[int]], list[list[int]]]:
         """``(source ids, target ids)`` of the pairs (translation or prompt/completion), each ending with ``</s>``
-        (``data.encode_pairs``); the model's stored instruction (``prepare``), if any, heads each source text. A
+        (``batching.encode_pairs``); the model's stored instruction (``prepare``), if any, heads each source text. A
         pair over ``max_length`` is dropped (``truncate`` does not apply to an encoder-decoder)."""
         if fmt not in FORMATS:
             raise ValueError(f"encoder-decoder models take {' or '.join(FORMATS)} data, not {fmt!r}")
-        return data.encode_pairs(_with_instruction(model, pairs), tokenizer, max_length, log=log)
+        return batching.encode_pairs(_with_instruction(model, pairs), tokenizer, max_length, log=log)
 
     def lengths(self, ids) -> tuple[list[int], list[int]]:
         """Per-example (source, target) lengths for ``TokenBatchSampler``."""
         return [len(x) for x in ids[0]], [len(x) for x in ids[1]]
 
     def collate(self, src, tgt, model, tokenizer) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``decoder_input_ids`` and ``labels`` (``data.collate``)."""
-        return data.collate(src, tgt, tokenizer.pad_id, decoder_start(model))
+        """``input_ids``, ``attention_mask``, ``decoder_input_ids`` and ``labels`` (``batching.collate``)."""
+        return batching.collate(src, tgt, tokenizer.pad_id, decoder_start(model))
 
     def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """``(inputs, labels)``: ``model(**inputs).logits[:, t]`` is scored against ``labels[:, t]``."""
@@ -235,7 +236,8 @@ class Seq2SeqFamily:
     # --- generation ----------------------------------------------------------------------------------------------
     def translate(self, model, tokenizer, sources: Sequence[str], settings: DecodeSettings, *, batch_size: int = 64,
                   progress: bool = False) -> list[str]:
-        """Beam search of each source (see ``ktransfer.evaluate.translate``); a source longer than the positional
+        """Beam search of each source (see ``ktransfer.evaluation.evaluate.translate``); a source longer than the
+        positional
         table is cut to fit; empty sources give ""."""
         positions = self.positions(model)
         encoded = tokenizer.encode_batch([s for s, _ in _with_instruction(model, [(s, "") for s in sources])])

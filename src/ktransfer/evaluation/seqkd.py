@@ -1,6 +1,7 @@
 """Sequence-level knowledge distillation (Kim & Rush 2016): the teacher's beam-search translations become the targets.
 
-The third prefix source, beside the reference and the learner's own samples (``ktransfer.prefixes``): the learner is
+The third prefix source, beside the reference and the learner's own samples (``ktransfer.training.prefixes``): the
+learner is
 trained on ``(x, y^)`` with ``y^ = beam_search(q, x)`` the teacher's translation of the training source, so both NLL
 and the divergence see the teacher's outputs as prefixes. The translation is done once, into a corpus folder in the
 standard layout, and training uses it as any corpus::
@@ -11,7 +12,7 @@ standard layout, and training uses it as any corpus::
 The folder holds ``SPLIT.SRC`` (the source lines of the corpus, unchanged), ``SPLIT.TGT`` (the teacher's
 translations, line-aligned), the corpus's other splits copied unchanged (validation and test keep their human
 references) and ``.seqkd.json``, the manifest (teacher, corpus, decode settings and signature, counts). The name is
-hidden so that ``ktransfer.data.corpus_layout`` does not read it as a ``SPLIT.LANG`` file.
+hidden so that ``ktransfer.data.corpora.corpus_layout`` does not read it as a ``SPLIT.LANG`` file.
 
 Robustness: the work happens in ``.FOLDER.partial`` beside the destination, which is renamed into place only once it is
 complete. Sources are translated in chunks of ``chunk_lines`` lines, each written (atomically) as it finishes; a
@@ -30,12 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ktransfer.checkpoint import STATE_FILE, run_config_of
-from ktransfer.data import corpus_layout, read_split, resolve_corpus
-from ktransfer.evaluate import translate
-from ktransfer.generation import DecodeSettings
-from ktransfer.models import load_model, resolve_source
-from ktransfer.tokenizer import load_tokenizer
+from ktransfer.data.corpora import corpus_layout, read_split, resolve_corpus
+from ktransfer.evaluation.evaluate import translate
+from ktransfer.models.checkpoint import STATE_FILE, run_config_of
+from ktransfer.models.family import load_model, resolve_source
+from ktransfer.models.generation import DecodeSettings
+from ktransfer.models.tokenizer import load_tokenizer
 
 MANIFEST = ".seqkd.json"
 _WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
@@ -65,11 +66,12 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
                    length_penalty: float = 1.0, max_length: int | None = None, batch_size: int = 64,
                    limit: int | None = None, chunk_lines: int = 1000, device: str = "cpu", progress: bool = False,
                    log: Callable[[str], object] = print) -> dict:
-    """Translate ``split`` of a corpus with ``teacher`` (beam search, ``ktransfer.evaluate.translate``) into a new
+    """Translate ``split`` of a corpus with ``teacher`` (beam search, ``ktransfer.evaluation.evaluate.translate``) into
+    a new
     corpus folder ``out`` (see the module docstring); returns its manifest.
 
     Args:
-        teacher: any model source of ``ktransfer.models`` (checkpoint, run folder, Hugging Face folder, hub id).
+        teacher: any model source of ``ktransfer.models.family`` (checkpoint, run folder, Hugging Face folder, hub id).
         corpus, src_lang, tgt_lang: the corpus to translate; default: the teacher's training corpus and languages
             (a ktransfer checkpoint's run config).
         split: the split translated (the others are copied).
@@ -251,7 +253,7 @@ def _finished(out: Path, job: dict, log) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data that is not translation pairs (ktransfer.formats): JSONL in, JSONL out
+# Data that is not translation pairs (ktransfer.data.formats): JSONL in, JSONL out
 # --------------------------------------------------------------------------------------------------------------
 def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data: str | os.PathLike,
                      fmt: str | None = None, split: str = "train", keys=None, beam: int = 5,
@@ -269,8 +271,8 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
         FileExistsError: ``out`` exists and is not this job's. ValueError: text data (it has no prompt to complete),
         a teacher without tokenizer files, or a partial folder made with other settings. CorpusError: bad data.
     """
-    from ktransfer import formats
-    from ktransfer.models import prepare_for_data
+    from ktransfer.data import formats
+    from ktransfer.models.family import prepare_for_data
 
     keys = keys or formats.Keys()
     where = resolve_source(teacher)

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from ktransfer.divergences import SUPPORTS
-from ktransfer.objectives import OBJECTIVES
+from ktransfer.losses.divergences import SUPPORTS
+from ktransfer.losses.objectives import OBJECTIVES
 
 Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
 Support = Literal[SUPPORTS]
@@ -102,7 +102,7 @@ class DataConfig(_Section):
     train_limit: int | None = _field(None, "use only the first N training pairs (None = all)", ge=1)
 
     def _check_more(self) -> None:
-        from ktransfer.formats import FORMATS
+        from ktransfer.data.formats import FORMATS
 
         if self.format not in ("auto", *FORMATS):
             raise ConfigError(f"data.format: {self.format!r}; choose auto, {', '.join(FORMATS)}", key="data.format")
@@ -114,7 +114,7 @@ class DataConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     name: ClassVar[str] = "model"
-    preset: str = _field("cpu-learner", "the learner: a preset name (ktransfer.models.PRESETS, sized to the "
+    preset: str = _field("cpu-learner", "the learner: a preset name (ktransfer.models.family.PRESETS, sized to the "
                          "tokenizer), a Hugging Face model folder, a hub id, or a ktransfer run/checkpoint folder")
     init: str | None = _field(None, "weights that start training: a ktransfer run/checkpoint folder, a Hugging Face "
                               "folder or a hub id (None = model.preset)")
@@ -138,7 +138,7 @@ class ModelConfig(_Section):
         "logits to bf16 precision), float32 elsewhere")
 
     def _check_more(self) -> None:
-        from ktransfer.models import PRESETS
+        from ktransfer.models.family import PRESETS
 
         p, names = self.preset, list(PRESETS)  # seq2seq (Marian) and decoder-only presets
         if p not in names and not ("/" in p or os.sep in p or p.startswith(".") or Path(p).exists()):
@@ -167,7 +167,8 @@ class OptimConfig(_Section):
 class ObjectiveConfig(_Section):
     name: ClassVar[str] = "objective"
     objective: Objective = _field(
-        "nll", "nll (no teacher), kd (forward KL), ka (reverse KL), half, or a divergence kind of ktransfer.divergences"
+        "nll", "nll (no teacher), kd (forward KL), ka (reverse KL), half, or a divergence kind of "
+        "ktransfer.losses.divergences"
     )
     lam: float = _field(0.5, "weight of the divergence: (1 - lam) * NLL + lam * D", ge=0.0, le=1.0)
     top_k: int | None = _field(None, "restrict the divergence to the top-k support (None = all of V)", ge=1)
@@ -181,7 +182,8 @@ class ObjectiveConfig(_Section):
                         "divergence of the (k+1)-outcome coarsenings; needs objective.top_k, not with renormalize)")
     prefix: Literal["reference", "learner", "mixed"] = _field(
         "reference", "prefixes the divergence is computed on: reference (the paper), learner (sampled from the "
-        "learner, on-policy), or mixed (learner with probability on_policy_fraction per batch); see ktransfer.prefixes")
+        "learner, on-policy), or mixed (learner with probability on_policy_fraction per batch); "
+        "see ktransfer.training.prefixes")
     on_policy_fraction: float = _field(0.5, "probability that a batch uses learner samples when prefix=mixed",
                                        ge=0.0, le=1.0)
     sample_temperature: float = _field(1.0, "softmax temperature of the learner when sampling prefixes", gt=0.0)
@@ -222,12 +224,13 @@ class TrainConfig(_Section):
     num_threads: int | None = _field(None, "torch CPU threads (None = torch's default)", ge=1)
     resume: bool = _field(True, "continue from out_dir/checkpoints/last when it exists")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-    fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.fused_linear): the [B, T, V] "
-                              "logits of learner and teacher are never held; same loss and gradients (Marian "
-                              "and causal LMs with a plain lm_head, one process)")
+    fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.losses.fused_linear): "
+                              "the [B, T, V] logits of learner and teacher are never held; same loss and gradients "
+                              "(Marian and causal LMs with a plain lm_head, one process)")
     teacher_cache: str | None = _field(None, "folder of the teacher's top-k on the training data "
-                                       "(ktransfer.teacher_cache; built when missing): no teacher pass in training "
-                                       "steps; exact for kd / teacher-support divergences with top_k, else refused")
+                                       "(ktransfer.training.teacher_cache; built when missing): no teacher pass in "
+                                       "training steps; exact for kd / teacher-support divergences with top_k, else "
+                                       "refused")
 
     def _check_more(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -278,7 +281,7 @@ SECTIONS: dict[str, type] = {
 
 
 def _check_run(cfg: RunConfig) -> None:
-    from ktransfer.models import PRESETS
+    from ktransfer.models.family import PRESETS
 
     positions = PRESETS.get(cfg.model.preset, {}).get("max_position_embeddings")
     for key, value in (("data.max_length", cfg.data.max_length), ("eval.max_length", cfg.eval.max_length)):

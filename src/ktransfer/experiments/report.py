@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ktransfer.experiment import SMOOTHING, variant_pairs
+from ktransfer.experiments.experiment import SMOOTHING, variant_pairs
 
 ROW_NAMES = {"teacher": "Teacher", "learner": "Learner (pre-trained)", "nll": "Learner + nll (control)",
              "kd": "KD", "ka": "KA", "half": "1/2KA+1/2KD", SMOOTHING: "Learner + label smoothing (control)"}
@@ -59,9 +59,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def build_results(run_dir: str | os.PathLike) -> dict:
     """Everything the report shows, from the files of ``run_dir``; written to ``RUN/results.json``."""
-    from ktransfer.analysis import collect
-    from ktransfer.experiment import Options, model_names, prefix_seeds, sweep_names
-    from ktransfer.tokenizer import Tokenizer
+    from ktransfer.evaluation.analysis import collect
+    from ktransfer.experiments.experiment import Options, model_names, prefix_seeds, sweep_names
+    from ktransfer.models.tokenizer import Tokenizer
 
     run = Path(run_dir)
     spec = _read_json(run / "reproduce.json")
@@ -143,15 +143,15 @@ def _plt():
 
 
 def _fig3(out: Path) -> str:
-    """The toy figure: docs/figures/toy_default.png of the source tree, else drawn by ``ktransfer.toy``."""
-    source = Path(__file__).resolve().parents[2] / "docs" / "figures" / "toy_default.png"
+    """The toy figure: docs/figures/toy_default.png of the source tree, else drawn by ``ktransfer.experiments.toy``."""
+    source = Path(__file__).resolve().parents[3] / "docs" / "figures" / "toy_default.png"
     if source.is_file():
         shutil.copyfile(source, out)
         return "copied from docs/figures/toy_default.png (`ktransfer toy`)"
-    from ktransfer.toy import plot_toy, run_toy
+    from ktransfer.experiments.toy import plot_toy, run_toy
 
     plot_toy(run_toy(), out)
-    return "drawn by `ktransfer.toy.run_toy()` with its defaults"
+    return "drawn by `ktransfer.experiments.toy.run_toy()` with its defaults"
 
 
 def _curves(analysis: dict, key: str, first_epoch: int) -> dict[str, tuple[list[int], list[float]]]:

@@ -14,7 +14,8 @@ many batches of it were used. The batches of an epoch are a function of ``(seed,
 used ones and goes on with the same random stream: killed and resumed, it ends with the weights of a run that was
 never interrupted.
 
-Several processes (``torchrun``, see ``ktransfer.distributed`` and ``docs/distributed.md``): the learner is wrapped in
+Several processes (``torchrun``, see ``ktransfer.runtime.distributed`` and ``docs/distributed.md``): the learner is
+wrapped in
 ``DistributedDataParallel``; a global step takes ``optim.accumulate x world_size`` consecutive batches of the epoch,
 rank r the r-th of each run of ``world_size``; losses divide by the global token count, so an update equals the
 single-process update with ``optim.accumulate x world_size``. Rank 0 alone writes the run folder; checkpoints hold the
@@ -25,7 +26,8 @@ A run folder::
     RUN/config.yaml  tokenizer/  metrics.jsonl  train.log
     RUN/checkpoints/last/  RUN/checkpoints/best/      (Hugging Face folders + training_state.json)
 
-The model family (``ktransfer.models.family_of``: seq2seq or causal) decides how examples become batches and which
+The model family (``ktransfer.models.family.family_of``: seq2seq or causal) decides how examples become batches and
+which
 logits meet which labels; nothing here asks which family it holds.
 """
 
@@ -47,12 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ktransfer import checkpoint as ckpt_lib
-from ktransfer import distributed, formats, models, runlock
-from ktransfer.config import ConfigError, RunConfig, config_to_dict, save_config
-from ktransfer.data import CorpusError, TokenBatchSampler, read_split, require_nonempty_pairs
-from ktransfer.objectives import TransferLoss, transfer_loss
-from ktransfer.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
+from ktransfer.data import formats
+from ktransfer.data.batching import TokenBatchSampler
+from ktransfer.data.corpora import CorpusError, read_split, require_nonempty_pairs
+from ktransfer.losses.objectives import TransferLoss, transfer_loss
+from ktransfer.models import checkpoint as ckpt_lib
+from ktransfer.models import family as models
+from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
+from ktransfer.runtime import distributed, runlock
+from ktransfer.training.config import ConfigError, RunConfig, config_to_dict, save_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,8 +114,8 @@ class Run:
     stop_signal: list[int] = field(default_factory=list)  # filled by the SIGINT/SIGTERM handler
     on_epoch_end: Any = None  # optional callable(run) run after each validation, before `last` is saved
     clock: float = field(default_factory=time.perf_counter)  # when state.elapsed was last brought up to date
-    teacher_cache: Any = None  # a ktransfer.teacher_cache.TeacherCache (train.teacher_cache), else None
-    data_format: str = "parallel"  # ktransfer.formats: parallel, prompt_completion, chat, text
+    teacher_cache: Any = None  # a ktransfer.training.teacher_cache.TeacherCache (train.teacher_cache), else None
+    data_format: str = "parallel"  # ktransfer.data.formats: parallel, prompt_completion, chat, text
     fsdp: bool = False  # learner and teacher sharded (train.distributed=fsdp under torchrun): every rank runs alike
 
     def trained_model(self) -> torch.nn.Module:
@@ -242,7 +247,7 @@ def _gradient_checkpointing(model, log) -> None:
 
 
 def _fsdp(cfg: RunConfig, model, teacher, log) -> bool:
-    """Shard the learner and the teacher (``ktransfer.fsdp``) when ``train.distributed=fsdp`` with several
+    """Shard the learner and the teacher (``ktransfer.runtime.fsdp``) when ``train.distributed=fsdp`` with several
     processes; whether it did.
 
     Raises:
@@ -256,7 +261,7 @@ def _fsdp(cfg: RunConfig, model, teacher, log) -> bool:
     for key, on in refused.items():
         if on:
             raise ConfigError(f"{key}: not with train.distributed=fsdp (use ddp)", key=key)
-    from ktransfer import fsdp
+    from ktransfer.runtime import fsdp
 
     try:
         for m in (model, teacher):
@@ -303,7 +308,7 @@ def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, *, fs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
     if resumed is not None:
         if fsdp:  # the single-process layout of the checkpoint, scattered to the shards
-            from ktransfer import fsdp as fsdp_lib
+            from ktransfer.runtime import fsdp as fsdp_lib
 
             fsdp_lib.load_optimizer_state(model, optimizer, resumed.optimizer_state)
         else:
@@ -337,7 +342,7 @@ def _fused_head_and_cache(cfg: RunConfig, model, teacher, tokenizer, train_ids, 
     """Check ``train.fused_head`` (both models' output layers can be fused, one process); open (or build) the
     ``train.teacher_cache`` and return it, else None. Raises ConfigError naming the key."""
     if cfg.train.fused_head:
-        from ktransfer.fused_linear import output_head
+        from ktransfer.losses.fused_linear import output_head
 
         if distributed.world_size() > 1:
             raise ConfigError("train.fused_head: not with several processes (DDP must run the learner's forward; "
@@ -350,7 +355,7 @@ def _fused_head_and_cache(cfg: RunConfig, model, teacher, tokenizer, train_ids, 
                 raise ConfigError(f"train.fused_head: the {name}: {e}", key="train.fused_head") from None
     if not cfg.train.teacher_cache:
         return None
-    from ktransfer.teacher_cache import open_for_run
+    from ktransfer.training.teacher_cache import open_for_run
 
     if teacher is None:
         raise ConfigError("train.teacher_cache: objective nll uses no teacher", key="train.teacher_cache")
@@ -370,7 +375,7 @@ def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
 
 @dataclass
 class RunData:
-    """The examples of a run as read (``ktransfer.formats``), and why that format."""
+    """The examples of a run as read (``ktransfer.data.formats``), and why that format."""
 
     format: str
     why: str
@@ -502,11 +507,12 @@ def _learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_exa
 
 
 def _with_lora(cfg: RunConfig, model, log):
-    """The learner with fresh LoRA adapters when ``model.lora_r`` is set (``ktransfer.adapters``), else itself."""
+    """The learner with fresh LoRA adapters when ``model.lora_r`` is set (``ktransfer.models.adapters``), else
+    itself."""
     m = cfg.model
     if m.lora_r is None:
         return model
-    from ktransfer import adapters
+    from ktransfer.models import adapters
 
     try:
         model = adapters.add_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
@@ -589,7 +595,7 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
 def _teacher_valid(run: Run) -> None:
     """The teacher's validation NLL and perplexity, once at the start of a run (the learner's target to approach):
     one teacher forward per validation batch, the batches of ``valid_loss``."""
-    from ktransfer.evaluate import completion_nll
+    from ktransfer.evaluation.evaluate import completion_nll
 
     total, tokens = completion_nll(run.teacher, run.tokenizer, *run.valid_ids, batches=valid_batches(run))
     if not run.fsdp:  # FSDP: every rank ran every batch (each forward is a collective)
@@ -704,19 +710,20 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
     ``run.model``; ``train_step`` passes the DDP wrapper).
 
     ``objective.prefix`` learner/mixed: a training batch (learner in train mode, gradients on) goes to
-    ``ktransfer.prefixes.compute_loss`` (divergence on the learner's samples); validation keeps the reference prefix.
+    ``ktransfer.training.prefixes.compute_loss`` (divergence on the learner's samples); validation keeps the reference
+    prefix.
     """
     ob = run.cfg.objective
     if ob.prefix != "reference" and run.model.training and torch.is_grad_enabled():
-        from ktransfer import prefixes
+        from ktransfer.training import prefixes
 
         out = prefixes.compute_loss(run, batch, num_tokens, model=model)
         if out is not None:  # None: a `mixed` batch whose coin kept the reference prefix
             return out
     inputs, labels = run.family.model_inputs(batch)  # model(**inputs).logits[:, t] is scored against labels[:, t]
     extra = {"support": ob.support} if ob.support is not None else {}
-    if run.cfg.train.fused_head:  # logits never materialised (ktransfer.fused_linear); checked in setup
-        from ktransfer.fused_linear import fused_model_loss
+    if run.cfg.train.fused_head:  # logits never materialised (ktransfer.losses.fused_linear); checked in setup
+        from ktransfer.losses.fused_linear import fused_model_loss
 
         with _autocast(run):
             return fused_model_loss(run.model if model is None else model, run.teacher, inputs, labels,
@@ -727,7 +734,7 @@ def compute_loss(run: Run, batch: dict, num_tokens: int | None = None, *, model=
         logits = (run.model if model is None else model)(**inputs, use_cache=False).logits  # (B, T, V)
         teacher_logits = None
         if run.teacher_cache is not None and "example_index" in batch:  # training batch: the cached teacher
-            from ktransfer.teacher_cache import first_targets
+            from ktransfer.training.teacher_cache import first_targets
 
             teacher_logits = run.teacher_cache.teacher_logits(batch["example_index"], labels.shape[1],
                                                               shift=first_targets(labels), device=logits.device)
@@ -843,7 +850,7 @@ def valid_loss(run: Run) -> dict:
 
 def _valid_bleu(run: Run) -> dict:
     """BLEU and chrF of the learner's translations of the validation sources."""
-    from ktransfer.evaluate import score, translate
+    from ktransfer.evaluation.evaluate import score, translate
 
     cfg = run.cfg
     beam = cfg.eval.valid_beam or (cfg.eval.beam if cfg.train.valid_bleu else 1)
@@ -864,7 +871,7 @@ def _log_examples(run: Run, n: int) -> None:
     """Greedy generations of the learner for the first ``n`` validation prompts, beside their references."""
     if n <= 0 or not (distributed.is_main() or run.fsdp):  # FSDP: every rank generates (collectives), 0 logs
         return
-    from ktransfer.generation import DecodeSettings
+    from ktransfer.models.generation import DecodeSettings
 
     prompts = run.valid_ids[0][:n]
     settings = DecodeSettings(beam=1, length_penalty=1.0, max_length=run.cfg.eval.max_length)
@@ -891,7 +898,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
     path = run.out_dir / "checkpoints" / name
     gathered = {}
     if run.fsdp:  # every rank takes part in gathering the full weights and optimiser state; rank 0 writes them
-        from ktransfer import fsdp
+        from ktransfer.runtime import fsdp
 
         gathered = {"state_dict": fsdp.full_model_state(run.model),
                     "optimizer_state": fsdp.full_optimizer_state(run.model, run.optimizer)}

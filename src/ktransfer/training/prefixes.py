@@ -31,7 +31,7 @@ Nothing else's random stream moves, and a resumed run draws the same samples as 
 
 Validation keeps the reference prefix, so validation numbers stay comparable across prefix sources. Sequence-level KD
 (Kim & Rush 2016: the teacher's beam-search outputs as the training targets) is the third prefix source; it is a
-corpus, built once by ``ktransfer distill-data`` (``ktransfer.seqkd``) and used with ``data.corpus=FOLDER``.
+corpus, built once by ``ktransfer distill-data`` (``ktransfer.evaluation.seqkd``) and used with ``data.corpus=FOLDER``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.objectives import TransferLoss, transfer_loss
+from ktransfer.losses.objectives import TransferLoss, transfer_loss
 
 IGNORE_INDEX = -100
 PREFIXES = ("reference", "learner", "mixed")
@@ -56,7 +56,7 @@ class SampleSettings:
         temperature: divides the learner's logits before sampling (> 0).
         top_p: nucleus sampling mass (0 < top_p <= 1; 1 = the full distribution).
         max_new_tokens: most tokens sampled per sentence, ``</s>`` included (capped by the model's positions).
-        seed: seeds the RNG the sampler forks (``ktransfer.generation.seeded_fork``).
+        seed: seeds the RNG the sampler forks (``ktransfer.models.generation.seeded_fork``).
     """
 
     temperature: float = 1.0

@@ -235,7 +235,7 @@ def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False
         ValueError: the file or folder holds no valid tokenizer (the message names it), or a hub id cannot be
             reached.
     """
-    from ktransfer import hub
+    from ktransfer.models import hub
 
     path = Path(source).expanduser()
     if path.is_file():

@@ -3,8 +3,8 @@
     loss = (1 - lam) * NLL(labels) + lam * D(p, q),
 
 both terms means over the positions whose label is not ``ignore_index`` (or sums divided by ``num_tokens``). NLL and
-the divergence are computed in one chunked sweep over the learner's logits (``ktransfer.divergences``): the learner's
-log-normaliser is shared, and no ``[N, V]`` temporary beyond the gradient is kept.
+the divergence are computed in one chunked sweep over the learner's logits (``ktransfer.losses.divergences``): the
+learner's log-normaliser is shared, and no ``[N, V]`` temporary beyond the gradient is kept.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.divergences import KINDS, FusedSweep, SweepSpec, check_options, slice_vocab, terms_of
+from ktransfer.losses.divergences import KINDS, FusedSweep, SweepSpec, check_options, slice_vocab, terms_of
 
 ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
 OBJECTIVES = ("nll", "kd", "ka", *KINDS)
@@ -68,8 +68,9 @@ def transfer_loss(
         label_smoothing: epsilon of the NLL term, as in ``torch.nn.functional.cross_entropy``.
         num_tokens: global number of counted positions (gradient accumulation, several processes); replaces the
             local count as the denominator of both means.
-        vocab_size: score only the ids ``[0, vocab_size)`` of both logits (``ktransfer.divergences.slice_vocab``),
-            for models whose output layers are padded to different sizes; labels must lie below it.
+        vocab_size: score only the ids ``[0, vocab_size)`` of both logits
+            (``ktransfer.losses.divergences.slice_vocab``), for models whose output layers are padded to different
+            sizes; labels must lie below it.
         **divergence_options: ``support``, ``beta``, ``alpha``, ``renormalize``, ``chunk_size``, ``tail`` of
             ``divergence``.
 

@@ -2,7 +2,8 @@
 
 The kernel computes, per row of ``[N, V]`` logits, both log-normalisers, the value of every divergence term (full
 vocabulary or a top-k support, which it selects itself) and the NLL, and writes the gradient, in four passes over a
-row held in cache, with ATen's SIMD vectors. ``ktransfer.divergences`` calls it for CPU tensors in float32, bfloat16
+row held in cache, with ATen's SIMD vectors. ``ktransfer.losses.divergences`` calls it for CPU tensors in float32,
+bfloat16
 or float16 (one dtype for both models); float64, mixed dtypes and CUDA tensors take the Python path, which is also the
 reference the kernel is tested against (``tests/test_native.py``).
 
@@ -125,7 +126,7 @@ def build_lock(folder: Path, wait_s: float | None = None):
                     raise TimeoutError(f"another process has been building the kernel in {folder} for more than "
                                        f"{wait_s:.0f} s (KTRANSFER_BUILD_WAIT)") from None
                 if not told:
-                    _log.warning("ktransfer.native: waiting (at most %.0f s) for another process building "
+                    _log.warning("ktransfer.losses.native: waiting (at most %.0f s) for another process building "
                                  "ktransfer's CPU kernel in %s", wait_s, folder)
                     told = True
                 time.sleep(0.2)
@@ -154,7 +155,7 @@ def kernel():
         folder = build_folder(cap_name)
         with build_lock(folder):
             if not (folder / f"{name}.so").exists():
-                _log.warning("ktransfer.native: building ktransfer's CPU kernel in %s, ~45 s, once", folder)
+                _log.warning("ktransfer.losses.native: building ktransfer's CPU kernel in %s, ~45 s, once", folder)
             module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
                                         extra_cflags=["-O3", "-fopenmp", *arch, *defines],
                                         extra_ldflags=["-fopenmp"], verbose=False)
@@ -162,11 +163,12 @@ def kernel():
         _STATE["failed"] = True
         lines = str(exc).strip().splitlines() or [""]
         first_error = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
-        _log.warning("ktransfer.native: the CPU kernel could not be built (%s: %s); using the Python path",
+        _log.warning("ktransfer.losses.native: the CPU kernel could not be built (%s: %s); using the Python path",
                      type(exc).__name__, first_error)
         return None
     seconds = time.perf_counter() - start
     if seconds > 2:
-        _log.info("ktransfer.native: built the %s CPU kernel in %.0f s (cached for later runs)", cap_name, seconds)
+        _log.info("ktransfer.losses.native: built the %s CPU kernel in %.0f s (cached for later runs)", cap_name,
+        seconds)
     _STATE["module"] = module
     return module
