@@ -139,11 +139,16 @@ def test_rank_device_follows_training(monkeypatch):
     from ktransfer.evaluation.evaluate import rank_device
     from ktransfer.runtime import distributed
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rule, on any machine
     assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"  # one process
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert rank_device("cuda") == "cuda:1" and rank_device("cuda:0") == "cuda:0" and rank_device("cpu") == "cpu"
-    assert rank_device("auto") == ("cuda:1" if torch.cuda.is_available() else "cpu")
+    assert rank_device("auto") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        rank_device("cuda")
 
 
 def test_translate_cli_under_torchrun_stdin(checkpoint, small_tokenizer, shared_data):

@@ -71,16 +71,12 @@ def translate(model, tokenizer, sources: Sequence[str], *, beam: int = 6, length
 
 
 def rank_device(device: str) -> str:
-    """The device this process decodes on, with training's conventions (``train._device``): ``auto`` is ``cuda``
-    when a GPU is visible, else ``cpu``; under torchrun with several processes, ``cuda`` means GPU ``LOCAL_RANK``
-    (the GPU ``distributed.init`` made current); anything else (``cpu``, ``cuda:1``, ``mps``) is used as given."""
-    from ktransfer.runtime import distributed
+    """The device this process decodes on, by training's rule (``ktransfer.runtime.device.choose_device``): ``auto``
+    is ``cuda`` when a GPU is visible, else ``cpu``; under torchrun with several processes, ``cuda`` means GPU
+    ``LOCAL_RANK``; anything else (``cpu``, ``cuda:1``, ``mps``) is used as given."""
+    from ktransfer.runtime.device import choose_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and distributed.world_size() > 1:
-        return f"cuda:{distributed.local_rank()}"
-    return device
+    return str(choose_device(device))
 
 
 def translate_sharded(model, tokenizer, sources: Sequence[str], *, progress: bool = False, **kwargs) -> list[str]:

@@ -75,6 +75,7 @@ from ktransfer.experiments.experiment import (
     variant_pairs,
 )
 from ktransfer.runtime import distributed
+from ktransfer.runtime.runlog import RunLog
 from ktransfer.training.config import SECTIONS, ConfigError, RunConfig, load_config
 
 
@@ -372,19 +373,6 @@ class Stages:
         os.replace(tmp, self.path)
 
 
-class _Log:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        if not distributed.is_main():  # several processes: rank 0 alone logs
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-        print(line, file=sys.stderr, flush=True)
-
-
 class StopAfter(Exception):
     """Raised internally when ``stop_after`` is reached."""
 
@@ -435,7 +423,7 @@ def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str]
 
 
 def _reproduce(preset_name: str, preset: Preset, opts: Options, by_stage, run: Path, overrides) -> dict:
-    log = _Log(run / "reproduce.log")
+    log = RunLog(run / "reproduce.log")
     spec = {"preset": preset_name, "overrides": list(overrides), "options": dataclasses.asdict(opts)}
     spec_path = run / "reproduce.json"
 
@@ -699,14 +687,6 @@ def _analysis0(cfg: RunConfig, opts: Options, run: Path, teacher_ckpt: str, lear
         {"entropy": t_summary["entropy"], "positions": t_summary["positions"], "sample": len(sample)}) + "\n")
 
 
-def _device(cfg: RunConfig) -> str:
-    import torch
-
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.train.device
-
-
 def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit: int | None) -> dict:
     """Beam search (eval.*) of ``split`` with ``model_dir/checkpoints/best``; scores in ``out_dir``."""
     from ktransfer.evaluation.evaluate import evaluate
@@ -715,7 +695,7 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
     d, e = cfg.data, cfg.eval
     result = evaluate(model_dir / "checkpoints" / "best", corpus=d.corpus, split=split, src_lang=d.src_lang,
                       tgt_lang=d.tgt_lang, beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
-                      batch_size=e.batch_size, out_dir=out_dir, limit=limit, device=_device(cfg))
+                      batch_size=e.batch_size, out_dir=out_dir, limit=limit, device=cfg.train.device)
     if distributed.is_main():
         print(f"  {out_dir}: {split} BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f}", file=sys.stderr)
     return result
@@ -732,7 +712,7 @@ def _seqkd(cfg: RunConfig, teacher_ckpt: str, out: Path, log) -> dict:
     d, e = cfg.data, cfg.eval
     return distill_corpus(teacher_ckpt, out, corpus=d.corpus, split=d.train, src_lang=d.src_lang, tgt_lang=d.tgt_lang,
                           beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
-                          batch_size=e.batch_size, limit=d.train_limit, device=_device(cfg), log=log)
+                          batch_size=e.batch_size, limit=d.train_limit, device=cfg.train.device, log=log)
 
 
 def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:

@@ -57,6 +57,8 @@ from ktransfer.models import checkpoint as ckpt_lib
 from ktransfer.models import family as models
 from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
 from ktransfer.runtime import distributed, runlock
+from ktransfer.runtime.device import DeviceError, choose_device
+from ktransfer.runtime.runlog import RunLog, append_text
 from ktransfer.training.config import ConfigError, RunConfig, config_to_dict, save_config
 
 
@@ -419,14 +421,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _device(name: str) -> torch.device:
-    """``train.device`` as a device; under torchrun, ``auto`` and ``cuda`` mean this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available", key="train.device")
-    if name == "cuda" and distributed.world_size() > 1:
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(name)
+    """``train.device`` as a device (``runtime.device.choose_device``); an unavailable one is a config error."""
+    try:
+        return choose_device(name)
+    except DeviceError as e:
+        raise ConfigError(f"train.device: {e}", key="train.device") from e
 
 
 def _load(cfg: RunConfig, key: str, source: str, device="cpu", **overrides):
@@ -990,32 +989,6 @@ class _Throughput:
 
     def rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-
-
-def append_text(path: Path, text: str) -> None:
-    """Append ``text`` to ``path``; an OSError (disk full, ...) names the file."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from e
-
-
-class RunLog:
-    """The human-readable ``train.log`` (timestamped lines, appended) mirrored to stderr; callable with a message.
-    Not ``enabled`` (ranks other than 0): says nothing."""
-
-    def __init__(self, path: Path, *, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, message: str) -> None:
-        from tqdm import tqdm
-
-        if not self.enabled:
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        append_text(self.path, line + "\n")
-        tqdm.write(line, file=sys.stderr)
 
 
 class MetricsFile:
