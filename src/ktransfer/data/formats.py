@@ -166,13 +166,34 @@ def read_examples(corpus: str | os.PathLike, split: str, fmt: str, *, keys: Keys
 def has_split(corpus: str | os.PathLike, split: str, fmt: str) -> bool:
     """Whether ``split`` exists as its own file or datasets split (else a single file is split by fraction)."""
     if fmt == "parallel":
-        return split in corpus_layout(corpus)
+        return split in corpus_layout(resolve_corpus(corpus))
     path = locate(corpus)
     if Path(split).expanduser().is_file():
         return True
     if is_datasets_folder(path):
         return (path / "dataset_dict.json").is_file() and split in _dataset_splits(path)
     return path.is_dir() and any((path / f"{split}{s}").is_file() for s in DATA_SUFFIXES)
+
+
+VALID_NAMES = ("validation", "valid", "val", "dev")  # Hugging Face's name first, then the usual others
+TEST_NAMES = ("test",)
+
+
+def find_split(corpus: str | os.PathLike, requested: str, fmt: str, names: Sequence[str] = VALID_NAMES
+               ) -> tuple[str | None, str]:
+    """``(split, why)``: the split of ``corpus`` that holds ``requested``'s examples, and a phrase for the log.
+
+    ``requested`` wins when it exists (``data.valid=heldout`` names its own split). When it is one of ``names``
+    (the default ``valid`` is), the first of ``names`` that exists is taken instead: a ``DatasetDict`` saved with
+    ``validation``, a folder with ``validation.jsonl`` or ``dev.jsonl``. ``None`` when there is none (then a single
+    file gives up a held-out share)."""
+    if has_split(corpus, requested, fmt):
+        return requested, f"split {requested!r}"
+    if requested in names:
+        for name in names:
+            if name != requested and has_split(corpus, name, fmt):
+                return name, f"split {name!r} (no {requested!r}; {name!r} is a name for it)"
+    return None, f"no split {requested!r}"
 
 
 def hold_out(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:

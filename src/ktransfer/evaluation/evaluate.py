@@ -274,10 +274,13 @@ def _examples_data(checkpoint, corpus, split, data_format):
         fmt, _ = formats.infer_format(formats.locate(corpus), keys)
     if fmt == "parallel":
         return None, corpus, split
-    split = split or (run.get("valid") if own else None) or "valid"
-    if own and split == run.get("valid") and not formats.has_split(corpus, split, fmt):
+    requested = split or (run.get("valid") if own else None) or "valid"
+    found, _ = formats.find_split(corpus, requested, fmt)  # as training finds it: validation, val, dev too
+    if found is None and own and requested == run.get("valid"):
         every = formats.read_examples(corpus, run.get("train", "train"), fmt, keys=keys)
-        return formats.hold_out(every, run.get("valid_fraction", 0.05), run.get("split_seed", 0))[1], corpus, split
+        held = formats.hold_out(every, run.get("valid_fraction", 0.05), run.get("split_seed", 0))[1]
+        return held, corpus, requested
+    split = found or requested
     return formats.read_examples(corpus, split, fmt, keys=keys), corpus, split
 
 
