@@ -392,29 +392,81 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
     return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[str, str]]:
-    """``(prompt, completion)`` for each assistant turn k: the conversation before k rendered with the generation
-    prompt, and what the rendering of messages[:k + 1] adds to it.
+@dataclass(frozen=True)
+class Scored:
+    """A completion of which only parts are scored: ``text`` and the ``[start, end)`` character spans of it that
+    the loss covers (a conversation after its first assistant turn begins: every assistant turn is scored, the
+    user, system and tool turns between them are read but not scored)."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+def chat_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """``(text, spans)``: the whole conversation rendered once by the chat template, and the character span of each
+    assistant turn k in it: what the rendering of ``messages[:k + 1]`` adds to that of ``messages[:k]`` with the
+    generation prompt (the turn's content and the template's own end of turn, as TRL's ``{% generation %}`` blocks
+    mark them).
 
     Raises:
-        CorpusError: the template renders the shorter conversation as no prefix of the longer one (then the
-            turn's tokens cannot be told apart from the rest).
+        CorpusError: the template renders a shorter conversation as no prefix of the longer one (then a turn's
+            tokens cannot be told apart from the rest).
     """
-    out = []
+    text = render(tokenizer, messages, generation_prompt=False)
+    spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = render(tokenizer, messages[:k], generation_prompt=True)
-        full = render(tokenizer, messages[:k + 1], generation_prompt=False)
-        if not full.startswith(prompt):
+        upto = render(tokenizer, messages[:k + 1], generation_prompt=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)) or (spans and len(prompt) < spans[-1][1]):
             raise CorpusError(f"{where}: the chat template does not render the conversation before assistant turn "
                               f"{k + 1} as a prefix of the conversation with it, so the turn cannot be scored alone")
-        out.append((prompt, full[len(prompt):]))
-    return out
+        spans.append((len(prompt), len(upto)))
+    return text, spans
 
 
-def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
-    """One ``(prompt, completion)`` pair per example (per assistant turn for chat; prompt ``""`` for text).
+def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[str, str]]:
+    """``(prompt, completion)`` for each assistant turn k: the conversation before k rendered with the generation
+    prompt, and what the rendering of messages[:k + 1] adds to it (what a teacher generates turn by turn).
+
+    Raises:
+        CorpusError: as ``chat_spans``.
+    """
+    text, spans = chat_spans(tokenizer, messages, where)
+    prompts = [render(tokenizer, messages[:k], generation_prompt=True)
+               for k, m in enumerate(messages) if m["role"] == "assistant"]
+    return [(prompt, text[a:b]) for prompt, (a, b) in zip(prompts, spans, strict=True)]
+
+
+def chat_pair(tokenizer, messages: list[dict], where: str = "") -> tuple[str, Scored]:
+    """One conversation as one ``(prompt, Scored completion)``: the prompt is the rendering up to the first assistant
+    turn, the completion the rest of the conversation with every assistant turn's span scored."""
+    text, spans = chat_spans(tokenizer, messages, where)
+    first = spans[0][0]
+    return text[:first], Scored(text[first:], tuple((a - first, b - first) for a, b in spans))
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The special tokens the chat template writes after an assistant's content (``<|im_end|>``, ``<|eot_id|>``,
+    ``</s>``): the tokens a chat model stops at. Empty for a template that ends turns with plain text."""
+    probe = "ktransfer probe"
+    text, spans = chat_spans(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    a, b = spans[0]
+    tail = text[a:b].split(probe, 1)[-1]
+    specials = sorted(set(getattr(tokenizer.hf, "all_special_tokens", [])) | set(_added_specials(tokenizer)),
+                      key=len, reverse=True)
+    return [t for t in specials if t and t in tail]
+
+
+def _added_specials(tokenizer) -> list[str]:
+    decoder = getattr(tokenizer.hf, "added_tokens_decoder", {}) or {}
+    return [str(t) for t in decoder.values() if getattr(t, "special", False)]
+
+
+def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str | Scored]]:
+    """One ``(prompt, completion)`` pair per example: for chat one per conversation (``chat_pair``: the whole
+    conversation, one sequence, every assistant turn scored); prompt ``""`` for text.
 
     Raises:
         CorpusError: chat data and a tokenizer without a chat template.
@@ -423,6 +475,15 @@ def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
         return list(examples.records)
     if examples.format == "text":
         return [("", text) for text in examples.records]
+    check_chat_template(tokenizer)
+    where = examples.where or [examples.source] * len(examples)
+    return [chat_pair(tokenizer, messages, w) for messages, w in zip(examples.records, where, strict=True)]
+
+
+def turn_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
+    """``to_pairs`` with one pair per assistant turn for chat (``chat_turns``): what sequence-level KD generates."""
+    if examples.format != "chat":
+        return to_pairs(examples, tokenizer)
     check_chat_template(tokenizer)
     where = examples.where or [examples.source] * len(examples)
     return [pair for messages, w in zip(examples.records, where, strict=True)
@@ -443,7 +504,7 @@ def texts(examples: Examples) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 def replace_completions(examples: Examples, completions: Sequence[str], keys: Keys = Keys()) -> list[dict]:
     """JSON records of ``examples`` (prompt_completion or chat) with each completion (each assistant turn, in order)
-    replaced by ``completions``: ``to_pairs`` order, one string per pair."""
+    replaced by ``completions``: ``turn_pairs`` order, one string per pair."""
     it = iter(completions)
     rows = []
     for record in examples.records:
