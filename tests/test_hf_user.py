@@ -318,3 +318,64 @@ def test_transfer_gkd_trainer_takes_a_padded_teacher_and_logs_the_loss_parts(sha
     assert logged and all(r["nll"] > 0 and r["divergence"] > 0 for r in logged)
     for r in logged:  # the loss is its parts' mix: (1 - lam) nll + lam divergence
         assert r["loss"] == pytest.approx(0.5 * r["nll"] + 0.5 * r["divergence"], rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Point 5: generation that matches generate(); `ktransfer generate`; translate on a chat learner
+# --------------------------------------------------------------------------------------------------------------
+def test_plain_generate_of_a_saved_marian_equals_ktransfer_translate(small_tokenizer, shared_data, tmp_path):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from ktransfer.models.checkpoint import save_checkpoint
+    from ktransfer.models.family import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", small_tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and p.requires_grad:
+                p.normal_(0.0, 0.3)
+    path = tmp_path / "run" / "checkpoints" / "best"
+    save_checkpoint(path, model=model, tokenizer=small_tokenizer, config={"data": {"src_lang": "de", "tgt_lang": "en"}})
+    sources = (shared_data / "multi30k-de-en" / "test2016.de").read_text(encoding="utf-8").splitlines()[:8]
+    (tmp_path / "src.de").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    assert main(["translate", str(path), "-i", str(tmp_path / "src.de"), "-o", str(tmp_path / "hyp.en")]) == 0
+    ours = (tmp_path / "hyp.en").read_text(encoding="utf-8").splitlines()
+    plain = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    config = plain.generation_config
+    assert (config.num_beams, config.early_stopping, config.length_penalty) == (6, True, 1.0)
+    want = []
+    for s in sources:  # the source as a Marian tokenizer writes it: its ids and </s>
+        ids = torch.tensor([[*small_tokenizer.encode(s), small_tokenizer.eos_id]])
+        with torch.no_grad():
+            out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+        want.append(small_tokenizer.decode(out[0]))
+    assert ours == want
+
+
+def test_generate_command_applies_the_chat_template_and_translate_refuses_chat(multi30k_lines, llama_folder,
+                                                                               tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = _trained("chat", multi30k_lines, llama_folder, tmp_path)
+    prompts = [f"Translate: {s}" for s in multi30k_lines["de"][300:303]]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    assert main(["generate", str(run), "-i", str(tmp_path / "p.txt"), "-o", str(tmp_path / "g.jsonl"),
+                 "--max-length", "6"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()]
+    ckpt = run / "checkpoints" / "best"
+    tok, model = AutoTokenizer.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    want = []
+    for p in prompts:
+        x = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True,
+                                    return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**x, num_beams=1, do_sample=False, max_new_tokens=6)
+        want.append(tok.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert [r["prompt"] for r in rows] == prompts and [r["generation"] for r in rows] == want
+    capsys.readouterr()
+    (tmp_path / "s.de").write_text(multi30k_lines["de"][0] + "\n", encoding="utf-8")
+    assert main(["translate", str(run), "-i", str(tmp_path / "s.de")]) == 2
+    assert "ktransfer generate" in capsys.readouterr().err

@@ -286,6 +286,29 @@ def last_turn(prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int]
     return [*prompt, *map(token_of, response[:start])], list(response[start:])
 
 
+def trained_on_chat(model) -> bool:
+    """Whether the model was trained on chat data (its config's data format, stored by ``CausalFamily.prepare``)."""
+    return getattr(unwrap(model).config, FORMAT_KEY, None) == "chat"
+
+
+def generation_prompt_ids(model, tokenizer, text: str, *, chat: bool | None = None) -> list[int]:
+    """The ids a prompt is continued from: for a chat model (``chat`` None: ``trained_on_chat``) ``text`` as a user
+    message rendered by the chat template with its generation prompt; else ``tokenizer(text)``'s ids with the
+    model's instruction, as training and evaluation encode prompts.
+
+    Raises:
+        CorpusError: chat asked for and the tokenizer has no chat template.
+    """
+    from ktransfer.data import formats
+
+    if trained_on_chat(model) if chat is None else chat:
+        formats.check_chat_template(tokenizer)
+        rendered = formats.render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
+        return tokenizer.encode(rendered)
+    head = tokenizer.encode(getattr(unwrap(model).config, INSTRUCTION_KEY, None) or "")
+    return own_ids(tokenizer, text, head)
+
+
 class CausalFamily:
     """Decoder-only language models (``AutoModelForCausalLM``): see the module docstring."""
 
@@ -416,6 +439,9 @@ class CausalFamily:
                   progress: bool = False) -> list[str]:
         """Beam search after each prompt (instruction + source + ``</s>``, see ``complete``). A source that leaves
         fewer than 8 positions for the response is cut. Empty sources give ""."""
+        if trained_on_chat(model):
+            raise ValueError("this causal model was trained on chat data: its prompts need its chat template; use "
+                             "`ktransfer generate MODEL` (one user message a line, the template applied)")
         head, n_pos = tokenizer.encode(instruction(model)), self.positions(model)
         encoded = tokenizer.encode_batch(list(sources))
         prompts = [prompt_ids(tokenizer, head, e, limit=n_pos - 8) if e else [] for e in encoded]
