@@ -379,3 +379,108 @@ def test_generate_command_applies_the_chat_template_and_translate_refuses_chat(m
     (tmp_path / "s.de").write_text(multi30k_lines["de"][0] + "\n", encoding="utf-8")
     assert main(["translate", str(run), "-i", str(tmp_path / "s.de")]) == 2
     assert "ktransfer generate" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Point 9: CLI rough edges
+# --------------------------------------------------------------------------------------------------------------
+def _help_examples(command: str, capsys) -> list[list[str]]:
+    """The example command lines of ``ktransfer COMMAND --help`` (continuation lines joined, comments dropped), as
+    argument lists after ``ktransfer``."""
+    import shlex
+
+    from ktransfer.cli import COMMANDS
+
+    assert command in COMMANDS
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out.replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not (line.startswith("ktransfer ") or line.startswith("torchrun ")) or "ktransfer" not in line:
+            continue
+        words = shlex.split(line.split("  #")[0].split(" | ")[0].split(" < ")[0].split(" > ")[0])
+        if words[0] == "echo":
+            continue
+        out.append(words[words.index("ktransfer") + 1:] if "ktransfer" in words else words[1:])
+    return out
+
+
+@pytest.mark.parametrize("command", ["data", "train", "evaluate", "translate", "generate", "distill-data", "export",
+                                     "reproduce", "report", "toy", "build-kernel"])
+def test_every_help_example_parses_and_names_valid_settings(command, capsys):
+    """Each example of each ``--help`` is a command line the parser takes, with config keys that exist and no
+    config file that does not exist; the cheap ones (listing, checking a corpus, the key table) also run."""
+    from ktransfer.cli import build_parser
+    from ktransfer.training.config import load_config
+
+    examples = _help_examples(command, capsys)
+    for argv in examples:
+        try:
+            args = build_parser(argv[0]).parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"`ktransfer {' '.join(argv)}` from `ktransfer {command} --help` does not parse")
+        items = getattr(args, "items", None) or []
+        if argv[0] == "train":
+            load_config(None, [i for i in items if "=" in i])  # every key exists and every value is valid
+            assert not [i for i in items if i.endswith((".yaml", ".yml")) and not Path(i).is_file()], argv
+    runnable = {"data": [["data", "list"], ["data", "check", "multi30k-de-en"]], "train": [["train", "--help-config"]]}
+    for argv in runnable.get(command, []):
+        assert argv in examples
+        assert main(argv) == 0
+
+
+def test_train_help_cites_no_missing_file(capsys):
+    examples = _help_examples("train", capsys)
+    assert examples and not any("configs/teacher.yaml" in " ".join(a) for a in examples)
+    # the LoRA example line is one command (its continuation joined), not two broken ones
+    assert any("model.lora_r=16" in a and "model.init=small-llama/" in a for a in examples)
+
+
+def test_data_check_takes_the_data_keys_of_train(multi30k_lines, tmp_path, capsys):
+    rows = [{"q": r["prompt"], "a": r["completion"]} for r in _pc_rows(multi30k_lines, 5)]
+    path = _write_jsonl(tmp_path / "qa.jsonl", rows)
+    assert main(["data", "check", str(path)]) == 1
+    assert "data.prompt_key" in capsys.readouterr().err  # the error tells the user which keys to set ...
+    assert main(["data", "check", str(path), "data.prompt_key=q", "data.completion_key=a"]) == 0  # ... and they work
+    out = capsys.readouterr().out
+    assert "prompt_completion" in out and "train: 5 examples" in out
+    assert main(["data", "check", str(path), "train.epochs=3"]) == 2  # only data.* keys
+    assert "data check takes data.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_distill_data_error_names_the_cli_flags(tmp_path, capsys, multi30k_lines):
+    from test_hf_models import marian_teacher
+
+    teacher = marian_teacher(tmp_path / "marian", multi30k_lines)  # a Hugging Face folder: no run config
+    assert main(["distill-data", str(teacher), "--out", str(tmp_path / "o")]) == 1
+    assert "--corpus" in capsys.readouterr().err
+    assert main(["distill-data", str(teacher), "--corpus", "multi30k-de-en", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "--src-lang" in err and "--tgt-lang" in err
+
+
+def test_evaluate_a_model_folder_writes_in_the_current_directory_and_limit_counts_examples(
+        multi30k_lines, llama_folder, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _chat_rows(multi30k_lines, 10)  # every other conversation has two turns
+    for r in rows:  # short turns: every conversation fits in the model's 128 positions
+        r["messages"] = [{**m, "content": " ".join(m["content"].split()[:4])} for m in r["messages"]]
+    _write_jsonl(data / "valid.jsonl", rows)
+    before = sorted(p.name for p in llama_folder.parent.iterdir())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["evaluate", str(llama_folder), "--corpus", str(data), "--split", "valid", "--beam", "1",
+                 "--max-length", "4", "--limit", "5"]) == 0
+    assert sorted(p.name for p in llama_folder.parent.iterdir()) == before  # nothing beside the model
+    out = cwd / f"eval-{llama_folder.name}"
+    scores = json.loads((out / "scores.valid.json").read_text())
+    generations = (out / "generations.valid.jsonl").read_text().splitlines()
+    assert scores["examples"] == 5 and len(generations) == 5  # 5 examples, not 7 turns
+    # each generation continues the conversation before its last assistant turn, role markers kept
+    first = json.loads(generations[1])
+    assert first["prompt"].count("<|user|>") == 2 and first["prompt"].endswith("<|assistant|>")
