@@ -10,18 +10,21 @@ text                a line of a ``.txt`` file, or JSONL ``{"text"}``   every tok
 ==================  =================================================  ========================================
 
 Where the data lives (``data.corpus``): a folder of ``SPLIT.LANG`` files (parallel); a ``.jsonl``/``.json``/``.txt``
-file (the training split; validation is ``data.valid`` when that names a file, else a held-out
+file (the training split; validation is ``data.valid`` when that names a split or file, or one of Hugging Face's
+names ``validation``/``valid``/``val``/``dev`` (``find_split``), else a held-out
 ``data.valid_fraction`` drawn with ``data.split_seed``); a folder of ``SPLIT.jsonl`` (or ``SPLIT.txt``) files; or a
 folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` with named splits, or one ``Dataset`` split as a
 file is). ``data.format=auto`` infers the format from the path and, for JSONL and datasets, from the columns of the
 first record; the log says which it chose and why. Column names are ``data.prompt_key``, ``data.completion_key``,
 ``data.messages_key`` and ``data.text_key``.
 
-Every example becomes one ``(prompt, completion)`` pair of strings (``to_pairs``): for chat, one pair per assistant
-turn, the prompt being the conversation before it rendered with the tokenizer's chat template (with the generation
-prompt) and the completion the rest of the rendering of the conversation up to that turn; a causal model's logits
-at the positions of that turn are then exactly those of the whole conversation, so the loss is the loss of every
-assistant turn. ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
+Every example becomes one ``(prompt, completion)`` pair (``to_pairs``): for chat, one per conversation, the whole
+conversation rendered once with the tokenizer's chat template; the prompt is the rendering up to the first assistant
+turn and the completion a ``Scored`` rest, each assistant turn's character span scored (what the template adds for
+that turn after the generation prompt: TRL's ``{% generation %}`` tokens), the user turns between them read but not
+scored; so the loss is the loss of every assistant turn and the cost linear in the turns. ``turn_pairs`` keeps one
+pair per turn (its history as the prompt) for sequence-level KD.
+``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
 ``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
 Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written.
