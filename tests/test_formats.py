@@ -155,28 +155,27 @@ def _scored(batch, row: int) -> list[int]:
 
 
 def test_chat_labels_cover_exactly_the_assistant_turns(lines, teacher):
-    from ktransfer.models.causal import CausalFamily
+    from ktransfer.models.causal import CausalFamily, token_of
 
     tok = load_tokenizer(teacher)
     messages = _chat_rows(lines, 2)[1]["messages"]  # a two-turn conversation
     ex = formats.Examples("chat", [messages], ["hand-made"])
     pairs = formats.to_pairs(ex, tok)
-    assert len(pairs) == 2  # one example per assistant turn
+    assert len(pairs) == 1  # one example per conversation
     family = CausalFamily()
     prompts, responses = family.encode(pairs, tok, None, model=_with_instruction(teacher, ""), fmt="chat")
     batch = family.collate(prompts, responses, None, tok)
     full = tok.hf.apply_chat_template(messages, tokenize=False)  # the template's own rendering, independently
     full_ids = tok.hf(full, add_special_tokens=False)["input_ids"]
-    for k, turn in enumerate((1, 3)):
-        # what is scored: the assistant's content, its end-of-turn token and </s>, nothing of the user's turns
-        scored = _scored(batch, k)
-        assert tok.hf.decode(scored) == messages[turn]["content"] + "<|end|></s>"
-        # the context is the conversation before the turn as the template writes it, with the generation prompt
-        assert tok.hf.decode(prompts[k]) == tok.hf.apply_chat_template(messages[:turn], tokenize=False,
-                                                                       add_generation_prompt=True)
-    # the last turn's sequence is the whole conversation: the model sees what it sees on the full rendering
-    assert prompts[1] + responses[1] == [*full_ids, tok.eos_id]
-    assert "<|user|>" in tok.hf.decode(prompts[1]) and len(tok.encode("<|assistant|>")) == 1
+    # what is scored: each assistant's content and its end-of-turn token, nothing of the user's turns
+    scored = _scored(batch, 0)
+    assert tok.hf.decode(scored) == messages[1]["content"] + "<|end|>" + messages[3]["content"] + "<|end|>"
+    # the context is the conversation before the first turn as the template writes it, with the generation prompt
+    assert tok.hf.decode(prompts[0]) == tok.hf.apply_chat_template(messages[:1], tokenize=False,
+                                                                   add_generation_prompt=True)
+    # the sequence is the whole conversation: the model sees what it sees on the full rendering, nothing added
+    assert prompts[0] + [token_of(t) for t in responses[0]] == full_ids
+    assert "<|user|>" in tok.hf.decode(prompts[0]) and len(tok.encode("<|assistant|>")) == 1
 
 
 def test_prompt_completion_labels_and_whitespace(lines, teacher):
@@ -189,12 +188,14 @@ def test_prompt_completion_labels_and_whitespace(lines, teacher):
     prompts, responses = family.encode(pairs, tok, None, model=model, fmt="prompt_completion")
     batch = family.collate(prompts, responses, None, tok)
     assert tok.decode(_scored(batch, 0)[:-1]) == CODE and _scored(batch, 0)[-1] == tok.eos_id  # exact, code kept
-    assert prompts[0] == [tok.bos_id, *tok.encode("Write code:\n")]  # nothing injected but <s>
-    assert prompts[1] == [tok.bos_id] and tok.decode(_scored(batch, 1)) == "text has an empty prompt"
+    assert prompts[0] == tok.hf("Write code:\n")["input_ids"]  # tok(prompt)'s ids: nothing injected
+    # an empty prompt: the text's first token is read, not scored (it has nothing to be predicted from)
+    first, *rest = tok.hf("text has an empty prompt")["input_ids"]
+    assert prompts[1] == [first] and _scored(batch, 1) == [*rest, tok.eos_id]
     # an instruction only when asked for, and over-long completions cut with truncate
     model = _with_instruction(teacher, "Answer:")
     prompts, _ = family.encode(pairs[:1], tok, None, model=model, fmt="prompt_completion")
-    assert prompts[0] == [tok.bos_id, *tok.encode("Answer:"), *tok.encode("Write code:\n")]
+    assert prompts[0] == [*tok.encode("Answer:"), *tok.encode("Write code:\n")]
     logs = []
     limit = len(prompts[0]) + 3
     assert family.encode(pairs[:1], tok, limit, model=model, fmt="prompt_completion", log=logs.append) == ([], [])
@@ -275,9 +276,9 @@ def test_evaluate_nll_is_the_per_token_mean_of_the_completions(lines, teacher, t
     model, tok = load_model(teacher)
     total, count = 0.0, 0
     for row in _pc_rows(lines, 5):
-        p, whole = tok.encode(row["prompt"]), tok.encode(row["prompt"] + row["completion"])
+        p, whole = tok.hf(row["prompt"])["input_ids"], tok.hf(row["prompt"] + row["completion"])["input_ids"]
         assert whole[:len(p)] == p  # the prompt's ids start those of the whole text: the completion is the rest
-        prompt, completion = [tok.bos_id, *p], [*whole[len(p):], tok.eos_id]
+        prompt, completion = p, [*whole[len(p):], tok.eos_id]  # tok(prompt)'s ids, nothing added
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].double(), -1)
@@ -326,7 +327,7 @@ def test_distill_data_gives_the_teachers_completions(lines, teacher, tmp_path):
     # each assistant turn is what the teacher generates after the conversation before it
     model, tok = load_model(teacher)
     model.config.ktransfer_instruction = ""
-    pairs = formats.to_pairs(formats.Examples("chat", [r["messages"] for r in src]), tok)
+    pairs = formats.turn_pairs(formats.Examples("chat", [r["messages"] for r in src]), tok)
     prompts, _ = CausalFamily().encode(pairs, tok, None, model=model, fmt="chat")
     want = CausalFamily().complete(model, tok, prompts, DecodeSettings(1, 1.0, 6))
     assert [m["content"] for r in got for m in r["messages"] if m["role"] == "assistant"] == want

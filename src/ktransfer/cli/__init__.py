@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ktransfer.cli.train", "train a teacher or learner (nll) or distil a learner (kd, ka, half, ...)"),
     "evaluate": ("ktransfer.cli.evaluate", "beam-search a corpus split or file and score it with sacreBLEU"),
     "translate": ("ktransfer.cli.translate", "translate stdin to stdout with a trained model"),
+    "generate": ("ktransfer.cli.generate", "a causal model's generations for prompts (chat template applied), JSONL"),
     "reproduce": ("ktransfer.cli.reproduce", "the paper's experiment as resumable stages, with analyses and report"),
     "report": ("ktransfer.cli.report", "rebuild the report (tables, figures) of a `reproduce` run folder"),
     "distill-data": ("ktransfer.cli.distill_data", "sequence-level KD data: the teacher's translations of a split"),

@@ -9,6 +9,7 @@ EPILOG = """\
 examples:
   ktransfer data list
   ktransfer data check multi30k-de-en
+  ktransfer data check chat.jsonl data.messages_key=conversation   # the data.* keys of train (--help-config)
   ktransfer data download multi30k                      # train/valid/test2016 into $KTRANSFER_DATA/multi30k-de-en
   ktransfer data download wmt16:de-en                   # newstest2016 as wmt16-de-en/test.{de,en}
   ktransfer data download wmt16:de-en --corpus wmt-news-de-en --split valid
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "multi30k-de-en)")
     p.add_argument("--tgt", default=None, help="target language")
     p.add_argument("--splits", nargs="+", default=None, help="splits to check (default: all)")
+    p.add_argument("keys", nargs="*", metavar="data.KEY=VALUE",
+                   help="data settings as train takes them: data.format, data.prompt_key, data.completion_key, "
+                        "data.messages_key, data.text_key")
 
     sub.add_parser("list", help="corpora under $KTRANSFER_DATA and their files")
 
@@ -58,9 +62,14 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "check":
             from ktransfer.data import formats
 
-            fmt, why = formats.infer_format(formats.locate(args.name))
+            data = _data_settings(args.keys)
+            if data is None:
+                return 2
+            keys = formats.Keys(data.prompt_key, data.completion_key, data.messages_key, data.text_key)
+            fmt, why = ((data.format, "data.format") if data.format != "auto" else
+                        formats.infer_format(formats.locate(args.name), keys))
             if fmt != "parallel":
-                print(formats.describe(args.name, fmt, why, args.splits))
+                print(formats.describe(args.name, fmt, why, args.splits, keys=keys))
                 return 0
             if (args.src is None) != (args.tgt is None):
                 raise corpora.CorpusError("give both --src and --tgt, or neither")
@@ -78,6 +87,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled action {args.action!r}")  # argparse only allows the actions above
+
+
+def _data_settings(items: list[str]):
+    """The ``data`` section of a run config from ``data.KEY=VALUE`` items (train's keys, checked as train checks
+    them); None after printing the error."""
+    from ktransfer.training.config import ConfigError, load_config
+
+    try:
+        bad = [i for i in items if not i.startswith("data.") or "=" not in i]
+        if bad:
+            raise ConfigError(f"{bad[0]}: data check takes data.KEY=VALUE settings (ktransfer train --help-config)")
+        return load_config(None, items).data
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def _parse_checksums(items: list[str]) -> dict[str, str]:

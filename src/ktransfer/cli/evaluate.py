@@ -16,7 +16,8 @@ examples:
   ktransfer evaluate runs/chat-ka --corpus chat/ --split valid    # JSONL data: NLL, perplexity, generations
 
 CHECKPOINT is a checkpoint folder or a run folder (its checkpoints/best is used). Hypotheses go to
-OUT/hyp.SPLIT.TGT and the scores to OUT/scores.SPLIT.json (OUT defaults to RUN/eval/CHECKPOINT_NAME).
+OUT/hyp.SPLIT.TGT and the scores to OUT/scores.SPLIT.json (OUT defaults to RUN/eval/CHECKPOINT_NAME for a run's
+checkpoint, else ./eval-MODEL_NAME in the current directory: nothing is written beside your model).
 Under torchrun each process beam-searches a contiguous share of the sentences (--device cuda: GPU LOCAL_RANK);
 rank 0 alone scores, prints and writes, with the same hypotheses and scores as one process.
 """
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split", default=None, help="split to evaluate (default: the run's data.test for its own "
                                                     "corpus, else test; with --src: the source file's name without "
                                                     "its language suffix)")
-    data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N sentences")
+    data.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N examples "
+                      "(sentences; conversations for chat)")
     data.add_argument("--format", default=None, dest="data_format",
                       choices=["parallel", "prompt_completion", "chat", "text"],
                       help="format of --corpus (default: the run's data.format for its own data, else inferred); "

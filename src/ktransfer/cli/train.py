@@ -9,9 +9,9 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  ktransfer train configs/teacher.yaml
-  torchrun --nproc_per_node 8 -m ktransfer train configs/teacher.yaml   # 8 processes (DDP), docs/distributed.md
-  ktransfer train configs/teacher.yaml train.out_dir=runs/teacher optim.lr=3e-4 train.epochs=20
+  ktransfer train model.preset=cpu-teacher objective.objective=nll train.out_dir=runs/teacher
+  torchrun --nproc_per_node 8 -m ktransfer train model.preset=cpu-teacher train.out_dir=runs/teacher
+  ktransfer train runs/teacher train.epochs=20        # a run folder stands for its config.yaml (here: more epochs)
   ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
       objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
   ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
@@ -20,7 +20,7 @@ examples:
   # a Hugging Face teacher (folder or cached hub id): the learner takes its tokenizer, no BPE is trained
   ktransfer train model.teacher=Helsinki-NLP/opus-mt-de-en model.preset=cpu-learner objective.objective=kd
   # your own data: prompt/completion or chat JSONL, text, a datasets folder (data.format=auto says which)
-  ktransfer train data.corpus=chat.jsonl model.teacher=llama-teacher/ model.init=small-llama/ \
+  ktransfer train data.corpus=chat.jsonl model.teacher=llama-teacher/ model.init=small-llama/ \\
       model.lora_r=16 train.gradient_checkpointing=true objective.objective=ka objective.top_k=8
 
 Settings: defaults < CONFIG.yaml < KEY=VALUE overrides (dotted keys; --help-config lists them all). The run folder

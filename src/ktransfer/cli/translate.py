@@ -74,6 +74,12 @@ def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 1
 
+    from ktransfer.models.causal import trained_on_chat
+
+    if trained_on_chat(model):
+        print(f"error: {checkpoint} was trained on chat data: its prompts need its chat template; use `ktransfer "
+              "generate MODEL` (one user message a line, the template applied)", file=sys.stderr)
+        return 2
     # Rank 0 alone opens the input and the output; the other ranks get each chunk from it (broadcast).
     main, src, dst, status = distributed.is_main(), None, None, 0
     if main:

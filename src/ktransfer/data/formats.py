@@ -10,18 +10,21 @@ text                a line of a ``.txt`` file, or JSONL ``{"text"}``   every tok
 ==================  =================================================  ========================================
 
 Where the data lives (``data.corpus``): a folder of ``SPLIT.LANG`` files (parallel); a ``.jsonl``/``.json``/``.txt``
-file (the training split; validation is ``data.valid`` when that names a file, else a held-out
+file (the training split; validation is ``data.valid`` when that names a split or file, or one of Hugging Face's
+names ``validation``/``valid``/``val``/``dev`` (``find_split``), else a held-out
 ``data.valid_fraction`` drawn with ``data.split_seed``); a folder of ``SPLIT.jsonl`` (or ``SPLIT.txt``) files; or a
 folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` with named splits, or one ``Dataset`` split as a
 file is). ``data.format=auto`` infers the format from the path and, for JSONL and datasets, from the columns of the
 first record; the log says which it chose and why. Column names are ``data.prompt_key``, ``data.completion_key``,
 ``data.messages_key`` and ``data.text_key``.
 
-Every example becomes one ``(prompt, completion)`` pair of strings (``to_pairs``): for chat, one pair per assistant
-turn, the prompt being the conversation before it rendered with the tokenizer's chat template (with the generation
-prompt) and the completion the rest of the rendering of the conversation up to that turn; a causal model's logits
-at the positions of that turn are then exactly those of the whole conversation, so the loss is the loss of every
-assistant turn. ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
+Every example becomes one ``(prompt, completion)`` pair (``to_pairs``): for chat, one per conversation, the whole
+conversation rendered once with the tokenizer's chat template; the prompt is the rendering up to the first assistant
+turn and the completion a ``Scored`` rest, each assistant turn's character span scored (what the template adds for
+that turn after the generation prompt: TRL's ``{% generation %}`` tokens), the user turns between them read but not
+scored; so the loss is the loss of every assistant turn and the cost linear in the turns. ``turn_pairs`` keeps one
+pair per turn (its history as the prompt) for sequence-level KD.
+``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
 ``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
 Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written.
@@ -166,13 +169,34 @@ def read_examples(corpus: str | os.PathLike, split: str, fmt: str, *, keys: Keys
 def has_split(corpus: str | os.PathLike, split: str, fmt: str) -> bool:
     """Whether ``split`` exists as its own file or datasets split (else a single file is split by fraction)."""
     if fmt == "parallel":
-        return split in corpus_layout(corpus)
+        return split in corpus_layout(resolve_corpus(corpus))
     path = locate(corpus)
     if Path(split).expanduser().is_file():
         return True
     if is_datasets_folder(path):
         return (path / "dataset_dict.json").is_file() and split in _dataset_splits(path)
     return path.is_dir() and any((path / f"{split}{s}").is_file() for s in DATA_SUFFIXES)
+
+
+VALID_NAMES = ("validation", "valid", "val", "dev")  # Hugging Face's name first, then the usual others
+TEST_NAMES = ("test",)
+
+
+def find_split(corpus: str | os.PathLike, requested: str, fmt: str, names: Sequence[str] = VALID_NAMES
+               ) -> tuple[str | None, str]:
+    """``(split, why)``: the split of ``corpus`` that holds ``requested``'s examples, and a phrase for the log.
+
+    ``requested`` wins when it exists (``data.valid=heldout`` names its own split). When it is one of ``names``
+    (the default ``valid`` is), the first of ``names`` that exists is taken instead: a ``DatasetDict`` saved with
+    ``validation``, a folder with ``validation.jsonl`` or ``dev.jsonl``. ``None`` when there is none (then a single
+    file gives up a held-out share)."""
+    if has_split(corpus, requested, fmt):
+        return requested, f"split {requested!r}"
+    if requested in names:
+        for name in names:
+            if name != requested and has_split(corpus, name, fmt):
+                return name, f"split {name!r} (no {requested!r}; {name!r} is a name for it)"
+    return None, f"no split {requested!r}"
 
 
 def hold_out(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
@@ -371,29 +395,81 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
     return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[str, str]]:
-    """``(prompt, completion)`` for each assistant turn k: the conversation before k rendered with the generation
-    prompt, and what the rendering of messages[:k + 1] adds to it.
+@dataclass(frozen=True)
+class Scored:
+    """A completion of which only parts are scored: ``text`` and the ``[start, end)`` character spans of it that
+    the loss covers (a conversation after its first assistant turn begins: every assistant turn is scored, the
+    user, system and tool turns between them are read but not scored)."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+def chat_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """``(text, spans)``: the whole conversation rendered once by the chat template, and the character span of each
+    assistant turn k in it: what the rendering of ``messages[:k + 1]`` adds to that of ``messages[:k]`` with the
+    generation prompt (the turn's content and the template's own end of turn, as TRL's ``{% generation %}`` blocks
+    mark them).
 
     Raises:
-        CorpusError: the template renders the shorter conversation as no prefix of the longer one (then the
-            turn's tokens cannot be told apart from the rest).
+        CorpusError: the template renders a shorter conversation as no prefix of the longer one (then a turn's
+            tokens cannot be told apart from the rest).
     """
-    out = []
+    text = render(tokenizer, messages, generation_prompt=False)
+    spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = render(tokenizer, messages[:k], generation_prompt=True)
-        full = render(tokenizer, messages[:k + 1], generation_prompt=False)
-        if not full.startswith(prompt):
+        upto = render(tokenizer, messages[:k + 1], generation_prompt=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)) or (spans and len(prompt) < spans[-1][1]):
             raise CorpusError(f"{where}: the chat template does not render the conversation before assistant turn "
                               f"{k + 1} as a prefix of the conversation with it, so the turn cannot be scored alone")
-        out.append((prompt, full[len(prompt):]))
-    return out
+        spans.append((len(prompt), len(upto)))
+    return text, spans
 
 
-def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
-    """One ``(prompt, completion)`` pair per example (per assistant turn for chat; prompt ``""`` for text).
+def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[str, str]]:
+    """``(prompt, completion)`` for each assistant turn k: the conversation before k rendered with the generation
+    prompt, and what the rendering of messages[:k + 1] adds to it (what a teacher generates turn by turn).
+
+    Raises:
+        CorpusError: as ``chat_spans``.
+    """
+    text, spans = chat_spans(tokenizer, messages, where)
+    prompts = [render(tokenizer, messages[:k], generation_prompt=True)
+               for k, m in enumerate(messages) if m["role"] == "assistant"]
+    return [(prompt, text[a:b]) for prompt, (a, b) in zip(prompts, spans, strict=True)]
+
+
+def chat_pair(tokenizer, messages: list[dict], where: str = "") -> tuple[str, Scored]:
+    """One conversation as one ``(prompt, Scored completion)``: the prompt is the rendering up to the first assistant
+    turn, the completion the rest of the conversation with every assistant turn's span scored."""
+    text, spans = chat_spans(tokenizer, messages, where)
+    first = spans[0][0]
+    return text[:first], Scored(text[first:], tuple((a - first, b - first) for a, b in spans))
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The special tokens the chat template writes after an assistant's content (``<|im_end|>``, ``<|eot_id|>``,
+    ``</s>``): the tokens a chat model stops at. Empty for a template that ends turns with plain text."""
+    probe = "ktransfer probe"
+    text, spans = chat_spans(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    a, b = spans[0]
+    tail = text[a:b].split(probe, 1)[-1]
+    specials = sorted(set(getattr(tokenizer.hf, "all_special_tokens", [])) | set(_added_specials(tokenizer)),
+                      key=len, reverse=True)
+    return [t for t in specials if t and t in tail]
+
+
+def _added_specials(tokenizer) -> list[str]:
+    decoder = getattr(tokenizer.hf, "added_tokens_decoder", {}) or {}
+    return [str(t) for t in decoder.values() if getattr(t, "special", False)]
+
+
+def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str | Scored]]:
+    """One ``(prompt, completion)`` pair per example: for chat one per conversation (``chat_pair``: the whole
+    conversation, one sequence, every assistant turn scored); prompt ``""`` for text.
 
     Raises:
         CorpusError: chat data and a tokenizer without a chat template.
@@ -402,6 +478,15 @@ def to_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
         return list(examples.records)
     if examples.format == "text":
         return [("", text) for text in examples.records]
+    check_chat_template(tokenizer)
+    where = examples.where or [examples.source] * len(examples)
+    return [chat_pair(tokenizer, messages, w) for messages, w in zip(examples.records, where, strict=True)]
+
+
+def turn_pairs(examples: Examples, tokenizer=None) -> list[tuple[str, str]]:
+    """``to_pairs`` with one pair per assistant turn for chat (``chat_turns``): what sequence-level KD generates."""
+    if examples.format != "chat":
+        return to_pairs(examples, tokenizer)
     check_chat_template(tokenizer)
     where = examples.where or [examples.source] * len(examples)
     return [pair for messages, w in zip(examples.records, where, strict=True)
@@ -422,7 +507,7 @@ def texts(examples: Examples) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 def replace_completions(examples: Examples, completions: Sequence[str], keys: Keys = Keys()) -> list[dict]:
     """JSON records of ``examples`` (prompt_completion or chat) with each completion (each assistant turn, in order)
-    replaced by ``completions``: ``to_pairs`` order, one string per pair."""
+    replaced by ``completions``: ``turn_pairs`` order, one string per pair."""
     it = iter(completions)
     rows = []
     for record in examples.records:

@@ -161,11 +161,12 @@ def _same_corpus(a, b) -> bool:
 
 
 def _default_out_dir(checkpoint: Path) -> Path:
-    # RUN/checkpoints/best -> RUN/eval/best: beside the run's other outputs, and not inside a checkpoint folder
-    # that the next save replaces.
+    """Where results go without ``out_dir``: RUN/checkpoints/best -> RUN/eval/best (beside the run's other
+    outputs, not inside a checkpoint folder that the next save replaces); any other model folder -> a folder
+    ``eval-NAME`` in the current directory, never beside the user's model."""
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / checkpoint.name
-    return checkpoint.parent / f"{checkpoint.name}.eval"
+    return Path.cwd() / f"eval-{checkpoint.resolve().name}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def evaluate(model_path: str | os.PathLike, *, corpus: str | os.PathLike | None 
 
     Writes ``<out_dir>/hyp.<split>.<tgt_lang>`` (one detokenized hypothesis per line) and
     ``<out_dir>/scores.<split>.json`` (the returned dict). ``out_dir`` defaults to ``RUN/eval/<checkpoint name>``
-    for a checkpoint inside a run folder.
+    for a checkpoint inside a run folder, else ``./eval-<model folder name>``.
 
     Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (``distributed.session(device)``, as ``train``
     does): each rank beam-searches a contiguous share of the sentences (``translate_sharded``), the hypotheses are
@@ -274,10 +275,13 @@ def _examples_data(checkpoint, corpus, split, data_format):
         fmt, _ = formats.infer_format(formats.locate(corpus), keys)
     if fmt == "parallel":
         return None, corpus, split
-    split = split or (run.get("valid") if own else None) or "valid"
-    if own and split == run.get("valid") and not formats.has_split(corpus, split, fmt):
+    requested = split or (run.get("valid") if own else None) or "valid"
+    found, _ = formats.find_split(corpus, requested, fmt)  # as training finds it: validation, val, dev too
+    if found is None and own and requested == run.get("valid"):
         every = formats.read_examples(corpus, run.get("train", "train"), fmt, keys=keys)
-        return formats.hold_out(every, run.get("valid_fraction", 0.05), run.get("split_seed", 0))[1], corpus, split
+        held = formats.hold_out(every, run.get("valid_fraction", 0.05), run.get("split_seed", 0))[1]
+        return held, corpus, requested
+    split = found or requested
     return formats.read_examples(corpus, split, fmt, keys=keys), corpus, split
 
 
@@ -286,8 +290,10 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
     """Token-level NLL and perplexity of the model on the completions of ``examples`` (``ktransfer.data.formats``; every
     token for text data), and its generation (``settings``) for each prompt (none for text data: it has no prompt).
 
-    Writes ``OUT/generations.SPLIT.jsonl`` (``{"prompt", "reference", "generation"}`` a line, the texts as the
-    tokenizer decodes them) and ``OUT/scores.SPLIT.json`` (the returned dict).
+    One example is one conversation for chat: the NLL covers every assistant turn, the generation is the last
+    assistant turn's after the conversation before it. Writes ``OUT/generations.SPLIT.jsonl`` (``{"prompt",
+    "reference", "generation"}`` a line; a causal prompt decoded with its special tokens and role markers) and
+    ``OUT/scores.SPLIT.json`` (the returned dict).
 
     Raises:
         CorpusError: bad data (naming the file and line); ValueError: a model without tokenizer files.
@@ -303,8 +309,9 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
                              fmt=fmt, log=lambda _: None)
     start = time.perf_counter()
     nll_sum, tokens = completion_nll(model, tokenizer, src, tgt, batch_size=batch_size)
-    generations = [] if fmt == "text" else family.complete(model, tokenizer, src, settings, batch_size=batch_size,
-                                                           progress=progress)
+    turns = _generation_turns(family, src, tgt)
+    generations = [] if fmt == "text" else family.complete(model, tokenizer, [p for p, _ in turns], settings,
+                                                           batch_size=batch_size, progress=progress)
     nll = nll_sum / max(tokens, 1)
     result = {"format": fmt, "corpus": str(corpus), "split": split, "examples": len(src), "tokens": tokens,
               "nll": nll, "ppl": math.exp(min(nll, 50.0)), "generations": len(generations),
@@ -312,13 +319,24 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
               "limit": limit, "time_s": round(time.perf_counter() - start, 3)}
     out = Path(out_dir) if out_dir is not None else _default_out_dir(Path(model_path))
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": tokenizer.decode(p), "reference": tokenizer.decode(r), "generation": g}
-            for p, r, g in zip(src, tgt, generations, strict=False)]
+    keep = family.name == "causal"  # a causal prompt as the model read it: role markers and specials kept
+    rows = [{"prompt": tokenizer.hf.decode(p, skip_special_tokens=False) if keep else tokenizer.decode(p),
+             "reference": tokenizer.decode(r), "generation": g} for (p, r), g in zip(turns, generations, strict=False)]
     result["generations_file"] = str(out / f"generations.{split}.jsonl")
     result["scores_file"] = str(out / f"scores.{split}.json")
     _write_text(Path(result["generations_file"]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _write_text(Path(result["scores_file"]), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def _generation_turns(family, src, tgt) -> list[tuple[list[int], list[int]]]:
+    """``(prompt, reference)`` ids of what is generated per example: for a causal model the last scored run
+    (a conversation's last assistant turn after everything before it; ``causal.last_turn``), else the pair."""
+    if family.name != "causal":
+        return list(zip(src, tgt, strict=True))
+    from ktransfer.models.causal import last_turn
+
+    return [last_turn(p, r) for p, r in zip(src, tgt, strict=True)]
 
 
 @torch.no_grad()

@@ -120,10 +120,11 @@ def _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_len
     data_cfg, eval_cfg = run_cfg.get("data") or {}, run_cfg.get("eval") or {}
     corpus = corpus if corpus is not None else data_cfg.get("corpus")
     if corpus is None:
-        raise ValueError(f"{where}: the teacher names no training corpus; pass corpus=")
+        raise ValueError(f"{where}: the teacher names no training corpus; give one with --corpus (corpus= in Python)")
     src_lang, tgt_lang = src_lang or data_cfg.get("src_lang"), tgt_lang or data_cfg.get("tgt_lang")
     if not src_lang or not tgt_lang:
-        raise ValueError(f"{where}: the teacher names no languages; pass src_lang= and tgt_lang=")
+        raise ValueError(f"{where}: the teacher names no languages; give them with --src-lang and --tgt-lang "
+                         "(src_lang=, tgt_lang= in Python)")
     decode = DecodeSettings(beam=beam, length_penalty=length_penalty,
                             max_length=int(max_length or eval_cfg.get("max_length") or 256))
     folder = resolve_corpus(corpus).resolve()
@@ -299,7 +300,7 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
         prompts, _ = family.encode(part, tokenizer, None, model=model, fmt=fmt, log=log)
         return family.complete(model, tokenizer, prompts, decode, batch_size=batch_size)
 
-    pairs = formats.to_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
+    pairs = formats.turn_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
     completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
                                     generate=generate)
     rows = formats.replace_completions(examples, completions, keys)

@@ -88,7 +88,22 @@ class TransferLossMixin:
         result = hf_loss(outputs, teacher_outputs, inputs["labels"], objective=self.transfer_objective,
                          lam=self.transfer_lam, model=self.accelerator.unwrap_model(model),
                          num_items_in_batch=num_items_in_batch, **self.transfer_options)
+        if model.training:  # the parts of the loss, logged beside it (``log``)
+            sums = self.__dict__.setdefault("_transfer_parts", {"nll": 0.0, "divergence": 0.0, "batches": 0})
+            sums["nll"] += float(result.nll)
+            sums["divergence"] += float(result.divergence)
+            sums["batches"] += 1
         loss = result.loss
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        """The trainer's log, with ``nll`` and ``divergence`` (their means over the training batches since the last
+        log) beside ``loss``."""
+        sums = self.__dict__.get("_transfer_parts")
+        if "loss" in logs and sums and sums["batches"]:
+            logs = {**logs, "nll": round(sums["nll"] / sums["batches"], 6),
+                    "divergence": round(sums["divergence"] / sums["batches"], 6)}
+            self._transfer_parts = {"nll": 0.0, "divergence": 0.0, "batches": 0}
+        return super().log(logs, *args, **kwargs)

@@ -9,6 +9,7 @@ or an NLL mix (``lam < 1``) is one keyword away. ``GKDConfig.temperature`` stays
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from ktransfer.integrations import TransferLossMixin, pop_transfer_options
@@ -35,7 +36,9 @@ class TransferGKDTrainer(TransferLossMixin, GKDTrainer):
 
     def __init__(self, *args, objective: str = "jsd", lam: float = 1.0, **kwargs):
         options = pop_transfer_options(kwargs)
-        super().__init__(*args, **kwargs)
+        with _same_vocab_size_for_trl(kwargs.get("model", args[0] if args else None), kwargs.get("teacher_model"),
+                                      options.get("vocab_size")):
+            super().__init__(*args, **kwargs)
         if objective == "jsd":
             options.setdefault("beta", self.beta)
         self.init_transfer(None, objective, lam, options)
@@ -43,3 +46,25 @@ class TransferGKDTrainer(TransferLossMixin, GKDTrainer):
     def transfer_inputs(self, model, inputs: dict) -> dict:
         """What GKDTrainer feeds both models: ``input_ids`` and ``attention_mask``."""
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+@contextlib.contextmanager
+def _same_vocab_size_for_trl(model, teacher, vocab_size):
+    """While ``GKDTrainer.__init__`` runs: a teacher whose output layer is padded (832 rows for the learner's 800)
+    shows the learner's ``vocab_size`` to TRL's equality check, when ``vocab_size=`` is given (the loss then reads
+    the first ``vocab_size`` logits of both models); its config is restored afterwards. Without ``vocab_size=``, or
+    for a teacher given by name, TRL's own check stands."""
+    configs = [getattr(m, "config", None) for m in (model, teacher)]
+    if vocab_size is None or any(c is None or not hasattr(c, "get_text_config") for c in configs):
+        yield
+        return
+    learner_cfg, teacher_cfg = (c.get_text_config() for c in configs)
+    saved = teacher_cfg.vocab_size
+    if min(learner_cfg.vocab_size, saved) < vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} exceeds a model's vocabulary (learner {learner_cfg.vocab_size}, "
+                         f"teacher {saved} rows)")
+    teacher_cfg.vocab_size = learner_cfg.vocab_size
+    try:
+        yield
+    finally:
+        teacher_cfg.vocab_size = saved

@@ -27,6 +27,7 @@ llama-tiny          Llama 2 x 32 x 4 (2kv)  0.3M  tests (RoPE, RMSNorm, SwiGLU, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 
 from ktransfer.data.corpora import IGNORE_INDEX
 from ktransfer.models import generation
-from ktransfer.models.generation import INSTRUCTION_KEY, DecodeSettings, unwrap
+from ktransfer.models.generation import FORMAT_KEY, INSTRUCTION_KEY, DecodeSettings, unwrap
 
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech", "th": "Thai"}
 
@@ -129,43 +130,87 @@ def encode_examples(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int
     return prompts, responses
 
 
-def start_ids(tokenizer, prompt_ids: Sequence[int]) -> list[int]:
-    """What heads a prompt of a format other than parallel: ``<s>`` where the tokenizer has one of its own and the
-    prompt does not start with it; for an empty prompt (text data) ``<s>``, else ``</s>`` (GPT-2's document
-    separator), so that the first token is predicted from something."""
-    bos = tokenizer.bos_id
-    if not prompt_ids:
-        return [bos if bos is not None else tokenizer.eos_id]
-    if bos is not None and bos != tokenizer.eos_id and prompt_ids[0] != bos:
-        return [bos]
-    return []
+def own_ids(tokenizer, text: str, head: Sequence[int] = ()) -> list[int]:
+    """``tokenizer(text)``'s ids: the special tokens the tokenizer itself adds (a Llama tokenizer's ``<s>``, none
+    for GPT-2's), nothing else; ``head`` (an instruction's ids) goes after the ones it puts first."""
+    ids = list(tokenizer.hf(text)["input_ids"])
+    if not head:
+        return ids
+    bare = tokenizer.encode(text)
+    lead = len(ids) - len(bare) if ids[len(ids) - len(bare):] == bare else 0
+    return [*ids[:lead], *head, *ids[lead:]]
 
 
-def encode_completions(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int | None, *, instruction: str = "",
-                       truncate: bool = False, add_start: bool = True, log: Callable[[str], object] = print):
-    """``(prompt ids, response ids)`` of ``(prompt, completion)`` text pairs, nothing added but ``start_ids`` (with
-    ``add_start``; chat templates write their own), the ``instruction`` (when not empty) and ``</s>`` after the
-    completion (unless it ends with it already, as chat templates often do).
+def unscored(token: int) -> int:
+    """How a response stores a token the model reads but is not scored on (a user turn inside a conversation):
+    ``-token - 1``; ``collate`` feeds ``token`` and labels it -100, ``Tokenizer.decode`` skips it."""
+    return -token - 1
 
-    The prompt is tokenized alone, as it is when the model continues it; the completion is what tokenizing prompt +
-    completion adds to it where the prompt's ids are a prefix of those (then the model sees exactly the ids of the
-    whole text), else the completion tokenized alone.
+
+def token_of(stored: int) -> int:
+    """The token id of a stored response entry (``unscored``'s inverse for negative entries)."""
+    return stored if stored >= 0 else -stored - 1
+
+
+def chat_ids(tokenizer, prompt: str, completion) -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` of a conversation (``formats.chat_pair``'s prompt and ``Scored`` completion,
+    or a turn's prompt and text): ``prompt + completion.text`` tokenized once as the chat template wrote it (no
+    special token added); the response starts at the first scored token, and each token in it that starts outside
+    the scored spans is stored ``unscored``. Fast tokenizers place tokens by their offsets, others are tokenized
+    piece by piece."""
+    text, spans = (completion.text, completion.spans) if hasattr(completion, "spans") else \
+        (completion, ((0, len(completion)),))
+    whole, spans = prompt + text, [(a + len(prompt), b + len(prompt)) for a, b in spans]
+    if getattr(tokenizer.hf, "is_fast", False):
+        enc = tokenizer.hf(whole, add_special_tokens=False, return_offsets_mapping=True)
+        marked = [t if any(a <= o[0] < b for a, b in spans) else unscored(t)
+                  for t, o in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    else:
+        marked = []
+        for a, b in itertools.pairwise(sorted({0, *(c for span in spans for c in span), len(whole)})):
+            ids = tokenizer.encode(whole[a:b]) if b > a else []
+            marked += ids if any(x <= a < y for x, y in spans) else [unscored(t) for t in ids]
+    first = next((i for i, t in enumerate(marked) if t >= 0), len(marked))
+    return [token_of(t) for t in marked[:first]], marked[first:]
+
+
+def _completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int]) -> list[int]:
+    """What tokenizing prompt + completion adds to the prompt's ids (else the completion alone), then ``</s>``
+    unless the last token is already one."""
+    whole = list(tokenizer.hf(prompt + completion)["input_ids"])
+    c = whole[len(prompt_ids):] if whole[:len(prompt_ids)] == prompt_ids else tokenizer.encode(completion,
+                                                                                            target=True)
+    return c if not c or c[-1] == tokenizer.eos_id else [*c, tokenizer.eos_id]
+
+
+def encode_completions(pairs: Sequence[tuple[str, Any]], tokenizer, max_length: int | None, *, instruction: str = "",
+                       truncate: bool = False, fmt: str = "prompt_completion",
+                       log: Callable[[str], object] = print):
+    """``(prompt ids, response ids)`` of ``(prompt, completion)`` pairs, the tokens exactly as the tokenizer makes
+    them: the prompt is ``tokenizer(prompt)``'s ids (its own special tokens, nothing added) with the
+    ``instruction`` (when not empty) after its leading specials; the response is what tokenizing prompt +
+    completion adds (else the completion alone) and ``</s>`` unless it ends with one. Chat (``fmt="chat"``): the
+    whole conversation tokenized once as the template renders it, no special token added; its user turns after the
+    first assistant turn are stored ``unscored``. An empty prompt (text data) whose tokenizer adds nothing lends
+    the first token of the text as the prompt (the first token has nothing to be predicted from).
 
     A pair longer than ``max_length`` is dropped, or with ``truncate`` its completion is cut to fit (dropped all
     the same when its prompt leaves no room); the log says how many.
     """
     head = tokenizer.encode(instruction) if instruction else []
-    prompts_all = tokenizer.encode_batch([p for p, _ in pairs])
-    whole_all = tokenizer.encode_batch([p + c for p, c in pairs])
     prompts, responses, n_empty, n_long, n_cut = [], [], 0, 0, 0
-    for (_, text), p, whole in zip(pairs, prompts_all, whole_all, strict=True):
-        c = whole[len(p):] if whole[:len(p)] == p else tokenizer.encode(text, target=True)
-        if not c:
+    for p_text, completion in pairs:
+        if fmt == "chat":
+            prompt, response = chat_ids(tokenizer, p_text, completion)
+            prompt = [*head, *prompt] if head else prompt
+        else:
+            prompt = own_ids(tokenizer, p_text, head)
+            response = _completion_ids(tokenizer, p_text, completion, prompt)
+        if not prompt and len(response) > 1:
+            prompt, response = response[:1], response[1:]
+        if not prompt or not any(t >= 0 for t in response):
             n_empty += 1
             continue
-        body = [*head, *p]
-        prompt = [*start_ids(tokenizer, body), *body] if add_start or not body else body  # an empty one needs a start
-        response = c if c[-1] == tokenizer.eos_id else [*c, tokenizer.eos_id]
         if max_length is not None and len(prompt) + len(response) > max_length:
             room = max_length - len(prompt)
             if not truncate or room < 1:
@@ -205,9 +250,9 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         P, R = len(p), len(r)
-        input_ids[b, :P + R] = torch.tensor([*p, *r], dtype=torch.long)
+        input_ids[b, :P + R] = torch.tensor([*p, *map(token_of, r)], dtype=torch.long)
         attention_mask[b, :P + R] = 1
-        labels[b, P - 1:P + R - 1] = torch.tensor(r, dtype=torch.long)
+        labels[b, P - 1:P + R - 1] = torch.tensor([t if t >= 0 else IGNORE_INDEX for t in r], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -220,14 +265,48 @@ def scored_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 
 def prompts_of(batch: dict) -> list[list[int]]:
-    """The prompt of each row of a ``collate`` batch: the ids up to and including the first scored position."""
+    """The prompt of each row of a ``collate`` batch: the ids up to and including the first position of the last
+    scored run (the last assistant turn of a conversation; the whole response otherwise)."""
     out = []
     for b, (row, lab) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True)):
-        first = next((t for t, v in enumerate(lab) if v != IGNORE_INDEX), None)
-        if first is None:
+        scored = [t for t, v in enumerate(lab) if v != IGNORE_INDEX]
+        if not scored:
             raise ValueError(f"row {b} of the batch has no response position (all labels are {IGNORE_INDEX})")
+        first = next(t for i, t in reversed(list(enumerate(scored))) if i == 0 or scored[i - 1] != t - 1)
         out.append(row[:first + 1])
     return out
+
+
+def last_turn(prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``(context ids, response ids)`` of the last scored run of an encoded example (``encode_completions``): the
+    prompt and the stored response before the run (its tokens as read), then the run itself. The prompt and
+    response themselves for an example scored in one piece."""
+    runs = [i for i in range(len(response)) if response[i] >= 0 and (i == 0 or response[i - 1] < 0)]
+    start = runs[-1] if runs else 0
+    return [*prompt, *map(token_of, response[:start])], list(response[start:])
+
+
+def trained_on_chat(model) -> bool:
+    """Whether the model was trained on chat data (its config's data format, stored by ``CausalFamily.prepare``)."""
+    return getattr(unwrap(model).config, FORMAT_KEY, None) == "chat"
+
+
+def generation_prompt_ids(model, tokenizer, text: str, *, chat: bool | None = None) -> list[int]:
+    """The ids a prompt is continued from: for a chat model (``chat`` None: ``trained_on_chat``) ``text`` as a user
+    message rendered by the chat template with its generation prompt; else ``tokenizer(text)``'s ids with the
+    model's instruction, as training and evaluation encode prompts.
+
+    Raises:
+        CorpusError: chat asked for and the tokenizer has no chat template.
+    """
+    from ktransfer.data import formats
+
+    if trained_on_chat(model) if chat is None else chat:
+        formats.check_chat_template(tokenizer)
+        rendered = formats.render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
+        return tokenizer.encode(rendered)
+    head = tokenizer.encode(getattr(unwrap(model).config, INSTRUCTION_KEY, None) or "")
+    return own_ids(tokenizer, text, head)
 
 
 class CausalFamily:
@@ -298,12 +377,26 @@ class CausalFamily:
         """Store the instruction heading every prompt in the model's config: ``instruction`` when given; else, for
         translation pairs, the model's own or ``make_instruction``; for the other formats none (``""``)."""
         config = unwrap(model).config
+        setattr(config, FORMAT_KEY, fmt)
+        if fmt == "chat":
+            self._stop_at_end_of_turn(model, tokenizer)
         if instruction is not None:
             setattr(config, INSTRUCTION_KEY, instruction)
         elif fmt == "parallel":
             ensure_instruction(model, src_lang, tgt_lang)
         else:
             setattr(config, INSTRUCTION_KEY, "")
+
+    @staticmethod
+    def _stop_at_end_of_turn(model, tokenizer) -> None:
+        """A chat model's generation ends where its template ends an assistant turn (``<|im_end|>``, ``<|eot_id|>``)
+        as well as at ``</s>``: ``generation_config.eos_token_id`` becomes that list, so that a plain ``generate()``
+        of the saved model stops there too."""
+        from ktransfer.data import formats
+
+        ends = [tokenizer.token_to_id(t) for t in formats.end_of_turn_tokens(tokenizer)]
+        stops = list(dict.fromkeys([tokenizer.eos_id, *(i for i in ends if i is not None)]))
+        unwrap(model).generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
     def positions(self, model) -> int:
         """The longest sequence (prompt + response) the positional table holds (RoPE: its configured length)."""
@@ -323,7 +416,7 @@ class CausalFamily:
         if fmt == "parallel":
             return encode_examples(pairs, tokenizer, max_length, instruction=instruction(model), log=log)
         return encode_completions(pairs, tokenizer, max_length, instruction=instruction(model), truncate=truncate,
-                                  add_start=fmt != "chat", log=log)
+                                  fmt=fmt, log=log)
 
     def lengths(self, ids) -> tuple[list[int], list[int]]:
         """Prompt + response on both sides: one sequence a row."""
@@ -346,6 +439,9 @@ class CausalFamily:
                   progress: bool = False) -> list[str]:
         """Beam search after each prompt (instruction + source + ``</s>``, see ``complete``). A source that leaves
         fewer than 8 positions for the response is cut. Empty sources give ""."""
+        if trained_on_chat(model):
+            raise ValueError("this causal model was trained on chat data: its prompts need its chat template; use "
+                             "`ktransfer generate MODEL` (one user message a line, the template applied)")
         head, n_pos = tokenizer.encode(instruction(model)), self.positions(model)
         encoded = tokenizer.encode_batch(list(sources))
         prompts = [prompt_ids(tokenizer, head, e, limit=n_pos - 8) if e else [] for e in encoded]
@@ -360,6 +456,7 @@ class CausalFamily:
         from tqdm import tqdm
 
         out_text = [""] * len(prompts)
+        stops = generation.stop_ids(model, tokenizer)
         ids = {i: list(p) for i, p in enumerate(prompts) if len(p)}
         device = next(model.parameters()).device
         with tqdm(total=len(prompts), unit="seq", desc="generate", disable=not progress, dynamic_ncols=True) as bar:
@@ -370,7 +467,7 @@ class CausalFamily:
                 out = generation.generate(model, self._beam_config(model, tokenizer, settings, S),
                                           input_ids=input_ids.to(device), attention_mask=mask.to(device))
                 for i, row in zip(chunk, out[:, S:].tolist(), strict=True):
-                    out_text[i] = tokenizer.decode(generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=False))
+                    out_text[i] = tokenizer.decode(generation.cut_at_eos(row, stops, keep_eos=False))
                 bar.update(len(chunk))
         return out_text
 
@@ -385,7 +482,8 @@ class CausalFamily:
             num_beams=settings.beam, length_penalty=float(settings.length_penalty),
             max_new_tokens=self.max_new_tokens(model, settings.max_length, prompt_length),
             early_stopping=settings.beam > 1, do_sample=False, num_return_sequences=1,
-            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, forced_eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id, eos_token_id=generation.stop_ids(model, tokenizer),
+            forced_eos_token_id=tokenizer.eos_id,
             suppress_tokens=generation.suppressed_ids(model, tokenizer))
 
     def on_policy_batch(self, model, tokenizer, batch: dict, settings) -> dict:
@@ -403,7 +501,7 @@ class CausalFamily:
         gen = GenerationConfig(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
                                top_k=0, num_beams=1, max_new_tokens=self.max_new_tokens(model, settings.max_new_tokens,
                                                                                          S),
-                               pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                               pad_token_id=tokenizer.pad_id, eos_token_id=generation.stop_ids(model, tokenizer),
                                suppress_tokens=generation.suppressed_ids(model, tokenizer))
         device = batch["input_ids"].device
         was_training = model.training
@@ -413,7 +511,8 @@ class CausalFamily:
                 out = generation.generate(model, gen, input_ids=input_ids.to(device), attention_mask=mask.to(device))
         finally:
             model.train(was_training)
-        responses = [generation.cut_at_eos(row, tokenizer.eos_id, keep_eos=True) or [tokenizer.eos_id]
+        stops = generation.stop_ids(model, tokenizer)
+        responses = [generation.cut_at_eos(row, stops, keep_eos=True) or [tokenizer.eos_id]
                      for row in out[:, S:].tolist()]
         return {k: v.to(device) for k, v in collate(prompts, responses, tokenizer.pad_id).items()}
 

@@ -13,6 +13,7 @@ import torch
 from ktransfer import __version__
 
 INSTRUCTION_KEY = "ktransfer_instruction"  # model.config attribute: the instruction heading every prompt
+FORMAT_KEY = "ktransfer_data_format"  # model.config attribute: the data format a causal model was trained on
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,22 @@ def suppressed_ids(model, tokenizer) -> list[int]:
     return [*pad, *range(tokenizer.vocab_size, output_rows(model))]
 
 
-def cut_at_eos(row: list[int], eos_id: int, keep_eos: bool) -> list[int]:
-    """``row`` up to its first ``eos_id`` (kept or not); the whole row when it has none."""
-    if eos_id in row:
-        return row[:row.index(eos_id) + int(keep_eos)]
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids generation ends at: the tokenizer's ``</s>`` and those of the model's ``generation_config``
+    (``eos_token_id``, an id or a list: a chat model's end-of-turn token, e.g. ``<|im_end|>``)."""
+    config = getattr(unwrap(model), "generation_config", None)
+    more = getattr(config, "eos_token_id", None)
+    more = [more] if isinstance(more, int) else list(more or [])
+    return list(dict.fromkeys([tokenizer.eos_id, *more]))
+
+
+def cut_at_eos(row: list[int], eos_id, keep_eos: bool) -> list[int]:
+    """``row`` up to its first ``eos_id`` (an id or a collection of stop ids; kept or not); the whole row when it
+    has none."""
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i + int(keep_eos)]
     return row
 
 

@@ -182,15 +182,12 @@ class Seq2SeqFamily:
             if "Sinusoidal" in type(module).__name__:
                 module.requires_grad_(False)
 
-    def set_generation_config(self, model, tokenizer) -> None:
-        """Start with the decoder start id, stop at eos (forced at the limit), never generate pad, at most the model's
-        positions: a plain ``generate()`` of the saved model searches as ``translate`` does."""
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=decoder_start(model), eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-            forced_eos_token_id=tokenizer.eos_id, max_length=self.positions(model),
-            suppress_tokens=generation.suppressed_ids(model, tokenizer))
+    def set_generation_config(self, model, tokenizer, settings: DecodeSettings | None = None) -> None:
+        """The search ``translate`` runs with ``settings`` (default: its defaults, beam 6, length penalty 1, early
+        stopping, at most 256 tokens within the positions; start with the decoder start id, stop at eos, forced at
+        the limit, never generate pad): a plain ``model.generate(**inputs)`` of the saved model gives what
+        ``ktransfer translate`` gives."""
+        model.generation_config = self._beam_config(model, tokenizer, settings or DecodeSettings())
 
     def prepare(self, model, tokenizer, *, src_lang: str, tgt_lang: str, fmt: str = "parallel",
                 instruction: str | None = None) -> None:

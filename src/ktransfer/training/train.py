@@ -399,14 +399,17 @@ def _read_data(cfg: RunConfig) -> RunData:
     except CorpusError as e:
         raise ConfigError(f"data.corpus: {e}", key="data.corpus") from None
     fmt, why = (d.format, "data.format") if d.format != "auto" else formats.infer_format(path, keys)
+    valid_split, valid_why = formats.find_split(d.corpus, d.valid, fmt)  # data.valid, else validation/val/dev
     if fmt == "parallel":
         train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
         require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
-        valid_pairs = read_split(d.corpus, d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
-        return RunData(fmt, why, formats.Examples(fmt, train_pairs), formats.Examples(fmt, valid_pairs))
+        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+        return RunData(fmt, f"{why}; validation: {valid_why}", formats.Examples(fmt, train_pairs),
+                       formats.Examples(fmt, valid_pairs))
     train = formats.read_examples(d.corpus, d.train, fmt, keys=keys)
-    if formats.has_split(d.corpus, d.valid, fmt):
-        valid = formats.read_examples(d.corpus, d.valid, fmt, keys=keys)
+    if valid_split is not None:
+        valid = formats.read_examples(d.corpus, valid_split, fmt, keys=keys)
+        why += f"; validation: {valid_why}"
     else:
         train, valid = formats.hold_out(train, d.valid_fraction, d.split_seed)
         why += (f"; validation: {len(valid)} examples held out of {train.source} (data.valid_fraction "
