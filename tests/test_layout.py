@@ -49,7 +49,8 @@ def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """(line, imported ktransfer module, names taken from it) for every import in the file, nested ones too."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "ktransfer":
+        ours = isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "ktransfer"
+        if ours:
             found.append((node.lineno, node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "ktransfer"]
