@@ -90,15 +90,17 @@ def tiny_llama(vocab: int, hidden: int, layers: int, seed: int, dtype=torch.floa
 
 
 def _kd_plain(z, u, labels):
-    """Forward KL KL(q || p) per counted position (labels already shifted), written out in PyTorch."""
-    logp, logq = F.log_softmax(z.float(), -1), F.log_softmax(u.float(), -1)
+    """Forward KL KL(q || p) per counted position (labels already shifted), written out in PyTorch; bf16/fp16 logits
+    in float32, float64 logits in float64."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    logp, logq = F.log_softmax(z.to(dtype), -1), F.log_softmax(u.to(dtype), -1)
     per = (logq.exp() * (logq - logp)).sum(-1)
     mask = labels != -100
     return per[mask].sum() / mask.sum().clamp_min(1)
 
 
 def train_step(opts: Options, emit) -> None:
-    vocab, hidden, layers, batch, seq = (300, 64, 2, 2, 16) if opts.tiny else (32000, 512, 4, 4, 256)
+    vocab, hidden, layers, batch, seq = (128, 32, 1, 2, 8) if opts.tiny else (32000, 512, 4, 4, 256)
     dev = opts.device
     learner = tiny_llama(vocab, hidden, layers, seed=0).to(dev)
     teacher = tiny_llama(vocab, 2 * hidden, layers, seed=1, dtype=torch.bfloat16).to(dev).eval()
@@ -192,8 +194,10 @@ def distributed(opts: Options, emit) -> None:
     backend = "nccl" if cuda else "gloo"
     if not cuda:
         emit(row("dist", "nccl init (1 process)", status="skipped", note="no CUDA: gloo runs the same checks"))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     t0 = time.perf_counter()
     if cuda:
         torch.cuda.set_device(0)
@@ -212,12 +216,17 @@ def distributed(opts: Options, emit) -> None:
         emit(fsdp_step(opts, fsdp))
     finally:
         dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fsdp_step(opts: Options, fsdp) -> dict:
     """One AdamW step of a small Llama sharded with ``fsdp.shard`` against the same step unsharded: the loss and the
     largest weight difference after the step."""
-    vocab, hidden, layers = (300, 64, 2) if opts.tiny else (32000, 512, 4)
+    vocab, hidden, layers = (128, 32, 1) if opts.tiny else (32000, 512, 4)
     dev = opts.device
     model = tiny_llama(vocab, hidden, layers, seed=0).to(dev)
     ref = copy.deepcopy(model)
