@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 3; 1 in the dry run)")
     ap.add_argument("--total-s", type=float, default=None,
                     help=f"time budget of the whole run (default {TOTAL_S}; x{CPU_SLOWDOWN} in the dry run)")
+    ap.add_argument("--budget-scale", type=float, default=None,
+                    help=f"multiply every section's budget (default 1; {CPU_SLOWDOWN} in the dry run)")
     ap.add_argument("--pytest-k", default="cuda", help="pytest -k expression of the tests section (default cuda)")
     ap.add_argument("--_section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--_rows", type=Path, help=argparse.SUPPRESS)
@@ -74,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats = 1 if args.tiny else 3
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    args.budget_scale = CPU_SLOWDOWN if args.tiny else 1
+    if args.budget_scale is None:
+        args.budget_scale = CPU_SLOWDOWN if args.tiny else 1
+    if args.budget_scale <= 0:
+        ap.error(f"--budget-scale must be > 0, got {args.budget_scale}")
     if args.total_s is None:
         args.total_s = TOTAL_S * args.budget_scale
     if args.total_s <= 0:
