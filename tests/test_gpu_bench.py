@@ -35,7 +35,8 @@ def test_arguments():
     assert (d.device, d.tiny, d.repeats, d.sections, d.out) == ("cpu", True, 1, ["fused", "dist"], Path("t.md"))
     assert d.total_s == gpu.TOTAL_S * gpu.CPU_SLOWDOWN and d.budget_scale == gpu.CPU_SLOWDOWN and a.budget_scale == 1
     assert gpu.parse_args(["--device", "cpu"]).tiny
-    for bad in (["--sections", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--total-s", "-1"], ["--budget-scale", "0"]):
+    for bad in (["--sections", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--total-s", "-1"],
+                ["--budget-scale", "0"]):
         with pytest.raises(SystemExit) as e:
             gpu.parse_args(bad)
         assert e.value.code == 2
