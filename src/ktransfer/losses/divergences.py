@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.losses import native
+from ktransfer.losses import chunking, native
 
 KINDS = ("forward_kl", "reverse_kl", "half", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 SUPPORTS = ("learner", "teacher", "union")
@@ -57,15 +57,9 @@ DEFAULT_SUPPORT = {
     "jsd": "union",
     "tvd": "union",
 }
-# A chunk holds about this many elements per [chunk, V] temporary (512 KiB in float32): big enough that per-op overhead
-# is small, small enough that a chunk's few temporaries stay in a CPU's L2/L3 caches (measured: bench/divergence.py).
-CHUNK_ELEMENTS = 1 << 17
 # jsd's end points, as TRL's generalized_jsd_loss defines them (beta is the teacher's weight in m): beta = 0 is
 # KL(q || p), beta = 1 is KL(p || q). They are not limits of the mixture formula, which tends to 0 at both ends.
 JSD_END_POINTS = {0.0: "forward_kl", 1.0: "reverse_kl"}
-# On a GPU the cost is kernel launches, not cache misses: chunks of 2**24 elements (64 MiB in float32); measured on an
-# H100, 2**17 left the sweep launch-bound, ~100x slower than the unchunked composition (docs/benchmarks.md).
-CHUNK_ELEMENTS_CUDA = 1 << 24
 
 _log = logging.getLogger(__name__)
 # Opt-in torch.compile of the per-chunk math (see ``use_compile``); never used unless switched on.
@@ -509,8 +503,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         return values, nll, grad
     cdt = compute_dtype(z2, u2)
     n_sel = N if rows is None else rows.numel()
-    per_chunk = CHUNK_ELEMENTS if z2.device.type == "cpu" else CHUNK_ELEMENTS_CUDA
-    chunk = chunk_size or max(1, per_chunk // V)
+    chunk = chunk_size or chunking.default_chunk_rows(z2.device, V)
     values = z2.new_zeros(N, dtype=cdt) if u2 is not None else None
     nll = z2.new_zeros(N, dtype=cdt) if labels is not None else None
     grad = None
@@ -644,7 +637,8 @@ def divergence(
         reduction: ``"mean"`` (sum over selected positions / their count; 0 when none), ``"sum"``, or ``"none"``
             (a float tensor of shape ``[...]``, 0 at unselected positions).
         chunk_size: positions per chunk of the Python path (memory O(chunk_size x V)); None picks about 2**17 / V on
-            a CPU, 2**24 / V on a GPU. The C++ kernel works row by row (O(threads x V)) and ignores it.
+            a CPU and, on a GPU, 2**20-2**26 elements / V scaled to the free memory (``ktransfer.losses.chunking``).
+            The C++ kernel works row by row (O(threads x V)) and ignores it.
         vocab_size: compare only the ids ``[0, vocab_size)`` (``slice_vocab``): for models with padded output layers
             of different sizes. None: both logits must have the same V.
 

@@ -17,7 +17,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ktransfer.losses.divergences import CHUNK_ELEMENTS_CUDA, check_vocab_size, compute_dtype, run_chunk
+from ktransfer.losses import chunking
+from ktransfer.losses.divergences import check_vocab_size, compute_dtype, run_chunk
 from ktransfer.losses.objectives import TransferLoss, plan_loss
 
 # Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
@@ -129,7 +130,8 @@ def fused_linear_divergence(
         labels: ``[...]`` reference tokens (``ignore_index`` = not counted). None: every position counts, and
             ``lam`` must be 1 (pure divergence).
         lam, top_k, temperature, label_smoothing, num_tokens, **divergence_options: as in ``transfer_loss``.
-        chunk_size: positions per chunk; None = about 2**23 / V on a CPU (at least 128), 2**24 / V on a GPU.
+        chunk_size: positions per chunk; None = about 2**23 / V on a CPU (at least 128); on a GPU
+            2**20-2**26 elements / V scaled to the free memory (``ktransfer.losses.chunking``).
         vocab_size: use only the first ``vocab_size`` rows of both heads (and biases): the ids shared by two output
             layers padded to different sizes, as ``transfer_loss(..., vocab_size=)``.
 
@@ -163,8 +165,8 @@ def fused_linear_divergence(
                      label_smoothing=label_smoothing, num_tokens=num_tokens,
                      divergence_options={**divergence_options, "chunk_size": chunk_size})
     if chunk_size is None:
-        chunk_size = max(MIN_CHUNK_ROWS_CPU, CHUNK_ELEMENTS_CPU // V) if learner_hidden.device.type == "cpu" else \
-            max(1, CHUNK_ELEMENTS_CUDA // V)
+        chunk_size = chunking.default_chunk_rows(learner_hidden.device, V, cpu_elements=CHUNK_ELEMENTS_CPU,
+                                                 min_cpu_rows=MIN_CHUNK_ROWS_CPU)
     h2 = learner_hidden.reshape(-1, H)
     ht2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]) if plan.spec.terms else None
     if ht2 is not None:
