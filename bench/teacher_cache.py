@@ -23,7 +23,7 @@ from pathlib import Path
 
 def _epoch(cfg) -> tuple[float, int, float, float]:
     """Seconds of the training steps of epoch 0, batches, mean loss and divergence; setup is not timed."""
-    from ktransfer.training.train import training_batch, setup, train_step
+    from ktransfer.training.train import setup, train_step, training_batch
 
     run = setup(cfg)
     batches = run.data.sampler.epoch_batches(0)

@@ -105,8 +105,8 @@ def test_accumulated_half_batches_equal_one_batch(teacher, shared_data, tmp_path
     best = teacher / "checkpoints/best"
     extra = ("objective.objective=half", f"model.teacher={best}", "model.dropout=0", "optim.clip_norm=1.0")
     runs = [setup(config(shared_data, tmp_path / name, *extra)) for name in ("one", "two")]
-    idx = max(runs[0].sampler.epoch_batches(0), key=len)
-    whole = collate_batch(runs[0], runs[0].train_ids, idx)
+    idx = max(runs[0].data.sampler.epoch_batches(0), key=len)
+    whole = collate_batch(runs[0], runs[0].data.train_ids, idx)
     rows = len(idx) // 3  # unequal halves: different numbers of tokens
     halves = [{k: v[:rows] for k, v in whole.items()}, {k: v[rows:] for k, v in whole.items()}]
     assert int((halves[0]["labels"] != -100).sum()) != int((halves[1]["labels"] != -100).sum())
