@@ -23,14 +23,14 @@ from pathlib import Path
 
 def _epoch(cfg) -> tuple[float, int, float, float]:
     """Seconds of the training steps of epoch 0, batches, mean loss and divergence; setup is not timed."""
-    from ktransfer.training.train import _training_batch, setup, train_step
+    from ktransfer.training.train import setup, train_step, training_batch
 
     run = setup(cfg)
-    batches = run.sampler.epoch_batches(0)
+    batches = run.data.sampler.epoch_batches(0)
     loss = div = 0.0
     t0 = time.perf_counter()
     for idx in batches:
-        r = train_step(run, [_training_batch(run, idx)])
+        r = train_step(run, [training_batch(run, idx)])
         loss, div = loss + r["loss"], div + r["divergence"]
     return time.perf_counter() - t0, len(batches), loss / len(batches), div / len(batches)
 

@@ -281,14 +281,14 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
     from ktransfer.training.train import collate_batch, compute_loss
 
     run.model.eval()
-    batch = collate_batch(run, run.valid_ids, list(range(6)))
+    batch = collate_batch(run, run.data.valid_ids, list(range(6)))
     with torch.no_grad():  # compute_loss keeps logits from the first scored column on; the full logits agree
         out = compute_loss(run, batch)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         full = transfer_loss(run.model(**inputs).logits, run.teacher(**inputs).logits, batch["labels"],
                              objective="ka", top_k=8, lam=0.5)
     assert out.loss.item() == pytest.approx(full.loss.item(), rel=1e-5) and int(out.num_tokens) == int(
-        full.num_tokens) == sum(len(r) for r in run.valid_ids[1][:6])
+        full.num_tokens) == sum(len(r) for r in run.data.valid_ids[1][:6])
 
     learner = [f"model.teacher={teacher / 'checkpoints/best'}", "objective.objective=ka", "objective.top_k=8",
                "objective.lam=0.5", "train.epochs=2"]
@@ -331,7 +331,7 @@ def test_bf16_autocast_on_a_causal_learner_with_its_own_samples(shared_data, tmp
     for bf16 in ("false", "true"):
         run = setup(_config(shared_data, tmp_path / f"probe-{bf16}", *args, f"train.bf16={bf16}"))
         run.model.eval()
-        batch = collate_batch(run, run.valid_ids, list(range(8)))
+        batch = collate_batch(run, run.data.valid_ids, list(range(8)))
         with torch.no_grad():
             out = compute_loss(run, batch)
         losses[bf16] = (out.loss.item(), out.nll.item(), out.divergence.item())

@@ -183,3 +183,61 @@ def test_direct_construction_is_checked():
     cfg.optim.lr = 0.0
     with pytest.raises(ConfigError, match="optim.lr: must be > 0.0"):
         validate(cfg)
+
+
+def test_model_init_lifts_the_preset_position_limit():
+    """``model.init`` replaces the preset, so the preset's 256 positions do not cap ``data.max_length`` (the loaded
+    model's own positions do, when the data is encoded); without ``model.init`` the preset's limit holds."""
+    with pytest.raises(ConfigError, match="data.max_length: 1000 exceeds the 256 positions of model.preset"):
+        load_config(None, ["data.max_length=1000"])
+    cfg = load_config(None, ["data.max_length=1000", "eval.max_length=600", "model.init=some/pretrained-model"])
+    assert cfg.data.max_length == 1000 and cfg.eval.max_length == 600
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("train.fused_head=true",), "train.fused_head: not with several processes"),
+    (("train.distributed=fsdp", "train.fused_head=true"), "train.fused_head: not with several processes"),
+    (("train.distributed=fsdp", "model.lora_r=4"), "model.lora_r: not with train.distributed=fsdp"),
+    (("train.distributed=fsdp", "objective.objective=kd", "model.teacher=t", "objective.prefix=learner"),
+     "objective.prefix: not with train.distributed=fsdp"),
+])
+def test_process_rules_are_checked_before_any_model_loads(tmp_path, monkeypatch, extra, match):
+    """Under several processes, settings that cannot run there are refused by ``setup`` before any data is read or
+    model loaded: here loading a model, reading the corpus or making the run folder would fail the test."""
+    from ktransfer.models import family
+    from ktransfer.runtime import distributed
+    from ktransfer.training import setup as setup_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or the data was loaded before the option rules were checked")
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(family, "load_model", forbidden)
+    monkeypatch.setattr(family, "build_model", forbidden)
+    monkeypatch.setattr(setup_module, "_read_data", forbidden)
+    cfg = load_config(None, [f"train.out_dir={tmp_path / 'run'}", "data.corpus=/nonexistent", *extra])
+    with pytest.raises(ConfigError, match=match):
+        setup_module.setup(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_config_prints_the_option_rules(capsys):
+    from ktransfer.cli import main
+    from ktransfer.training.rules import RULES
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr=0.0001" in out  # the keys, then the rules
+    for rule in RULES:
+        assert f"{' + '.join(rule.keys)}  [" in out and f"{rule.keys[0]}: {rule.text}" in out
+    assert "objective.tail + objective.top_k + objective.renormalize" in out
+    assert "[when the models load]" in out  # the rules that need a loaded model say so
+
+
+def test_rule_errors_name_their_key_and_source(tmp_path):
+    """A rule over two options names its first key and, when that key came from a file, the file and line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("objective:\n  top_k: 4\n  tail: true\n  renormalize: true\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c.yaml:3: objective.tail: needs objective.top_k") as e:
+        load_config(path)
+    assert e.value.key == "objective.tail"

@@ -38,7 +38,7 @@ def _run(shared_data, tmp_path, teacher: Path, preset: str, *extra):
 def _loss_and_grads(run) -> tuple[float, dict[str, torch.Tensor]]:
     from ktransfer.training.train import collate_batch
 
-    batch = collate_batch(run, run.train_ids, run.sampler.epoch_batches(0)[0])
+    batch = collate_batch(run, run.data.train_ids, run.data.sampler.epoch_batches(0)[0])
     run.model.zero_grad(set_to_none=True)
     out = compute_loss(run, batch)
     out.loss.backward()

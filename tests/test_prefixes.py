@@ -46,7 +46,7 @@ def learner_config(shared_data, out_dir, teacher, *extra):
 
 
 def first_batch(run) -> dict:
-    return collate_batch(run, run.train_ids, run.sampler.epoch_batches(0)[0])
+    return collate_batch(run, run.data.train_ids, run.data.sampler.epoch_batches(0)[0])
 
 
 # --------------------------------------------------------------------------------------------------------------

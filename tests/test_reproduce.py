@@ -120,7 +120,7 @@ def test_stage_stopped_by_a_signal_is_not_marked_done(shared_data, tmp_path, mon
     marked done, and the rerun skipped a half-trained teacher), and the same command resumes it."""
     import signal
 
-    import ktransfer.training.train as train_module
+    import ktransfer.training.loop as loop_module
 
     monkeypatch.setenv("KTRANSFER_DATA", str(shared_data))
 
@@ -131,7 +131,7 @@ def test_stage_stopped_by_a_signal_is_not_marked_done(shared_data, tmp_path, mon
         return False
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_module, "_stop_requested", stop_after_two_steps)
+        mp.setattr(loop_module, "stop_requested", stop_after_two_steps)
         result = reproduce("smoke", tmp_path, [*FAST, "stop_after=teacher"])
     assert "interrupted" in result and "SIGTERM" in result["interrupted"]
     stages = json.loads((tmp_path / "stages.json").read_text())

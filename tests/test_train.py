@@ -89,8 +89,8 @@ def test_teacher_is_frozen(teacher, shared_data, tmp_path):
                        "objective.top_k=8"))
     assert not run.teacher.training
     learner_before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    batches = run.sampler.epoch_batches(0)[:2]
-    result = train_step(run, [collate_batch(run, run.train_ids, idx) for idx in batches])
+    batches = run.data.sampler.epoch_batches(0)[:2]
+    result = train_step(run, [collate_batch(run, run.data.train_ids, idx) for idx in batches])
     assert result["finite"] and result["divergence"] > 0
     assert all(not p.requires_grad and p.grad is None for p in run.teacher.parameters())
     saved = weights(best)
@@ -105,8 +105,8 @@ def test_accumulated_half_batches_equal_one_batch(teacher, shared_data, tmp_path
     best = teacher / "checkpoints/best"
     extra = ("objective.objective=half", f"model.teacher={best}", "model.dropout=0", "optim.clip_norm=1.0")
     runs = [setup(config(shared_data, tmp_path / name, *extra)) for name in ("one", "two")]
-    idx = max(runs[0].sampler.epoch_batches(0), key=len)
-    whole = collate_batch(runs[0], runs[0].train_ids, idx)
+    idx = max(runs[0].data.sampler.epoch_batches(0), key=len)
+    whole = collate_batch(runs[0], runs[0].data.train_ids, idx)
     rows = len(idx) // 3  # unequal halves: different numbers of tokens
     halves = [{k: v[:rows] for k, v in whole.items()}, {k: v[rows:] for k, v in whole.items()}]
     assert int((halves[0]["labels"] != -100).sum()) != int((halves[1]["labels"] != -100).sum())
@@ -196,10 +196,11 @@ def test_kill_and_sigterm_resume_exactly(shared_data, tmp_path):
 # Non-finite steps, errors
 # --------------------------------------------------------------------------------------------------------------
 def _nan_on(calls: set[int] | None, monkeypatch):
-    """Make ``transfer_loss`` return NaN on the given call numbers (every call from the first one when None)."""
-    import ktransfer.training.train as train_module
+    """Make the training loss (``spec_loss`` as ``ktransfer.training.signals`` calls it) return NaN on the given call
+    numbers (every call from the first one when None)."""
+    import ktransfer.training.signals as signals_module
 
-    real, count = train_module.transfer_loss, [0]
+    real, count = signals_module.spec_loss, [0]
 
     def fake(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -208,7 +209,7 @@ def _nan_on(calls: set[int] | None, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "transfer_loss", fake)
+    monkeypatch.setattr(signals_module, "spec_loss", fake)
 
 
 def test_nonfinite_step_is_skipped(shared_data, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ examples:
   ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
       objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
   ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
-  ktransfer train --help-config             # every key, its default and help
+  ktransfer train --help-config             # every key, its default and help; the rules over options
 
   # a Hugging Face teacher (folder or cached hub id): the learner takes its tokenizer, no BPE is trained
   ktransfer train model.teacher=Helsinki-NLP/opus-mt-de-en model.preset=cpu-learner objective.objective=kd
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as train.save_every=N: also save checkpoints/last every N updates")
     parser.add_argument("--max-nonfinite", type=int, default=None, metavar="N",
                         help="same as train.max_nonfinite=N: stop after N consecutive non-finite steps")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default and help, then the rules over several options")
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:

@@ -8,9 +8,10 @@ Importing this package imports neither ``transformers.Trainer`` nor TRL; the rea
   untouched) with its ``generalized_jsd_loss`` replaced by ktransfer's (same value and gradient for every beta, and
   every other kind, top-k supports and an NLL mix besides).
 
-Both take the loss settings as keyword arguments (``objective``, ``lam``, ``top_k``, ``support``, ``temperature``,
-``beta``, ``alpha``, ``renormalize``, ``label_smoothing``, ``vocab_size``, ``chunk_size``) and compute the loss with
-``TransferLossMixin.compute_loss``, which any other ``Trainer`` subclass can mix in.
+Both take the loss settings as keyword arguments (``objective``, ``lam`` and the options of
+``ktransfer.losses.spec.OPTIONS``: ``top_k``, ``support``, ``tail``, ``renormalize``, ``temperature``, ``beta``,
+``alpha``, ``label_smoothing``, ``vocab_size``, ``chunk_size``), checked once into a ``LossSpec``, and compute the loss
+with ``TransferLossMixin.compute_loss``, which any other ``Trainer`` subclass can mix in.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from __future__ import annotations
 import torch
 
 from ktransfer.losses.hf_loss import hf_loss
-from ktransfer.losses.objectives import OBJECTIVES
+from ktransfer.losses.spec import OPTIONS, LossSpec
 
 # Keyword arguments of the trainers that are ktransfer loss settings (the rest go to the trainer).
-TRANSFER_OPTIONS = ("top_k", "support", "temperature", "beta", "alpha", "renormalize", "label_smoothing",
-                    "vocab_size", "chunk_size", "tail")
+TRANSFER_OPTIONS = OPTIONS
 
 
 def pop_transfer_options(kwargs: dict) -> dict:
@@ -49,19 +49,13 @@ class TransferLossMixin:
         Raises:
             ValueError: unknown objective, lam outside [0, 1], an unknown option, or no teacher for a divergence.
         """
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-        unknown = sorted(set(options) - set(TRANSFER_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown loss option(s) {unknown}; valid: {', '.join(TRANSFER_OPTIONS)}")
+        self.transfer_spec = LossSpec.of(objective, lam, **options)
         if teacher_model is not None:
             teacher_model.requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         if objective != "nll" and getattr(self, "teacher_model", None) is None:
             raise ValueError(f"objective {objective!r} needs a teacher_model")
-        self.transfer_objective, self.transfer_lam, self.transfer_options = objective, lam, dict(options)
+        self.transfer_options = dict(options)
 
     def transfer_inputs(self, model, inputs: dict) -> dict:
         """The model's forward arguments: ``inputs`` without ``labels``; for a seq2seq model without
@@ -81,13 +75,12 @@ class TransferLossMixin:
         model_inputs = self.transfer_inputs(model, inputs)
         outputs = model(**model_inputs)
         teacher_outputs = None
-        if self.transfer_objective != "nll":
+        if self.transfer_spec.needs_teacher:
             self.teacher_model.eval()
             with torch.no_grad():
                 teacher_outputs = self.teacher_model(**model_inputs)
-        result = hf_loss(outputs, teacher_outputs, inputs["labels"], objective=self.transfer_objective,
-                         lam=self.transfer_lam, model=self.accelerator.unwrap_model(model),
-                         num_items_in_batch=num_items_in_batch, **self.transfer_options)
+        result = hf_loss(outputs, teacher_outputs, inputs["labels"], spec=self.transfer_spec,
+                         model=self.accelerator.unwrap_model(model), num_items_in_batch=num_items_in_batch)
         if model.training:  # the parts of the loss, logged beside it (``log``)
             sums = self.__dict__.setdefault("_transfer_parts", {"nll": 0.0, "divergence": 0.0, "batches": 0})
             sums["nll"] += float(result.nll)

@@ -30,7 +30,7 @@ class TransferGKDTrainer(TransferLossMixin, GKDTrainer):
             ``"kd"``, ``"ka"``, ``"half"``, any kind of ``ktransfer.KINDS``, or ``"nll"``.
         lam: weight of the divergence; ``1 - lam`` weighs the NLL of the batch's labels (the reference completion,
             or the sampled one on on-policy steps). Default 1: divergence only, as GKD.
-        top_k, support, temperature, beta, alpha, renormalize, label_smoothing, vocab_size, chunk_size: as in
+        top_k, support, tail, renormalize, temperature, beta, alpha, label_smoothing, vocab_size, chunk_size: as in
             ``ktransfer.transfer_loss``.
     """
 

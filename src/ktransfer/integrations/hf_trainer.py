@@ -17,7 +17,7 @@ class TransferTrainer(TransferLossMixin, Trainer):
         objective: ``"kd"`` (KL(q || p)), ``"ka"`` (KL(p || q)), ``"half"``, any kind of ``ktransfer.KINDS``, or
             ``"nll"``.
         lam: weight of the divergence; ``1 - lam`` weighs the NLL of the labels.
-        top_k, support, temperature, beta, alpha, renormalize, label_smoothing, vocab_size, chunk_size: as in
+        top_k, support, tail, renormalize, temperature, beta, alpha, label_smoothing, vocab_size, chunk_size: as in
             ``ktransfer.transfer_loss`` (keyword arguments).
     """
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ktransfer.losses import chunking
 from ktransfer.losses.divergences import check_vocab_size, compute_dtype, run_chunk
 from ktransfer.losses.objectives import TransferLoss, plan_loss
+from ktransfer.losses.spec import DIVERGENCE_OPTIONS, LossSpec
 
 # Positions per chunk on a CPU: about 2**23 / V, at least 128. Each chunk adds its dL/dz^T h to the [V, H] weight
 # gradient, reading and writing all of it, so few rows per chunk make that traffic dominate: at N = 4096, H = 512,
@@ -138,6 +139,20 @@ def fused_linear_divergence(
     Returns:
         ``TransferLoss`` with the same value as ``transfer_loss`` on the materialised logits.
     """
+    unknown = sorted(set(divergence_options) - set(DIVERGENCE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown divergence option(s) {unknown}; valid: {', '.join(DIVERGENCE_OPTIONS)}")
+    spec = LossSpec.of(kind, lam, top_k=top_k, temperature=temperature, label_smoothing=label_smoothing,
+                       vocab_size=vocab_size, chunk_size=chunk_size, **divergence_options)
+    return fused_spec_loss(spec, learner_hidden, learner_head, teacher_hidden, teacher_head, labels=labels,
+                           learner_bias=learner_bias, teacher_bias=teacher_bias, num_tokens=num_tokens,
+                           ignore_index=ignore_index)
+
+
+def fused_spec_loss(spec: LossSpec, learner_hidden, learner_head, teacher_hidden, teacher_head, *, labels=None,
+                    learner_bias=None, teacher_bias=None, num_tokens=None, ignore_index: int = -100) -> TransferLoss:
+    """``fused_linear_divergence`` with its settings in one ``LossSpec`` (heads cut to ``spec.vocab_size`` rows)."""
+    vocab_size, chunk_size = spec.vocab_size, spec.chunk_size
     W, b = _weight_and_bias(learner_head, learner_bias)
     check_vocab_size(vocab_size, learner_head=W.shape[0],
                      teacher_head=None if teacher_head is None else _weight_and_bias(teacher_head, None)[0].shape[0])
@@ -157,13 +172,11 @@ def fused_linear_divergence(
             raise ValueError(f"teacher_hidden positions {list(teacher_hidden.shape[:-1])} differ from "
                              f"learner_hidden positions {list(lead)}")
     if labels is None:
-        if lam != 1.0:
-            raise ValueError(f"lam={lam} < 1 mixes in an NLL term, which needs labels")
+        if spec.lam != 1.0:
+            raise ValueError(f"lam={spec.lam} < 1 mixes in an NLL term, which needs labels")
         labels = torch.zeros(lead, dtype=torch.long, device=learner_hidden.device)
-    plan = plan_loss((*lead, V), None if Wt is None else (*lead, Wt.shape[0]), labels, learner_hidden.device,
-                     objective=kind, lam=lam, top_k=top_k, temperature=temperature, ignore_index=ignore_index,
-                     label_smoothing=label_smoothing, num_tokens=num_tokens,
-                     divergence_options={**divergence_options, "chunk_size": chunk_size})
+    plan = plan_loss(spec, (*lead, V), None if Wt is None else (*lead, Wt.shape[0]), labels, learner_hidden.device,
+                     ignore_index=ignore_index, num_tokens=num_tokens)
     if chunk_size is None:
         chunk_size = chunking.default_chunk_rows(learner_hidden.device, V, cpu_elements=CHUNK_ELEMENTS_CPU,
                                                  min_cpu_rows=MIN_CHUNK_ROWS_CPU)
@@ -228,22 +241,26 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
 
 
 def fused_model_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, inputs: dict, labels: torch.Tensor, *,
-                     objective: str, lam: float = 0.5, **options) -> TransferLoss:
+                     objective: str | None = None, lam: float = 0.5, spec: LossSpec | None = None,
+                     num_tokens=None, **options) -> TransferLoss:
     """``transfer_loss(model(**inputs).logits, teacher(**inputs).logits, labels, ...)`` without either logits.
 
     Runs the bodies (``output_head``) for the last hidden states ``[B, T, H]`` (the teacher's under ``no_grad``) and
-    calls ``fused_linear_divergence`` with each model's head and bias; ``options`` are those of ``transfer_loss``.
-    Value and gradients equal the unfused ones up to float rounding.
+    calls ``fused_spec_loss`` with each model's head and bias. The settings: ``spec``, or ``objective``, ``lam`` and
+    the ``options`` of ``transfer_loss``. Value and gradients equal the unfused ones up to float rounding (heads
+    padded beyond ``spec.vocab_size`` included: their extra rows are left out as the unfused path slices them).
     """
+    if spec is None:
+        spec = LossSpec.of(objective, lam, **options)
     inputs = dict(inputs)
     keep = inputs.pop("logits_to_keep", None)  # causal: logits of the last `keep` positions only (the labels')
     window = (lambda x: x) if not keep else (lambda x: x[:, -keep:])  # noqa: E731
     body, head, bias = output_head(model)
     h = window(body(**inputs, use_cache=False)[0])
     g = t_head = t_bias = None
-    if teacher is not None and objective != "nll":
+    if teacher is not None and spec.needs_teacher:
         t_body, t_head, t_bias = output_head(teacher)
         with torch.no_grad():
             g = window(t_body(**inputs, use_cache=False)[0])
-    return fused_linear_divergence(h, head, g, t_head, objective, labels=labels, lam=lam, learner_bias=bias,
-                                   teacher_bias=t_bias, **options)
+    return fused_spec_loss(spec, h, head, g, t_head, labels=labels, learner_bias=bias, teacher_bias=t_bias,
+                           num_tokens=num_tokens)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.losses.objectives import TransferLoss, transfer_loss
+from ktransfer.losses.objectives import TransferLoss, spec_loss
+from ktransfer.losses.spec import LossSpec
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -83,6 +84,7 @@ def hf_loss(
     labels_shifted: bool | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
+    spec: LossSpec | None = None,
     **options,
 ) -> TransferLoss:
     """``transfer_loss`` on Hugging Face outputs and their ``labels``, shifted once where the model family needs it.
@@ -101,8 +103,11 @@ def hf_loss(
             passes it to ``compute_loss`` (all micro-batches of a gradient-accumulation step, and all processes with
             ``average_tokens_across_devices``); None = the tokens of this batch.
         ignore_index: label value of positions that are not counted.
-        **options: the other keyword arguments of ``transfer_loss`` (``top_k``, ``support``, ``temperature``,
-            ``beta``, ``alpha``, ``renormalize``, ``label_smoothing``, ``vocab_size``, ``chunk_size``).
+        spec: the loss settings as one ``ktransfer.losses.spec.LossSpec`` (then ``objective``, ``lam`` and
+            ``options`` are not read).
+        **options: the other keyword arguments of ``transfer_loss`` (``top_k``, ``support``, ``tail``,
+            ``renormalize``, ``temperature``, ``beta``, ``alpha``, ``label_smoothing``, ``vocab_size``,
+            ``chunk_size``: ``ktransfer.losses.spec.OPTIONS``).
 
     Returns:
         ``TransferLoss``: ``loss`` (sum over counted positions / count), ``nll``, ``divergence``, ``num_tokens``.
@@ -111,6 +116,8 @@ def hf_loss(
         ValueError: the family cannot be decided, labels do not match the logits' ``[B, T]``, or any error of
             ``transfer_loss``.
     """
+    if spec is None:
+        spec = LossSpec.of(objective, lam, **options)
     z = _logits(learner_outputs, "learner_outputs")
     u = _logits(teacher_outputs, "teacher_outputs")
     if not isinstance(labels, torch.Tensor):
@@ -120,5 +127,4 @@ def hf_loss(
                          "(pass the labels as the model takes them: hf_loss shifts causal labels itself)")
     if labels_need_shift(learner_outputs, model, labels_shifted):
         labels = shift_labels(labels, ignore_index)
-    return transfer_loss(z, u, labels, objective=objective, lam=lam, ignore_index=ignore_index,
-                         num_tokens=num_items_in_batch, **options)
+    return spec_loss(spec, z, u, labels, ignore_index=ignore_index, num_tokens=num_items_in_batch)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ktransfer.losses.divergences import KINDS, FusedSweep, SweepSpec, check_options, slice_vocab, terms_of
+from ktransfer.losses.divergences import FusedSweep, SweepSpec, check_options, slice_vocab, terms_of
+from ktransfer.losses.spec import ALIASES, DIVERGENCE_OPTIONS, OBJECTIVES, LossSpec
 
-ALIASES = {"kd": "forward_kl", "ka": "reverse_kl"}
-OBJECTIVES = ("nll", "kd", "ka", *KINDS)
-_DIVERGENCE_OPTIONS = ("support", "beta", "alpha", "renormalize", "chunk_size", "tail")
+__all__ = ["ALIASES", "OBJECTIVES", "LossPlan", "LossSpec", "TransferLoss", "plan_loss", "spec_loss", "transfer_loss"]
 
 
 @dataclass
@@ -60,7 +59,7 @@ def transfer_loss(
         labels: ``[...]`` integer reference tokens, aligned with the logits: ``logits[..., t, :]`` is scored against
             ``labels[..., t]``; ``ignore_index`` marks positions that are not counted. A Hugging Face causal LM's
             ``labels`` are *not* aligned (its logits at t predict token t + 1): use ``ktransfer.hf_loss``, or
-            ``ktransfer.shift_causal`` first.
+            ``ktransfer.shift_labels`` first.
         objective: ``"nll"``, ``"kd"`` (forward_kl), ``"ka"`` (reverse_kl), ``"half"``, or any kind in ``KINDS``.
         lam: weight of the divergence, 0 <= lam <= 1 (ignored for ``nll``).
         top_k, temperature: as in ``ktransfer.divergence``; the temperature applies to the divergence only (NLL is
@@ -71,23 +70,35 @@ def transfer_loss(
         vocab_size: score only the ids ``[0, vocab_size)`` of both logits
             (``ktransfer.losses.divergences.slice_vocab``), for models whose output layers are padded to different
             sizes; labels must lie below it.
-        **divergence_options: ``support``, ``beta``, ``alpha``, ``renormalize``, ``chunk_size``, ``tail`` of
-            ``divergence``.
+        **divergence_options: ``support``, ``tail``, ``renormalize``, ``beta``, ``alpha``, ``chunk_size`` of
+            ``divergence`` (every option: ``ktransfer.losses.spec.OPTIONS``). The settings become one
+            ``LossSpec``; ``spec_loss`` takes one directly.
 
     Raises:
         ValueError: unknown objective or option, missing teacher, labels of the wrong shape or out of range.
     """
+    unknown = sorted(set(divergence_options) - set(DIVERGENCE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown divergence option(s) {unknown}; valid: {', '.join(DIVERGENCE_OPTIONS)}")
+    spec = LossSpec.of(objective, lam, top_k=top_k, temperature=temperature, label_smoothing=label_smoothing,
+                       vocab_size=vocab_size, **divergence_options)
+    return spec_loss(spec, learner_logits, teacher_logits, labels, num_tokens=num_tokens, ignore_index=ignore_index)
+
+
+def spec_loss(spec: LossSpec, learner_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+              labels: torch.Tensor, *, num_tokens: int | torch.Tensor | None = None,
+              ignore_index: int = -100) -> TransferLoss:
+    """``transfer_loss`` with its settings in one ``LossSpec`` (logits sliced to ``spec.vocab_size``)."""
     _refuse_model_output(learner_logits, teacher_logits)
-    learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, vocab_size)
-    plan = plan_loss(tuple(learner_logits.shape), None if teacher_logits is None else tuple(teacher_logits.shape),
-                 labels, learner_logits.device, objective=objective, lam=lam, top_k=top_k, temperature=temperature,
-                 ignore_index=ignore_index, label_smoothing=label_smoothing, num_tokens=num_tokens,
-                 divergence_options=divergence_options)
+    learner_logits, teacher_logits = slice_vocab(learner_logits, teacher_logits, spec.vocab_size)
+    plan = plan_loss(spec, tuple(learner_logits.shape),
+                     None if teacher_logits is None else tuple(teacher_logits.shape), labels, learner_logits.device,
+                     ignore_index=ignore_index, num_tokens=num_tokens)
     V = learner_logits.shape[-1]
     z2 = learner_logits.reshape(-1, V)
     u2 = teacher_logits.detach().reshape(-1, V) if plan.spec.terms else None
-    loss, div_sum, nll_sum = FusedSweep.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale, plan.nll_scale,
-                                          "total", plan.chunk_size)
+    loss, div_sum, nll_sum = FusedSweep.apply(z2, u2, plan.labels, plan.rows, plan.spec, plan.div_scale,
+                                              plan.nll_scale, "total", plan.chunk_size)
     return plan.result(loss, div_sum, nll_sum)
 
 
@@ -118,18 +129,10 @@ class LossPlan:
                             divergence=(div_sum * self.inv).to(loss.dtype), num_tokens=self.count)
 
 
-def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, top_k, temperature, ignore_index,
-              label_smoothing, num_tokens, divergence_options) -> LossPlan:
-    """Validate the arguments of Eq. 12 and work out the rows and scales; shared by the fused linear path."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
-    unknown = sorted(set(divergence_options) - set(_DIVERGENCE_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown divergence option(s) {unknown}; valid: {', '.join(_DIVERGENCE_OPTIONS)}")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+def plan_loss(spec: LossSpec, learner_shape, teacher_shape, labels, device, *, ignore_index: int = -100,
+              num_tokens=None) -> LossPlan:
+    """Validate ``spec`` against the shapes and labels and work out the rows and scales; shared by the fused linear
+    path (``spec.vocab_size`` is applied by the caller: these are the shapes after slicing)."""
     if tuple(labels.shape) != tuple(learner_shape[:-1]):
         raise ValueError(
             f"labels shape {list(labels.shape)} must equal the logits shape without the vocabulary dimension, "
@@ -137,17 +140,15 @@ def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, t
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    kind = ALIASES.get(objective, objective)
-    opts = {"support": None, "beta": 0.5, "alpha": 0.1, "renormalize": False, "chunk_size": None, "tail": False,
-            **divergence_options}
+    kind, lam, top_k = spec.kind, spec.lam, spec.top_k
     if kind == "nll":
         lam = 0.0
     elif teacher_shape is None:
-        raise ValueError(f"objective {objective!r} needs teacher_logits (only 'nll' trains without a teacher)")
+        raise ValueError(f"objective {spec.objective!r} needs teacher_logits (only 'nll' trains without a teacher)")
     check_options("forward_kl" if kind == "nll" else kind, tuple(learner_shape),
                   tuple(learner_shape) if kind == "nll" else tuple(teacher_shape),
-                  top_k, opts["support"], temperature, opts["beta"], opts["alpha"], "mean", opts["chunk_size"],
-                  bool(opts["tail"]) and kind != "nll", bool(opts["renormalize"]))
+                  top_k, spec.support, spec.temperature, spec.beta, spec.alpha, "mean", spec.chunk_size,
+                  spec.tail and kind != "nll", spec.renormalize)
 
     V = learner_shape[-1]
     mask = (labels != ignore_index).reshape(-1).to(device)
@@ -160,9 +161,9 @@ def plan_loss(learner_shape, teacher_shape, labels, device, *, objective, lam, t
     count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64, device=device)
     inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-12), torch.zeros_like(count))
     N = flat_labels.numel()
-    terms = terms_of(kind, top_k, opts["support"], opts["beta"]) if kind != "nll" else ()
-    spec = SweepSpec(terms, top_k, float(temperature), float(opts["beta"]), float(opts["alpha"]),
-                     bool(opts["renormalize"]), float(label_smoothing), tail=bool(opts["tail"]))
-    return LossPlan(spec=spec, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
+    terms = terms_of(kind, top_k, spec.support, spec.beta) if kind != "nll" else ()
+    sweep = SweepSpec(terms, top_k, float(spec.temperature), float(spec.beta), float(spec.alpha),
+                      bool(spec.renormalize), float(spec.label_smoothing), tail=bool(spec.tail))
+    return LossPlan(spec=sweep, labels=flat_labels.clamp(0, V - 1),  # ignored rows are never gathered
                  rows=rows, div_scale=(lam * inv).expand(N), nll_scale=((1.0 - lam) * inv).expand(N), count=count,
-                 inv=inv, chunk_size=opts["chunk_size"])
+                 inv=inv, chunk_size=spec.chunk_size)

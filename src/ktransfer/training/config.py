@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from ktransfer.losses.divergences import SUPPORTS
-from ktransfer.losses.objectives import OBJECTIVES
+from ktransfer.losses.spec import OBJECTIVES
+from ktransfer.training import rules
 
 Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
 Support = Literal[SUPPORTS]
@@ -106,9 +107,6 @@ class DataConfig(_Section):
 
         if self.format not in ("auto", *FORMATS):
             raise ConfigError(f"data.format: {self.format!r}; choose auto, {', '.join(FORMATS)}", key="data.format")
-        if self.format in ("auto", "parallel") and self.src_lang == self.tgt_lang:
-            raise ConfigError(f"data.tgt_lang: must differ from data.src_lang, both are {self.src_lang!r}",
-                              key="data.tgt_lang")
 
 
 @dataclass
@@ -191,16 +189,6 @@ class ObjectiveConfig(_Section):
                                  gt=0.0, le=1.0)
     sample_max_length: int | None = _field(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
 
-    def _check_more(self) -> None:
-        if self.tail and (self.top_k is None or self.renormalize):
-            raise ConfigError("objective.tail: needs objective.top_k (the rest is what lies outside the top-k) and "
-                              "excludes objective.renormalize", key="objective.tail")
-        if self.prefix != "reference" and self.objective == "nll":
-            raise ConfigError(
-                f"objective.prefix: {self.prefix!r} needs a divergence objective (kd, ka, ...): with "
-                "objective.objective=nll there is no teacher term to compute on the sampled prefixes, and NLL is "
-                "always on the reference (use objective.prefix=reference)", key="objective.prefix")
-
 
 @dataclass
 class TrainConfig(_Section):
@@ -281,20 +269,15 @@ SECTIONS: dict[str, type] = {
 
 
 def _check_run(cfg: RunConfig) -> None:
-    from ktransfer.models.family import PRESETS
+    check_rules(cfg)
 
-    positions = PRESETS.get(cfg.model.preset, {}).get("max_position_embeddings")
-    for key, value in (("data.max_length", cfg.data.max_length), ("eval.max_length", cfg.eval.max_length)):
-        if positions is not None and value > positions:
-            raise ConfigError(
-                f"{key}: {value} exceeds the {positions} positions of model.preset={cfg.model.preset!r}", key=key
-            )
-    if cfg.objective.objective != "nll" and not cfg.model.teacher:
-        raise ConfigError(
-            f"model.teacher: objective.objective={cfg.objective.objective!r} needs a teacher checkpoint "
-            "(set model.teacher=PATH, or use objective.objective=nll)",
-            key="model.teacher",
-        )
+
+def check_rules(cfg: RunConfig, *, world: int = 1, fmt: str | None = None) -> None:
+    """Raise ConfigError for the first rule over several options (``ktransfer.training.rules``) that ``cfg``
+    breaks with ``world`` processes and data format ``fmt`` (None: as configured)."""
+    facts = rules.Facts(world=world, format=fmt)
+    for rule in rules.broken(cfg, facts)[:1]:
+        raise ConfigError(rule.error(cfg, facts), key=rule.keys[0])
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -589,7 +572,7 @@ def config_help(cfg: RunConfig | None = None) -> str:
             typ = _type_name(hints[f.name]) + (f", {bounds}" if bounds else "")
             lines.append(f"  {name}.{f.name}={_show(value)}  ({typ})")
             lines.append(f"      {f.metadata['help']}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + rules.describe()
 
 
 def _show(value: Any) -> str:

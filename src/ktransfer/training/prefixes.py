@@ -39,10 +39,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ktransfer.losses.objectives import TransferLoss, transfer_loss
+from ktransfer.losses.objectives import TransferLoss, spec_loss
+from ktransfer.losses.spec import LossSpec
 
 IGNORE_INDEX = -100
 PREFIXES = ("reference", "learner", "mixed")
@@ -125,8 +127,8 @@ def _stack(a: dict, b: dict, pad_id: int) -> dict:
     return out
 
 
-def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *, num_tokens: int | None = None,
-                   autocast=None, vocab_size: int | None = None) -> TransferLoss:
+def on_policy_loss(model, teacher, reference: dict, sampled: dict, spec: LossSpec, *,
+                   num_tokens: int | None = None, autocast=None) -> TransferLoss:
     """``(1 - lam) * NLL(reference) + lam * D(sampled)``, normalised as the module docstring says.
 
     One forward pass of ``model`` over the reference and sampled rows stacked (so DDP sees one forward per
@@ -136,17 +138,15 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
         model: the learner (or its DDP wrapper); teacher: the frozen teacher.
         reference, sampled: batches with the same sources: ``labels`` ``[B, T]`` and ``[B, T']``, -100 = not
             counted; every other key is a model input.
-        objective: ``cfg.objective`` (objective, lam, top_k, temperature, label_smoothing, support, beta, alpha,
-            renormalize).
+        spec: the run's ``LossSpec`` (objective, lam, top_k, support, tail, renormalize, temperature, beta, alpha,
+            label_smoothing, vocab_size: both models' logits are cut to the ids they share, as on every path).
         num_tokens: reference tokens of all micro-batches (accumulation, several processes); None = this batch's.
         autocast: context manager around the forward passes (bf16), default none.
-        vocab_size: keep only the first ``vocab_size`` logits of both models (causal LMs with padded embeddings).
 
     Returns:
         ``TransferLoss``: ``loss``; ``nll`` = the reference NLL sum / N; ``divergence`` = (n_b / N) * D_b (summed
         over micro-batches by ``train_step``, the reference-token-weighted mean of the D_b); ``num_tokens`` = N.
     """
-    ob = objective
     pad_id = int(getattr(getattr(model, "module", model).config, "pad_token_id", 0) or 0)
     B, T_ref, T_smp = reference["labels"].shape[0], reference["labels"].shape[1], sampled["labels"].shape[1]
     both = _stack(reference, sampled, pad_id)
@@ -155,40 +155,42 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
         with torch.no_grad():
             teacher_logits = teacher(**{k: sampled[k] for k in _KEYS[:3] if k in sampled},
                                      use_cache=False).logits  # (B, T', V)
-    if vocab_size is not None:
-        logits, teacher_logits = logits[..., :vocab_size], teacher_logits[..., :vocab_size]
-    nll = transfer_loss(logits[:B, :T_ref], None, reference["labels"], objective="nll",
-                        label_smoothing=ob.label_smoothing, num_tokens=num_tokens)
-    extra = {"support": ob.support} if ob.support is not None else {}
-    div = transfer_loss(logits[B:, :T_smp], teacher_logits, sampled["labels"], objective=ob.objective, lam=1.0,
-                        top_k=ob.top_k, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
-                        renormalize=ob.renormalize, tail=getattr(ob, "tail", False),
-                        **extra)  # mean over this batch's sampled tokens
+    nll = spec_loss(spec.replace(objective="nll", top_k=None, support=None, tail=False, renormalize=False),
+                    logits[:B, :T_ref], None, reference["labels"],
+                    num_tokens=num_tokens)
+    div = spec_loss(spec.replace(lam=1.0, label_smoothing=0.0), logits[B:, :T_smp], teacher_logits,
+                    sampled["labels"])  # mean over this batch's sampled tokens
     n_ref = int((reference["labels"] != IGNORE_INDEX).sum())
     weight = n_ref / num_tokens if num_tokens else 1.0  # this micro-batch's share of the reference tokens
-    loss = (1.0 - ob.lam) * nll.loss + (ob.lam * weight) * div.loss
+    loss = (1.0 - spec.lam) * nll.loss + (spec.lam * weight) * div.loss
     return TransferLoss(loss=loss, nll=nll.nll, divergence=div.divergence * weight, num_tokens=nll.num_tokens)
 
 
-def compute_loss(run, batch: dict, num_tokens: int | None = None, *, model=None) -> TransferLoss | None:
-    """``train.compute_loss`` for ``objective.prefix`` learner / mixed on a training batch; None when this batch
-    keeps the reference prefix (a ``mixed`` coin that came up "reference").
+@dataclass
+class OnPolicy:
+    """The loss source of ``objective.prefix`` learner / mixed (``ktransfer.training.signals``): per training
+    batch, draws from ``batch_generator(train.seed, state.step, input_ids)`` whether to sample (``mixed``) and the
+    sampling seed; the family samples with the unwrapped ``learner`` (``family.on_policy_batch``), ``model`` (the
+    learner or its DDP wrapper) runs the training forward. A ``mixed`` batch whose coin kept the reference prefix
+    goes to ``reference`` (the run's reference-prefix source)."""
 
-    Draws from ``batch_generator(train.seed, state.step, input_ids)``; the family samples with the unwrapped learner
-    ``run.model`` (``run.family.on_policy_batch``); ``model`` (default ``run.model``, the DDP wrapper in
-    ``train_step``) runs the training forward.
-    """
-    cfg = run.cfg
-    ob = cfg.objective
-    if run.teacher is None:
-        raise ValueError(f"objective.prefix={ob.prefix!r} needs a teacher (objective.objective={ob.objective!r})")
-    use_learner, seed = draw(batch_generator(cfg.train.seed, run.state.step, batch["input_ids"]), ob.prefix,
-                             ob.on_policy_fraction)
-    if not use_learner:
-        return None
-    settings = SampleSettings.from_config(cfg, seed=seed)
-    sampled = run.family.on_policy_batch(run.model, run.tokenizer, batch, settings)
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    return on_policy_loss(run.model if model is None else model, run.teacher, batch, sampled, ob,
-                          num_tokens=num_tokens, autocast=autocast, vocab_size=run.vocab_size)
+    spec: LossSpec
+    teacher: torch.nn.Module
+    learner: torch.nn.Module
+    family: Any
+    tokenizer: Any
+    cfg: Any  # RunConfig: train.seed, objective.prefix / on_policy_fraction / sample_*, eval.max_length
+    state: Any  # TrainState: its step seeds the draws
+    reference: Any
+    autocast: Any  # () -> context manager
 
+    def loss(self, model, batch: dict, num_tokens: int | None = None) -> TransferLoss:
+        ob = self.cfg.objective
+        use_learner, seed = draw(batch_generator(self.cfg.train.seed, self.state.step, batch["input_ids"]),
+                                 ob.prefix, ob.on_policy_fraction)
+        if not use_learner:
+            return self.reference.loss(model, batch, num_tokens)
+        settings = SampleSettings.from_config(self.cfg, seed=seed)
+        sampled = self.family.on_policy_batch(self.learner, self.tokenizer, batch, settings)
+        return on_policy_loss(model, self.teacher, batch, sampled, self.spec, num_tokens=num_tokens,
+                              autocast=self.autocast())

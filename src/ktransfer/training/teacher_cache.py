@@ -49,6 +49,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from ktransfer.training.rules import exact_for  # noqa: F401  (re-exported: which objectives the cache serves)
+
 FORMAT = "ktransfer-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -129,31 +131,6 @@ class TeacherCache:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Which objectives the cache serves
-# --------------------------------------------------------------------------------------------------------------
-def exact_for(objective: str, top_k: int | None, support: str | None, k: int | None = None) -> str | None:
-    """None when ``objective`` with ``top_k``/``support`` reads the teacher only on its top-``top_k`` tokens (so a
-    cache of K >= top_k gives it exactly); else the reason it does not."""
-    from ktransfer.losses.divergences import terms_of
-    from ktransfer.losses.objectives import ALIASES
-
-    kind = ALIASES.get(objective, objective)
-    if kind == "nll":
-        return "objective nll uses no teacher"
-    if top_k is None:
-        return (f"objective {objective!r} on the full vocabulary reads the teacher's probability of every token, "
-                "but the cache keeps only its top-K (set objective.top_k)")
-    off = sorted({t.kind for t in terms_of(kind, top_k, support) if t.support != "teacher"})
-    if off:
-        return (f"objective {objective!r} reads the teacher on a support other than its own top-k ({', '.join(off)}: "
-                f"support {support or 'default'}), where the cache only has the teacher's top-K; only divergences on "
-                "the teacher's support (kd, skew_forward_kl, or support=teacher) are exact")
-    if k is not None and top_k > k:
-        return f"objective.top_k={top_k} exceeds the cache's K={k}"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Building, writing and reading
 # --------------------------------------------------------------------------------------------------------------
 def ids_digest(src: list[list[int]], tgt: list[list[int]]) -> str:
@@ -177,7 +154,7 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
           k: int, family, model, tokenizer, temperature: float = 1.0, max_tokens: int = 4096,
           device: torch.device | str = "cpu",
           bf16: bool = False, dtype: torch.dtype = torch.float32, shard_examples: int = 50_000,
-          key: dict[str, Any] | None = None, log=None) -> TeacherCache:
+          key: dict[str, Any] | None = None, log=None, vocab_size: int | None = None) -> TeacherCache:
     """One teacher pass over ``ids`` = (source ids, target ids) as a family encodes them; writes the cache folder
     ``path`` and returns it. Row j of example i is the teacher at its j-th target (``len(ids[1][i])`` of them).
 
@@ -186,7 +163,8 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     with ``bf16``) on length-sorted batches of at most ``max_tokens`` padded tokens per side. ``key``: settings that
     identify the run (teacher digest, tokenizer, data), stored in the manifest and compared by ``load``. The folder
     is written under a temporary name and renamed into place, so an interrupted build leaves nothing behind at
-    ``path``.
+    ``path``. ``vocab_size``: the ids learner and teacher share; the teacher's output rows above it (padding) are
+    left out before the softmax, as the live loss slices them (``LossSpec.vocab_size``).
     """
     from ktransfer.data.batching import TokenBatchSampler
 
@@ -220,6 +198,8 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
         shift = first_targets(labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             u = teacher(**inputs, use_cache=False).logits  # (B, T, V)
+        if vocab_size is not None:
+            u = u[..., :vocab_size]
         V = u.shape[-1]
         if k > V:
             raise ValueError(f"k={k} exceeds the teacher's vocabulary size {V}")
@@ -359,41 +339,33 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
             "train_limit": d.train_limit, "max_length": d.max_length}
 
 
-def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, family, model, device: torch.device,
+def open_for_run(cfg, spec, teacher: torch.nn.Module, tokenizer, train_ids, family, model, device: torch.device,
                  log) -> TeacherCache:
-    """The cache of ``train.teacher_cache`` for this run: checked against the objective, built when the folder does
-    not exist (rank 0; the others wait), refused when stale.
+    """The cache of ``train.teacher_cache`` for this run and its loss ``spec`` (a ``LossSpec``: top_k, temperature,
+    vocab_size), built when the folder does not exist (rank 0; the others wait), refused when stale. Which
+    objectives and settings the cache serves is checked before any model loads (``ktransfer.training.rules``).
 
     Raises:
-        ConfigError: an objective the cache cannot serve exactly, on-policy prefixes, the fused head, or a stale or
-            broken cache folder (key ``train.teacher_cache``).
+        ConfigError: a stale or broken cache folder (key ``train.teacher_cache``).
     """
     from ktransfer.runtime import distributed
     from ktransfer.training.config import ConfigError
 
-    ob, key = cfg.objective, "train.teacher_cache"
-    why = exact_for(ob.objective, ob.top_k, ob.support)
-    if why is not None:
-        raise ConfigError(f"{key}: the cache cannot give objective.objective={ob.objective!r} exactly: {why}",
-                          key="objective.objective" if ob.top_k is not None else "objective.top_k")
-    if ob.prefix != "reference":
-        raise ConfigError(f"{key}: objective.prefix={ob.prefix!r}: the cache holds the teacher on the reference "
-                          "prefixes only; use objective.prefix=reference", key="objective.prefix")
-    if getattr(cfg.train, "fused_head", False):
-        raise ConfigError(f"{key}: not with train.fused_head=true (the cache replaces the teacher's logits, the fused "
-                          "head needs its hidden states); set one of them", key="train.fused_head")
+    key = "train.teacher_cache"
     src, tgt = train_ids
     run = {**run_key(cfg, tokenizer), "ids_sha256": ids_digest(src, tgt)}
     path = Path(cfg.train.teacher_cache)
     if not path.exists():
         if distributed.is_main():
-            log(f"teacher cache: building {path} (top-{ob.top_k}, T={ob.temperature})")
-            build(path, teacher, train_ids, k=ob.top_k, temperature=ob.temperature, family=family, model=model,
+            log(f"teacher cache: building {path} (top-{spec.top_k}, T={spec.temperature})")
+            build(path, teacher, train_ids, k=spec.top_k, temperature=spec.temperature, family=family, model=model,
                   tokenizer=tokenizer, max_tokens=cfg.data.max_tokens, device=device, bf16=cfg.train.bf16, key=run,
-                  log=log)
+                  log=log, vocab_size=spec.vocab_size)
         distributed.barrier()
-    expect = {"k_min": ob.top_k, "temperature": float(ob.temperature), "bf16": bool(cfg.train.bf16),
+    expect = {"k_min": spec.top_k, "temperature": float(spec.temperature), "bf16": bool(cfg.train.bf16),
               "num_examples": len(tgt), "key": run}
+    if spec.vocab_size is not None:
+        expect["vocab_size"] = spec.vocab_size
     try:
         cache = load(path, expect=expect)
     except TeacherCacheError as e:
@@ -401,4 +373,3 @@ def open_for_run(cfg, teacher: torch.nn.Module, tokenizer, train_ids, family, mo
     log(f"teacher cache: {path} (top-{cache.k}, {int(cache.offsets[-1]):,} positions, {cache.manifest['dtype']}); "
         "the teacher runs for validation only")
     return cache
-

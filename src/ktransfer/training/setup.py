@@ -1,0 +1,263 @@
+"""``setup(cfg)``: a ``Run`` built from a config, or restored from ``RUN/checkpoints/last``.
+
+In order: the option rules (``ktransfer.training.rules``, before anything is read or loaded), the data, the run
+folder and its lock, the train state (resumed or new), the models and tokenizer (``ktransfer.training.loading``), the
+encoded data and batches, the loss spec and where the teacher's signal comes from (``ktransfer.training.signals``),
+the process layout (``ktransfer.training.parallel``) and the optimiser. A new run folder that fails half-way is
+removed again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ktransfer.data import formats
+from ktransfer.data.batching import TokenBatchSampler
+from ktransfer.data.corpora import CorpusError, read_split, require_nonempty_pairs
+from ktransfer.losses.spec import LossSpec
+from ktransfer.models import checkpoint as ckpt_lib
+from ktransfer.models import family as models
+from ktransfer.runtime import distributed, runlock
+from ktransfer.runtime.device import DeviceError, choose_device
+from ktransfer.runtime.runlog import RunLog
+from ktransfer.training import loading, signals
+from ktransfer.training.config import ConfigError, RunConfig, check_rules, config_to_dict, save_config
+from ktransfer.training.metrics import MetricsFile, tensorboard
+from ktransfer.training.parallel import Parallel
+from ktransfer.training.run import Run, RunData, TrainState
+
+
+def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
+    """Build (or restore from ``RUN/checkpoints/last``) everything a run needs.
+
+    Raises:
+        ConfigError: a setting that cannot work (naming its key): a broken option rule (checked before anything
+            loads), missing teacher/init/tokenizer, teacher and learner with different tokenizers, a run folder
+            that holds a run while ``train.resume`` is false, ...
+        CorpusError: the corpus is missing or malformed.
+    """
+    parallel = Parallel.choose(cfg.train.distributed)
+    check_rules(cfg, world=parallel.world)  # the option rules, before anything is read or loaded
+    out_dir = Path(cfg.train.out_dir)
+    resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
+    data = _read_data(cfg)
+    check_rules(cfg, world=parallel.world, fmt=data.format)  # data.format=auto is known now
+    fresh = not out_dir.exists()  # a new run folder is removed again if setup fails (nothing written half)
+    try:
+        return _setup(cfg, out_dir, resume_from, data, parallel)
+    except (ConfigError, CorpusError, ValueError):
+        if fresh and distributed.is_main():
+            runlock.release(out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadData, parallel: Parallel) -> Run:
+    """``setup`` once the data is read: the run folder, models, tokenizer, encoded data, loss and optimiser."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    _seed_everything(cfg.train.seed)
+    device = _device(cfg.train.device)
+    log, metrics, resumed, state = _run_folder(cfg, out_dir, read, resume_from)
+    teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
+    data = _encode(cfg, read, family, model, teacher, tokenizer, log)
+    spec = LossSpec.from_config(cfg.objective, vocab_size)
+    cache = None
+    if cfg.train.teacher_cache:
+        from ktransfer.training.teacher_cache import open_for_run
+
+        cache = open_for_run(cfg, spec, teacher, tokenizer, data.train_ids, family, model, device, log)
+    try:
+        parallel.wrap(model, teacher, device)
+    except ValueError as e:
+        raise ConfigError(f"train.distributed: {e}", key="train.distributed") from None
+    optimizer, scheduler = _optimizer(cfg, model, resumed, parallel)
+    chosen = signals.choose(cfg, spec, model=model, teacher=teacher, family=family, tokenizer=tokenizer, state=state,
+                            device=device, cache=cache)
+    log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
+        + parallel.describe(teacher is not None) + f"; objective {cfg.objective.objective}"
+        + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
+        + f"; {len(data.train_ids[0])} training pairs in {len(data.sampler.epoch_batches(state.epoch))} batches, "
+          f"{len(data.valid_ids[0])} validation pairs")
+    return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
+               teacher=teacher, data=data, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
+               metrics=metrics, parallel=parallel, signals=chosen)
+
+
+def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path | None):
+    """The run folder (locked by rank 0, the one writer), its log and metrics file, and the state to start from."""
+    main = distributed.is_main()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # one writer per run folder (released by train(), or by the OS when this process dies)
+        runlock.acquire(out_dir)
+    log = RunLog(out_dir / "train.log", enabled=main)
+    log(f"data: {read.format} ({read.why}): {len(read.train)} training and {len(read.valid)} validation examples")
+    resumed, state = _train_state(cfg, resume_from, log)
+    if main:
+        save_config(cfg, out_dir / "config.yaml")
+    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0, enabled=main,
+                          writer=tensorboard(out_dir) if main else None)
+    return log, metrics, resumed, state
+
+
+def _models(cfg: RunConfig, resumed, read: ReadData, device, log):
+    """``(teacher, learner, tokenizer, family, vocab_size)``: loaded, moved, prepared for the data format and checked
+    against each other; the teacher is None for ``nll`` (only its tokenizer was wanted)."""
+    teacher, teacher_tokenizer = loading.load_teacher(cfg, device, log)
+    model, tokenizer = loading.learner_and_tokenizer(cfg, resumed, teacher_tokenizer, read.train, log)
+    model = model.to(device=device, dtype=loading.DTYPES[cfg.model.dtype])
+    if cfg.train.gradient_checkpointing:
+        loading.gradient_checkpointing(model, log)
+    family = models.family_of(model)
+    try:
+        family.prepare(model, tokenizer, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang, fmt=read.format,
+                       instruction=cfg.data.instruction)
+    except ValueError as e:
+        raise ConfigError(f"data.format: {e}", key="data.format") from None
+    vocab_size = loading.shared_vocab_size(cfg, teacher, model, teacher_tokenizer, tokenizer, log)
+    if cfg.objective.objective == "nll":
+        teacher = None  # its tokenizer was wanted, not its predictions
+    if cfg.train.fused_head:
+        loading.check_fused_head(model, teacher)
+    return teacher, model, tokenizer, family, vocab_size
+
+
+def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, log) -> RunData:
+    """The examples as the family's ids, within what both models read, and the batches of each epoch.
+
+    Raises:
+        ConfigError: no training pair fits in ``data.max_length`` tokens.
+    """
+    train_pairs, valid_pairs = formats.to_pairs(read.train, tokenizer), formats.to_pairs(read.valid, tokenizer)
+    if distributed.is_main():
+        tokenizer.save(Path(cfg.train.out_dir) / "tokenizer")
+    positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
+    max_length = min(cfg.data.max_length, positions)
+    kw = {"model": model, "fmt": read.format, "truncate": cfg.data.truncate, "log": log}
+    src, tgt = family.encode(train_pairs, tokenizer, max_length, **kw)
+    if not src:
+        raise ConfigError(f"data.max_length: no training example fits in {max_length} tokens", key="data.max_length")
+    sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
+    return RunData(format=read.format, train_ids=(src, tgt),
+                   valid_ids=family.encode(valid_pairs, tokenizer, positions, **kw), valid_pairs=valid_pairs,
+                   sampler=sampler)
+
+
+def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_lib.Checkpoint | None, TrainState]:
+    """The checkpoint to resume (None for a new run) and the train state to start from."""
+    if resume_from is None:
+        log(f"new run in {cfg.train.out_dir}")
+        return None, TrainState()
+    resumed = ckpt_lib.load_checkpoint(resume_from)
+    state = TrainState.from_dict(resumed.train_state)
+    if state.stopped == "nonfinite":
+        state.nonfinite = 0  # the user changed something; count afresh
+    state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
+    log(f"resuming from {resumed.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
+    _warn_config_changes(log, resumed.config, config_to_dict(cfg))
+    return resumed, state
+
+
+def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, parallel: Parallel):
+    """AdamW and the learning-rate schedule; restored from ``resumed`` with the RNG states (last: nothing after this
+    may draw random numbers)."""
+    o = cfg.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
+    if resumed is not None:
+        parallel.load_optimizer_state(model, optimizer, resumed)
+        scheduler.load_state_dict(resumed.scheduler_state)
+        ckpt_lib.restore_rng(resumed.train_state)
+    return optimizer, scheduler
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate for update ``step + 1``: linear warm-up, then constant or 1/sqrt(step)."""
+    n = step + 1
+    if warmup_steps and n <= warmup_steps:
+        return n / warmup_steps
+    if schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup_steps, 1) / n)
+    return 1.0
+
+
+def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
+    exists = last.exists() or any(last.parent.glob(".last.old-*"))  # an interrupted swap leaves an aside copy
+    if require and not exists:
+        raise ConfigError(f"train.out_dir: nothing to resume: no checkpoint at {last}", key="train.out_dir")
+    if exists and not (cfg.train.resume or require):
+        raise ConfigError(
+            f"train.resume: {cfg.train.out_dir} already holds a run ({last}); resume it (train.resume=true or "
+            "--resume) or choose another train.out_dir", key="train.resume")
+    return last if exists else None
+
+
+@dataclass
+class ReadData:
+    """The examples of a run as read (``ktransfer.data.formats``), and why that format."""
+
+    format: str
+    why: str
+    train: formats.Examples
+    valid: formats.Examples
+
+
+def _read_data(cfg: RunConfig) -> ReadData:
+    """The training examples (first data.train_limit) and validation examples (first data.valid_subset), in the
+    format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
+
+    Raises:
+        ConfigError: nothing at data.corpus. CorpusError: bad data (naming the file and line).
+    """
+    d = cfg.data
+    keys = formats.Keys(d.prompt_key, d.completion_key, d.messages_key, d.text_key)
+    try:
+        path = formats.locate(d.corpus)
+    except CorpusError as e:
+        raise ConfigError(f"data.corpus: {e}", key="data.corpus") from None
+    fmt, why = (d.format, "data.format") if d.format != "auto" else formats.infer_format(path, keys)
+    valid_split, valid_why = formats.find_split(d.corpus, d.valid, fmt)  # data.valid, else validation/val/dev
+    if fmt == "parallel":
+        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+        require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
+        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+        return ReadData(fmt, f"{why}; validation: {valid_why}", formats.Examples(fmt, train_pairs),
+                        formats.Examples(fmt, valid_pairs))
+    train = formats.read_examples(d.corpus, d.train, fmt, keys=keys)
+    if valid_split is not None:
+        valid = formats.read_examples(d.corpus, valid_split, fmt, keys=keys)
+        why += f"; validation: {valid_why}"
+    else:
+        train, valid = formats.hold_out(train, d.valid_fraction, d.split_seed)
+        why += (f"; validation: {len(valid)} examples held out of {train.source} (data.valid_fraction "
+                f"{d.valid_fraction}, data.split_seed {d.split_seed})")
+    return ReadData(fmt, why, train.head(d.train_limit), valid.head(d.valid_subset))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    """``train.device`` as a device (``runtime.device.choose_device``); an unavailable one is a config error."""
+    try:
+        return choose_device(name)
+    except DeviceError as e:
+        raise ConfigError(f"train.device: {e}", key="train.device") from e
+
+
+def _warn_config_changes(log, saved: dict, now: dict) -> None:
+    changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
+               if s in saved and k in saved[s] and saved[s][k] != v]
+    if changed:
+        log("warning: config differs from the checkpoint's (the resumed run is not exact): " + "; ".join(changed))
