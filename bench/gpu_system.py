@@ -34,7 +34,7 @@ NOT_SCANNED = {"test_gpu_bench.py"}  # runs bench/gpu.py itself
 
 def cuda_test_files(tests_dir: Path = REPO / "tests") -> list[str]:
     """Test files (relative to the repository) with a test that skips without CUDA."""
-    return sorted(str(p.relative_to(tests_dir.parent)) for p in tests_dir.glob("test_*.py")
+    return sorted(str(p.relative_to(tests_dir.parent)) for p in tests_dir.rglob("test_*.py")
                   if p.name not in NOT_SCANNED and CUDA_SKIP.search(p.read_text(encoding="utf-8")))
 
 

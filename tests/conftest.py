@@ -1,13 +1,40 @@
-"""Shared fixtures: the real corpora under ``../shared/data`` (relative to the repo root) and a small tokenizer."""
+"""Shared fixtures: the real corpora under ``../shared/data`` (relative to the repo root) and a small tokenizer.
+
+The tests come in tiers, one folder each, and every test is marked with its folder's name:
+
+- ``unit``: losses, objectives, fused head, config, model families, tokenizers, data, toy, kernel, layout (the fast
+  tier: ``pytest tests/unit``, about a minute on 2 cores);
+- ``training``: training runs, checkpoints, resume, caches, on-policy prefixes, Hugging Face models, integrations;
+- ``cli``: the commands end to end (evaluate, translate, generate, distill-data, reproduce);
+- ``distributed``: torchrun process groups (DDP, FSDP, sharded evaluation);
+- ``faults``: kills, full disks, hostile inputs.
+
+``pytest`` runs them all; ``pytest -m "not distributed"`` and the like pick some.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO_ROOT = TESTS.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TIERS = ("unit", "training", "cli", "distributed", "faults")
+
+# Test helpers (``hf_tiny``, builders in ``test_hf_models``, references in ``test_divergences``) are imported by
+# module name from any tier.
+sys.path[:0] = [str(TESTS), *(str(TESTS / tier) for tier in TIERS)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, the name of the folder it sits in."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ vocabulary or a top-k support, which it selects itself) and the NLL, and writes 
 row held in cache, with ATen's SIMD vectors. ``ktransfer.losses.divergences`` calls it for CPU tensors in float32,
 bfloat16
 or float16 (one dtype for both models); float64, mixed dtypes and CUDA tensors take the Python path, which is also the
-reference the kernel is tested against (``tests/test_native.py``).
+reference the kernel is tested against (``tests/unit/test_native.py``).
 
 Building needs a C++ compiler (and ninja, which the ``ninja`` Python package provides); it takes a few tens of seconds
 once, then the library is cached in ``build_folder()``: ``ktransfer_divergence_cpu_<isa>-<tag>`` in torch's extension

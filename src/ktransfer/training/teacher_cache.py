@@ -20,7 +20,7 @@ S_K is read, which only the library-level call may use knowingly.
 
 Storage dtype: float32 by default, because float16 keeps 11 significant bits: a log-probability near -10 is off by
 up to 2**-7 (q off by 0.4 %), which breaks the "exact up to float32 rounding" contract. ``dtype=torch.float16`` halves
-that part of the file for a stated error (tests/test_teacher_cache.py measures it).
+that part of the file for a stated error (tests/training/test_teacher_cache.py measures it).
 
 On disk (a folder)::
 

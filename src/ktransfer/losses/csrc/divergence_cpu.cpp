@@ -109,7 +109,7 @@ inline Vec fast_exp(const Vec& xv) {
 // 16-entry tables held in registers give r_i = 1/c_i and -log r_i (both rounded to float, -log r_i computed in
 // double from the rounded r_i). Then f = m r_i - 1 (|f| < 1/33, one rounding in the fma), log m = -log r_i +
 // log1p(f) with log1p to f^5 (truncation < 2e-10), log x = log m + k log 2 (log 2 in two parts). Error <= half an
-// ulp of the result + 5e-8 over the whole range, and <= 1e-8 within e^+-0.1 of 1 (tests/test_native.py checks it
+// ulp of the result + 5e-8 over the whole range, and <= 1e-8 within e^+-0.1 of 1 (tests/unit/test_native.py checks it
 // against float64 on random float bit patterns), in 15 instructions on AVX-512 (getmant/getexp, one permute per
 // table) where a 1-ulp Cephes logf takes 24 (measured: jsd 17.2 -> 15.2 ms, bf16 2048 x 8000). AVX2: m and k from
 // the bits (m >= 3/2 halved), each table as two 8-entry permutes and a blend, NaN kept by an unordered compare; it

@@ -29,7 +29,7 @@ from ktransfer.runtime import distributed
 from ktransfer.training.config import load_config
 from ktransfer.training.train import rank_batches, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:

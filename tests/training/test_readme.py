@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_block(name: str) -> str:

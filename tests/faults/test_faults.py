@@ -22,7 +22,7 @@ import torch
 
 from ktransfer.models import hub
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EVIL_CODE = """\
 from pathlib import Path
 Path({marker!r}).write_text("ran")
@@ -464,7 +464,7 @@ def test_two_trainings_into_one_folder(tmp_path, shared_data):
 @pytest.mark.slow
 def test_ten_kills_at_random_moments_then_resume_bit_identical(shared_data, tmp_path):
     """SIGKILL a training ten times (every third kill inside a save: a temporary folder present), resume each time;
-    the final model and optimizer equal an uninterrupted run's bit for bit (tests/test_train.py kills once)."""
+    the final model and optimizer equal an uninterrupted run's bit for bit (tests/training/test_train.py kills once)."""
     import random
 
     import safetensors.torch

@@ -21,7 +21,7 @@ import torch
 from ktransfer.training.config import ConfigError, load_config
 from ktransfer.training.train import NonFiniteLossError, collate_batch, lr_factor, setup, train, train_step
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:

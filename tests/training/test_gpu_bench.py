@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu  # noqa: E402  (bench/gpu.py)
@@ -96,7 +96,7 @@ def test_bf16_inputs_have_no_ties():
 
 
 def test_pytest_plumbing():
-    assert gpu_system.cuda_test_files() and "tests/test_divergences.py" in gpu_system.cuda_test_files()
+    assert gpu_system.cuda_test_files() and "tests/unit/test_divergences.py" in gpu_system.cuda_test_files()
     out = "....\nFAILED tests/x.py::t - boom\n2 failed, 11 passed, 3 skipped, 371 deselected in 4.20s\n"
     assert gpu_system.pytest_summary(out) == {"failed": 2, "passed": 11, "skipped": 3, "deselected": 371}
     assert gpu_system.pytest_summary("1 error in 0.1s") == {"error": 1}

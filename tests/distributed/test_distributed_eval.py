@@ -2,7 +2,7 @@
 
 Each rank beam-searches a contiguous share of the sentences; the hypotheses are gathered in source order and rank 0
 alone scores, prints and writes. The references are single-process runs in this test process. The model is a
-``tiny`` one with large random weights (as in ``tests/test_evaluate.py``), so that different sources get different
+``tiny`` one with large random weights (as in ``tests/cli/test_evaluate.py``), so that different sources get different
 translations and a hypothesis out of place would show. The sentence counts are odd: the two shares differ in size.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from ktransfer.evaluation.evaluate import evaluate, translate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DECODE = {"beam": 2, "max_length": 8, "batch_size": 2}  # several batches per share
 DECODE_ARGS = ["--beam", "2", "--max-length", "8", "--batch-size", "2"]
 

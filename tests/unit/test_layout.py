@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SRC = REPO_ROOT / "src" / "ktransfer"
 
 # Lowest first. A module may import from its own layer or any lower one; the root package (``ktransfer``: the public

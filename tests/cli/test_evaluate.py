@@ -15,7 +15,7 @@ import torch
 from ktransfer.evaluation.evaluate import DecodeSettings, evaluate, score, translate
 from ktransfer.models.family import resolve_source
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

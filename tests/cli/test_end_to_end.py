@@ -22,7 +22,7 @@ import torch
 
 from ktransfer.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # 300 training pairs, 40 validation pairs, 24-token validation translations, one thread: ~1 s per epoch.
 COMMON = ["data.corpus=multi30k-de-en", "data.train_limit=300", "data.valid_subset=40", "data.vocab_size=800",
           "eval.max_length=24", "model.preset=tiny", "optim.lr=1e-3", "train.num_threads=1", "train.device=cpu",
