@@ -89,8 +89,8 @@ def test_fused_training_equals_unfused(shared_data, teacher_dir, tmp_path, objec
     from ktransfer.losses import fused_linear
 
     calls = []
-    real = fused_linear.fused_linear_divergence
-    monkeypatch.setattr(fused_linear, "fused_linear_divergence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused_linear.fused_spec_loss
+    monkeypatch.setattr(fused_linear, "fused_spec_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     results, weights = {}, {}
     for fused in (False, True):
         out = tmp_path / f"fused{fused}"
