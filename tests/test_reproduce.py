@@ -329,10 +329,10 @@ def test_significance_pairs_of_the_why_columns():
     """The issue #17 run: KA vs KD, the smoothing target vs smooth, each variant vs its objective, KA+tail vs KD+tail
     (both proper divergences), every column vs nll; the same pairs for every seed."""
     from ktransfer.experiments.experiment import Options
-    from ktransfer.experiments.reproduce import _significance_tests
+    from ktransfer.experiments.steps import significance_tests
 
     opts = Options(seeds=[1, 2], objectives=["kd", "ka", "kd-tail", "ka-tail", "ka-renorm", "smooth"])
-    tests = _significance_tests(opts)
+    tests = significance_tests(opts)
     pairs = [(b, s) for seed, b, s in tests if seed == 1]
     assert pairs == [("kd", "ka"), ("smooth", "ka"), ("kd", "kd-tail"), ("ka", "ka-tail"), ("ka", "ka-renorm"),
                      ("kd-tail", "ka-tail"), *(("nll", o) for o in opts.objectives)]
