@@ -45,7 +45,26 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
         options={"seeds": [1, 2, 3], "sweep": "topk", "topk_values": [2, 8, None], "analysis_sample": 1000},
     )
 
+# The first command (README): teacher, learner, nll / KD / KA fine-tuning, one seed, in about 15 minutes on 2 cores.
+_QUICK_BASE = ("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0", "eval.max_length=80",
+               "data.vocab_size=6000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
+               "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=200",
+               "train.log_every=50", "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1",
+               "eval.beam=5", "objective.lam=0.5", "objective.top_k=8", "model.dropout=0.1")
+
 PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        doc="The first command: distillation in about 15 minutes on 2 cores. Multi30k de-en, cpu-teacher 2 epochs, "
+            "cpu-learner 2 epochs, then nll (the control), KD and KA fine-tuning (seed 1) and beam 5 on test2016 "
+            "with a paired bootstrap of KD and KA against the control.",
+        base=_QUICK_BASE,
+        teacher=("model.preset=cpu-teacher", "train.epochs=2"),
+        learner=("model.preset=cpu-learner", "train.epochs=2"),
+        finetune=("model.preset=cpu-learner", "data.train_limit=6000", "optim.warmup_steps=0",
+                  "optim.schedule=constant", "optim.lr=5e-4", "train.epochs=2", "train.valid_bleu=true"),
+        options={"seeds": [1], "objectives": ["kd", "ka"], "sweep": "none", "analysis_sample": 200,
+                 "table_sentences": 2},
+    ),
     "smoke": Preset(
         doc="Seconds to a minute on 2 cores (the tests run it): tiny models, 300 Multi30k pairs, 1-2 epochs, "
             "2 seeds, greedy decoding of 30 test sentences.",

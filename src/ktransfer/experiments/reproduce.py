@@ -60,7 +60,7 @@ import json
 import os
 from pathlib import Path
 
-from ktransfer.experiments.experiment import Options, model_names
+from ktransfer.experiments.experiment import TRAIN_STAGES, Options, model_names
 from ktransfer.experiments.options import parse_overrides, stage_config
 from ktransfer.experiments.presets import MULTI30K_CPU_ESTIMATE, PRESETS, Preset
 from ktransfer.experiments.stages import Interrupted, Stages, StopAfter, on_main
@@ -90,6 +90,7 @@ def reproduce(preset_name: str, run_dir: str | os.PathLike, overrides: list[str]
 
 
 def _reproduce(preset_name: str, preset: Preset, opts: Options, by_stage, run: Path, overrides) -> dict:
+    on_main(lambda: _fetch_corpora(preset, by_stage))  # before the run folder is made: a failure leaves nothing
     log = RunLog(run / "reproduce.log")
     _check_spec(run, {"preset": preset_name, "overrides": list(overrides), "options": dataclasses.asdict(opts)}, log)
     ctx = Context(preset, opts, by_stage, run, Stages(run, log), log)
@@ -110,6 +111,19 @@ def _reproduce(preset_name: str, preset: Preset, opts: Options, by_stage, run: P
     results = on_main(lambda: write_report(run))
     log(f"report: {run / 'report.md'}")
     return results
+
+
+def _fetch_corpora(preset: Preset, by_stage: dict[str, list[str]]) -> None:
+    """Every training stage's ``data.corpus`` is there: a corpus name missing from ``$KTRANSFER_DATA`` that
+    ``ktransfer data download`` knows is downloaded first (``ktransfer.data.download.ensure_corpus``).
+
+    Raises:
+        CorpusError: a corpus that is missing and cannot be downloaded (one line: the folder to fill and how).
+    """
+    from ktransfer.data.formats import locate
+
+    for corpus in dict.fromkeys(stage_config(preset, by_stage, kind, []).data.corpus for kind in TRAIN_STAGES):
+        locate(corpus)
 
 
 def _check_spec(run: Path, spec: dict, log) -> None:
