@@ -54,9 +54,11 @@ _QUICK_BASE = ("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        doc="The first command: distillation in about 15 minutes on 2 cores. Multi30k de-en, cpu-teacher 2 epochs, "
-            "cpu-learner 2 epochs, then nll (the control), KD and KA fine-tuning (seed 1) and beam 5 on test2016 "
-            "with a paired bootstrap of KD and KA against the control.",
+        doc="The README's first command: distillation in under 15 minutes on 2 idle cores (estimated; see "
+            "docs/results.md). Multi30k de-en, one 6K joint BPE, cpu-teacher (7.2M) and cpu-learner (1.5M) 2 epochs "
+            "each, then 2 epochs on the first 6,000 pairs with nll (the control), KD and KA (lam 0.5, top-k 8, seed "
+            "1), beam 5 on test2016 and a paired bootstrap of KD and KA against the control. Measured on 2026-12-07: "
+            "teacher 29.07, learner 14.94, nll 16.77, KD 18.00 (p 0.001), KA 17.69 (p 0.003) BLEU.",
         base=_QUICK_BASE,
         teacher=("model.preset=cpu-teacher", "train.epochs=2"),
         learner=("model.preset=cpu-learner", "train.epochs=2"),
