@@ -329,10 +329,10 @@ def test_significance_pairs_of_the_why_columns():
     """The issue #17 run: KA vs KD, the smoothing target vs smooth, each variant vs its objective, KA+tail vs KD+tail
     (both proper divergences), every column vs nll; the same pairs for every seed."""
     from ktransfer.experiments.experiment import Options
-    from ktransfer.experiments.reproduce import _significance_tests
+    from ktransfer.experiments.steps import significance_tests
 
     opts = Options(seeds=[1, 2], objectives=["kd", "ka", "kd-tail", "ka-tail", "ka-renorm", "smooth"])
-    tests = _significance_tests(opts)
+    tests = significance_tests(opts)
     pairs = [(b, s) for seed, b, s in tests if seed == 1]
     assert pairs == [("kd", "ka"), ("smooth", "ka"), ("kd", "kd-tail"), ("ka", "ka-tail"), ("ka", "ka-renorm"),
                      ("kd-tail", "ka-tail"), *(("nll", o) for o in opts.objectives)]
@@ -431,3 +431,57 @@ def test_column_options_are_checked():
                       ("smoothing_grid=0,0.1", "smoothing_grid")):
         with pytest.raises(ConfigError, match=word):
             parse_overrides(PRESETS["smoke"], [bad])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The first command: `ktransfer reproduce quick`, tiny
+# ----------------------------------------------------------------------------------------------------------------
+QUICK_TINY = ["model.preset=tiny", "data.train_limit=300", "data.valid_subset=30", "data.vocab_size=400",
+              "data.max_tokens=400", "train.epochs=1", "train.num_threads=1", "train.save_every=0", "eval.beam=2",
+              "eval.max_length=24", "test_limit=40", "analysis_sample=20", "bootstrap=100"]
+
+
+def test_quick_prints_the_table_and_resumes(shared_data, tmp_path, capsys):
+    """The README's first command at tiny sizes: stopped after the teacher, then run on with the same command; the
+    table it prints holds teacher, learner, nll, KD and KA with the scores and bootstrap tests the run wrote, and
+    where the report and models are; a rerun trains nothing and prints the same table."""
+    from ktransfer.cli import main
+
+    run = tmp_path / "quick"
+    assert main(["reproduce", "quick", "--out", str(run), *QUICK_TINY, "stop_after=teacher"]) == 0
+    teacher_weights = (run / "teacher/checkpoints/best/model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reproduce", "quick", "--out", str(run), *QUICK_TINY]) == 0
+    table = capsys.readouterr().out
+    assert (run / "teacher/checkpoints/best/model.safetensors").stat().st_mtime_ns == teacher_weights
+    stages = json.loads((run / "stages.json").read_text())
+    models = ["teacher", "learner", "finetune/nll/seed1", "finetune/kd/seed1", "finetune/ka/seed1"]
+    assert all(stages[f"eval/{m}"]["done"] for m in models) and "significance" in stages
+    assert not any(name.startswith("sweep/") for name in stages)  # quick has no top-k sweep
+
+    rows = {}
+    for line in table.splitlines():
+        for name in ("Teacher", "Learner (pre-trained)", "Learner + nll (control)", "KD", "KA"):
+            if line.startswith(name + "  "):
+                rows[name] = line[len(name):].split()
+    assert list(rows) == ["Teacher", "Learner (pre-trained)", "Learner + nll (control)", "KD", "KA"], table
+    tests = {t["system"]: t for t in json.loads((run / "significance.json").read_text())["tests"]
+             if t["baseline"] == "nll"}
+    for name, model in zip(rows, models, strict=True):
+        scores = json.loads(next((run / "eval" / model).glob("scores.test2016.json")).read_text())
+        assert scores["sentences"] == 40
+        assert rows[name][:2] == [f"{scores['bleu']:.2f}", f"{scores['chrf']:.2f}"], (name, rows[name])
+    for name, key in (("KD", "kd"), ("KA", "ka")):
+        t = tests[key]
+        p = "-" if t["p_value"] is None else f"{t['p_value']:.4f}"
+        assert rows[name][2:] == [f"{t['delta']:+.2f}", p], (name, rows[name], t)
+    assert len(rows["Teacher"]) == 2 and len(rows["Learner + nll (control)"]) == 2  # no Δ, no p
+    assert f"report: {run / 'report.md'}" in table and (run / "report.md").is_file()
+    assert f"models: {run}/NAME/checkpoints/best" in table
+    assert all((run / m / "checkpoints/best/config.json").is_file() for m in models)
+
+    log_lines = len((run / "reproduce.log").read_text().splitlines())
+    assert main(["reproduce", "quick", "--out", str(run), *QUICK_TINY]) == 0
+    assert capsys.readouterr().out == table
+    new = (run / "reproduce.log").read_text().splitlines()[log_lines:]
+    assert not any("====" in line for line in new)

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
 from functools import partial
@@ -306,3 +307,92 @@ def test_download_unknown_names():
         download.download_corpus("wmt16:de-xx")
     with pytest.raises(DownloadError, match="no test set 'wmt99'"):
         download.download_corpus("wmt99:de-en")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A corpus missing from $KTRANSFER_DATA is downloaded on first use (``download.ensure_corpus``)
+# --------------------------------------------------------------------------------------------------------------
+def _mirror_of_shared(served, shared_data, lines=(300, 40, 40)):
+    """Gzipped Multi30k files (the first lines of each split of the shared copy) in ``served``; their SHA-256."""
+    checksums, source = {}, shared_data / "multi30k-de-en"
+    for (split, stem), n in zip(download.MULTI30K_SPLITS.items(), lines, strict=True):
+        for lang in ("de", "en"):
+            text = "".join(line + "\n" for line in (source / f"{split}.{lang}").read_text(
+                encoding="utf-8").splitlines()[:n])
+            body = gzip.compress(text.encode("utf-8"), mtime=0)
+            (served / f"{stem}.{lang}.gz").write_bytes(body)
+            checksums[f"{stem}.{lang}.gz"] = hashlib.sha256(body).hexdigest()
+    return checksums
+
+
+def test_missing_corpus_is_downloaded_on_first_use(server, shared_data, tmp_path, monkeypatch, capsys):
+    """A name that ``ktransfer data download`` knows, missing from $KTRANSFER_DATA: fetched (checksums verified) by
+    the first command that needs it, one line says where; the reproduce run then trains on it."""
+    served, url = server
+    checksums = _mirror_of_shared(served, shared_data)
+    monkeypatch.setattr(download, "MULTI30K_URL", url)  # the canonical URL, here a mirror on 127.0.0.1
+    monkeypatch.setattr(download, "MULTI30K_MD5", checksums)
+    data = tmp_path / "fresh" / "data"  # does not exist yet
+    monkeypatch.setenv("KTRANSFER_DATA", str(data))
+    run = tmp_path / "run"
+    assert main(["reproduce", "quick", "--out", str(run), "data.vocab_size=300", "stop_after=bpe"]) == 0
+    err = capsys.readouterr().err
+    folder = data / "multi30k-de-en"
+    assert f"downloaded corpus multi30k-de-en (checksums verified) into {folder}" in err
+    assert sorted(p.name for p in data.iterdir()) == ["multi30k-de-en"]  # no temporary folder left
+    for split, n in (("train", 300), ("valid", 40), ("test2016", 40)):
+        got = corpora.read_split(folder, split, "de", "en")
+        assert got == corpora.read_split(shared_data / "multi30k-de-en", split, "de", "en")[:n]
+    assert (run / "tokenizer.json").is_file() and json.loads((run / "stages.json").read_text())["bpe"]["done"]
+    for f in served.iterdir():  # present now: a second use downloads nothing
+        f.unlink()
+    assert download.ensure_corpus("multi30k-de-en") == folder
+    assert "downloaded" not in capsys.readouterr().err
+
+
+def test_missing_corpus_without_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """No network (a closed port on 127.0.0.1 as the canonical URL): one line naming the folder to fill and the
+    command that fills it from a mirror, rc != 0, and nothing written (no data folder, no run folder)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(download, "MULTI30K_URL", f"http://127.0.0.1:{port}/multi30k")
+    data = tmp_path / "fresh" / "data"
+    monkeypatch.setenv("KTRANSFER_DATA", str(data))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["reproduce", "quick", "--out", str(run)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"corpus 'multi30k-de-en' is not in {data}" in lines[0] and "could not be downloaded" in lines[0]
+    assert "`ktransfer data download multi30k-de-en --base-url MIRROR`" in lines[0]
+    assert not (tmp_path / "fresh").exists() and not run.exists()
+    with pytest.raises(CorpusError, match="could not be downloaded"):  # the API, for train's data.corpus too
+        download.ensure_corpus("multi30k-de-en")
+    with pytest.raises(CorpusError, match="not found"):  # a name no download knows: resolve_corpus's message
+        download.ensure_corpus("no-such-corpus")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_ensure_corpus_with_a_file_mirror(shared_data, tmp_path, monkeypatch):
+    """A file:// folder as the mirror, with its checksums given: the API ``train`` and ``reproduce`` use."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    checksums = _mirror_of_shared(mirror, shared_data, lines=(50, 5, 5))
+    monkeypatch.setenv("KTRANSFER_DATA", str(tmp_path / "data"))
+    logged = []
+    folder = download.ensure_corpus("multi30k-de-en", base_url=mirror.as_uri(), checksums=checksums,
+                                    log=logged.append)
+    assert folder == tmp_path / "data" / "multi30k-de-en" and logged == [
+        f"downloaded corpus multi30k-de-en (checksums verified) into {folder}"]
+    assert corpora.read_split(folder, "train", "de", "en") == corpora.read_split(
+        shared_data / "multi30k-de-en", "train", "de", "en")[:50]
+    checksums["train.en.gz"] = "0" * 64
+    monkeypatch.setenv("KTRANSFER_DATA", str(tmp_path / "other"))
+    with pytest.raises(CorpusError, match="checksum mismatch"):
+        download.ensure_corpus("multi30k-de-en", base_url=mirror.as_uri(), checksums=checksums)
+    assert not (tmp_path / "other").exists()

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "download":
             checksums = _parse_checksums(args.checksum) if args.checksum else None
             download.download_corpus(args.name, args.dest, base_url=args.base_url, checksums=checksums,
-                                 corpus=args.corpus, split=args.split, force=args.force)
+                                     corpus=args.corpus, split=args.split, force=args.force, progress=True)
             return 0
         if args.action == "check":
             from ktransfer.data import formats

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ktransfer.data.corpora import data_dir, describe_layout, read_split
+from ktransfer.data.corpora import DATA_ENV, CorpusError, data_dir, describe_layout, read_split, resolve_corpus
 
 
 class DownloadError(RuntimeError):
@@ -54,7 +55,7 @@ MULTI30K_MD5 = {
 def download_corpus(
     name: str, dest: str | os.PathLike | None = None, *, base_url: str | None = None,
     checksums: Mapping[str, str] | None = None, corpus: str | None = None, split: str | None = None,
-    force: bool = False, log: Callable[[str], object] = print,
+    force: bool = False, log: Callable[[str], object] = print, progress: bool = False,
 ) -> Path:
     """Download a public corpus into ``dest`` (default ``data_dir()``) as ``SPLIT.LANG`` files; returns its folder.
 
@@ -70,6 +71,7 @@ def download_corpus(
         base_url: fetch every file from ``BASE_URL/FILE_NAME`` instead of its canonical URL (a mirror).
         checksums: ``{file name: md5 or sha256 hex}`` replacing the built-in table (32 hex digits: MD5, 64: SHA-256).
         force: replace ``SPLIT.LANG`` files that already exist (otherwise an error).
+        progress: a progress bar (tqdm, on stderr) per downloaded file.
 
     Everything is fetched, verified and unpacked in a temporary folder inside ``dest``; only whole, checked files
     are moved into place (a new corpus folder by one rename), and the temporary folder is always removed.
@@ -87,16 +89,67 @@ def download_corpus(
         if split is not None:
             raise DownloadError("split cannot be set for Multi30k: it has train, valid and test2016")
         return _download_multi30k(langs[0], langs[1], dest, corpus or f"multi30k-{langs[0]}-{langs[1]}",
-                                  base_url=base_url, checksums=checksums, force=force, log=log)
+                                  base_url=base_url, checksums=checksums, force=force, log=log, progress=progress)
     if ":" in name:
         test_set, pair = name.rsplit(":", 1)
         return _download_sacrebleu(test_set, pair, dest, corpus=corpus, split=split or "test", base_url=base_url,
-                                   checksums=checksums, force=force, log=log)
+                                   checksums=checksums, force=force, log=log, progress=progress)
     raise DownloadError(f"unknown corpus {name!r}: known are multi30k[-SRC-TGT] and TESTSET:SRC-TGT for the test sets "
                         f"sacrebleu knows (e.g. wmt16:de-en, wmt14:de-en, iwslt17:de-en; `sacrebleu --list`)")
 
 
-def _download_multi30k(src: str, tgt: str, dest: Path, folder_name: str, *, base_url, checksums, force, log) -> Path:
+def downloadable(name: str) -> bool:
+    """Whether ``download_corpus`` fetches the corpus folder ``name`` by that name: ``multi30k-SRC-TGT``."""
+    langs = name.split("-")[1:] if name.startswith("multi30k-") else []
+    return len(langs) == 2 and set(langs) <= set(MULTI30K_LANGS) and langs[0] != langs[1]
+
+
+def ensure_corpus(corpus: str | os.PathLike, *, base_url: str | None = None,
+                  checksums: Mapping[str, str] | None = None, log: Callable[[str], object] | None = None) -> Path:
+    """The folder of ``corpus`` (``resolve_corpus``); a corpus name missing from ``data_dir()`` that
+    ``download_corpus`` knows (``downloadable``) is downloaded there first, as ``ktransfer data download NAME``
+    does (checksums verified, a progress bar per file), and one line (``log``, default stderr) says where it went.
+
+    Raises:
+        CorpusError: not found and not downloadable (``resolve_corpus``'s message), or the download failed: one line
+            naming the folder to fill and the command that fills it from a mirror; nothing is left behind (not even
+            the data folder, when the download created it).
+    """
+    try:
+        return resolve_corpus(corpus)
+    except CorpusError:
+        name = str(corpus)
+        if Path(name).expanduser().exists() or not downloadable(name):
+            raise
+    root = data_dir()
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        folder = download_corpus(name, root, base_url=base_url, checksums=checksums, log=lambda _: None,
+                                 progress=True)
+    except (DownloadError, CorpusError) as e:
+        for p in created:  # innermost first: only the folders this call made, and only if empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        files = ", ".join(f"{stem}.{lang}.gz" for stem in MULTI30K_SPLITS.values() for lang in name.split("-")[1:])
+        where = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else f"the default data folder; ${DATA_ENV} sets another"
+        raise CorpusError(
+            f"corpus {name!r} is not in {root} ({where}) and could not be downloaded ({e}); fill that folder "
+            f"with `ktransfer data download {name} --base-url MIRROR` (MIRROR: a URL or file:// folder holding "
+            f"{files}), or set ${DATA_ENV} to a folder that holds {name}/") from None
+    (log or _stderr)(f"downloaded corpus {name} (checksums verified) into {folder}")
+    return folder
+
+
+def _stderr(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _download_multi30k(src: str, tgt: str, dest: Path, folder_name: str, *, base_url, checksums, force, log,
+                       progress) -> Path:
     base = (base_url or MULTI30K_URL).rstrip("/")
     table = MULTI30K_MD5 if checksums is None else checksums
     with _staging(dest, folder_name) as (work, out):
@@ -104,7 +157,7 @@ def _download_multi30k(src: str, tgt: str, dest: Path, folder_name: str, *, base
             for lang in (src, tgt):
                 file_name = f"{stem}.{lang}.gz"
                 archive = work / file_name
-                _fetch(f"{base}/{file_name}", archive, table.get(file_name), log)
+                _fetch(f"{base}/{file_name}", archive, table.get(file_name), log, progress)
                 _gunzip(archive, out / f"{split}.{lang}", f"{base}/{file_name}")
         for split in MULTI30K_SPLITS:
             read_split(out, split, src, tgt)
@@ -112,7 +165,7 @@ def _download_multi30k(src: str, tgt: str, dest: Path, folder_name: str, *, base
 
 
 def _download_sacrebleu(test_set: str, pair: str, dest: Path, *, corpus, split, base_url, checksums, force,
-                        log) -> Path:
+                        log, progress) -> Path:
     from sacrebleu.dataset import DATASETS
 
     if test_set not in DATASETS:
@@ -138,7 +191,7 @@ def _download_sacrebleu(test_set: str, pair: str, dest: Path, *, corpus, split, 
             file_name = _url_file_name(url)
             source = f"{base_url.rstrip('/')}/{file_name}" if base_url else url
             archive = raw / local._get_tarball_filename(url)
-            _fetch(source, archive, md5 if checksums is None else checksums.get(file_name), log)
+            _fetch(source, archive, md5 if checksums is None else checksums.get(file_name), log, progress)
             _unpack(archive, raw, source)
         try:  # sacrebleu finds the archives in place, skips its own download and converts them to text
             src_file = local.get_source_file(pair)
@@ -183,8 +236,11 @@ def _url_file_name(url: str) -> str:
     return os.path.basename(urllib.parse.urlparse(url).path)
 
 
-def _fetch(url: str, path: Path, expected: str | None, log) -> None:
-    """Stream ``url`` to ``path`` and verify its checksum (MD5 if 32 hex digits, SHA-256 if 64)."""
+def _fetch(url: str, path: Path, expected: str | None, log, progress: bool = False) -> None:
+    """Stream ``url`` to ``path`` and verify its checksum (MD5 if 32 hex digits, SHA-256 if 64); ``progress``: a
+    tqdm bar on stderr."""
+    from tqdm import tqdm
+
     algo = {32: "md5", 64: "sha256"}.get(len(expected or ""), "sha256")
     if expected is not None and len(expected) not in (32, 64):
         raise DownloadError(f"checksum for {url} must be 32 (MD5) or 64 (SHA-256) hex digits, got {expected!r}")
@@ -192,9 +248,13 @@ def _fetch(url: str, path: Path, expected: str | None, log) -> None:
     digest = hashlib.new(algo)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
+            size = response.headers.get("Content-Length")
+            with tqdm(total=int(size) if size and size.isdigit() else None, unit="B", unit_scale=True,
+                      desc=_url_file_name(url), disable=not progress, leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise DownloadError(f"could not download {url}: {e}") from e
     got = digest.hexdigest()

@@ -39,7 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ktransfer.data.corpora import CorpusError, corpus_layout, read_split, resolve_corpus
+from ktransfer.data.corpora import CorpusError, corpus_layout, read_split
+from ktransfer.data.download import ensure_corpus
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -86,15 +87,16 @@ def is_datasets_folder(path: Path) -> bool:
 
 
 def locate(corpus: str | os.PathLike) -> Path:
-    """The path of ``data.corpus``: a file, a folder, or a corpus name under ``$KTRANSFER_DATA``.
+    """The path of ``data.corpus``: a file, a folder, or a corpus name under ``$KTRANSFER_DATA``; a name missing
+    there that ``ktransfer data download`` knows (multi30k-SRC-TGT) is downloaded first (``download.ensure_corpus``).
 
     Raises:
-        CorpusError: nothing there (the message says what was looked for).
+        CorpusError: nothing there (the message says what was looked for), or the download failed.
     """
     path = Path(corpus).expanduser()
     if path.is_file() or path.is_dir():
         return path
-    return resolve_corpus(corpus)
+    return ensure_corpus(corpus)
 
 
 def infer_format(path: Path, keys: Keys = Keys()) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from ktransfer.models.checkpoint import STATE_FILE, run_config_of
 from ktransfer.models.family import load_model, resolve_source
 from ktransfer.models.generation import DecodeSettings
 from ktransfer.models.tokenizer import load_tokenizer
+from ktransfer.runtime.device import choose_device
 
 MANIFEST = ".seqkd.json"
 _WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
@@ -196,7 +197,7 @@ def _translate_chunks(where, chunks: Path, sources: list, chunk_lines: int, deco
     if todo:
         from tqdm import tqdm
 
-        model, tokenizer = load_model(where, device=device)
+        model, tokenizer = load_model(where, device=str(choose_device(device)))  # auto: the one device rule
         if tokenizer is None:
             raise ValueError(f"{where} has no tokenizer files")
         if generate is None:

@@ -62,7 +62,7 @@ class _Section:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             key = f"{self.name}.{f.name}"
-            value = _convert(getattr(self, f.name), hints[f.name], key)
+            value = convert_value(getattr(self, f.name), hints[f.name], key)
             _check_bounds(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
         self._check_more()
@@ -305,19 +305,19 @@ def _is_union(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as type ``tp`` (int, float, bool, str, Literal, tuple, X | None); ConfigError naming ``key``."""
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (text like ``1,2`` too) as type ``tp`` (int, float, bool, str, Literal, tuple, list, X | None)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_union(tp):
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
             return None
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1:
-            return _convert(value, rest[0], key)
+            return convert_value(value, rest[0], key)
         errors = []
         for a in rest:
             try:
-                return _convert(value, a, key)
+                return convert_value(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0], key=key)
@@ -329,17 +329,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}{hint}", key=key)
-    if origin is tuple:
+    if origin in (tuple, list):
         items = value
         if isinstance(value, str):
             text = value.strip().strip("()[]")
             items = [v.strip() for v in text.split(",")] if text else []
-        if len(args) == 2 and args[1] is Ellipsis:
+        if origin is list or len(args) == 2 and args[1] is Ellipsis:
             items = items if isinstance(items, list | tuple) else [items]
-            return tuple(_convert(v, args[0], key) for v in items)
+            return origin(convert_value(v, args[0], key) for v in items)
         if not isinstance(items, list | tuple) or len(items) != len(args):
             raise ConfigError(f"{key}: must have {len(args)} values ({_type_name(tp)}), got {value!r}", key=key)
-        return tuple(_convert(v, a, key) for v, a in zip(items, args, strict=True))
+        return tuple(convert_value(v, a, key) for v, a in zip(items, args, strict=True))
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -5,15 +5,12 @@ the training split). Every loading error becomes a ``ConfigError`` naming the ke
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ktransfer.data import formats
 from ktransfer.models import checkpoint as ckpt_lib
 from ktransfer.models import family as models
-from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
-from ktransfer.runtime import distributed
+from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, load_tokenizer
+from ktransfer.training.bpe import train_joint_bpe
 from ktransfer.training.config import ConfigError, RunConfig
 
 
@@ -85,7 +82,7 @@ def learner_and_tokenizer(cfg: RunConfig, resumed, teacher_tokenizer, train_exam
             log(f"learner initialised from {start} (model.preset not used)")
             model = _with_lora(cfg, model, log)
         return model.train(), tokenizer
-    tokenizer = given or teacher_tokenizer or _train_bpe(cfg, train_examples, log)
+    tokenizer = given or teacher_tokenizer or train_joint_bpe(train_examples, cfg.data.vocab_size, log)
     try:
         model = models.build_model(cfg.model.preset, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                    **overrides)
@@ -112,22 +109,6 @@ def _with_lora(cfg: RunConfig, model, log):
     log(f"LoRA: rank {m.lora_r}, alpha {m.lora_alpha}, dropout {m.lora_dropout}, "
         f"{adapters.parameter_summary(model)}")
     return model
-
-
-def _train_bpe(cfg: RunConfig, train_examples, log) -> Tokenizer:
-    """A joint BPE on the training split; with several processes every rank takes rank 0's (a tie could differ)."""
-    t0 = time.time()
-    tokenizer = train_tokenizer(formats.texts(train_examples), vocab_size=cfg.data.vocab_size)
-    if distributed.world_size() > 1:
-        from tokenizers import Tokenizer as RustTokenizer
-
-        body = distributed.broadcast(tokenizer.hf.backend_tokenizer.to_str())
-        tokenizer = from_rust(RustTokenizer.from_str(body))
-    log(f"trained a joint BPE tokenizer on {len(train_examples)} examples: {tokenizer.vocab_size} tokens "
-        f"({time.time() - t0:.1f}s)" + ("" if train_examples.format == "parallel" else
-                                        "; it folds whitespace runs into one space: give a Hugging Face tokenizer "
-                                        "(data.tokenizer, or the teacher's) to keep whitespace exactly"))
-    return tokenizer
 
 
 def gradient_checkpointing(model, log) -> None:
