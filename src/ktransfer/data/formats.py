@@ -171,7 +171,7 @@ def read_examples(corpus: str | os.PathLike, split: str, fmt: str, *, keys: Keys
 def has_split(corpus: str | os.PathLike, split: str, fmt: str) -> bool:
     """Whether ``split`` exists as its own file or datasets split (else a single file is split by fraction)."""
     if fmt == "parallel":
-        return split in corpus_layout(resolve_corpus(corpus))
+        return split in corpus_layout(ensure_corpus(corpus))
     path = locate(corpus)
     if Path(split).expanduser().is_file():
         return True
