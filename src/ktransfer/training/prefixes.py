@@ -54,15 +54,21 @@ class SampleSettings:
 
     Attributes:
         temperature: divides the learner's logits before sampling (> 0).
+        top_k: sample among the ``top_k`` most likely tokens only (0 = all).
         top_p: nucleus sampling mass (0 < top_p <= 1; 1 = the full distribution).
         max_new_tokens: most tokens sampled per sentence, ``</s>`` included (capped by the model's positions).
-        seed: seeds the RNG the sampler forks (``ktransfer.models.generation.seeded_fork``).
+        length_scale, length_margin: a row stops after ``ceil(length_scale * n) + length_margin`` tokens, ``n`` its
+            reference tokens (and after ``max_new_tokens``); ``length_scale`` None: ``max_new_tokens`` alone.
+        seed: seeds the generator of the sampler's uniforms (``ktransfer.models.sampling``).
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    top_k: int = 0
+    length_scale: float | None = None
+    length_margin: int = 8
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -71,13 +77,26 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.length_scale is not None and not self.length_scale > 0:
+            raise ValueError(f"length_scale must be > 0 or None, got {self.length_scale!r}")
+        if not isinstance(self.length_margin, int) or self.length_margin < 0:
+            raise ValueError(f"length_margin must be an integer >= 0, got {self.length_margin!r}")
 
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> SampleSettings:
-        """The settings of a ``RunConfig`` (``objective.sample_*``; the length defaults to ``eval.max_length``)."""
+        """The settings of a ``RunConfig`` (``objective.sample_*``; the cap defaults to ``eval.max_length``)."""
         ob = cfg.objective
-        return cls(temperature=ob.sample_temperature, top_p=ob.sample_top_p,
-                   max_new_tokens=ob.sample_max_length or cfg.eval.max_length, seed=seed)
+        return cls(temperature=ob.sample_temperature, top_p=ob.sample_top_p, top_k=ob.sample_top_k,
+                   max_new_tokens=ob.sample_max_length or cfg.eval.max_length, length_scale=ob.sample_length_scale,
+                   length_margin=ob.sample_length_margin, seed=seed)
+
+    def describe(self) -> str:
+        """The length rule in words (the run log states it at start)."""
+        from ktransfer.models.sampling import describe
+
+        return describe(self.max_new_tokens, self.length_scale, self.length_margin)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,28 +128,16 @@ def draw(generator: torch.Generator, prefix: str, on_policy_fraction: float) -> 
 # --------------------------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------------------------
-_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # model inputs (seq2seq or causal), labels
-
-
-def _stack(a: dict, b: dict, pad_id: int) -> dict:
-    """Rows of ``a`` then rows of ``b`` for the keys of ``b`` among ``_KEYS``, each right-padded to the longer of
-    the two (labels with -100, attention masks with 0, ids with ``pad_id``)."""
-    out = {}
-    for key in (k for k in _KEYS if k in b):
-        x, y = a[key], b[key]
-        fill = IGNORE_INDEX if key == "labels" else 0 if key.endswith("attention_mask") else pad_id
-        width = max(x.shape[1], y.shape[1])
-        x, y = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in (x, y))
-        out[key] = torch.cat([x, y], dim=0)
-    return out
-
-
-def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *, num_tokens: int | None = None,
-                   autocast=None, vocab_size: int | None = None) -> TransferLoss:
+def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *, family=None,
+                   num_tokens: int | None = None, autocast=None, vocab_size: int | None = None) -> TransferLoss:
     """``(1 - lam) * NLL(reference) + lam * D(sampled)``, normalised as the module docstring says.
 
-    One forward pass of ``model`` over the reference and sampled rows stacked (so DDP sees one forward per
-    backward), one of the frozen ``teacher`` over the sampled rows under ``torch.no_grad``.
+    The learner runs over the reference rows and over the sampled rows separately, each at its own width (no row
+    padded to the other's length): the first forward goes through ``model`` (the DDP wrapper, so that DDP sees one
+    forward per backward), the second through the module inside it; an encoder-decoder's encoder runs once, its
+    output feeding both decoder passes. The frozen ``teacher`` runs once, over the sampled rows, under
+    ``torch.no_grad``. Each side's inputs are ``family.model_inputs`` (a causal LM's logits start at the first
+    scored column).
 
     Args:
         model: the learner (or its DDP wrapper); teacher: the frozen teacher.
@@ -138,6 +145,7 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
             counted; every other key is a model input.
         objective: ``cfg.objective`` (objective, lam, top_k, temperature, label_smoothing, support, beta, alpha,
             renormalize).
+        family: the model family (``ktransfer.models.family``; default: the learner's).
         num_tokens: reference tokens of all micro-batches (accumulation, several processes); None = this batch's.
         autocast: context manager around the forward passes (bf16), default none.
         vocab_size: keep only the first ``vocab_size`` logits of both models (causal LMs with padded embeddings).
@@ -146,21 +154,30 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
         ``TransferLoss``: ``loss``; ``nll`` = the reference NLL sum / N; ``divergence`` = (n_b / N) * D_b (summed
         over micro-batches by ``train_step``, the reference-token-weighted mean of the D_b); ``num_tokens`` = N.
     """
+    from ktransfer.models.family import family_of
+    from ktransfer.models.generation import unwrap
+
     ob = objective
-    pad_id = int(getattr(getattr(model, "module", model).config, "pad_token_id", 0) or 0)
-    B, T_ref, T_smp = reference["labels"].shape[0], reference["labels"].shape[1], sampled["labels"].shape[1]
-    both = _stack(reference, sampled, pad_id)
+    family = family_of(model) if family is None else family
+    ref_inputs, ref_labels = family.model_inputs(reference)
+    smp_inputs, smp_labels = family.model_inputs(sampled)
     with autocast if autocast is not None else contextlib.nullcontext():
-        logits = model(**{k: v for k, v in both.items() if k != "labels"}, use_cache=False).logits  # (2B, T, V)
+        ref_out = model(**ref_inputs, use_cache=False)
+        learner_inputs = smp_inputs
+        encoded = getattr(ref_out, "encoder_last_hidden_state", None)
+        if encoded is not None and sampled["input_ids"] is reference["input_ids"]:  # the same sources: encode once
+            learner_inputs = {k: v for k, v in smp_inputs.items() if k != "input_ids"}
+            learner_inputs["encoder_outputs"] = (encoded,)
+        logits = unwrap(model)(**learner_inputs, use_cache=False).logits  # (B, T', V)
         with torch.no_grad():
-            teacher_logits = teacher(**{k: sampled[k] for k in _KEYS[:3] if k in sampled},
-                                     use_cache=False).logits  # (B, T', V)
+            teacher_logits = teacher(**smp_inputs, use_cache=False).logits  # (B, T', V)
+    ref_logits = ref_out.logits
     if vocab_size is not None:
-        logits, teacher_logits = logits[..., :vocab_size], teacher_logits[..., :vocab_size]
-    nll = transfer_loss(logits[:B, :T_ref], None, reference["labels"], objective="nll",
-                        label_smoothing=ob.label_smoothing, num_tokens=num_tokens)
+        ref_logits, logits, teacher_logits = (x[..., :vocab_size] for x in (ref_logits, logits, teacher_logits))
+    nll = transfer_loss(ref_logits, None, ref_labels, objective="nll", label_smoothing=ob.label_smoothing,
+                        num_tokens=num_tokens)
     extra = {"support": ob.support} if ob.support is not None else {}
-    div = transfer_loss(logits[B:, :T_smp], teacher_logits, sampled["labels"], objective=ob.objective, lam=1.0,
+    div = transfer_loss(logits, teacher_logits, smp_labels, objective=ob.objective, lam=1.0,
                         top_k=ob.top_k, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
                         renormalize=ob.renormalize, tail=getattr(ob, "tail", False),
                         **extra)  # mean over this batch's sampled tokens
@@ -189,6 +206,6 @@ def compute_loss(run, batch: dict, num_tokens: int | None = None, *, model=None)
     settings = SampleSettings.from_config(cfg, seed=seed)
     sampled = run.family.on_policy_batch(run.model, run.tokenizer, batch, settings)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    return on_policy_loss(run.model if model is None else model, run.teacher, batch, sampled, ob,
+    return on_policy_loss(run.model if model is None else model, run.teacher, batch, sampled, ob, family=run.family,
                           num_tokens=num_tokens, autocast=autocast, vocab_size=run.vocab_size)
 
