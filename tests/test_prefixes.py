@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+
 from ktransfer.models.family import CAUSAL, SEQ2SEQ, load_model
 from ktransfer.training.config import ConfigError, load_config
 from ktransfer.training.prefixes import SampleSettings, batch_generator, draw
@@ -278,3 +279,25 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     assert float(out.loss) == pytest.approx(float((1 - lam) * nll + lam * kl), rel=1e-4)
     # float32 logits from a stacked, padded forward vs separate ones: equal up to about 1e-8 per token
     assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4, abs=1e-7) and float(kl) > 0
+
+
+def test_lam_1_runs_only_the_sampled_rows(teacher, shared_data, tmp_path):
+    """At lam = 1 the NLL has no weight: the learner runs once (over the sampled rows), the loss is the KL on the
+    samples computed again with plain torch, and the reported nll is 0."""
+    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.lam=1"))
+    batch = first_batch(run)
+    calls = []
+    handle = run.model.register_forward_pre_hook(  # the training forwards (sampling runs without gradients)
+        lambda _m, _a, kw: torch.is_grad_enabled() and calls.append(kw["decoder_input_ids"].shape), with_kwargs=True)
+    out = compute_loss(run, batch)
+    handle.remove()
+    _, seed = draw(batch_generator(run.cfg.train.seed, run.state.step, batch["input_ids"]), "learner", 0.5)
+    fixed = SEQ2SEQ.on_policy_batch(run.model, run.tokenizer, batch, SampleSettings.from_config(run.cfg, seed=seed))
+    assert calls == [fixed["decoder_input_ids"].shape]
+    with torch.no_grad():
+        smp = run.model(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"],
+                        decoder_input_ids=fixed["decoder_input_ids"]).logits
+        tea = run.teacher(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"],
+                          decoder_input_ids=fixed["decoder_input_ids"]).logits
+    assert float(out.loss) == pytest.approx(float(_kl(tea, smp, fixed["labels"] != -100)), rel=1e-4)
+    assert float(out.nll) == 0.0

@@ -135,7 +135,8 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
     The learner runs over the reference rows and over the sampled rows separately, each at its own width (no row
     padded to the other's length): the first forward goes through ``model`` (the DDP wrapper, so that DDP sees one
     forward per backward), the second through the module inside it; an encoder-decoder's encoder runs once, its
-    output feeding both decoder passes. The frozen ``teacher`` runs once, over the sampled rows, under
+    output feeding both decoder passes. At ``lam = 1`` the NLL has no weight and the reference rows are not run
+    (``nll`` is reported as 0). The frozen ``teacher`` runs once, over the sampled rows, under
     ``torch.no_grad``. Each side's inputs are ``family.model_inputs`` (a causal LM's logits start at the first
     scored column).
 
@@ -161,21 +162,29 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, objective, *,
     family = family_of(model) if family is None else family
     ref_inputs, ref_labels = family.model_inputs(reference)
     smp_inputs, smp_labels = family.model_inputs(sampled)
+    first, inner = model, unwrap(model)  # the first learner forward goes through the DDP wrapper
     with autocast if autocast is not None else contextlib.nullcontext():
-        ref_out = model(**ref_inputs, use_cache=False)
+        ref_out = None
         learner_inputs = smp_inputs
-        encoded = getattr(ref_out, "encoder_last_hidden_state", None)
-        if encoded is not None and sampled["input_ids"] is reference["input_ids"]:  # the same sources: encode once
-            learner_inputs = {k: v for k, v in smp_inputs.items() if k != "input_ids"}
-            learner_inputs["encoder_outputs"] = (encoded,)
-        logits = unwrap(model)(**learner_inputs, use_cache=False).logits  # (B, T', V)
+        if ob.lam < 1.0:  # at lam = 1 the NLL has no weight: the reference rows are not run
+            ref_out, first = first(**ref_inputs, use_cache=False), inner
+            encoded = getattr(ref_out, "encoder_last_hidden_state", None)
+            if encoded is not None and sampled["input_ids"] is reference["input_ids"]:  # same sources: encode once
+                learner_inputs = {k: v for k, v in smp_inputs.items() if k != "input_ids"}
+                learner_inputs["encoder_outputs"] = (encoded,)
+        logits = first(**learner_inputs, use_cache=False).logits  # (B, T', V)
         with torch.no_grad():
             teacher_logits = teacher(**smp_inputs, use_cache=False).logits  # (B, T', V)
-    ref_logits = ref_out.logits
     if vocab_size is not None:
-        ref_logits, logits, teacher_logits = (x[..., :vocab_size] for x in (ref_logits, logits, teacher_logits))
-    nll = transfer_loss(ref_logits, None, ref_labels, objective="nll", label_smoothing=ob.label_smoothing,
-                        num_tokens=num_tokens)
+        logits, teacher_logits = logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    if ref_out is not None:
+        ref_logits = ref_out.logits if vocab_size is None else ref_out.logits[..., :vocab_size]
+        nll = transfer_loss(ref_logits, None, ref_labels, objective="nll", label_smoothing=ob.label_smoothing,
+                            num_tokens=num_tokens)
+    else:
+        zero = logits.new_zeros(())
+        nll = TransferLoss(loss=zero, nll=zero, divergence=zero,
+                           num_tokens=num_tokens or int((ref_labels != IGNORE_INDEX).sum()))
     extra = {"support": ob.support} if ob.support is not None else {}
     div = transfer_loss(logits, teacher_logits, smp_labels, objective=ob.objective, lam=1.0,
                         top_k=ob.top_k, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
