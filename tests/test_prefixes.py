@@ -287,8 +287,12 @@ def test_lam_1_runs_only_the_sampled_rows(teacher, shared_data, tmp_path):
     run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.lam=1"))
     batch = first_batch(run)
     calls = []
-    handle = run.model.register_forward_pre_hook(  # the training forwards (sampling runs without gradients)
-        lambda _m, _a, kw: torch.is_grad_enabled() and calls.append(kw["decoder_input_ids"].shape), with_kwargs=True)
+
+    def hook(_module, _args, kwargs):  # the training forwards (sampling runs without gradients)
+        if torch.is_grad_enabled():
+            calls.append(kwargs["decoder_input_ids"].shape)
+
+    handle = run.model.register_forward_pre_hook(hook, with_kwargs=True)
     out = compute_loss(run, batch)
     handle.remove()
     _, seed = draw(batch_generator(run.cfg.train.seed, run.state.step, batch["input_ids"]), "learner", 0.5)
