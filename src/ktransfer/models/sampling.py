@@ -34,7 +34,7 @@ def inverse_cdf(logits: torch.Tensor, u: torch.Tensor, *, temperature: float = 1
     module docstring's rule. Returns int64 ``[B]``."""
     x = logits.float() / temperature
     V = x.shape[-1]
-    w = (x - x.max(dim=-1, keepdim=True).values).exp().double()  # unnormalised, float64 sums
+    w = torch.softmax(x, dim=-1).double()  # float64 sums: a token of probability 1e-9 keeps its share
     if 0 < top_k < V or top_p < 1.0:  # truncation ranks the tokens; the CDF stays in vocabulary order
         ranked, order = w.topk(top_k, dim=-1) if 0 < top_k < V else w.sort(dim=-1, descending=True)
         if top_p < 1.0:
@@ -42,11 +42,10 @@ def inverse_cdf(logits: torch.Tensor, u: torch.Tensor, *, temperature: float = 1
             ranked = ranked.masked_fill(cum - ranked >= top_p * cum[:, -1:], 0.0)  # mass ranked strictly above
         w = torch.zeros_like(w).scatter_(-1, order, ranked)
     cdf = w.cumsum(dim=-1)
-    target = u.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
-    pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * F_V rounds to F_V at most once in 2^53 draws: never past the last token of positive weight
-    last = V - 1 - (w.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
-    return torch.minimum(pos, last)
+    total = cdf[:, -1:]
+    # strictly below F_V (u * F_V rounds to F_V once in 2^53 draws), so the first F_i above it has w_i > 0
+    target = torch.minimum(u.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def row_limits(labels: torch.Tensor, cap: int, scale: float | None, margin: int) -> torch.Tensor:
