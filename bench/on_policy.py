@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, processing_class=tok,
                              train_dataset=Dataset.from_list(chats[:n]))
         trainer.create_optimizer_and_scheduler(num_training_steps=args.warmup + args.steps)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop, which we do not run
         return trainer
 
     def kt_step(run):

@@ -21,13 +21,15 @@ sampled tokens: each micro-batch's divergence is weighted by its share of refere
 term has. With one micro-batch this is exactly the formula above. (The sampled-token count of the other
 micro-batches is not known when one is processed, so a global sampled-token mean is not available.)
 
-Sampling (``sample``): ``model.generate(do_sample=True)`` with the learner in eval mode (no dropout; its mode is
-restored afterwards) under ``torch.no_grad``: the sampled ids are integer leaves, nothing is differentiated through
-them. Temperature and top-p shape the sampling distribution; ``<pad>`` (the decoder's start symbol) is never sampled,
-and generation's default top-k of 50 is switched off. Randomness: transformers' ``generate`` draws from the global
-RNG and takes no ``torch.Generator``, so the sampler forks the RNG (``torch.random.fork_rng``) and seeds it inside;
-the seed and the ``mixed`` coin come from a ``torch.Generator`` seeded by (train.seed, step, the batch's source ids).
-Nothing else's random stream moves, and a resumed run draws the same samples as an uninterrupted one.
+Sampling (``run.family.on_policy_batch``, ``ktransfer.models.sampling``): ancestral sampling on the learner's KV cache,
+in eval mode (no dropout; its mode is restored afterwards) under ``torch.no_grad``: the sampled ids are integer
+leaves, nothing is differentiated through them. Each token is an inverse-CDF draw with one uniform per row and step;
+temperature, top-k and top-p shape the distribution; ``<pad>`` (the decoder's start symbol) is never sampled. Row b
+stops at its first ``</s>`` or after ``min(sample_max_length, ceil(sample_length_scale * n_b) + sample_length_margin)``
+tokens, ``n_b`` its reference tokens (defaults 2 and 8; the run log states the rule at start). Randomness: the
+uniforms come from a CPU ``torch.Generator`` seeded with the seed that, like the ``mixed`` coin, comes from a
+``torch.Generator`` seeded by (train.seed, step, the batch's source ids). No global random stream moves, the same
+seed gives the same samples on one process or several, and a resumed run draws the samples of an uninterrupted one.
 
 Validation keeps the reference prefix, so validation numbers stay comparable across prefix sources. Sequence-level KD
 (Kim & Rush 2016: the teacher's beam-search outputs as the training targets) is the third prefix source; it is a
