@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                              "on-policy' (a kd step with objective.prefix=learner); their ratio is to the kd step")
     parser.add_argument("--tail", action="store_true",
                         help="add 'kd tail' and 'ka tail': the top-k steps with objective.tail=true (needs --top-k)")
-    parser.add_argument("--sample-length", type=int, default=64,
-                        help="objective.sample_max_length of the on-policy rows (default: 64)")
+    parser.add_argument("--sample-length", type=int, default=None,
+                        help="objective.sample_max_length of the on-policy rows (default: not set, so the run's "
+                             "defaults: eval.max_length, and 2x the reference + 8 tokens per sample)")
+    parser.add_argument("--on-policy-only", action="store_true",
+                        help="with --on-policy: only nll, teacher fwd, kd (all), sample and kd on-policy")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return forward
 
     precisions = [bf16 for bf16, skip in ((False, args.no_fp32), (True, args.no_bf16)) if not skip]
-    supports = [None] + ([args.top_k] if args.top_k else [])
+    supports = [None] + ([args.top_k] if args.top_k and not args.on_policy_only else [])
     rows, params = [], {}
     for bf16 in precisions:
         nll = make_run("nll", bf16, None)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(SimpleNamespace(bf16=bf16, step="nll", top_k=None, fn=step_fn(nll), times=[], tokens=[]))
         params["learner"] = count_parameters(nll.model)
         teacher_run = None
-        for objective in ("kd", "ka"):
+        for objective in ("kd",) if args.on_policy_only else ("kd", "ka"):
             for top_k in supports:
                 run = make_run(objective, bf16, top_k)
                 teacher_run = run if teacher_run is None else teacher_run
@@ -195,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(SimpleNamespace(bf16=bf16, step=f"{objective} tail", top_k=args.top_k, fn=step_fn(run),
                                         times=[], tokens=[]))
         if args.on_policy:
-            on = make_run("kd", bf16, None, "objective.prefix=learner",
-                          f"objective.sample_max_length={args.sample_length}", tag="-onpolicy")
+            length = [] if args.sample_length is None else [f"objective.sample_max_length={args.sample_length}"]
+            on = make_run("kd", bf16, None, "objective.prefix=learner", *length, tag="-onpolicy")
             rows.append(SimpleNamespace(bf16=bf16, step="sample", top_k=None, fn=sample_fn(on), times=[], tokens=[]))
             rows.append(SimpleNamespace(bf16=bf16, step="kd on-policy", top_k=None, fn=step_fn(on), times=[],
                                         tokens=[]))

@@ -191,6 +191,22 @@ def test_causal_learner_on_two_processes_equals_one(shared_data, tmp_path):
     assert valid_two["loss"] == pytest.approx(valid_one["loss"], rel=1e-5) and valid_two["divergence"] != 0
 
 
+def test_on_policy_learner_on_two_processes_equals_one(shared_data, tmp_path):
+    """On-policy kd (objective.prefix=learner) with DDP: each rank samples its batch from (seed, step, its sources),
+    as one process with accumulate=2 samples the same two micro-batches, and the learner's two forward passes (the
+    reference rows through the DDP wrapper, the sampled rows through the module inside) give one reduction:
+    2 processes x 3 steps == 1 process with accumulate=2."""
+    teacher = tmp_path / "teacher"
+    train(load_config(None, overrides(shared_data, teacher, "train.max_steps=2")))
+    on = ("objective.objective=kd", f"model.teacher={teacher / 'checkpoints/last'}", "objective.prefix=learner",
+          "objective.sample_max_length=10", "train.max_steps=3")
+    proc = torchrun(overrides(shared_data, tmp_path / "two", *on))
+    assert proc.stdout.count("max_steps after 3 steps") == 1
+    train(load_config(None, overrides(shared_data, tmp_path / "one", *on, "optim.accumulate=2")))
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
+    assert all(r["divergence"] > 0 for r in records(tmp_path / "two", "train"))
+
+
 def test_one_process_checkpoint_resumed_on_two(setting, shared_data):
     """A 1-process (accumulate=2) checkpoint after 5 steps, resumed by 2 processes to the end of the epoch (whose
     odd number of batches leaves rank 1 a stand-in batch at the last step), equals the uninterrupted reference."""

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from transformers import GenerationConfig
 
 from ktransfer.models.family import CAUSAL, SEQ2SEQ, load_model
 from ktransfer.training.config import ConfigError, load_config
@@ -84,8 +83,14 @@ def test_config_accepts_prefixes():
 # Sampling and masks
 # --------------------------------------------------------------------------------------------------------------
 def test_samples_are_the_learners_and_masks_cover_them(teacher):
-    """The on-policy batch equals an independent ``generate`` call with the same seed and settings; labels hold
-    exactly the tokens up to each sample's first </s>; sampling leaves the RNG and the model's mode alone."""
+    """The on-policy batch equals an independent sampler with the same uniforms that recomputes the learner's whole
+    forward pass at every step (``tests/sampling_reference.py``); labels hold exactly the tokens up to each sample's
+    first </s>; sampling leaves the RNG and the model's mode alone."""
+    from sampling_reference import naive_sample
+
+    from ktransfer.models.generation import suppressed_ids
+    from ktransfer.models.sampling import row_limits
+
     model, tokenizer = load_model(teacher)
     model.train()
     from ktransfer.data.batching import collate
@@ -95,7 +100,8 @@ def test_samples_are_the_learners_and_masks_cover_them(teacher):
     src = [tokenizer.encode(s) + [tokenizer.eos_id] for s, _ in pairs]
     tgt = [tokenizer.encode(t) + [tokenizer.eos_id] for _, t in pairs]
     batch = collate(src, tgt, tokenizer.pad_id, model.config.decoder_start_token_id)
-    settings = SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=1234)
+    settings = SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=1234, length_scale=1.0,
+                              length_margin=4)
     rng = torch.get_rng_state()
     out = SEQ2SEQ.on_policy_batch(model, tokenizer, batch, settings)
     assert torch.equal(torch.get_rng_state(), rng) and model.training
@@ -103,31 +109,32 @@ def test_samples_are_the_learners_and_masks_cover_them(teacher):
         assert out[key].dtype == torch.int64 and not out[key].requires_grad and out[key].grad_fn is None
     assert out["input_ids"] is batch["input_ids"]
 
-    # independent: seed the global RNG and call generate() ourselves
     model.eval()
-    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                                               decoder_start_token_id=tokenizer.pad_id)
-    torch.manual_seed(1234)
-    with torch.no_grad():
-        ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
-                             temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=30,
-                             suppress_tokens=[tokenizer.pad_id])
-    assert torch.equal(out["decoder_input_ids"], ref[:, :-1])
-    counts = []
-    for b, row in enumerate(ref[:, 1:].tolist()):
-        n = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row else len(row)
-        counts.append(n)
-        assert out["labels"][b, :n].tolist() == row[:n]
+
+    def last_logits(rows):
+        width = max(map(len, rows)) + 1
+        dec = torch.tensor([[tokenizer.pad_id, *r] + [tokenizer.pad_id] * (width - 1 - len(r)) for r in rows])
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         decoder_input_ids=dec).logits[:, -1]
+
+    limits = row_limits(batch["labels"], 30, 1.0, 4).tolist()
+    ref = naive_sample(last_logits, len(src), limits, eos_id=tokenizer.eos_id, seed=1234, temperature=0.8,
+                       top_p=0.95, suppressed=suppressed_ids(model, tokenizer))
+    for b, row in enumerate(ref):
+        n = len(row)
+        assert n == limits[b] or row[-1] == tokenizer.eos_id
+        assert tokenizer.eos_id not in row[:-1] and tokenizer.pad_id not in row
+        assert out["labels"][b, :n].tolist() == row
         assert (out["labels"][b, n:] == -100).all()
-        assert tokenizer.pad_id not in row[:n]
-    assert int((out["labels"] != -100).sum()) == sum(counts)
-    assert any(tokenizer.eos_id in row for row in ref[:, 1:].tolist())  # the mask is exercised
+        assert out["decoder_input_ids"][b, :n].tolist() == [tokenizer.pad_id, *row[:-1]]
+    assert int((out["labels"] != -100).sum()) == sum(map(len, ref))
+    assert any(row[-1] == tokenizer.eos_id for row in ref)  # the mask is exercised
+    assert any(len(row) == lim and row[-1] != tokenizer.eos_id for row, lim in zip(ref, limits, strict=True))
 
     # another seed gives other samples (the seed is used)
-    other = SEQ2SEQ.on_policy_batch(model, tokenizer, batch,
-                                    SampleSettings(temperature=0.8, top_p=0.95, max_new_tokens=30, seed=7))
-    assert not torch.equal(other["decoder_input_ids"], out["decoder_input_ids"][:, :other["decoder_input_ids"]
-                                                                                  .shape[1]])
+    other = SEQ2SEQ.on_policy_batch(model, tokenizer, batch, SampleSettings(**{**settings.__dict__, "seed": 7}))
+    assert not torch.equal(other["labels"][:, :4], out["labels"][:, :4])
 
 
 def test_mixed_coin_frequency_and_determinism():
@@ -272,3 +279,29 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     assert float(out.loss) == pytest.approx(float((1 - lam) * nll + lam * kl), rel=1e-4)
     # float32 logits from a stacked, padded forward vs separate ones: equal up to about 1e-8 per token
     assert float(out.divergence) == pytest.approx(float(kl), rel=1e-4, abs=1e-7) and float(kl) > 0
+
+
+def test_lam_1_runs_only_the_sampled_rows(teacher, shared_data, tmp_path):
+    """At lam = 1 the NLL has no weight: the learner runs once (over the sampled rows), the loss is the KL on the
+    samples computed again with plain torch, and the reported nll is 0."""
+    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.lam=1"))
+    batch = first_batch(run)
+    calls = []
+
+    def hook(_module, _args, kwargs):  # the training forwards (sampling runs without gradients)
+        if torch.is_grad_enabled():
+            calls.append(kwargs["decoder_input_ids"].shape)
+
+    handle = run.model.register_forward_pre_hook(hook, with_kwargs=True)
+    out = compute_loss(run, batch)
+    handle.remove()
+    _, seed = draw(batch_generator(run.cfg.train.seed, run.state.step, batch["input_ids"]), "learner", 0.5)
+    fixed = SEQ2SEQ.on_policy_batch(run.model, run.tokenizer, batch, SampleSettings.from_config(run.cfg, seed=seed))
+    assert calls == [fixed["decoder_input_ids"].shape]
+    with torch.no_grad():
+        smp = run.model(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"],
+                        decoder_input_ids=fixed["decoder_input_ids"]).logits
+        tea = run.teacher(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"],
+                          decoder_input_ids=fixed["decoder_input_ids"]).logits
+    assert float(out.loss) == pytest.approx(float(_kl(tea, smp, fixed["labels"] != -100)), rel=1e-4)
+    assert float(out.nll) == 0.0

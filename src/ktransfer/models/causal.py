@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ktransfer.data.corpora import IGNORE_INDEX
-from ktransfer.models import generation
+from ktransfer.models import generation, sampling
 from ktransfer.models.generation import FORMAT_KEY, INSTRUCTION_KEY, DecodeSettings, unwrap
 
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech", "th": "Thai"}
@@ -489,31 +489,43 @@ class CausalFamily:
     def on_policy_batch(self, model, tokenizer, batch: dict, settings) -> dict:
         """The batch's prompts (``prompts_of``) continued by samples of the learner, collated like ``collate``.
 
-        Ancestral sampling without gradient, in eval mode, with ``settings`` (temperature, top_p, max_new_tokens
-        and the model's positions, seed through ``generation.seeded_fork``); each sample ends at its first ``</s>``
-        (kept) or at the limit."""
-        from transformers import GenerationConfig
-
+        Ancestral sampling (``ktransfer.models.sampling``) without gradient, in eval mode (restored after): the
+        left-padded prompts run once (positions from the attention mask), then one token a step on the KV cache.
+        ``settings``: temperature, top_k, top_p, the length rule (``max_new_tokens`` capped by the positions,
+        ``length_scale``, ``length_margin``) and the seed of the uniforms; each sample ends at its first ``</s>``
+        (kept) or at its limit."""
         model = unwrap(model)
-        prompts = prompts_of(batch)
-        input_ids, mask = generation.pad_rows(prompts, tokenizer.pad_id, left=True)
-        S = input_ids.shape[1]
-        gen = GenerationConfig(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
-                               top_k=0, num_beams=1, max_new_tokens=self.max_new_tokens(model, settings.max_new_tokens,
-                                                                                         S),
-                               pad_token_id=tokenizer.pad_id, eos_token_id=generation.stop_ids(model, tokenizer),
-                               suppress_tokens=generation.suppressed_ids(model, tokenizer))
         device = batch["input_ids"].device
+        prompts = prompts_of(batch)
+        input_ids, mask = (t.to(device) for t in generation.pad_rows(prompts, tokenizer.pad_id, left=True))
+        cap = self.max_new_tokens(model, settings.max_new_tokens, input_ids.shape[1])
+        limits = sampling.row_limits(batch["labels"], cap, settings.length_scale, settings.length_margin)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        state = {"past": None, "mask": mask, "next": position[:, -1:] + 1}
         was_training = model.training
         model.eval()
         try:
-            with generation.seeded_fork(device, settings.seed):
-                out = generation.generate(model, gen, input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            with torch.no_grad():
+                def next_logits(last):
+                    if last is None:
+                        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                                    logits_to_keep=1)
+                    else:
+                        state["mask"] = torch.cat([state["mask"], mask.new_ones(mask.shape[0], 1)], 1)
+                        out = model(input_ids=last.unsqueeze(1), attention_mask=state["mask"],
+                                    position_ids=state["next"], cache=state["past"], use_cache=True)
+                        state["next"] = state["next"] + 1
+                    state["past"] = out.cache
+                    return out.logits[:, -1]
+
+                tokens, lengths = sampling.ancestral(
+                    next_logits, limits, eos_id=generation.stop_ids(model, tokenizer), fill_id=tokenizer.pad_id,
+                    seed=settings.seed,
+                    temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                    suppressed=generation.suppressed_ids(model, tokenizer))
         finally:
             model.train(was_training)
-        stops = generation.stop_ids(model, tokenizer)
-        responses = [generation.cut_at_eos(row, stops, keep_eos=True) or [tokenizer.eos_id]
-                     for row in out[:, S:].tolist()]
+        responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
         return {k: v.to(device) for k, v in collate(prompts, responses, tokenizer.pad_id).items()}
 
 

@@ -1,10 +1,9 @@
 """What both model families share when they generate: decoding settings and their signature, the output layer's
-size, the ids never generated, a ``generate`` call that ignores the checkpoint's own generation settings, and a
-seeded fork of the global RNG for sampling."""
+size, the ids never generated, and a ``generate`` call that ignores the checkpoint's own generation settings
+(on-policy sampling: ``ktransfer.models.sampling``)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,19 +95,6 @@ def generate(model, gen, **inputs) -> torch.Tensor:
             return model.generate(**inputs, generation_config=gen)
     finally:
         model.generation_config = saved
-
-
-@contextlib.contextmanager
-def seeded_fork(device: torch.device, seed: int):
-    """Run the body with the global RNG of the CPU (and of ``device`` if it is a GPU) seeded to ``seed``; the states
-    from before are restored on exit (``generate`` takes no ``torch.Generator``)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.default_generators[devices[0]].manual_seed(seed)
-        yield
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

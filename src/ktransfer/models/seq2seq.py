@@ -33,7 +33,7 @@ import torch
 
 from ktransfer.data import batching
 from ktransfer.data.corpora import IGNORE_INDEX
-from ktransfer.models import generation
+from ktransfer.models import generation, sampling
 from ktransfer.models.generation import DecodeSettings
 
 FORMATS = ("parallel", "prompt_completion")  # data formats an encoder-decoder reads (ktransfer.data.formats)
@@ -280,27 +280,37 @@ class Seq2SeqFamily:
 
     def on_policy_batch(self, model, tokenizer, batch: dict, settings) -> dict:
         """The batch's sources with ``decoder_input_ids`` = start + the learner's samples and ``labels`` = the
-        sampled tokens (-100 after each sample's first ``</s>``, which is kept). Sampling: ``settings`` (temperature,
-        top_p, max_new_tokens, seed), eval mode, a seeded fork of the global RNG (``generation.seeded_fork``)."""
-        from transformers import GenerationConfig
+        sampled tokens (-100 after each sample's first ``</s>``, which is kept, and after its length limit).
 
+        Ancestral sampling (``ktransfer.models.sampling``) without gradient, in eval mode (restored after): the
+        encoder runs once, the decoder one token a step on its KV cache. ``settings``: temperature, top_k, top_p,
+        the length rule (``max_new_tokens`` capped by the positions, ``length_scale``, ``length_margin``) and the
+        seed of the uniforms."""
         model = generation.unwrap(model)
-        gen = GenerationConfig(do_sample=True, num_beams=1, temperature=float(settings.temperature),
-                               top_p=float(settings.top_p), top_k=0,
-                               max_new_tokens=self.max_new_tokens(model, settings.max_new_tokens),
-                               pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                               decoder_start_token_id=decoder_start(model),
-                               suppress_tokens=generation.suppressed_ids(model, tokenizer))
+        cap = self.max_new_tokens(model, settings.max_new_tokens)
+        limits = sampling.row_limits(batch["labels"], cap, settings.length_scale, settings.length_margin)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        start = torch.full((ids.shape[0], 1), decoder_start(model), dtype=torch.long, device=ids.device)
         was_training = model.training
         model.eval()
         try:
-            with generation.seeded_fork(batch["input_ids"].device, settings.seed):
-                generated = generation.generate(model, gen, input_ids=batch["input_ids"],
-                                                attention_mask=batch["attention_mask"])
+            with torch.no_grad():
+                encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask)
+                cache = {"past": None}
+
+                def next_logits(last):
+                    out = model(encoder_outputs=encoder_outputs, attention_mask=mask,
+                                decoder_input_ids=start if last is None else last.unsqueeze(1),
+                                cache=cache["past"], use_cache=True)
+                    cache["past"] = out.cache
+                    return out.logits[:, -1]
+
+                tokens, lengths = sampling.ancestral(
+                    next_logits, limits, eos_id=tokenizer.eos_id, fill_id=tokenizer.pad_id, seed=settings.seed,
+                    temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                    suppressed=generation.suppressed_ids(model, tokenizer))
         finally:
             model.train(was_training)
-        tokens = generated[:, 1:]
-        is_eos = (tokens == tokenizer.eos_id).long()
-        after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first </s>
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "decoder_input_ids": generated[:, :-1].clone(), "labels": tokens.masked_fill(after, IGNORE_INDEX)}
+        after = torch.arange(tokens.shape[1], device=tokens.device) >= lengths.unsqueeze(1)
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.cat([start, tokens[:, :-1]], 1),
+                "labels": tokens.masked_fill(after, IGNORE_INDEX)}

@@ -187,7 +187,13 @@ class ObjectiveConfig(_Section):
     sample_temperature: float = _field(1.0, "softmax temperature of the learner when sampling prefixes", gt=0.0)
     sample_top_p: float = _field(1.0, "nucleus (top-p) mass kept when sampling prefixes (1 = full distribution)",
                                  gt=0.0, le=1.0)
+    sample_top_k: int = _field(0, "sample among the top_k most likely tokens only when sampling prefixes (0 = all)",
+                               ge=0)
     sample_max_length: int | None = _field(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
+    sample_length_scale: float | None = _field(
+        2.0, "a sample stops after ceil(scale x its reference's tokens) + sample_length_margin tokens, at most "
+        "sample_max_length (None = sample_max_length alone)", gt=0.0)
+    sample_length_margin: int = _field(8, "tokens added to the reference-bounded sample length", ge=0)
 
 
 @dataclass

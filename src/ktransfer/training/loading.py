@@ -38,6 +38,10 @@ def load_teacher(cfg: RunConfig, device: torch.device, log) -> tuple[torch.nn.Mo
     teacher.to(dtype)
     log(f"teacher: {cfg.model.teacher} ({type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} "
         f"parameters, frozen, {str(dtype).removeprefix('torch.')})")
+    if cfg.objective.prefix != "reference":
+        from ktransfer.training.prefixes import SampleSettings
+
+        log(f"on-policy samples ({cfg.objective.prefix}): {SampleSettings.from_config(cfg).describe()}")
     return teacher, tokenizer
 
 

@@ -21,13 +21,15 @@ sampled tokens: each micro-batch's divergence is weighted by its share of refere
 term has. With one micro-batch this is exactly the formula above. (The sampled-token count of the other
 micro-batches is not known when one is processed, so a global sampled-token mean is not available.)
 
-Sampling (``sample``): ``model.generate(do_sample=True)`` with the learner in eval mode (no dropout; its mode is
-restored afterwards) under ``torch.no_grad``: the sampled ids are integer leaves, nothing is differentiated through
-them. Temperature and top-p shape the sampling distribution; ``<pad>`` (the decoder's start symbol) is never sampled,
-and generation's default top-k of 50 is switched off. Randomness: transformers' ``generate`` draws from the global
-RNG and takes no ``torch.Generator``, so the sampler forks the RNG (``torch.random.fork_rng``) and seeds it inside;
-the seed and the ``mixed`` coin come from a ``torch.Generator`` seeded by (train.seed, step, the batch's source ids).
-Nothing else's random stream moves, and a resumed run draws the same samples as an uninterrupted one.
+Sampling (``run.family.on_policy_batch``, ``ktransfer.models.sampling``): ancestral sampling on the learner's KV cache,
+in eval mode (no dropout; its mode is restored afterwards) under ``torch.no_grad``: the sampled ids are integer
+leaves, nothing is differentiated through them. Each token is an inverse-CDF draw with one uniform per row and step;
+temperature, top-k and top-p shape the distribution; ``<pad>`` (the decoder's start symbol) is never sampled. Row b
+stops at its first ``</s>`` or after ``min(sample_max_length, ceil(sample_length_scale * n_b) + sample_length_margin)``
+tokens, ``n_b`` its reference tokens (defaults 2 and 8; the run log states the rule at start). Randomness: the
+uniforms come from a CPU ``torch.Generator`` seeded with the seed that, like the ``mixed`` coin, comes from a
+``torch.Generator`` seeded by (train.seed, step, the batch's source ids). No global random stream moves, the same
+seed gives the same samples on one process or several, and a resumed run draws the samples of an uninterrupted one.
 
 Validation keeps the reference prefix, so validation numbers stay comparable across prefix sources. Sequence-level KD
 (Kim & Rush 2016: the teacher's beam-search outputs as the training targets) is the third prefix source; it is a
@@ -56,15 +58,21 @@ class SampleSettings:
 
     Attributes:
         temperature: divides the learner's logits before sampling (> 0).
+        top_k: sample among the ``top_k`` most likely tokens only (0 = all).
         top_p: nucleus sampling mass (0 < top_p <= 1; 1 = the full distribution).
         max_new_tokens: most tokens sampled per sentence, ``</s>`` included (capped by the model's positions).
-        seed: seeds the RNG the sampler forks (``ktransfer.models.generation.seeded_fork``).
+        length_scale, length_margin: a row stops after ``ceil(length_scale * n) + length_margin`` tokens, ``n`` its
+            reference tokens (and after ``max_new_tokens``); ``length_scale`` None: ``max_new_tokens`` alone.
+        seed: seeds the generator of the sampler's uniforms (``ktransfer.models.sampling``).
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    top_k: int = 0
+    length_scale: float | None = None
+    length_margin: int = 8
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -73,13 +81,26 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.length_scale is not None and not self.length_scale > 0:
+            raise ValueError(f"length_scale must be > 0 or None, got {self.length_scale!r}")
+        if not isinstance(self.length_margin, int) or self.length_margin < 0:
+            raise ValueError(f"length_margin must be an integer >= 0, got {self.length_margin!r}")
 
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> SampleSettings:
-        """The settings of a ``RunConfig`` (``objective.sample_*``; the length defaults to ``eval.max_length``)."""
+        """The settings of a ``RunConfig`` (``objective.sample_*``; the cap defaults to ``eval.max_length``)."""
         ob = cfg.objective
-        return cls(temperature=ob.sample_temperature, top_p=ob.sample_top_p,
-                   max_new_tokens=ob.sample_max_length or cfg.eval.max_length, seed=seed)
+        return cls(temperature=ob.sample_temperature, top_p=ob.sample_top_p, top_k=ob.sample_top_k,
+                   max_new_tokens=ob.sample_max_length or cfg.eval.max_length, length_scale=ob.sample_length_scale,
+                   length_margin=ob.sample_length_margin, seed=seed)
+
+    def describe(self) -> str:
+        """The length rule in words (the run log states it at start)."""
+        from ktransfer.models.sampling import describe
+
+        return describe(self.max_new_tokens, self.length_scale, self.length_margin)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,28 +132,17 @@ def draw(generator: torch.Generator, prefix: str, on_policy_fraction: float) -> 
 # --------------------------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------------------------
-_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # model inputs (seq2seq or causal), labels
-
-
-def _stack(a: dict, b: dict, pad_id: int) -> dict:
-    """Rows of ``a`` then rows of ``b`` for the keys of ``b`` among ``_KEYS``, each right-padded to the longer of
-    the two (labels with -100, attention masks with 0, ids with ``pad_id``)."""
-    out = {}
-    for key in (k for k in _KEYS if k in b):
-        x, y = a[key], b[key]
-        fill = IGNORE_INDEX if key == "labels" else 0 if key.endswith("attention_mask") else pad_id
-        width = max(x.shape[1], y.shape[1])
-        x, y = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in (x, y))
-        out[key] = torch.cat([x, y], dim=0)
-    return out
-
-
-def on_policy_loss(model, teacher, reference: dict, sampled: dict, spec: LossSpec, *,
+def on_policy_loss(model, teacher, reference: dict, sampled: dict, spec: LossSpec, *, family=None,
                    num_tokens: int | None = None, autocast=None) -> TransferLoss:
     """``(1 - lam) * NLL(reference) + lam * D(sampled)``, normalised as the module docstring says.
 
-    One forward pass of ``model`` over the reference and sampled rows stacked (so DDP sees one forward per
-    backward), one of the frozen ``teacher`` over the sampled rows under ``torch.no_grad``.
+    The learner runs over the reference rows and over the sampled rows separately, each at its own width (no row
+    padded to the other's length): the first forward goes through ``model`` (the DDP wrapper, so that DDP sees one
+    forward per backward), the second through the module inside it; an encoder-decoder's encoder runs once, its
+    output feeding both decoder passes. At ``lam = 1`` the NLL has no weight and the reference rows are not run
+    (``nll`` is reported as 0). The frozen ``teacher`` runs once, over the sampled rows, under
+    ``torch.no_grad``. Each side's inputs are ``family.model_inputs`` (a causal LM's logits start at the first
+    scored column).
 
     Args:
         model: the learner (or its DDP wrapper); teacher: the frozen teacher.
@@ -140,6 +150,7 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, spec: LossSpe
             counted; every other key is a model input.
         spec: the run's ``LossSpec`` (objective, lam, top_k, support, tail, renormalize, temperature, beta, alpha,
             label_smoothing, vocab_size: both models' logits are cut to the ids they share, as on every path).
+        family: the model family (``ktransfer.models.family``; default: the learner's).
         num_tokens: reference tokens of all micro-batches (accumulation, several processes); None = this batch's.
         autocast: context manager around the forward passes (bf16), default none.
 
@@ -147,19 +158,34 @@ def on_policy_loss(model, teacher, reference: dict, sampled: dict, spec: LossSpe
         ``TransferLoss``: ``loss``; ``nll`` = the reference NLL sum / N; ``divergence`` = (n_b / N) * D_b (summed
         over micro-batches by ``train_step``, the reference-token-weighted mean of the D_b); ``num_tokens`` = N.
     """
-    pad_id = int(getattr(getattr(model, "module", model).config, "pad_token_id", 0) or 0)
-    B, T_ref, T_smp = reference["labels"].shape[0], reference["labels"].shape[1], sampled["labels"].shape[1]
-    both = _stack(reference, sampled, pad_id)
+    from ktransfer.models.family import family_of
+    from ktransfer.models.generation import unwrap
+
+    family = family_of(model) if family is None else family
+    ref_inputs, ref_labels = family.model_inputs(reference)
+    smp_inputs, smp_labels = family.model_inputs(sampled)
+    first, inner = model, unwrap(model)  # the first learner forward goes through the DDP wrapper
     with autocast if autocast is not None else contextlib.nullcontext():
-        logits = model(**{k: v for k, v in both.items() if k != "labels"}, use_cache=False).logits  # (2B, T, V)
+        ref_out = None
+        learner_inputs = smp_inputs
+        if spec.lam < 1.0:  # at lam = 1 the NLL has no weight: the reference rows are not run
+            ref_out, first = first(**ref_inputs, use_cache=False), inner
+            encoded = getattr(ref_out, "encoder_last_hidden_state", None)
+            if encoded is not None and sampled["input_ids"] is reference["input_ids"]:  # same sources: encode once
+                learner_inputs = {k: v for k, v in smp_inputs.items() if k != "input_ids"}
+                learner_inputs["encoder_outputs"] = (encoded,)
+        logits = first(**learner_inputs, use_cache=False).logits  # (B, T', V)
         with torch.no_grad():
-            teacher_logits = teacher(**{k: sampled[k] for k in _KEYS[:3] if k in sampled},
-                                     use_cache=False).logits  # (B, T', V)
-    nll = spec_loss(spec.replace(objective="nll", top_k=None, support=None, tail=False, renormalize=False),
-                    logits[:B, :T_ref], None, reference["labels"],
-                    num_tokens=num_tokens)
-    div = spec_loss(spec.replace(lam=1.0, label_smoothing=0.0), logits[B:, :T_smp], teacher_logits,
-                    sampled["labels"])  # mean over this batch's sampled tokens
+            teacher_logits = teacher(**smp_inputs, use_cache=False).logits  # (B, T', V)
+    if ref_out is not None:
+        nll = spec_loss(spec.replace(objective="nll", top_k=None, support=None, tail=False, renormalize=False),
+                        ref_out.logits, None, ref_labels, num_tokens=num_tokens)
+    else:
+        zero = logits.new_zeros(())
+        nll = TransferLoss(loss=zero, nll=zero, divergence=zero,
+                           num_tokens=num_tokens or int((ref_labels != IGNORE_INDEX).sum()))
+    div = spec_loss(spec.replace(lam=1.0, label_smoothing=0.0), logits, teacher_logits,
+                    smp_labels)  # mean over this batch's sampled tokens
     n_ref = int((reference["labels"] != IGNORE_INDEX).sum())
     weight = n_ref / num_tokens if num_tokens else 1.0  # this micro-batch's share of the reference tokens
     loss = (1.0 - spec.lam) * nll.loss + (spec.lam * weight) * div.loss
@@ -192,5 +218,5 @@ class OnPolicy:
             return self.reference.loss(model, batch, num_tokens)
         settings = SampleSettings.from_config(self.cfg, seed=seed)
         sampled = self.family.on_policy_batch(self.learner, self.tokenizer, batch, settings)
-        return on_policy_loss(model, self.teacher, batch, sampled, self.spec, num_tokens=num_tokens,
-                              autocast=self.autocast())
+        return on_policy_loss(model, self.teacher, batch, sampled, self.spec, family=self.family,
+                              num_tokens=num_tokens, autocast=self.autocast())
