@@ -140,7 +140,7 @@ def test_hub_id_without_a_network_fails_at_once(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     start = time.perf_counter()
-    assert main(["translate", "Helsinki-NLP/opus-mt-de-en"]) == 1
+    assert main(["translate", "Helsinki-NLP/opus-mt-de-en"]) == 2
     err = capsys.readouterr().err
     assert time.perf_counter() - start < 5 and "Retrying" not in err
     assert "Helsinki-NLP/opus-mt-de-en: not a local folder, not in the local Hugging Face cache, and the hub cannot " \
@@ -286,7 +286,7 @@ def corpus(tmp_path: Path, **files: str) -> Path:
 def test_all_empty_targets_name_the_cause_and_leave_no_run_folder(tmp_path):
     folder = corpus(tmp_path, train_de="a b\nc d\n", train_en="\n\n", valid_de="a\n", valid_en="b\n")
     rc, _, err = run_cli("train", f"data.corpus={folder}", f"train.out_dir={tmp_path / 'run'}")
-    assert rc == 1 and "every pair has an empty side" in err and "train.en: only empty lines" in err, err
+    assert rc == 2 and "every pair has an empty side" in err and "train.en: only empty lines" in err, err
     assert not (tmp_path / "run").exists()
     rc, out, err = run_cli("data", "check", str(folder))
     assert rc == 1 and "every pair has an empty side" in out + err
