@@ -1,10 +1,11 @@
 """A model folder's ``config.json`` checked before anything is allocated for it.
 
 Every size key it sets (``vocab_size``, ``hidden_size``/``d_model``/``n_embd``, the layer counts, the feed-forward
-widths, heads and positions) must be a positive integer; the parameter count they imply (a lower estimate: the
-embedding plus, per layer, attention and feed-forward matrices) times the bytes per weight must fit in the memory
-available (``MemAvailable``, or ``KTRANSFER_MAX_MODEL_BYTES`` when set). A config of ``num_hidden_layers = 10**6``
-or ``vocab_size = 1e9`` is so one line naming the file and key, not minutes of allocation ending in the OOM killer.
+widths, heads and positions) must be a positive integer within ``LIMITS``; the parameter count they imply (a lower
+estimate: the embedding plus, per layer, attention and feed-forward matrices) times the bytes per weight must fit in
+the memory available (``MemAvailable``, or ``KTRANSFER_MAX_MODEL_BYTES`` when set). A config of
+``num_hidden_layers = 10**6`` or ``vocab_size = 1e9`` is so one line naming the file and key, not minutes of
+allocation ending in the OOM killer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ SIZE_KEYS = ("vocab_size", "hidden_size", "d_model", "n_embd", "num_hidden_layer
 HIDDEN, LAYERS, FFN = ("hidden_size", "d_model", "n_embd"), ("num_hidden_layers", "n_layer", "num_layers"), \
     ("intermediate_size", "encoder_ffn_dim", "n_inner")
 HALF = ("float16", "bfloat16")
+# Far beyond any published model (vocabularies of ~262k, widths of ~25k, ~128 layers, contexts of ~10M): a value
+# over one of these is a broken or hostile config, refused whatever memory there is. Python's per-module overhead
+# makes 10**6 tiny layers cost gigabytes that a parameter count does not show.
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "d_model": 1 << 17, "n_embd": 1 << 17,
+          "num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "encoder_layers": 4096,
+          "decoder_layers": 4096, "intermediate_size": 1 << 20, "encoder_ffn_dim": 1 << 20, "decoder_ffn_dim": 1 << 20,
+          "n_inner": 1 << 20, "num_attention_heads": 4096, "n_head": 4096, "encoder_attention_heads": 4096,
+          "decoder_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 16,
+          "max_position_embeddings": 1 << 28, "n_positions": 1 << 28}
 
 
 def available_bytes() -> int:
@@ -63,6 +73,8 @@ def check_config(config: dict, file) -> None:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{file}: {key} = {value!r}: a size must be a positive integer")
+        if value > LIMITS[key]:
+            raise ValueError(f"{file}: {key} = {value:,}: beyond any real model (at most {LIMITS[key]:,} accepted)")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     need = estimate_parameters(config) * (2 if dtype in HALF else 4)
     have = available_bytes()
