@@ -29,6 +29,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from ktransfer.models.checkpoint import run_config_of
 from ktransfer.models.family import family_of, load_model, prepare_for_data, resolve_source
 from ktransfer.models.generation import DecodeSettings
+from ktransfer.runtime import nofollow
 
 # --------------------------------------------------------------------------------------------------------------
 # Translation
@@ -408,9 +409,17 @@ def _score_and_write(hypotheses: list[str], references: list[str], settings: Dec
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """``text`` into ``path`` through a fresh temporary file (never a link's target), then renamed into place."""
+    nofollow.refuse_link(path.parent)
+    nofollow.refuse_link(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        nofollow.write_new(tmp, text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
 
 
 def format_result(result: dict) -> str:

@@ -37,14 +37,18 @@ from ktransfer.models.checkpoint import STATE_FILE, run_config_of
 from ktransfer.models.family import load_model, resolve_source
 from ktransfer.models.generation import DecodeSettings
 from ktransfer.models.tokenizer import load_tokenizer
+from ktransfer.runtime import nofollow
 
 MANIFEST = ".seqkd.json"
 _WORK = ".chunks"  # inside the partial folder: job.json and the translated chunks
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    nofollow.refuse_link(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp.unlink(missing_ok=True)
+    fd = nofollow.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # never a planted link's target
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -259,13 +259,20 @@ def compute_dtype(z, u):
     return torch.float64 if torch.float64 in (z.dtype, getattr(u, "dtype", None)) else torch.float32
 
 
-def _softmax_lse(x: torch.Tensor):
-    """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim with a single exp pass (rows of -inf give lse -inf)."""
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """``x - max(x)`` per row (a row with no finite maximum is left as it is): softmax and every divergence are
+    invariant to it, and the shifted row has its maximum at exactly 0, so ``log p = x - logsumexp(x)`` never
+    subtracts two huge numbers (a logit of 1e8 in float32, or 1e300 in float64, costs no precision)."""
     m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = (x - m).exp_()
+    return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _softmax_lse(x: torch.Tensor):
+    """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim of a shifted ``x`` (``_shift``: max 0) with a single
+    exp pass (rows of -inf give lse -inf)."""
+    e = x.exp()
     Z = e.sum(-1, keepdim=True)
-    return e.div_(Z), m + Z.log()
+    return e.div_(Z), Z.log()
 
 
 def _guard(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -319,14 +326,14 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
     cdt = compute_dtype(z, u)
     T = spec.temperature
     z = z.to(cdt)
-    s = z if T == 1 else z / T
+    s = _shift(z if T == 1 else z / T)  # max 0 per row: no cancellation of huge logits below
     p, lse_s = _softmax_lse(s)  # (c, V), (c, 1)
     bad = torch.isneginf(lse_s.squeeze(-1))
     grad = None
     values = None
     if u is not None:
         t = u.to(cdt)
-        t = t if T == 1 else t / T
+        t = _shift(t if T == 1 else t / T)
         full_fast = all(term.support is None and term.kind in ("forward_kl", "reverse_kl") for term in spec.terms)
         needs_q = any(term.kind != "reverse_kl" or term.support is not None for term in spec.terms)
         if needs_q or not full_fast:
@@ -390,8 +397,9 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
     nll = None
     if labels is not None:
         if T == 1:
-            p1, lse_z = p, lse_s
+            z, p1, lse_z = s, p, lse_s
         else:
+            z = _shift(z)
             p1, lse_z = _softmax_lse(z) if need_grad else (None, torch.logsumexp(z, dim=-1, keepdim=True))
         logp_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse_z.squeeze(-1)
         nll = -logp_y

@@ -56,9 +56,9 @@ from ktransfer.losses.objectives import TransferLoss, transfer_loss
 from ktransfer.models import checkpoint as ckpt_lib
 from ktransfer.models import family as models
 from ktransfer.models.tokenizer import Tokenizer, compare_tokenizers, from_rust, load_tokenizer, train_tokenizer
-from ktransfer.runtime import distributed, runlock
+from ktransfer.runtime import distributed, nofollow, runlock
 from ktransfer.runtime.device import DeviceError, choose_device
-from ktransfer.runtime.runlog import RunLog, append_text
+from ktransfer.runtime.runlog import RunLog, append_text, kept_records
 from ktransfer.training.config import ConfigError, RunConfig, config_to_dict, save_config
 
 
@@ -1003,11 +1003,10 @@ class MetricsFile:
         if not enabled:
             self.lines = keep_lines
             return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
-        path.write_text("".join(lines), encoding="utf-8")
-        self.lines = len(lines)
-        for line in lines:  # the last validation, for a resumed run that has nothing left to do
-            record = json.loads(line)
+        kept = kept_records(path, keep_lines)  # a corrupt line: FILE:LINE
+        nofollow.write_text(path, "".join(line for line, _ in kept))  # never through a link
+        self.lines = len(kept)
+        for _, record in kept:  # the last validation, for a resumed run that has nothing left to do
             if record.get("kind") == "valid":
                 self.last_valid = record
 
