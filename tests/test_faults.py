@@ -512,3 +512,77 @@ def _last_state(run: Path) -> dict | None:
         return json.loads((run / "checkpoints/last/training_state.json").read_text())["train_state"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+# --- writes never follow a link out of a run or output folder ---------------------------------------------------------
+@pytest.mark.parametrize("entry", [".lock", "train.log", "metrics.jsonl", "tokenizer"])
+def test_links_inside_a_run_folder_are_refused_and_nothing_outside_changes(tmp_path, shared_data, entry):
+    """``RUN/ENTRY`` made a link to a file (or folder) elsewhere: ``ktransfer train RUN`` stops with one line naming
+    the link, and the outside target keeps its content (the old code truncated .lock and metrics.jsonl there and
+    overwrote an outside tokenizer.json)."""
+    outside, run = tmp_path / "outside", tmp_path / "run"
+    outside.mkdir()
+    run.mkdir()
+    if entry == "tokenizer":
+        (outside / "tokenizer.json").write_text("precious\n")
+        target = outside
+    else:
+        target = outside / "precious.txt"
+        target.write_text("line one\nline two\n")
+    (run / entry).symlink_to(target)
+    before = {p: p.read_bytes() for p in outside.iterdir()}
+    rc, _, err = run_cli("train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=40",
+                         "data.vocab_size=200", "data.valid_subset=5", "model.preset=tiny", "eval.max_length=4",
+                         "train.num_threads=1", "train.epochs=1", f"train.out_dir={run}", timeout=300)
+    assert rc != 0 and f"{run / entry}: is a symbolic link" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_a_linked_checkpoints_folder_is_refused(tmp_path, small_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ktransfer.models.checkpoint import save_checkpoint
+
+    outside = tmp_path / "outside"
+    (outside / "last").mkdir(parents=True)
+    (outside / "last/config.json").write_text("precious\n")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=small_tokenizer.vocab_size))
+    for link, target in (("run/checkpoints", outside), ("run2/checkpoints/last", outside / "last")):
+        (tmp_path / link).parent.mkdir(parents=True)
+        (tmp_path / link).symlink_to(target)
+        with pytest.raises(OSError, match="is a symbolic link") as info:
+            save_checkpoint(tmp_path / link.replace("/last", "") / "last", model=model, tokenizer=small_tokenizer,
+                            config={}, train_state={"step": 1})
+        assert info.value.filename == str(tmp_path / link)
+    assert sorted(p.name for p in outside.rglob("*")) == ["config.json", "last"]
+    assert (outside / "last/config.json").read_text() == "precious\n"
+
+
+def test_evaluate_and_distill_outputs_refuse_links(tmp_path):
+    from ktransfer.evaluation import evaluate as evaluate_module
+    from ktransfer.runtime import nofollow
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep\n")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "scores.test.json").symlink_to(outside)
+    with pytest.raises(OSError, match="is a symbolic link") as info:
+        evaluate_module._write_text(out / "scores.test.json", "{}")
+    assert info.value.filename == str(out / "scores.test.json") and outside.read_text() == "keep\n"
+    (out / ".hyp.tmp").symlink_to(outside)  # a planted temporary name: O_EXCL | O_NOFOLLOW refuses it
+    with pytest.raises(OSError, match="is a symbolic link"):
+        nofollow.write_new(out / ".hyp.tmp", "x")
+    with pytest.raises(OSError, match="is a symbolic link"):
+        nofollow.append_text(out / ".hyp.tmp", "x")
+    assert outside.read_text() == "keep\n"
+
+
+def test_a_corrupt_metrics_line_on_resume_names_file_and_line(tmp_path):
+    from ktransfer.runtime.runlog import kept_records
+
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st\n{"kind": "valid"}\n')
+    assert [r for _, r in kept_records(file, 1)] == [{"kind": "train", "step": 1}]
+    with pytest.raises(ValueError, match=rf"{file}:2: not a JSON object"):
+        kept_records(file, 3)

@@ -190,6 +190,13 @@ def _kept(x: torch.Tensor) -> torch.Tensor:
     return ~(x <= 0)
 
 
+def _log_mix(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b), exactly log a where a == b (so p == q gives a divergence of exactly 0, not a rounding
+    residue of log(w) + log(1 / w))."""
+    logm = torch.logaddexp(loga + math.log(w), logb + math.log1p(-w)) if 0 < w < 1 else (loga if w == 1 else logb)
+    return torch.where(loga == logb, loga, logm)
+
+
 def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float, p=None, q=None):
     """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN from
     0 log 0), while a NaN (from a NaN logit) stays NaN."""
@@ -203,16 +210,16 @@ def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float,
         f = torch.where(_kept(p), p * (logp - logq), zero)
         w = f + p
     elif kind == "jsd":
-        logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+        logm = _log_mix(logq, logp, beta)
         fp = torch.where(_kept(p), p * (logp - logm), zero)
         f = beta * torch.where(_kept(q), q * (logq - logm), zero) + (1 - beta) * fp
         w = (1 - beta) * fp
     elif kind == "skew_forward_kl":
-        logm = torch.logaddexp(logq + math.log(alpha), logp + math.log1p(-alpha))
+        logm = _log_mix(logq, logp, alpha)
         f = torch.where(_kept(q), q * (logq - logm), zero)
         w = -(1 - alpha) * torch.where(_kept(q), (logp + logq - logm).exp(), zero)
     elif kind == "skew_reverse_kl":
-        logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        logm = _log_mix(logp, logq, alpha)
         f = torch.where(_kept(p), p * (logp - logm), zero)
         w = f + p - alpha * torch.where(_kept(p), (2 * logp - logm).exp(), zero)
     elif kind == "tvd":
