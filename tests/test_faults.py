@@ -586,3 +586,34 @@ def test_a_corrupt_metrics_line_on_resume_names_file_and_line(tmp_path):
     assert [r for _, r in kept_records(file, 1)] == [{"kind": "train", "step": 1}]
     with pytest.raises(ValueError, match=rf"{file}:2: not a JSON object"):
         kept_records(file, 3)
+
+
+# --- remote code: only from this command line ---------------------------------------------------------------------
+def test_a_config_file_cannot_turn_on_remote_code(tmp_path, shared_data, monkeypatch):
+    """The issue's case: ``model.trust_remote_code: true`` and an ``auto_map`` teacher written into
+    ``RUN/config.yaml``; ``ktransfer train RUN`` ran the folder's code. Now refused (rc 2, naming FILE:LINE and how
+    to allow it), for a run folder and for a YAML given as the config; the code never runs."""
+    from ktransfer.training.config import ConfigError, load_config, save_config
+
+    folder, marker = evil_folder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    yaml_text = (f"data:\n  corpus: {shared_data / 'multi30k-de-en'}\n  train_limit: 40\nmodel:\n  teacher: {folder}\n"
+                 "  trust_remote_code: true\nobjective:\n  objective: kd\n")
+    (run / "config.yaml").write_text(yaml_text)
+    (tmp_path / "shared.yaml").write_text(yaml_text)
+    for items in ([str(run)], [str(tmp_path / "shared.yaml"), f"train.out_dir={tmp_path / 'run2'}"]):
+        rc, _, err = run_cli("train", *items, stdin="y\ny\n", timeout=300)
+        assert rc == 2 and not marker.exists(), err
+        assert ".yaml:6: model.trust_remote_code: True is refused in a config file" in err, err
+        assert "model.trust_remote_code=true" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="refused in a config file"):
+        load_config(tmp_path / "shared.yaml", ["model.trust_remote_code=true"])  # the file's value is refused
+    assert load_config(None, ["model.trust_remote_code=true"]).model.trust_remote_code  # the command line may
+    monkeypatch.setenv("KTRANSFER_TRUST_REMOTE_CODE", "1")
+    cfg = load_config(None, [])
+    assert cfg.model.trust_remote_code  # and the environment
+    save_config(cfg, tmp_path / "saved.yaml")  # never saved on: a resumed run asks again
+    monkeypatch.delenv("KTRANSFER_TRUST_REMOTE_CODE")
+    assert not load_config(tmp_path / "saved.yaml", []).model.trust_remote_code
+    assert not marker.exists()
