@@ -39,13 +39,18 @@ def evil_pickle(file: Path, marker: Path) -> None:
     file.write_bytes(pickle.dumps(Payload(marker)))
 
 
-def tiny_gpt2(folder: Path, *, vocab: int = 50):
+def tiny_gpt2(folder: Path, *, vocab: int = 50, tok=None):
+    """A 1-layer GPT-2 of 32 positions saved to ``folder`` (with ``tok``'s vocabulary, special ids and files)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0))
+    ids = {"bos_token_id": 0, "eos_token_id": 0} if tok is None else {
+        "bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32,
+                                       vocab_size=vocab if tok is None else tok.vocab_size, **ids))
     model.save_pretrained(folder)
+    if tok is not None:
+        tok.save(folder)
     return model
 
 
@@ -209,8 +214,37 @@ def test_the_memory_limit_is_the_available_memory_or_the_variable(tmp_path, monk
 def test_malformed_json_in_a_model_folder_names_the_file(tmp_path, small_tokenizer, name, body, message):
     from ktransfer.models.family import load_model
 
-    tiny_gpt2(tmp_path / "m", vocab=small_tokenizer.vocab_size)
-    small_tokenizer.save(tmp_path / "m")
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
     (tmp_path / "m" / name).write_text(body)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'm'}/{message}"):
         load_model(tmp_path / "m")
+
+
+# --- no silent result from nothing ----------------------------------------------------------------------------------
+def test_evaluate_with_no_usable_example_is_an_error(tmp_path, small_tokenizer, capsys):
+    """Every example longer than the model's 32 positions: the old code printed "0 examples, NLL 0.0000, perplexity
+    1.00" with rc 0."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    data = tmp_path / "long.jsonl"
+    long = " ".join(["a man rides a horse"] * 20)
+    data.write_text("".join(json.dumps({"prompt": long, "completion": long}) + "\n" for _ in range(3)))
+    rc = main(["evaluate", str(tmp_path / "m"), "--corpus", str(data), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable example among 3: each is empty or longer than the model's 32 positions" in err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["evaluate", "translate", "distill-data"])
+def test_cuda_without_cuda_is_one_line(tmp_path, small_tokenizer, capsys, command):
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    extra = {"evaluate": ["--src", str(tmp_path / "m/config.json")], "translate": [],
+             "distill-data": ["--out", str(tmp_path / "out")]}[command]
+    rc = main([command, str(tmp_path / "m"), "--device", "cuda", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'cuda' requested but CUDA is not available on this machine" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

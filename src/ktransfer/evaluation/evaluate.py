@@ -302,6 +302,9 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
     family = prepare_for_data(model, tokenizer, fmt)
     src, tgt = family.encode(formats.to_pairs(examples, tokenizer), tokenizer, family.positions(model), model=model,
                              fmt=fmt, log=lambda _: None)
+    if not src:  # not "0 examples, NLL 0.0000, perplexity 1.00"
+        raise ValueError(f"{corpus} {split}: no usable example among {len(examples)}: each is empty or longer than "
+                         f"the model's {family.positions(model)} positions")
     start = time.perf_counter()
     nll_sum, tokens = completion_nll(model, tokenizer, src, tgt, batch_size=batch_size)
     generations = [] if fmt == "text" else family.complete(model, tokenizer, src, settings, batch_size=batch_size,

@@ -306,6 +306,9 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
     pairs = formats.to_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
     completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
                                     generate=generate)
+    if completions and not any(completions):  # not a corpus of empty completions, rc 0
+        raise ValueError(f"{path} {split}: the teacher completed none of the {len(completions)} examples (every "
+                         "completion is empty: prompts longer than its positions, or it ends at once)")
     rows = formats.replace_completions(examples, completions, keys)
     _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     copied = []

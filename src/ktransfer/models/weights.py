@@ -79,8 +79,9 @@ def check_safetensors(path) -> list[str]:
 
 
 def check_folder_weights(folder) -> None:
-    """``check_safetensors`` on every ``*.safetensors`` file of ``folder`` (no file: nothing to check)."""
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    """``check_safetensors`` on the model weight files of ``folder`` (``model.safetensors`` or its shards
+    ``model-*.safetensors``; a checkpoint's ``optimizer.safetensors`` may well hold no tensors)."""
+    for file in sorted(Path(folder).glob("model*.safetensors")):
         check_safetensors(file)
 
 
