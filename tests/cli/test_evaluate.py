@@ -218,7 +218,7 @@ def test_evaluate_cli(checkpoint, multi30k_test, tmp_path, capsys):
     assert "BLEU = " in printed and "nrefs:1|case:mixed" in printed and "beam:2|" in printed
     assert (tmp_path / "o" / "scores.t.json").is_file()
 
-    assert main(["evaluate", str(tmp_path / "missing"), "--src", "x", "--ref", "y"]) == 1
+    assert main(["evaluate", str(tmp_path / "missing"), "--src", "x", "--ref", "y"]) == 2
     assert f"no such model folder: {tmp_path / 'missing'}" in capsys.readouterr().err
 
 

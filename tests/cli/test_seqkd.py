@@ -124,7 +124,7 @@ def test_cli(teacher, tmp_path, capsys):
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["lines"] == 6 and manifest["decode"]["beam"] == 1
     assert len(read_lines(out / "train.en")) == 6
-    assert main(["distill-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
+    assert main(["distill-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "no such model folder" in capsys.readouterr().err
 
 

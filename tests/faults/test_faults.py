@@ -140,7 +140,7 @@ def test_hub_id_without_a_network_fails_at_once(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     start = time.perf_counter()
-    assert main(["translate", "Helsinki-NLP/opus-mt-de-en"]) == 1
+    assert main(["translate", "Helsinki-NLP/opus-mt-de-en"]) == 2
     err = capsys.readouterr().err
     assert time.perf_counter() - start < 5 and "Retrying" not in err
     assert "Helsinki-NLP/opus-mt-de-en: not a local folder, not in the local Hugging Face cache, and the hub cannot " \
@@ -286,7 +286,7 @@ def corpus(tmp_path: Path, **files: str) -> Path:
 def test_all_empty_targets_name_the_cause_and_leave_no_run_folder(tmp_path):
     folder = corpus(tmp_path, train_de="a b\nc d\n", train_en="\n\n", valid_de="a\n", valid_en="b\n")
     rc, _, err = run_cli("train", f"data.corpus={folder}", f"train.out_dir={tmp_path / 'run'}")
-    assert rc == 1 and "every pair has an empty side" in err and "train.en: only empty lines" in err, err
+    assert rc == 2 and "every pair has an empty side" in err and "train.en: only empty lines" in err, err
     assert not (tmp_path / "run").exists()
     rc, out, err = run_cli("data", "check", str(folder))
     assert rc == 1 and "every pair has an empty side" in out + err
@@ -512,3 +512,108 @@ def _last_state(run: Path) -> dict | None:
         return json.loads((run / "checkpoints/last/training_state.json").read_text())["train_state"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+# --- writes never follow a link out of a run or output folder ---------------------------------------------------------
+@pytest.mark.parametrize("entry", [".lock", "train.log", "metrics.jsonl", "tokenizer"])
+def test_links_inside_a_run_folder_are_refused_and_nothing_outside_changes(tmp_path, shared_data, entry):
+    """``RUN/ENTRY`` made a link to a file (or folder) elsewhere: ``ktransfer train RUN`` stops with one line naming
+    the link, and the outside target keeps its content (the old code truncated .lock and metrics.jsonl there and
+    overwrote an outside tokenizer.json)."""
+    outside, run = tmp_path / "outside", tmp_path / "run"
+    outside.mkdir()
+    run.mkdir()
+    if entry == "tokenizer":
+        (outside / "tokenizer.json").write_text("precious\n")
+        target = outside
+    else:
+        target = outside / "precious.txt"
+        target.write_text("line one\nline two\n")
+    (run / entry).symlink_to(target)
+    before = {p: p.read_bytes() for p in outside.iterdir()}
+    rc, _, err = run_cli("train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=40",
+                         "data.vocab_size=200", "data.valid_subset=5", "model.preset=tiny", "eval.max_length=4",
+                         "train.num_threads=1", "train.epochs=1", f"train.out_dir={run}", timeout=300)
+    assert rc != 0 and f"{run / entry}: is a symbolic link" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_a_linked_checkpoints_folder_is_refused(tmp_path, small_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ktransfer.models.checkpoint import save_checkpoint
+
+    outside = tmp_path / "outside"
+    (outside / "last").mkdir(parents=True)
+    (outside / "last/config.json").write_text("precious\n")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=small_tokenizer.vocab_size))
+    for link, target in (("run/checkpoints", outside), ("run2/checkpoints/last", outside / "last")):
+        (tmp_path / link).parent.mkdir(parents=True)
+        (tmp_path / link).symlink_to(target)
+        with pytest.raises(OSError, match="is a symbolic link") as info:
+            save_checkpoint(tmp_path / link.replace("/last", "") / "last", model=model, tokenizer=small_tokenizer,
+                            config={}, train_state={"step": 1})
+        assert info.value.filename == str(tmp_path / link)
+    assert sorted(p.name for p in outside.rglob("*")) == ["config.json", "last"]
+    assert (outside / "last/config.json").read_text() == "precious\n"
+
+
+def test_evaluate_and_distill_outputs_refuse_links(tmp_path):
+    from ktransfer.evaluation import evaluate as evaluate_module
+    from ktransfer.runtime import nofollow
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep\n")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "scores.test.json").symlink_to(outside)
+    with pytest.raises(OSError, match="is a symbolic link") as info:
+        evaluate_module._write_text(out / "scores.test.json", "{}")
+    assert info.value.filename == str(out / "scores.test.json") and outside.read_text() == "keep\n"
+    (out / ".hyp.tmp").symlink_to(outside)  # a planted temporary name: O_EXCL | O_NOFOLLOW refuses it
+    with pytest.raises(OSError, match="is a symbolic link"):
+        nofollow.write_new(out / ".hyp.tmp", "x")
+    with pytest.raises(OSError, match="is a symbolic link"):
+        nofollow.append_text(out / ".hyp.tmp", "x")
+    assert outside.read_text() == "keep\n"
+
+
+def test_a_corrupt_metrics_line_on_resume_names_file_and_line(tmp_path):
+    from ktransfer.runtime.runlog import kept_records
+
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st\n{"kind": "valid"}\n')
+    assert [r for _, r in kept_records(file, 1)] == [{"kind": "train", "step": 1}]
+    with pytest.raises(ValueError, match=rf"{file}:2: not a JSON object"):
+        kept_records(file, 3)
+
+
+# --- remote code: only from this command line ---------------------------------------------------------------------
+def test_a_config_file_cannot_turn_on_remote_code(tmp_path, shared_data, monkeypatch):
+    """The issue's case: ``model.trust_remote_code: true`` and an ``auto_map`` teacher written into
+    ``RUN/config.yaml``; ``ktransfer train RUN`` ran the folder's code. Now refused (rc 2, naming FILE:LINE and how
+    to allow it), for a run folder and for a YAML given as the config; the code never runs."""
+    from ktransfer.training.config import ConfigError, load_config, save_config
+
+    folder, marker = evil_folder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    yaml_text = (f"data:\n  corpus: {shared_data / 'multi30k-de-en'}\n  train_limit: 40\nmodel:\n  teacher: {folder}\n"
+                 "  trust_remote_code: true\nobjective:\n  objective: kd\n")
+    (run / "config.yaml").write_text(yaml_text)
+    (tmp_path / "shared.yaml").write_text(yaml_text)
+    for items in ([str(run)], [str(tmp_path / "shared.yaml"), f"train.out_dir={tmp_path / 'run2'}"]):
+        rc, _, err = run_cli("train", *items, stdin="y\ny\n", timeout=300)
+        assert rc == 2 and not marker.exists(), err
+        assert ".yaml:6: model.trust_remote_code: True is refused in a config file" in err, err
+        assert "model.trust_remote_code=true" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="refused in a config file"):
+        load_config(tmp_path / "shared.yaml", ["model.trust_remote_code=true"])  # the file's value is refused
+    assert load_config(None, ["model.trust_remote_code=true"]).model.trust_remote_code  # the command line may
+    monkeypatch.setenv("KTRANSFER_TRUST_REMOTE_CODE", "1")
+    cfg = load_config(None, [])
+    assert cfg.model.trust_remote_code  # and the environment
+    save_config(cfg, tmp_path / "saved.yaml")  # never saved on: a resumed run asks again
+    monkeypatch.delenv("KTRANSFER_TRUST_REMOTE_CODE")
+    assert not load_config(tmp_path / "saved.yaml", []).model.trust_remote_code
+    assert not marker.exists()

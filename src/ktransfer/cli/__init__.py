@@ -12,7 +12,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Exceptions that mean bad input (a file, folder, option or device the user gave): rc 2 with one line. Set
+# KTRANSFER_TRACEBACK=1 to see the traceback instead.
+USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               UnicodeError, RecursionError)
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: its message's lines joined (a path it names kept), or its type when it has none."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if not isinstance(error, (KeyError, RecursionError)) else f"{type(error).__name__}: {text}"
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -89,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars for every checkpoint read or written
     try:
         return int(args._run(args) or 0)
+    except USER_ERRORS as e:  # bad input a command did not catch itself: one line, not a traceback
+        if os.environ.get("KTRANSFER_TRACEBACK"):
+            raise
+        print(f"ktransfer {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `ktransfer ... | head`: the reader left; exit quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 

@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress, log=log)
     except (FileNotFoundError, FileExistsError, CorpusError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that is read-only or full: one line naming the path
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))

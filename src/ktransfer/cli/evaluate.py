@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, CorpusError, CheckpointError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that is read-only or full: one line naming the path
+        print(f"{distributed.rank_prefix()}error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
         return 1
     if distributed.launch_rank() == 0:  # torchrun: rank 0 alone prints (evaluate() has left the group by now)
         print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))

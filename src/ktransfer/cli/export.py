@@ -32,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = export_model(args.model, Path(args.out))
-    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, ImportError, OSError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or read-only folder: one line naming the path
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

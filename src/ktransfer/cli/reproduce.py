@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ktransfer reproduce: config error: {e}", file=sys.stderr)
         return 2
-    except (CorpusError, CheckpointError, FileNotFoundError) as e:
+    except (CorpusError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"ktransfer reproduce: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     from ktransfer.runtime import distributed
 
     if distributed.launch_rank() != 0:  # torchrun: rank 0 alone prints the summary

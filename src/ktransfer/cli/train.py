@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ktransfer train: config error: {e}", file=sys.stderr)
         return 2
-    except (CorpusError, CheckpointError, NonFiniteLossError, RunFolderBusy) as e:
+    except (CorpusError, CheckpointError, ValueError) as e:  # bad input: a corpus, model folder, device
+        print(f"ktransfer train: error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, RunFolderBusy) as e:
         print(f"ktransfer train: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, read-only folder, permission: one line naming the path

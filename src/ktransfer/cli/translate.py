@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = resolve_source(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
-        return 1
+        return 2
     with distributed.session(args.device):  # torchrun: joins the group (a no-op for one process)
         return _translate(args, checkpoint, chunk)
 
@@ -72,7 +72,7 @@ def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
         model, tokenizer = load_model(checkpoint, device=rank_device(args.device))
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
     from ktransfer.models.causal import trained_on_chat
 

@@ -29,6 +29,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from ktransfer.models.checkpoint import run_config_of
 from ktransfer.models.family import family_of, load_model, prepare_for_data, resolve_source
 from ktransfer.models.generation import DecodeSettings
+from ktransfer.runtime import nofollow
 
 # --------------------------------------------------------------------------------------------------------------
 # Translation
@@ -307,6 +308,9 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
     family = prepare_for_data(model, tokenizer, fmt)
     src, tgt = family.encode(formats.to_pairs(examples, tokenizer), tokenizer, family.positions(model), model=model,
                              fmt=fmt, log=lambda _: None)
+    if not src:  # not "0 examples, NLL 0.0000, perplexity 1.00"
+        raise ValueError(f"{corpus} {split}: no usable example among {len(examples)}: each is empty or longer than "
+                         f"the model's {family.positions(model)} positions")
     start = time.perf_counter()
     nll_sum, tokens = completion_nll(model, tokenizer, src, tgt, batch_size=batch_size)
     turns = _generation_turns(family, src, tgt)
@@ -426,9 +430,17 @@ def _score_and_write(hypotheses: list[str], references: list[str], settings: Dec
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """``text`` into ``path`` through a fresh temporary file (never a link's target), then renamed into place."""
+    nofollow.refuse_link(path.parent)
+    nofollow.refuse_link(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        nofollow.write_new(tmp, text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
 
 
 def format_result(result: dict) -> str:

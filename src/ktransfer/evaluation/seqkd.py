@@ -37,6 +37,7 @@ from ktransfer.models.checkpoint import STATE_FILE, run_config_of
 from ktransfer.models.family import load_model, resolve_source
 from ktransfer.models.generation import DecodeSettings
 from ktransfer.models.tokenizer import load_tokenizer
+from ktransfer.runtime import nofollow
 from ktransfer.runtime.device import choose_device
 
 MANIFEST = ".seqkd.json"
@@ -44,8 +45,11 @@ _WORK = ".chunks"  # inside the partial folder: job.json and the translated chun
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    nofollow.refuse_link(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp.unlink(missing_ok=True)
+    fd = nofollow.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # never a planted link's target
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -304,6 +308,9 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
     pairs = formats.turn_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
     completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
                                     generate=generate)
+    if completions and not any(completions):  # not a corpus of empty completions, rc 0
+        raise ValueError(f"{path} {split}: the teacher completed none of the {len(completions)} examples (every "
+                         "completion is empty: prompts longer than its positions, or it ends at once)")
     rows = formats.replace_completions(examples, completions, keys)
     _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     copied = []

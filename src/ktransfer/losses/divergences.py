@@ -184,6 +184,13 @@ def _kept(x: torch.Tensor) -> torch.Tensor:
     return ~(x <= 0)
 
 
+def _log_mix(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b), exactly log a where a == b (so p == q gives a divergence of exactly 0, not a rounding
+    residue of log(w) + log(1 / w))."""
+    logm = torch.logaddexp(loga + math.log(w), logb + math.log1p(-w)) if 0 < w < 1 else (loga if w == 1 else logb)
+    return torch.where(loga == logb, loga, logm)
+
+
 def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float, alpha: float, p=None, q=None):
     """Elementwise term f(p, q) and w = p * df/dp for one kind; zero-weight terms give exactly 0 (no NaN from
     0 log 0), while a NaN (from a NaN logit) stays NaN."""
@@ -197,16 +204,16 @@ def _value_and_w(kind: str, logp: torch.Tensor, logq: torch.Tensor, beta: float,
         f = torch.where(_kept(p), p * (logp - logq), zero)
         w = f + p
     elif kind == "jsd":
-        logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+        logm = _log_mix(logq, logp, beta)
         fp = torch.where(_kept(p), p * (logp - logm), zero)
         f = beta * torch.where(_kept(q), q * (logq - logm), zero) + (1 - beta) * fp
         w = (1 - beta) * fp
     elif kind == "skew_forward_kl":
-        logm = torch.logaddexp(logq + math.log(alpha), logp + math.log1p(-alpha))
+        logm = _log_mix(logq, logp, alpha)
         f = torch.where(_kept(q), q * (logq - logm), zero)
         w = -(1 - alpha) * torch.where(_kept(q), (logp + logq - logm).exp(), zero)
     elif kind == "skew_reverse_kl":
-        logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        logm = _log_mix(logp, logq, alpha)
         f = torch.where(_kept(p), p * (logp - logm), zero)
         w = f + p - alpha * torch.where(_kept(p), (2 * logp - logm).exp(), zero)
     elif kind == "tvd":
@@ -253,13 +260,20 @@ def compute_dtype(z, u):
     return torch.float64 if torch.float64 in (z.dtype, getattr(u, "dtype", None)) else torch.float32
 
 
-def _softmax_lse(x: torch.Tensor):
-    """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim with a single exp pass (rows of -inf give lse -inf)."""
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """``x - max(x)`` per row (a row with no finite maximum is left as it is): softmax and every divergence are
+    invariant to it, and the shifted row has its maximum at exactly 0, so ``log p = x - logsumexp(x)`` never
+    subtracts two huge numbers (a logit of 1e8 in float32, or 1e300 in float64, costs no precision)."""
     m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = (x - m).exp_()
+    return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _softmax_lse(x: torch.Tensor):
+    """softmax(x) and logsumexp(x) ``[c, 1]`` over the last dim of a shifted ``x`` (``_shift``: max 0) with a single
+    exp pass (rows of -inf give lse -inf)."""
+    e = x.exp()
     Z = e.sum(-1, keepdim=True)
-    return e.div_(Z), m + Z.log()
+    return e.div_(Z), Z.log()
 
 
 def _guard(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -313,14 +327,14 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
     cdt = compute_dtype(z, u)
     T = spec.temperature
     z = z.to(cdt)
-    s = z if T == 1 else z / T
+    s = _shift(z if T == 1 else z / T)  # max 0 per row: no cancellation of huge logits below
     p, lse_s = _softmax_lse(s)  # (c, V), (c, 1)
     bad = torch.isneginf(lse_s.squeeze(-1))
     grad = None
     values = None
     if u is not None:
         t = u.to(cdt)
-        t = t if T == 1 else t / T
+        t = _shift(t if T == 1 else t / T)
         full_fast = all(term.support is None and term.kind in ("forward_kl", "reverse_kl") for term in spec.terms)
         needs_q = any(term.kind != "reverse_kl" or term.support is not None for term in spec.terms)
         if needs_q or not full_fast:
@@ -384,8 +398,9 @@ def _sweep_chunk(z, u, labels, spec: SweepSpec, div_coef, nll_coef, need_grad: b
     nll = None
     if labels is not None:
         if T == 1:
-            p1, lse_z = p, lse_s
+            z, p1, lse_z = s, p, lse_s
         else:
+            z = _shift(z)
             p1, lse_z = _softmax_lse(z) if need_grad else (None, torch.logsumexp(z, dim=-1, keepdim=True))
         logp_y = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse_z.squeeze(-1)
         nll = -logp_y

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktransfer.losses.objectives import TransferLoss, spec_loss
+from ktransfer.losses.objectives import TransferLoss, check_token_count, spec_loss
 from ktransfer.losses.spec import LossSpec
 
 
@@ -125,6 +125,7 @@ def hf_loss(
     if tuple(labels.shape) != tuple(z.shape[:-1]):
         raise ValueError(f"labels {list(labels.shape)} must have the logits' positions {list(z.shape[:-1])} "
                          "(pass the labels as the model takes them: hf_loss shifts causal labels itself)")
+    check_token_count(num_items_in_batch, "num_items_in_batch")
     if labels_need_shift(learner_outputs, model, labels_shifted):
         labels = shift_labels(labels, ignore_index)
     return spec_loss(spec, z, u, labels, ignore_index=ignore_index, num_tokens=num_items_in_batch)

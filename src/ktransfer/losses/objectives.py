@@ -9,6 +9,7 @@ learner's log-normaliser is shared, and no ``[N, V]`` temporary beyond the gradi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,24 @@ def _refuse_model_output(*xs) -> None:
             raise ValueError(f"logits must be tensors, got {type(x).__name__}{hint}")
 
 
+def check_token_count(num_tokens, name: str = "num_tokens") -> None:
+    """Refuse a given token count (the denominator of the means) that is not a finite number > 0: 0, -3 or NaN
+    would silently give a loss of 0 or of the wrong sign. None (count locally) passes.
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if num_tokens is None:
+        return
+    if isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"{name} must be one number, got a tensor of shape {list(num_tokens.shape)}")
+        num_tokens = num_tokens.item()
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not math.isfinite(num_tokens) \
+            or num_tokens <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (the count of target tokens), got {num_tokens!r}")
+
+
 @dataclass
 class LossPlan:
     """Everything a fused sweep needs, validated: flat labels ``[N]``, selected rows, per-row gradient scales."""
@@ -158,6 +177,7 @@ def plan_loss(spec: LossSpec, learner_shape, teacher_shape, labels, device, *, i
         bad = counted[(counted < 0) | (counted >= V)][0]
         raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {V}) (ignore_index is {ignore_index})")
     rows = None if bool(mask.all()) else mask.nonzero().squeeze(-1)
+    check_token_count(num_tokens)
     count = torch.as_tensor(counted.numel() if num_tokens is None else num_tokens, dtype=torch.float64, device=device)
     inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-12), torch.zeros_like(count))
     N = flat_labels.numel()

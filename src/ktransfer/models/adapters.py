@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def require_peft():
@@ -78,8 +80,32 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: tup
         raise ValueError(f"model.lora_target_modules: {e}") from None
 
 
+def check_adapter_weights(folder) -> None:
+    """Refuse an adapter folder without ``adapter_model.safetensors`` before anything reads it: peft would unpickle
+    an ``adapter_model.bin`` (a pickle can run code when loaded).
+
+    Raises:
+        ValueError: naming the folder, the pickle files found and how to convert them.
+    """
+    folder = Path(folder)
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder / pickles[0]}: LoRA adapters as a pickle ({', '.join(pickles)}); ktransfer reads "
+                         f"{ADAPTER_WEIGHTS} only (a pickle can run code when loaded); convert it in an environment "
+                         "you trust: PeftModel.from_pretrained(base, FOLDER).save_pretrained(OUT, "
+                         "safe_serialization=True)")
+    raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
+
+
 def load_adapters(base_model, folder, *, trainable: bool = True):
-    """``base_model`` with the adapters of ``folder`` (safetensors) loaded, trainable or not."""
+    """``base_model`` with the adapters of ``folder`` (safetensors only) loaded, trainable or not.
+
+    Raises:
+        ValueError: the folder has no ``adapter_model.safetensors`` (``check_adapter_weights``).
+    """
+    check_adapter_weights(folder)
     peft = require_peft()
     return peft.PeftModel.from_pretrained(base_model, str(folder), is_trainable=trainable)
 

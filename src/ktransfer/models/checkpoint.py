@@ -40,6 +40,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ktransfer.runtime import nofollow
+
 FORMAT = "ktransfer-checkpoint"
 FORMAT_VERSION = 2  # 1: state.json with the model config and tokenizer inside (before checkpoints were HF folders)
 MODEL_FILE = "model.safetensors"
@@ -225,6 +227,8 @@ def save_checkpoint(path, *, model, tokenizer, config, optimizer=None, scheduler
         OSError: the folder cannot be written (the previous checkpoint is left as it was).
     """
     path = Path(path)
+    nofollow.refuse_link(path.parent)  # RUN/checkpoints or RUN/checkpoints/NAME linked elsewhere: refused, named
+    nofollow.refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted_swap(path)
     for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:

@@ -152,6 +152,7 @@ def load_model(source: str | os.PathLike, *, device="cpu", trust_remote_code: bo
     if isinstance(where, Path) and (checkpoint.is_checkpoint(where) or checkpoint.interrupted_swap(where)):
         where = checkpoint.verified_folder(where)  # the folder whose files all match their sha256
     if isinstance(where, Path) and adapters.is_adapter_folder(where):  # LoRA: the base, then its adapters
+        adapters.check_adapter_weights(where)  # before the base loads: no pickle is ever opened
         base, tokenizer = load_model(adapters.base_of(where), device=device, trust_remote_code=trust_remote_code,
                                      **overrides)
         if is_tokenizer_folder(where):

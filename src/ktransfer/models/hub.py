@@ -4,7 +4,8 @@
   Python code it ships; it is refused unless the caller passes ``trust_remote_code=True`` (the user's explicit option,
   ``model.trust_remote_code=true``). ``trust_remote_code`` is always passed to transformers, so it never asks
   ``[y/N]`` on stdin.
-- Weights are read from safetensors only (``use_safetensors=True``); a folder with only pickle weights
+- Weights are read from safetensors only (``use_safetensors=True``), headers checked first and every weight of the
+  model required (``ktransfer.models.weights``); a folder with only pickle weights
   (``pytorch_model.bin``, ``*.pt``, ...) is refused with how to convert it.
 - A local folder loads with ``local_files_only=True``. Any other string is a hub id: the local cache is tried first,
   then the network (unless ``HF_HUB_OFFLINE`` is set, or the hub's host refuses a connection: ``hub_reachable``);
@@ -17,6 +18,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from ktransfer.models.sizes import check_config
+from ktransfer.models.weights import check_folder_weights, check_loading_info
 
 CODE_FILES = ("config.json", "tokenizer_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -32,16 +36,64 @@ def offline() -> bool:
     return any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
 
 
+def read_json(file: Path):
+    """The JSON value in ``file``.
+
+    Raises:
+        ValueError: ``FILE: cannot read it as JSON (...)`` for an unreadable, malformed or truncated file, one nested
+            deeper than Python's recursion limit, or a number of more digits than Python converts.
+    """
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ValueError(f"{file}: cannot read it as JSON ({why})") from None
+
+
+def check_config_file(folder) -> None:
+    """A local folder's ``config.json`` read as JSON and its sizes checked (``ktransfer.models.sizes``) before
+    transformers parses it or anything is allocated.
+
+    Raises:
+        ValueError: naming the file (and the key).
+    """
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        return
+    body = read_json(file)
+    if not isinstance(body, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    check_config(body, file)
+
+
+def check_tokenizer_file(folder) -> None:
+    """A local folder's ``tokenizer.json`` (if any) parsed by the tokenizers library, naming the file on failure.
+
+    Raises:
+        ValueError: ``FILE: not a valid tokenizer (...)``.
+    """
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        return
+    body = read_json(file)
+    missing = [k for k in ("model", "added_tokens") if not isinstance(body, dict) or k not in body]
+    if missing:
+        raise ValueError(f"{file}: not a valid tokenizer (no {' or '.join(repr(k) for k in missing)})")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed model
+        raise ValueError(f"{file}: not a valid tokenizer ({str(e)[:200]})") from None
+
+
 def _auto_map_file(folder: Path) -> Path | None:
     """The first of ``CODE_FILES`` in ``folder`` that has an ``auto_map`` (custom code), else None."""
     for name in CODE_FILES:
         file = folder / name
         if not file.is_file():
             continue
-        try:
-            body = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
+        body = read_json(file)
         if isinstance(body, dict) and body.get("auto_map"):
             return file
     return None
@@ -78,10 +130,13 @@ def check_weights(folder) -> None:
 
 
 def check_folder(path, *, trust_remote_code: bool = False, weights: bool = True) -> None:
-    """``check_code`` and (with ``weights``) ``check_weights`` for a local model folder."""
+    """``check_code`` and (with ``weights``) ``check_weights`` and every safetensors header for a local model
+    folder."""
     check_code(path, trust_remote_code=trust_remote_code)
+    check_config_file(path)
     if weights:
         check_weights(path)
+        check_folder_weights(path)
 
 
 def pretrained_kwargs(source, *, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -197,12 +252,17 @@ def load_pretrained(auto_cls, source, *, trust_remote_code: bool = False, **kw):
         **kw: passed on (config overrides such as dropout).
 
     Raises:
-        ValueError: custom code not allowed, pickle-only weights, unknown folder/id, no network and not cached.
+        ValueError: custom code not allowed, pickle-only weights, a broken safetensors header, weights that lack
+            tensors of the model or hold tensors it has no place for (tied weights aside), unknown folder/id, no
+            network and not cached.
     """
     source = os.fspath(source)
     if Path(source).is_dir():
         check_folder(source, trust_remote_code=trust_remote_code)
-    return _from_pretrained(auto_cls.from_pretrained, source, trust_remote_code, {"use_safetensors": True, **kw})
+    kw = {"use_safetensors": True, **kw, "output_loading_info": True}
+    model, info = _from_pretrained(auto_cls.from_pretrained, source, trust_remote_code, kw)
+    check_loading_info(info, source)
+    return model
 
 
 def load_config(source, *, trust_remote_code: bool = False):
@@ -212,7 +272,11 @@ def load_config(source, *, trust_remote_code: bool = False):
     source = os.fspath(source)
     if Path(source).is_dir():
         check_code(source, trust_remote_code=trust_remote_code)
-    return _from_pretrained(AutoConfig.from_pretrained, source, trust_remote_code, {})
+        check_config_file(source)
+    try:
+        return _from_pretrained(AutoConfig.from_pretrained, source, trust_remote_code, {})
+    except (TypeError, KeyError, AttributeError) as e:  # a config.json transformers cannot make sense of
+        raise ValueError(f"{Path(source) / 'config.json'}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def load_auto_tokenizer(source, *, trust_remote_code: bool = False):
@@ -222,4 +286,8 @@ def load_auto_tokenizer(source, *, trust_remote_code: bool = False):
     source = os.fspath(source)
     if Path(source).is_dir():
         check_code(source, trust_remote_code=trust_remote_code)
-    return _from_pretrained(AutoTokenizer.from_pretrained, source, trust_remote_code, {}, CODE_FILES)
+        check_tokenizer_file(source)
+    try:
+        return _from_pretrained(AutoTokenizer.from_pretrained, source, trust_remote_code, {}, CODE_FILES)
+    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as e:  # a tokenizer file it cannot read
+        raise ValueError(f"{source}: cannot read its tokenizer ({type(e).__name__}: {str(e)[:200]})") from None

@@ -33,6 +33,8 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
+from ktransfer.runtime import nofollow
+
 _log = logging.getLogger(__name__)
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2 in a tokenizer of train_tokenizer
@@ -131,9 +133,11 @@ class Tokenizer:
         (fast tokenizers only), written atomically."""
         path = Path(path)
         if path.suffix != ".json":
+            nofollow.refuse_links_in(path)  # RUN/tokenizer or a file in it linked elsewhere: refused, named
             path.mkdir(parents=True, exist_ok=True)
             self.hf.save_pretrained(path)
             return
+        nofollow.refuse_link(path)
         backend = getattr(self.hf, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"{path}: a {type(self.hf).__name__} has no tokenizer.json form; save it to a folder")

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from ktransfer.runtime import nofollow
+
 LOCK_NAME = ".lock"
 _HELD: dict[Path, int] = {}  # resolved folder -> fd of its lock file, in this process
 
@@ -51,7 +53,7 @@ def acquire(folder) -> None:
 
     Raises:
         RunFolderBusy: another process holds it (the message names its PID).
-        OSError: the folder or its lock file cannot be created.
+        OSError: the folder or its lock file cannot be created, or the lock file is a symbolic link (named).
     """
     import fcntl
 
@@ -62,7 +64,7 @@ def acquire(folder) -> None:
         return
     lock = folder / LOCK_NAME
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = nofollow.open_fd(lock, os.O_RDWR | os.O_CREAT)  # never a link's target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
-from ktransfer.runtime import distributed
+from ktransfer.runtime import distributed, nofollow
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append ``text`` to ``path``; an OSError (disk full, ...) names the file."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from e
+    """Append ``text`` to ``path``, never through a symbolic link; an OSError (disk full, a link, ...) names the
+    file."""
+    nofollow.append_text(path, text)
+
+
+def kept_records(path: Path, keep_lines: int) -> list[tuple[str, dict]]:
+    """The first ``keep_lines`` lines of the JSON-lines file ``path`` (none if it is missing) with their records.
+
+    Raises:
+        ValueError: ``FILE:LINE: not a JSON object (...)`` for a corrupt line among them.
+    """
+    if not path.exists():
+        return []
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if number > keep_lines:
+                break
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{number}: not a JSON object ({str(e)[:80]}); the file is corrupt: restore "
+                                 "it or remove that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            kept.append((line, record))
+    return kept
 
 
 class RunLog:

@@ -27,7 +27,7 @@ import yaml
 
 from ktransfer.losses.divergences import SUPPORTS
 from ktransfer.losses.spec import OBJECTIVES
-from ktransfer.training import rules
+from ktransfer.training import remote_code, rules
 
 Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
 Support = Literal[SUPPORTS]
@@ -517,6 +517,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             wrong type or out of range (key, value and its source).
     """
     entries = _yaml_entries(Path(path)) if path is not None else []
+    refused = remote_code.refused_in_files(entries)  # only the command line or the environment may allow it
+    if refused:
+        raise ConfigError(refused, key=remote_code.KEY)
+    overrides = [*remote_code.from_env(), *overrides]
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -548,11 +552,15 @@ def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML (atomically: temporary file, then rename); ``load_config(path, [])`` gives it back."""
+    """Write ``cfg`` as YAML (atomically: temporary file, then rename); ``load_config(path, [])`` gives it back
+    (``model.trust_remote_code`` saved false: each run that needs it says so on its command line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# ktransfer run config (resolved: defaults < YAML < overrides)\n"
-    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    text += f"# {remote_code.KEY} is never saved: give it on the command line of each run that needs it\n"
+    values = config_to_dict(cfg)
+    values["model"]["trust_remote_code"] = False  # a config file may not set it (ktransfer.training.remote_code)
+    text += yaml.safe_dump(values, sort_keys=False, default_flow_style=None, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

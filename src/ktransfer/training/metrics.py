@@ -7,7 +7,8 @@ import math
 import time
 from pathlib import Path
 
-from ktransfer.runtime.runlog import append_text
+from ktransfer.runtime import nofollow
+from ktransfer.runtime.runlog import append_text, kept_records
 
 
 class MetricsFile:
@@ -23,11 +24,10 @@ class MetricsFile:
         if not enabled:
             self.lines = keep_lines
             return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
-        path.write_text("".join(lines), encoding="utf-8")
-        self.lines = len(lines)
-        for line in lines:  # the last validation, for a resumed run that has nothing left to do
-            record = json.loads(line)
+        kept = kept_records(path, keep_lines)  # a corrupt line: FILE:LINE
+        nofollow.write_text(path, "".join(line for line, _ in kept))  # never through a link
+        self.lines = len(kept)
+        for _, record in kept:  # the last validation, for a resumed run that has nothing left to do
             if record.get("kind") == "valid":
                 self.last_valid = record
 

@@ -1,0 +1,250 @@
+"""Hostile inputs, second battery (issue 30): files a user may be handed (model folders, adapters, weights, configs,
+tokenizers, corpora) built in ``tmp_path`` to attack or confuse ktransfer; each ends in one line naming the file,
+never in code running, a pickle opened, random weights used, or a memory bomb going off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, timeout: float = 180, env: dict | None = None, stdin: str = ""):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "ktransfer", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO_ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class Payload:
+    """Unpickling this object writes ``marker`` (what a malicious pickle does with any code it likes)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def evil_pickle(file: Path, marker: Path) -> None:
+    file.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def tiny_gpt2(folder: Path, *, vocab: int = 50, tok=None):
+    """A 1-layer GPT-2 of 32 positions saved to ``folder`` (with ``tok``'s vocabulary, special ids and files)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ids = {"bos_token_id": 0, "eos_token_id": 0} if tok is None else {
+        "bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32,
+                                       vocab_size=vocab if tok is None else tok.vocab_size, **ids))
+    model.save_pretrained(folder)
+    if tok is not None:
+        tok.save(folder)
+    return model
+
+
+# --- no pickle on any path ----------------------------------------------------------------------------------------
+def test_the_payload_is_live(tmp_path):
+    """The fixture really runs code when unpickled (so the tests below that it never does mean something)."""
+    evil_pickle(tmp_path / "x.bin", tmp_path / "marker")
+    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))",
+                    str(tmp_path / "x.bin")], capture_output=True, timeout=60)
+    assert (tmp_path / "marker").exists()
+
+
+def lora_folder_with_pickle(tmp_path: Path) -> tuple[Path, Path]:
+    tiny_gpt2(tmp_path / "base")
+    folder, marker = tmp_path / "adapters", tmp_path / "marker"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"],
+        "base_model_name_or_path": str(tmp_path / "base")}))
+    evil_pickle(folder / "adapter_model.bin", marker)
+    return folder, marker
+
+
+def test_adapter_pickle_is_refused_before_any_unpickler(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from ktransfer.models.family import load_model
+
+    folder, marker = lora_folder_with_pickle(tmp_path)
+    opened = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: opened.append(a))
+    with pytest.raises(ValueError, match=r"adapter_model.bin: LoRA adapters as a pickle .*adapter_model.safetensors "
+                                         r"only.*safe_serialization=True"):
+        load_model(folder)
+    assert opened == [] and not marker.exists()
+
+
+def test_adapter_pickle_through_the_cli_is_one_line(tmp_path):
+    pytest.importorskip("peft")
+    folder, marker = lora_folder_with_pickle(tmp_path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"prompt": "a b", "completion": "c d"}) + "\n")
+    rc, _, err = run_cli("evaluate", str(folder), "--corpus", str(corpus))
+    assert rc == 2 and "adapter_model.bin" in err and "Traceback" not in err and not marker.exists(), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+# --- weights: strict, headers checked ------------------------------------------------------------------------------
+def test_a_file_missing_tensors_is_an_error_naming_them(tmp_path):
+    import safetensors.torch
+
+    from ktransfer.models.family import load_model
+
+    tiny_gpt2(tmp_path / "m")
+    file = tmp_path / "m/model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    kept = {k: v for k, v in tensors.items() if ".h.0.mlp." not in k}
+    safetensors.torch.save_file(kept, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack 4 tensor\(s\) the model needs \(transformer.h.0.mlp.c_fc.bias, "
+                                         r"transformer.h.0.mlp.c_fc.weight"):
+        load_model(tmp_path / "m")
+    safetensors.torch.save_file({**tensors, "extra.weight": torch.zeros(2)}, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"hold 1 tensor\(s\) the model has no place for \(extra.weight\)"):
+        load_model(tmp_path / "m")
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    model, _ = load_model(tmp_path / "m")  # whole again: loads, the tied head included
+    assert torch.equal(model.lm_head.weight, tensors["transformer.wte.weight"])
+
+
+def header_file(file: Path, header: bytes, data: bytes = b"", length: int | None = None) -> None:
+    file.write_bytes((len(header) if length is None else length).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", r"holds no tensors \(empty safetensors header\)"),
+    ("huge", r"broken safetensors header \(says 18,446,744,073,709,551,615 bytes"),
+    ("truncated", r"truncated safetensors file \(header of 4,096 bytes"),
+    ("short", r"not a safetensors file \(truncated: 3 bytes\)"),
+    ("not json", r"broken safetensors header \(not JSON"),
+    ("bad offsets", r"tensor 'transformer.wte.weight': byte offsets \[0, 99999999\] outside the file"),
+    ("wrong size", r"tensor 'transformer.wte.weight': byte offsets \[0, 8\] do not fit shape \[50, 16\] of F32"),
+])
+def test_broken_safetensors_headers_name_the_file(tmp_path, case, message):
+    """Each, through the CLI: rc 2, one line naming the weights file (safetensors alone names no path)."""
+    tiny_gpt2(tmp_path / "m")
+    file = tmp_path / "m/model.safetensors"
+    entry = lambda end: json.dumps({"transformer.wte.weight": {"dtype": "F32", "shape": [50, 16],  # noqa: E731
+                                                               "data_offsets": [0, end]}}).encode()
+    if case == "empty":
+        header_file(file, b"{}")
+    elif case == "huge":
+        header_file(file, b"{}", length=2**64 - 1)
+    elif case == "truncated":
+        header_file(file, b"{", length=4096)
+    elif case == "short":
+        file.write_bytes(b"abc")
+    elif case == "not json":
+        header_file(file, b"\xff{not json")
+    elif case == "bad offsets":
+        header_file(file, entry(99999999), b"\0" * 3200)
+    else:
+        header_file(file, entry(8), b"\0" * 8)
+    from ktransfer.models.family import load_model
+
+    with pytest.raises(ValueError, match=rf"{file}: {message}"):
+        load_model(tmp_path / "m")
+    if case == "empty":  # the whole command: one line, rc 2
+        rc, _, err = run_cli("translate", str(tmp_path / "m"), stdin="a b\n")
+        assert rc == 2 and f"{file}: holds no tensors" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+# --- model configs: checked before allocation ---------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, message", [
+    ("n_layer", 10**6, r"n_layer = 1,000,000: beyond any real model \(at most 4,096 accepted\)"),
+    ("vocab_size", 10**9, r"vocab_size = 1,000,000,000: beyond any real model"),
+    ("n_embd", 10**6, r"n_embd = 1,000,000: beyond any real model"),
+    ("n_embd", 65536, r"vocab_size = 50, n_embd = 65536, n_layer = 1 imply at least 192.0 GiB of weights, more than"),
+    ("n_layer", -1, r"n_layer = -1: a size must be a positive integer"),
+    ("n_embd", 16.5, r"n_embd = 16.5: a size must be a positive integer"),
+    ("n_head", "2", r"n_head = '2': a size must be a positive integer"),
+])
+def test_absurd_config_sizes_are_refused_before_allocation(tmp_path, monkeypatch, key, value, message):
+    from ktransfer.models.family import load_model
+
+    tiny_gpt2(tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, key: value}))
+    monkeypatch.setenv("KTRANSFER_MAX_MODEL_BYTES", str(32 * 2**30))
+    allocated = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a, **k: allocated.append(a))  # nothing built
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'm' / 'config.json'}: {message}"):
+        load_model(tmp_path / "m")
+    assert allocated == []
+
+
+def test_the_memory_limit_is_the_available_memory_or_the_variable(tmp_path, monkeypatch):
+    from ktransfer.models import sizes
+
+    monkeypatch.delenv("KTRANSFER_MAX_MODEL_BYTES", raising=False)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < sizes.available_bytes() <= total
+    config = {"vocab_size": 1000, "n_embd": 64, "n_layer": 2}  # 1000*64 + 2*(4*64^2 + 2*64*256) weights
+    assert sizes.estimate_parameters(config) == 162_304
+    monkeypatch.setenv("KTRANSFER_MAX_MODEL_BYTES", str(4 * 162_304))
+    sizes.check_config(config, "c.json")
+    monkeypatch.setenv("KTRANSFER_MAX_MODEL_BYTES", str(4 * 162_304 - 1))
+    with pytest.raises(ValueError, match="c.json: vocab_size = 1000, n_embd = 64, n_layer = 2 imply"):
+        sizes.check_config(config, "c.json")
+
+
+# --- JSON files inside a model folder -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, body, message", [
+    ("tokenizer.json", '{"version": "1.0", "truncation": null', r"tokenizer.json: cannot read it as JSON \(Expecting"),
+    ("tokenizer.json", '{"version": "1.0", "model": {"type": "BPE"}}', r"tokenizer.json: not a valid tokenizer \(no "
+                                                                       r"'added_tokens'\)"),
+    ("tokenizer.json", '{"added_tokens": [], "model": {"type": "Nope"}}', r"tokenizer.json: not a valid tokenizer"),
+    ("config.json", "[" * 100_000 + "]" * 100_000, r"config.json: cannot read it as JSON \(nested too deeply\)"),
+    ("config.json", '{"n_layer": ' + "9" * 100_000 + "}", r"config.json: cannot read it as JSON \(Exceeds the limit"),
+])
+def test_malformed_json_in_a_model_folder_names_the_file(tmp_path, small_tokenizer, name, body, message):
+    from ktransfer.models.family import load_model
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    (tmp_path / "m" / name).write_text(body)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'm'}/{message}"):
+        load_model(tmp_path / "m")
+
+
+# --- no silent result from nothing ----------------------------------------------------------------------------------
+def test_evaluate_with_no_usable_example_is_an_error(tmp_path, small_tokenizer, capsys):
+    """Every example longer than the model's 32 positions: the old code printed "0 examples, NLL 0.0000, perplexity
+    1.00" with rc 0."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    data = tmp_path / "long.jsonl"
+    long = " ".join(["a man rides a horse"] * 20)
+    data.write_text("".join(json.dumps({"prompt": long, "completion": long}) + "\n" for _ in range(3)))
+    rc = main(["evaluate", str(tmp_path / "m"), "--corpus", str(data), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable example among 3: each is empty or longer than the model's 32 positions" in err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["evaluate", "translate", "distill-data"])
+def test_cuda_without_cuda_is_one_line(tmp_path, small_tokenizer, capsys, command):
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    extra = {"evaluate": ["--src", str(tmp_path / "m/config.json")], "translate": [],
+             "distill-data": ["--out", str(tmp_path / "out")]}[command]
+    rc = main([command, str(tmp_path / "m"), "--device", "cuda", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'cuda' requested but CUDA is not available on this machine" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
