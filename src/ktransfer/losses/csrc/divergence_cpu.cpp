@@ -19,7 +19,7 @@
 // q~ = q / q(S) and leave the gradient on S only. With a tail, each top-k term adds one outcome "the rest of V" with
 // p_rest = sum of e_s outside S / Z_s (summed over the rest, not taken as 1 - p(S), which cancels as p(S) -> 1; the
 // teacher's e_t is then kept in a row of its own), and the gradient f'(p_rest) (p_j p(S) - [j in S] p_j). The
-// formulas of f and w per kind are those of ktransfer.divergences._value_and_w; docs/divergences.md derives them.
+// formulas of f and w per kind are those of ktransfer.losses.chunk_math._value_and_w; docs/divergences.md derives them.
 // The last vector of a row is padded with -inf logits, whose p = q = 0 give exactly zero terms. The common single
 // kinds and `half` get their own instantiation of pass 3 (no per-vector dispatch); the jsd and skew kinds take one
 // table-driven log per entry (log_prob). Row sums are accumulated in float vectors and flushed to double every 64
