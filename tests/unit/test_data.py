@@ -365,7 +365,7 @@ def test_missing_corpus_without_network_is_one_line(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("KTRANSFER_DATA", str(data))
     run = tmp_path / "run"
     capsys.readouterr()
-    assert main(["reproduce", "quick", "--out", str(run)]) == 1
+    assert main(["reproduce", "quick", "--out", str(run)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert f"corpus 'multi30k-de-en' is not in {data}" in lines[0] and "could not be downloaded" in lines[0]
