@@ -37,7 +37,7 @@ def test_same_command_resumes_and_other_configs_get_other_folders(shared_data, t
     before = files(first / "checkpoints")
     assert main(tiny(shared_data)) == 0  # the same command: the same folder, resumed, nothing more to do
     err = capsys.readouterr().err
-    assert f"resuming the run in runs/{first.name}" in err and "nothing to do" in err
+    assert f"resuming from runs/{first.name}/checkpoints/last" in err and "nothing to do" in err
     assert files(first / "checkpoints") == before and step(first) == 1
     assert main(tiny(shared_data, "train.max_steps=2")) == 0  # a safe key: the same run goes on
     assert step(first) == 2 and "train.max_steps: 1 -> 2" in capsys.readouterr().err

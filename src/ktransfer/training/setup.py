@@ -171,8 +171,7 @@ def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_li
     if state.stopped == "nonfinite":
         state.nonfinite = 0  # the user changed something; count afresh
     state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
-    log(f"resuming the run in {cfg.train.out_dir} from {resumed.path}: epoch {state.epoch}, batch {state.batch}, "
-        f"step {state.step}")
+    log(f"resuming from {resumed.path} (the same run): epoch {state.epoch}, batch {state.batch}, step {state.step}")
     return resumed, state
 
 
