@@ -235,10 +235,10 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(shared_data, tmp_pat
     assert all(torch.isfinite(v).all() for v in weights(out / "checkpoints/last").values())
 
 
-def test_existing_run_needs_resume(teacher, shared_data):
-    with pytest.raises(ConfigError, match="train.resume") as e:
-        setup(config(shared_data, teacher, "train.resume=false"))
-    assert e.value.key == "train.resume"
+def test_changed_config_is_not_resumed(teacher, shared_data):
+    with pytest.raises(ConfigError, match="train.seed: 3 -> 4") as e:
+        setup(config(shared_data, teacher, "train.seed=4"))
+    assert e.value.key == "train.out_dir"
 
 
 def test_cli_config_error_exits_2_without_traceback(capsys, tmp_path):

@@ -15,6 +15,7 @@ examples:
   ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
       objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
   ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
+  ktransfer train runs/ka objective.lam=0.2 train.resume=false   # start over there (old run moved aside)
   ktransfer train --help-config             # every key, its default and help; the rules over options
 
   # a Hugging Face teacher (folder or cached hub id): the learner takes its tokenizer, no BPE is trained
@@ -25,9 +26,12 @@ examples:
 
 Settings: defaults < CONFIG.yaml < KEY=VALUE overrides (dotted keys; --help-config lists them all). The run folder
 (train.out_dir) receives config.yaml, tokenizer/, metrics.jsonl, train.log and checkpoints/{last,best}: Hugging
-Face folders (AutoModelFor*.from_pretrained reads them) with ktransfer's training_state.json beside them. A run
-folder that holds checkpoints/last is resumed (train.resume=true, the default). SIGINT or SIGTERM saves
-checkpoints/last and exits with status 130 or 143; a configuration error exits with status 2.
+Face folders (AutoModelFor*.from_pretrained reads them) with ktransfer's training_state.json beside them. Without
+train.out_dir the folder is runs/<objective>-<hash of the config>. A run folder that holds checkpoints/last is
+resumed when the config is the same run (it may change only when to stop, logging, threads, device); any other
+change is refused (status 2): choose another train.out_dir, or train.resume=false moves the old run aside to
+RUN.old-<time> and starts over. SIGINT or SIGTERM saves checkpoints/last and exits with status 130 or 143; a
+configuration error exits with status 2.
 """
 
 
@@ -36,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | RUN | KEY=VALUE",
                         help="a YAML config file or a run folder (its config.yaml), then KEY=VALUE overrides")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from train.out_dir/checkpoints/last; an error when there is none")
+                        help="continue from train.out_dir/checkpoints/last; an error when there is none (or with "
+                        "train.resume=false)")
     parser.add_argument("--save-every", type=int, default=None, metavar="N",
                         help="same as train.save_every=N: also save checkpoints/last every N updates")
     parser.add_argument("--max-nonfinite", type=int, default=None, metavar="N",

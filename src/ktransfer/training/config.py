@@ -199,7 +199,8 @@ class ObjectiveConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     name: ClassVar[str] = "train"
-    out_dir: str = _field("runs/run", "run folder: config, tokenizer, metrics, checkpoints")
+    out_dir: str | None = _field(None, "run folder: config, tokenizer, metrics, checkpoints (None = runs/<objective>-"
+                                 "<hash of the config>: the same command finds its folder again, another never)")
     epochs: int = _field(10, "passes over the training data", ge=1)
     max_steps: int | None = _field(None, "stop after this many updates (None = after the epochs)", ge=1)
     patience: int = _field(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
@@ -216,7 +217,9 @@ class TrainConfig(_Section):
     max_nonfinite: int = _field(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1)
     valid_bleu: bool = _field(False, "select and stop early on validation BLEU (beam search) instead of loss")
     num_threads: int | None = _field(None, "torch CPU threads (None = torch's default)", ge=1)
-    resume: bool = _field(True, "continue from out_dir/checkpoints/last when it exists")
+    resume: bool = _field(True, "continue from out_dir/checkpoints/last when it holds this same run (a config that "
+                          "differs in more than ktransfer.training.runfolder.SAFE_KEYS is refused); false: move an "
+                          "old run aside to out_dir.old-<time> and start over")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.losses.fused_linear): "
                               "the [B, T, V] logits of learner and teacher are never held; same loss and gradients "

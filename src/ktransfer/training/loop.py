@@ -38,8 +38,9 @@ from ktransfer.training.validation import metric_name, teacher_valid, validate
 
 
 def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) -> dict:
-    """Train (or distil) as ``cfg`` says; resumes from ``RUN/checkpoints/last`` when it exists and
-    ``train.resume`` is true (``require_resume``: fail when there is nothing to resume). ``on_epoch_end(run)``, if
+    """Train (or distil) as ``cfg`` says; resumes from ``RUN/checkpoints/last`` when it holds this same run and
+    ``train.resume`` is true (``ktransfer.training.runfolder``; ``require_resume``: fail when there is nothing to
+    resume). ``on_epoch_end(run)``, if
     given, runs after each epoch's validation and before its ``last`` checkpoint (per-epoch analyses); it must not
     draw random numbers (exact resume).
 

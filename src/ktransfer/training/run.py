@@ -44,6 +44,7 @@ class TrainState:
     metrics_lines: int = 0  # lines of metrics.jsonl written up to this state
     elapsed: float = 0.0  # seconds spent training (validation included)
     stopped: str | None = None  # why training ended: epochs, max_steps, early_stopping, nonfinite, signal:NAME
+    processes: int = 1  # processes that trained last (a resume keeps optim.accumulate x processes: runfolder)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:

@@ -27,8 +27,8 @@ from ktransfer.models import family as models
 from ktransfer.runtime import distributed, runlock
 from ktransfer.runtime.device import DeviceError, choose_device
 from ktransfer.runtime.runlog import RunLog
-from ktransfer.training import loading, signals
-from ktransfer.training.config import ConfigError, RunConfig, check_rules, config_to_dict, save_config
+from ktransfer.training import loading, runfolder, signals
+from ktransfer.training.config import ConfigError, RunConfig, check_rules, save_config
 from ktransfer.training.metrics import MetricsFile, tensorboard
 from ktransfer.training.parallel import Parallel
 from ktransfer.training.run import Run, RunData, TrainState
@@ -40,18 +40,24 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     Raises:
         ConfigError: a setting that cannot work (naming its key): a broken option rule (checked before anything
             loads), missing teacher/init/tokenizer, teacher and learner with different tokenizers, a run folder
-            that holds a run while ``train.resume`` is false, ...
+            that holds another run (``ktransfer.training.runfolder``), ...
         CorpusError: the corpus is missing or malformed.
     """
     parallel = Parallel.choose(cfg.train.distributed)
     check_rules(cfg, world=parallel.world)  # the option rules, before anything is read or loaded
-    out_dir = Path(cfg.train.out_dir)
+    out_dir = runfolder.choose(cfg)
     resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
+    changes = runfolder.check_same_run(cfg, out_dir, parallel.world) if resume_from is not None else []
     data = _read_data(cfg)
     check_rules(cfg, world=parallel.world, fmt=data.format)  # data.format=auto is known now
+    notes = [f"resuming with changed keys that cannot change the run: {'; '.join(changes)}"] if changes else []
+    if not cfg.train.resume and distributed.is_main() and out_dir.is_dir() and any(out_dir.iterdir()):
+        runlock.acquire(out_dir)  # not while another process writes it
+        runlock.release(out_dir)
+        notes.append(f"train.resume=false: moved the old run aside to {runfolder.move_aside(out_dir)}")
     fresh = not out_dir.exists()  # a new run folder is removed again if setup fails (nothing written half)
     try:
-        return _setup(cfg, out_dir, resume_from, data, parallel)
+        return _setup(cfg, out_dir, resume_from, data, parallel, notes)
     except (ConfigError, CorpusError, ValueError):
         if fresh and distributed.is_main():
             runlock.release(out_dir)
@@ -59,13 +65,15 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         raise
 
 
-def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadData, parallel: Parallel) -> Run:
+def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadData, parallel: Parallel,
+           notes: list[str]) -> Run:
     """``setup`` once the data is read: the run folder, models, tokenizer, encoded data, loss and optimiser."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     _seed_everything(cfg.train.seed)
     device = _device(cfg.train.device)
-    log, metrics, resumed, state = _run_folder(cfg, out_dir, read, resume_from)
+    log, metrics, resumed, state = _run_folder(cfg, out_dir, read, resume_from, notes)
+    state.processes = parallel.world
     teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
     data = _encode(cfg, read, family, model, teacher, tokenizer, log)
     spec = LossSpec.from_config(cfg.objective, vocab_size)
@@ -91,13 +99,16 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
                metrics=metrics, parallel=parallel, signals=chosen)
 
 
-def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path | None):
-    """The run folder (locked by rank 0, the one writer), its log and metrics file, and the state to start from."""
+def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path | None, notes: list[str]):
+    """The run folder (locked by rank 0, the one writer), its log and metrics file, and the state to start from;
+    ``notes`` go to the log first."""
     main = distributed.is_main()
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:  # one writer per run folder (released by train(), or by the OS when this process dies)
         runlock.acquire(out_dir)
     log = RunLog(out_dir / "train.log", enabled=main)
+    for note in notes:
+        log(note)
     log(f"data: {read.format} ({read.why}): {len(read.train)} training and {len(read.valid)} validation examples")
     resumed, state = _train_state(cfg, resume_from, log)
     if main:
@@ -160,8 +171,7 @@ def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_li
     if state.stopped == "nonfinite":
         state.nonfinite = 0  # the user changed something; count afresh
     state.stopped = None  # a stopped run goes on; a finished one finds it has nothing left to do
-    log(f"resuming from {resumed.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
-    _warn_config_changes(log, resumed.config, config_to_dict(cfg))
+    log(f"resuming from {resumed.path} (the same run): epoch {state.epoch}, batch {state.batch}, step {state.step}")
     return resumed, state
 
 
@@ -190,14 +200,14 @@ def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
 
 
 def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
+    """``last`` when the run in it goes on (``runfolder.check_same_run`` then says whether it may), None for a new
+    run (``train.resume=false`` moves an old one aside)."""
     exists = last.exists() or any(last.parent.glob(".last.old-*"))  # an interrupted swap leaves an aside copy
+    if require and not cfg.train.resume:
+        raise ConfigError("train.resume: --resume and train.resume=false contradict each other", key="train.resume")
     if require and not exists:
         raise ConfigError(f"train.out_dir: nothing to resume: no checkpoint at {last}", key="train.out_dir")
-    if exists and not (cfg.train.resume or require):
-        raise ConfigError(
-            f"train.resume: {cfg.train.out_dir} already holds a run ({last}); resume it (train.resume=true or "
-            "--resume) or choose another train.out_dir", key="train.resume")
-    return last if exists else None
+    return last if exists and cfg.train.resume else None
 
 
 @dataclass
@@ -254,10 +264,3 @@ def _device(name: str) -> torch.device:
         return choose_device(name)
     except DeviceError as e:
         raise ConfigError(f"train.device: {e}", key="train.device") from e
-
-
-def _warn_config_changes(log, saved: dict, now: dict) -> None:
-    changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
-               if s in saved and k in saved[s] and saved[s][k] != v]
-    if changed:
-        log("warning: config differs from the checkpoint's (the resumed run is not exact): " + "; ".join(changed))
