@@ -455,9 +455,9 @@ def test_distill_data_error_names_the_cli_flags(tmp_path, capsys, multi30k_lines
     from test_hf_models import marian_teacher
 
     teacher = marian_teacher(tmp_path / "marian", multi30k_lines)  # a Hugging Face folder: no run config
-    assert main(["distill-data", str(teacher), "--out", str(tmp_path / "o")]) == 1
+    assert main(["distill-data", str(teacher), "--out", str(tmp_path / "o")]) == 2
     assert "--corpus" in capsys.readouterr().err
-    assert main(["distill-data", str(teacher), "--corpus", "multi30k-de-en", "--out", str(tmp_path / "o")]) == 1
+    assert main(["distill-data", str(teacher), "--corpus", "multi30k-de-en", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--src-lang" in err and "--tgt-lang" in err
 
