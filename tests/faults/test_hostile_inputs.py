@@ -242,8 +242,11 @@ def test_cuda_without_cuda_is_one_line(tmp_path, small_tokenizer, capsys, comman
     from ktransfer.cli import main
 
     tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
-    extra = {"evaluate": ["--src", str(tmp_path / "m/config.json")], "translate": [],
-             "distill-data": ["--out", str(tmp_path / "out")]}[command]
+    (tmp_path / "src.txt").write_text("a b\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a b", "completion": "c d"}) + "\n")
+    extra = {"evaluate": ["--src", str(tmp_path / "src.txt"), "--ref", str(tmp_path / "src.txt")], "translate": [],
+             "distill-data": ["--out", str(tmp_path / "out"), "--corpus", str(tmp_path / "d.jsonl")]}[command]
+    capsys.readouterr()
     rc = main([command, str(tmp_path / "m"), "--device", "cuda", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and "'cuda' requested but CUDA is not available on this machine" in err, err

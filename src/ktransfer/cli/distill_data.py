@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:
+        if str(args.device).startswith("cuda"):  # refused before any model is loaded
+            from ktransfer.runtime.device import choose_device
+
+            choose_device(args.device)
         fmt = _data_format(args)
         if fmt != "parallel":
             manifest = distill_examples(

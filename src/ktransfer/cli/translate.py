@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or chunk < 1:
             raise ValueError(f"--batch-size and --chunk must be >= 1, got {args.batch_size} and {chunk}")
         checkpoint = resolve_source(args.checkpoint)
+        if str(args.device).startswith("cuda"):  # refused before the process group or the model touch CUDA
+            from ktransfer.runtime.device import choose_device
+
+            choose_device(args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
         return 2
