@@ -61,8 +61,8 @@ class Parallel:
         if self.mode == "ddp":
             return f" x {self.world} processes (DDP)"
         if self.mode == "fsdp":
-            return (f" sharded over {self.world} processes (FSDP2: learner{' and teacher' if teacher else ''} per "
-                    "transformer block)")
+            return (f" sharded over {self.world} processes (FSDP2), learner{' and teacher' if teacher else ''} per "
+                    "transformer block")
         return ""
 
     def trained(self, model: torch.nn.Module) -> torch.nn.Module:
