@@ -118,7 +118,7 @@ def test_bad_data_in_a_run_is_one_line_and_writes_nothing(lines, teacher, tmp_pa
     (tmp_path / "bad.jsonl").write_text(json.dumps(_pc_rows(lines, 1)[0]) + "\n{oops\n", encoding="utf-8")
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={tmp_path / 'bad.jsonl'}", f"model.teacher={teacher}",
-                 "model.preset=llama-tiny", f"train.out_dir={out}"]) == 1
+                 "model.preset=llama-tiny", f"train.out_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad.jsonl'}:2: invalid JSON" in err and "Traceback" not in err
     assert not out.exists()
@@ -129,7 +129,7 @@ def test_chat_data_needs_a_chat_template(lines, shared_data, tmp_path, capsys, s
     data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(lines, 20))
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={data}", f"data.tokenizer={tmp_path / 'tok'}", "model.preset=llama-tiny",
-                 "objective.objective=nll", f"train.out_dir={out}"]) == 1
+                 "objective.objective=nll", f"train.out_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert "chat data needs a tokenizer with a chat template" in err and "Traceback" not in err
     assert not out.exists()
