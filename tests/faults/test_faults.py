@@ -377,14 +377,20 @@ def test_a_write_error_in_training_is_one_line_naming_the_path(tmp_path, shared_
 
     from ktransfer.cli import main
 
-    real_open = open
+    real_open, real_os_open = open, os.open
 
     def read_only(file, mode="r", *args, **kwargs):
         if "a" in mode and str(file).startswith(str(tmp_path / "run")):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         return real_open(file, mode, *args, **kwargs)
 
+    def read_only_fd(path, flags, *args, **kwargs):  # ktransfer's own appends go through os.open (O_NOFOLLOW)
+        if flags & os.O_APPEND and str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", read_only)
+    monkeypatch.setattr("os.open", read_only_fd)
     rc = main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=50", "data.vocab_size=200",
                "model.preset=tiny", f"train.out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err

@@ -455,6 +455,7 @@ def chat_pair(tokenizer, messages: list[dict], where: str = "") -> tuple[str, Sc
 def end_of_turn_tokens(tokenizer) -> list[str]:
     """The special tokens the chat template writes after an assistant's content (``<|im_end|>``, ``<|eot_id|>``,
     ``</s>``): the tokens a chat model stops at. Empty for a template that ends turns with plain text."""
+    check_chat_template(tokenizer)
     probe = "ktransfer probe"
     text, spans = chat_spans(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
     a, b = spans[0]
