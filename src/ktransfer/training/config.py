@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import tempfile
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,26 +26,20 @@ import yaml
 from ktransfer.losses.divergences import SUPPORTS
 from ktransfer.losses.spec import OBJECTIVES
 from ktransfer.training import remote_code, rules
+from ktransfer.training.values import (
+    ConfigError,
+    bounds_text,
+    check_bounds,
+    convert_value,
+    hints,
+    is_union,
+    option,
+    type_name,
+)
 
 Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
 Support = Literal[SUPPORTS]
 Schedule = Literal["constant", "inverse_sqrt"]
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the key, the bad value and its source (file:line)."""
-
-    def __init__(self, message: str, *, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
-def _field(default, help: str, *, ge=None, gt=None, le=None, lt=None):
-    """A dataclass field with help text and bounds (applied to each element of a tuple)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 class _Section:
@@ -59,11 +51,11 @@ class _Section:
         self.check()
 
     def check(self) -> None:
-        hints = _hints(type(self))
+        types_of = hints(type(self))
         for f in dataclasses.fields(self):
             key = f"{self.name}.{f.name}"
-            value = convert_value(getattr(self, f.name), hints[f.name], key)
-            _check_bounds(value, f.metadata, key)
+            value = convert_value(getattr(self, f.name), types_of[f.name], key)
+            check_bounds(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
         self._check_more()
 
@@ -74,33 +66,33 @@ class _Section:
 @dataclass
 class DataConfig(_Section):
     name: ClassVar[str] = "data"
-    corpus: str = _field("multi30k-de-en", "the data: a corpus name (under $KTRANSFER_DATA), a folder of SPLIT.LANG "
+    corpus: str = option("multi30k-de-en", "the data: a corpus name (under $KTRANSFER_DATA), a folder of SPLIT.LANG "
                          "files, a .jsonl/.json/.txt file, a folder of SPLIT.jsonl files, or a datasets save_to_disk "
                          "folder")
-    format: str = _field("auto", "parallel, prompt_completion, chat, text, or auto (from the path and the first "
+    format: str = option("auto", "parallel, prompt_completion, chat, text, or auto (from the path and the first "
                          "record's keys; the log says which)")
-    prompt_key: str = _field("prompt", "JSONL/datasets column of the prompt (prompt_completion)")
-    completion_key: str = _field("completion", "JSONL/datasets column of the completion (prompt_completion)")
-    messages_key: str = _field("messages", "JSONL/datasets column of the [{role, content}] list (chat)")
-    text_key: str = _field("text", "JSONL/datasets column of the text (text)")
-    instruction: str | None = _field(None, "text put before every prompt (None = 'Translate German to English:' for "
+    prompt_key: str = option("prompt", "JSONL/datasets column of the prompt (prompt_completion)")
+    completion_key: str = option("completion", "JSONL/datasets column of the completion (prompt_completion)")
+    messages_key: str = option("messages", "JSONL/datasets column of the [{role, content}] list (chat)")
+    text_key: str = option("text", "JSONL/datasets column of the text (text)")
+    instruction: str | None = option(None, "text put before every prompt (None = 'Translate German to English:' for "
                                      "parallel data with a causal model, nothing otherwise; '' = nothing)")
-    truncate: bool = _field(False, "cut an over-long completion to data.max_length (causal models) instead of "
+    truncate: bool = option(False, "cut an over-long completion to data.max_length (causal models) instead of "
                             "dropping the example")
-    valid_fraction: float = _field(0.05, "share of a single data file held out for validation when data.valid "
+    valid_fraction: float = option(0.05, "share of a single data file held out for validation when data.valid "
                                    "names no split or file", gt=0.0, lt=1.0)
-    split_seed: int = _field(0, "seed of the held-out validation examples", ge=0)
-    src_lang: str = _field("de", "source language suffix of the corpus files")
-    tgt_lang: str = _field("en", "target language suffix of the corpus files")
-    train: str = _field("train", "name of the training split")
-    valid: str = _field("valid", "name of the validation split (early stopping, best checkpoint)")
-    test: str = _field("test2016", "name of the test split")
-    max_tokens: int = _field(4096, "batch size in tokens: padded rows x longest sentence, per side", ge=1)
-    max_length: int = _field(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
-    vocab_size: int = _field(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
-    tokenizer: str | None = _field(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
-    valid_subset: int | None = _field(None, "use only the first N validation pairs (None = the whole split)", ge=1)
-    train_limit: int | None = _field(None, "use only the first N training pairs (None = all)", ge=1)
+    split_seed: int = option(0, "seed of the held-out validation examples", ge=0)
+    src_lang: str = option("de", "source language suffix of the corpus files")
+    tgt_lang: str = option("en", "target language suffix of the corpus files")
+    train: str = option("train", "name of the training split")
+    valid: str = option("valid", "name of the validation split (early stopping, best checkpoint)")
+    test: str = option("test2016", "name of the test split")
+    max_tokens: int = option(4096, "batch size in tokens: padded rows x longest sentence, per side", ge=1)
+    max_length: int = option(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
+    vocab_size: int = option(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
+    tokenizer: str | None = option(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
+    valid_subset: int | None = option(None, "use only the first N validation pairs (None = the whole split)", ge=1)
+    train_limit: int | None = option(None, "use only the first N training pairs (None = all)", ge=1)
 
     def _check_more(self) -> None:
         from ktransfer.data.formats import FORMATS
@@ -112,26 +104,26 @@ class DataConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     name: ClassVar[str] = "model"
-    preset: str = _field("cpu-learner", "the learner: a preset name (ktransfer.models.family.PRESETS, sized to the "
+    preset: str = option("cpu-learner", "the learner: a preset name (ktransfer.models.family.PRESETS, sized to the "
                          "tokenizer), a Hugging Face model folder, a hub id, or a ktransfer run/checkpoint folder")
-    init: str | None = _field(None, "weights that start training: a ktransfer run/checkpoint folder, a Hugging Face "
+    init: str | None = option(None, "weights that start training: a ktransfer run/checkpoint folder, a Hugging Face "
                               "folder or a hub id (None = model.preset)")
-    teacher: str | None = _field(None, "the frozen teacher (every objective but nll): a ktransfer run/checkpoint "
+    teacher: str | None = option(None, "the frozen teacher (every objective but nll): a ktransfer run/checkpoint "
                                  "folder, a Hugging Face folder or a hub id; its tokenizer is the learner's too")
-    dropout: float | None = _field(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
-    trust_remote_code: bool = _field(False, "allow a model folder's own Python code (config.json auto_map); read "
+    dropout: float | None = option(None, "dropout on the residual stream (None = the preset's, 0.3)", ge=0.0, lt=1.0)
+    trust_remote_code: bool = option(False, "allow a model folder's own Python code (config.json auto_map); read "
                                      "that code first")
-    lora_r: int | None = _field(None, "LoRA rank: train low-rank adapters of the learner's linear layers only "
+    lora_r: int | None = option(None, "LoRA rank: train low-rank adapters of the learner's linear layers only "
                                 "(None = train every weight; needs peft and a pretrained learner: model.init or a "
                                 "folder)", ge=1)
-    lora_alpha: float = _field(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) * B A", gt=0.0)
-    lora_dropout: float = _field(0.0, "dropout on the LoRA branch's input", ge=0.0, lt=1.0)
-    lora_target_modules: tuple[str, ...] | None = _field(None, "names of the linear layers that get adapters, e.g. "
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) * B A", gt=0.0)
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input", ge=0.0, lt=1.0)
+    lora_target_modules: tuple[str, ...] | None = option(None, "names of the linear layers that get adapters, e.g. "
                                                          "q_proj,v_proj (None = every linear layer but the head)")
-    dtype: Literal["float32", "bfloat16", "float16"] = _field(
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "the learner's weights (and so its optimiser state); float32 keeps master weights exact, "
         "train.bf16 adds autocast on top")
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "the frozen teacher's weights: auto = bfloat16 on a CUDA device that supports it (half the memory, "
         "logits to bf16 precision), float32 elsewhere")
 
@@ -151,80 +143,80 @@ class ModelConfig(_Section):
 @dataclass
 class OptimConfig(_Section):
     name: ClassVar[str] = "optim"
-    lr: float = _field(1e-4, "peak learning rate (Adam)", gt=0.0)
-    betas: tuple[float, float] = _field((0.9, 0.98), "Adam beta1, beta2", ge=0.0, lt=1.0)
-    eps: float = _field(1e-8, "Adam epsilon", gt=0.0)
-    weight_decay: float = _field(0.0, "decoupled weight decay (AdamW)", ge=0.0)
-    schedule: Schedule = _field("constant", "learning-rate schedule after warm-up: constant or inverse_sqrt")
-    warmup_steps: int = _field(0, "linear warm-up from 0 over this many updates", ge=0)
-    clip_norm: float | None = _field(None, "clip the gradient's global L2 norm to this (None = no clipping)", gt=0.0)
-    accumulate: int = _field(1, "batches whose gradients are summed per update", ge=1)
+    lr: float = option(1e-4, "peak learning rate (Adam)", gt=0.0)
+    betas: tuple[float, float] = option((0.9, 0.98), "Adam beta1, beta2", ge=0.0, lt=1.0)
+    eps: float = option(1e-8, "Adam epsilon", gt=0.0)
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW)", ge=0.0)
+    schedule: Schedule = option("constant", "learning-rate schedule after warm-up: constant or inverse_sqrt")
+    warmup_steps: int = option(0, "linear warm-up from 0 over this many updates", ge=0)
+    clip_norm: float | None = option(None, "clip the gradient's global L2 norm to this (None = no clipping)", gt=0.0)
+    accumulate: int = option(1, "batches whose gradients are summed per update", ge=1)
 
 
 @dataclass
 class ObjectiveConfig(_Section):
     name: ClassVar[str] = "objective"
-    objective: Objective = _field(
+    objective: Objective = option(
         "nll", "nll (no teacher), kd (forward KL), ka (reverse KL), half, or a divergence kind of "
         "ktransfer.losses.divergences"
     )
-    lam: float = _field(0.5, "weight of the divergence: (1 - lam) * NLL + lam * D", ge=0.0, le=1.0)
-    top_k: int | None = _field(None, "restrict the divergence to the top-k support (None = all of V)", ge=1)
-    temperature: float = _field(1.0, "softmax temperature of both models inside the divergence", gt=0.0)
-    label_smoothing: float = _field(0.0, "label smoothing of the NLL term", ge=0.0, lt=1.0)
-    support: Support | None = _field(None, "top-k support: learner, teacher or union (None = the kind's default)")
-    beta: float = _field(0.5, "mixture weight of jsd (0: forward_kl, 1: reverse_kl, as TRL)", ge=0.0, le=1.0)
-    alpha: float = _field(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
-    renormalize: bool = _field(False, "renormalise p and q over the top-k support")
-    tail: bool = _field(False, "add the rest of the vocabulary as one outcome beside the top-k support (a proper "
+    lam: float = option(0.5, "weight of the divergence: (1 - lam) * NLL + lam * D", ge=0.0, le=1.0)
+    top_k: int | None = option(None, "restrict the divergence to the top-k support (None = all of V)", ge=1)
+    temperature: float = option(1.0, "softmax temperature of both models inside the divergence", gt=0.0)
+    label_smoothing: float = option(0.0, "label smoothing of the NLL term", ge=0.0, lt=1.0)
+    support: Support | None = option(None, "top-k support: learner, teacher or union (None = the kind's default)")
+    beta: float = option(0.5, "mixture weight of jsd (0: forward_kl, 1: reverse_kl, as TRL)", ge=0.0, le=1.0)
+    alpha: float = option(0.1, "skew of skew_forward_kl / skew_reverse_kl", gt=0.0, lt=1.0)
+    renormalize: bool = option(False, "renormalise p and q over the top-k support")
+    tail: bool = option(False, "add the rest of the vocabulary as one outcome beside the top-k support (a proper "
                         "divergence of the (k+1)-outcome coarsenings; needs objective.top_k, not with renormalize)")
-    prefix: Literal["reference", "learner", "mixed"] = _field(
+    prefix: Literal["reference", "learner", "mixed"] = option(
         "reference", "prefixes the divergence is computed on: reference (the paper), learner (sampled from the "
         "learner, on-policy), or mixed (learner with probability on_policy_fraction per batch); "
         "see ktransfer.training.prefixes")
-    on_policy_fraction: float = _field(0.5, "probability that a batch uses learner samples when prefix=mixed",
+    on_policy_fraction: float = option(0.5, "probability that a batch uses learner samples when prefix=mixed",
                                        ge=0.0, le=1.0)
-    sample_temperature: float = _field(1.0, "softmax temperature of the learner when sampling prefixes", gt=0.0)
-    sample_top_p: float = _field(1.0, "nucleus (top-p) mass kept when sampling prefixes (1 = full distribution)",
+    sample_temperature: float = option(1.0, "softmax temperature of the learner when sampling prefixes", gt=0.0)
+    sample_top_p: float = option(1.0, "nucleus (top-p) mass kept when sampling prefixes (1 = full distribution)",
                                  gt=0.0, le=1.0)
-    sample_top_k: int = _field(0, "sample among the top_k most likely tokens only when sampling prefixes (0 = all)",
+    sample_top_k: int = option(0, "sample among the top_k most likely tokens only when sampling prefixes (0 = all)",
                                ge=0)
-    sample_max_length: int | None = _field(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
-    sample_length_scale: float | None = _field(
+    sample_max_length: int | None = option(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
+    sample_length_scale: float | None = option(
         2.0, "a sample stops after ceil(scale x its reference's tokens) + sample_length_margin tokens, at most "
         "sample_max_length (None = sample_max_length alone)", gt=0.0)
-    sample_length_margin: int = _field(8, "tokens added to the reference-bounded sample length", ge=0)
+    sample_length_margin: int = option(8, "tokens added to the reference-bounded sample length", ge=0)
 
 
 @dataclass
 class TrainConfig(_Section):
     name: ClassVar[str] = "train"
-    out_dir: str | None = _field(None, "run folder: config, tokenizer, metrics, checkpoints (None = runs/<objective>-"
+    out_dir: str | None = option(None, "run folder: config, tokenizer, metrics, checkpoints (None = runs/<objective>-"
                                  "<hash of the config>: the same command finds its folder again, another never)")
-    epochs: int = _field(10, "passes over the training data", ge=1)
-    max_steps: int | None = _field(None, "stop after this many updates (None = after the epochs)", ge=1)
-    patience: int = _field(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
-    seed: int = _field(1, "seed of every random generator", ge=0)
-    bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
-    distributed: Literal["ddp", "fsdp"] = _field(
+    epochs: int = option(10, "passes over the training data", ge=1)
+    max_steps: int | None = option(None, "stop after this many updates (None = after the epochs)", ge=1)
+    patience: int = option(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
+    seed: int = option(1, "seed of every random generator", ge=0)
+    bf16: bool = option(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
+    distributed: Literal["ddp", "fsdp"] = option(
         "ddp", "several processes (torchrun): ddp (a learner replica per process) or fsdp (FSDP2: learner and "
         "teacher sharded per transformer block; checkpoints gathered into one HF folder)")
-    gradient_checkpointing: bool = _field(False, "recompute the learner's layer activations in the backward pass "
+    gradient_checkpointing: bool = option(False, "recompute the learner's layer activations in the backward pass "
                                           "instead of keeping them: less memory, ~30% more compute, same gradients")
-    log_every: int = _field(100, "log training metrics every this many updates", ge=1)
-    save_every: int = _field(500, "also save checkpoints/last every this many updates (0 = only after each epoch)",
+    log_every: int = option(100, "log training metrics every this many updates", ge=1)
+    save_every: int = option(500, "also save checkpoints/last every this many updates (0 = only after each epoch)",
                              ge=0)
-    max_nonfinite: int = _field(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1)
-    valid_bleu: bool = _field(False, "select and stop early on validation BLEU (beam search) instead of loss")
-    num_threads: int | None = _field(None, "torch CPU threads (None = torch's default)", ge=1)
-    resume: bool = _field(True, "continue from out_dir/checkpoints/last when it holds this same run (a config that "
+    max_nonfinite: int = option(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1)
+    valid_bleu: bool = option(False, "select and stop early on validation BLEU (beam search) instead of loss")
+    num_threads: int | None = option(None, "torch CPU threads (None = torch's default)", ge=1)
+    resume: bool = option(True, "continue from out_dir/checkpoints/last when it holds this same run (a config that "
                           "differs in more than ktransfer.training.runfolder.SAFE_KEYS is refused); false: move an "
                           "old run aside to out_dir.old-<time> and start over")
-    device: str = _field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-    fused_head: bool = _field(False, "fuse the output layer with the loss (ktransfer.losses.fused_linear): "
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    fused_head: bool = option(False, "fuse the output layer with the loss (ktransfer.losses.fused_linear): "
                               "the [B, T, V] logits of learner and teacher are never held; same loss and gradients "
                               "(Marian and causal LMs with a plain lm_head, one process)")
-    teacher_cache: str | None = _field(None, "folder of the teacher's top-k on the training data "
+    teacher_cache: str | None = option(None, "folder of the teacher's top-k on the training data "
                                        "(ktransfer.training.teacher_cache; built when missing): no teacher pass in "
                                        "training steps; exact for kd / teacher-support divergences with top_k, else "
                                        "refused")
@@ -238,13 +230,13 @@ class TrainConfig(_Section):
 @dataclass
 class EvalConfig(_Section):
     name: ClassVar[str] = "eval"
-    beam: int = _field(6, "beam size", ge=1)
-    length_penalty: float = _field(1.0, "beam-search length penalty (exponent on length; 1.0 = average log-prob)")
-    max_length: int = _field(256, "longest translation in sub-words", ge=1)
-    batch_size: int = _field(64, "sentences per beam-search batch", ge=1)
-    valid_beam: int | None = _field(None, "beam of the per-epoch validation BLEU (None = beam with valid_bleu, else 1)",
+    beam: int = option(6, "beam size", ge=1)
+    length_penalty: float = option(1.0, "beam-search length penalty (exponent on length; 1.0 = average log-prob)")
+    max_length: int = option(256, "longest translation in sub-words", ge=1)
+    batch_size: int = option(64, "sentences per beam-search batch", ge=1)
+    valid_beam: int | None = option(None, "beam of the per-epoch validation BLEU (None = beam with valid_bleu, else 1)",
                                     ge=1)
-    valid_examples: int = _field(0, "generations of the first N validation prompts written to train.log at each "
+    valid_examples: int = option(0, "generations of the first N validation prompts written to train.log at each "
                                  "validation (data that is not parallel)", ge=0)
 
 
@@ -297,130 +289,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-# --- types and values ---------------------------------------------------------------------------------------------
-_HINTS: dict[type, dict[str, Any]] = {}
-_NONE_WORDS = ("none", "null", "~", "")
-_TRUE_WORDS = ("true", "yes", "on", "1")
-_FALSE_WORDS = ("false", "no", "off", "0")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _is_union(tp) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def convert_value(value: Any, tp: Any, key: str) -> Any:
-    """``value`` (text like ``1,2`` too) as type ``tp`` (int, float, bool, str, Literal, tuple, list, X | None)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
-            return None
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return convert_value(value, rest[0], key)
-        errors = []
-        for a in rest:
-            try:
-                return convert_value(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0], key=key)
-    if value is None:
-        raise ConfigError(f"{key}: must be {_type_name(tp)}, got None (this key cannot be empty)", key=key)
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}{hint}", key=key)
-    if origin in (tuple, list):
-        items = value
-        if isinstance(value, str):
-            text = value.strip().strip("()[]")
-            items = [v.strip() for v in text.split(",")] if text else []
-        if origin is list or len(args) == 2 and args[1] is Ellipsis:
-            items = items if isinstance(items, list | tuple) else [items]
-            return origin(convert_value(v, args[0], key) for v in items)
-        if not isinstance(items, list | tuple) or len(items) != len(args):
-            raise ConfigError(f"{key}: must have {len(args)} values ({_type_name(tp)}), got {value!r}", key=key)
-        return tuple(convert_value(v, a, key) for v, a in zip(items, args, strict=True))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-            return value.strip().lower() in _TRUE_WORDS
-        raise ConfigError(f"{key}: must be true or false, got {value!r}", key=key)
-    if tp is int:
-        number = value
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    pass
-        if isinstance(number, int) and not isinstance(number, bool):
-            return number
-        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise ConfigError(f"{key}: must be an integer, got {value!r}", key=key)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a number, got {value!r}", key=key)
-        try:
-            number = float(value) if isinstance(value, int | float | str) else None
-        except ValueError:
-            number = None
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}", key=key)
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: must be a string, got {value!r} (quote it)", key=key)
-    raise ConfigError(f"{key}: unsupported field type {tp!r}", key=key)
-
-
-def _check_bounds(value: Any, meta, key: str) -> None:
-    for v in value if isinstance(value, tuple) else (value,):
-        if v is None or not isinstance(v, int | float) or isinstance(v, bool):
-            continue
-        for bound, ok in (
-            (meta.get("ge"), lambda x, b: x >= b),
-            (meta.get("gt"), lambda x, b: x > b),
-            (meta.get("le"), lambda x, b: x <= b),
-            (meta.get("lt"), lambda x, b: x < b),
-        ):
-            if bound is not None and not ok(v, bound):
-                raise ConfigError(f"{key}: must be {_bounds_text(meta)}, got {value!r}", key=key)
-
-
-def _bounds_text(meta) -> str:
-    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-    parts = [f"{op} {meta[k]}" for k, op in ops if meta.get(k) is not None]
-    return " and ".join(parts)
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + "/".join(map(str, args))
-    if origin is tuple:
-        return "(" + ", ".join(_type_name(a) for a in args) + ")"
-    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
 # --- keys ---------------------------------------------------------------------------------------------------------
 def all_keys() -> list[str]:
     """Every dotted key, e.g. ``optim.lr``."""
@@ -443,12 +311,12 @@ def _field_type(key: str, source: str) -> Any:
     cls = SECTIONS.get(section)
     if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
         raise _unknown_key(key, source)
-    return _hints(cls)[name]
+    return hints(cls)[name]
 
 
 def _parse_text(raw: str, tp: Any) -> Any:
     """A ``key=value`` override's value: plain text for string fields, otherwise a YAML scalar."""
-    if tp is str or (_is_union(tp) and str in typing.get_args(tp)):
+    if tp is str or (is_union(tp) and str in typing.get_args(tp)):
         return raw
     try:
         return yaml.safe_load(raw) if raw.strip() else None
@@ -582,11 +450,11 @@ def config_help(cfg: RunConfig | None = None) -> str:
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"{name}:")
-        hints = _hints(cls)
+        types_of = hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(getattr(cfg, name), f.name)
-            bounds = _bounds_text(f.metadata)
-            typ = _type_name(hints[f.name]) + (f", {bounds}" if bounds else "")
+            bounds = bounds_text(f.metadata)
+            typ = type_name(types_of[f.name]) + (f", {bounds}" if bounds else "")
             lines.append(f"  {name}.{f.name}={_show(value)}  ({typ})")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines) + "\n\n" + rules.describe()
