@@ -180,13 +180,23 @@ def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, paral
     may draw random numbers)."""
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=fused_adamw(trainable, parallel.sharded))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
     if resumed is not None:
         parallel.load_optimizer_state(model, optimizer, resumed)
         scheduler.load_state_dict(resumed.scheduler_state)
         ckpt_lib.restore_rng(resumed.train_state)
     return optimizer, scheduler
+
+
+def fused_adamw(params, sharded: bool) -> bool | None:
+    """True (torch's fused AdamW: one kernel over every tensor, what HF Trainer's default ``adamw_torch_fused`` uses)
+    when every parameter is a plain float tensor on the CPU or CUDA; None (torch's own choice) for FSDP's sharded
+    parameters and other devices."""
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16,
+                                                              torch.float64) for p in params)
+    return True if ok and params and not sharded else None
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
