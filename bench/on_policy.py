@@ -23,6 +23,8 @@ gradient clipping at 1, fp32 on CPU:
 * ``TRL GKD lmbda=1``: ``GKDTrainer.training_step`` (``model.generate``, student and teacher forward over the whole
   sequences, ``generalized_jsd_loss``, backward) + gradient clipping + ``optimizer.step``.
 * ``ktransfer off`` / ``TRL GKD lmbda=0``: the same on the reference completion.
+* ``ktransfer off, fused head`` (``--fused-head``): ``ktransfer off`` with ``train.fused_head=true`` (the output layer
+  fused with the loss, ``ktransfer.losses.fused_linear``: no [B, T, V] logits of either model are held).
 
 ``ratio`` = t(ktransfer) / t(TRL) per step on the same batch, median [interquartile range].
 """
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--fused-head", action="store_true",
+                        help="add an off-policy row with train.fused_head=true (output layer fused with the loss)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", metavar="PATH", help="also write the per-step times to PATH")
     args = parser.parse_args(argv)
@@ -157,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup: BPE {len(tok)} on {n_lines} sentences, {n} conversations ({time.perf_counter() - t0:.1f} s)",
           file=sys.stderr)
 
-    def ktransfer_run(prefix: str):
+    def ktransfer_run(prefix: str, *extra: str):
         overrides = [f"data.corpus={work / 'chat'}", f"model.preset={work / 'learner'}",
                      f"model.teacher={work / 'teacher'}", "objective.objective=kd", "objective.lam=1",
                      f"objective.prefix={prefix}", f"objective.sample_temperature={args.temperature}",
                      f"objective.sample_max_length={args.max_new_tokens}", "objective.sample_length_scale=null",
                      "model.dropout=0", "optim.clip_norm=1.0", "train.seed=0", f"train.num_threads={args.threads}",
-                     "train.device=cpu", f"train.out_dir={work / ('kt-' + prefix)}", "data.max_length=256"]
+                     "train.device=cpu", f"train.out_dir={work / ('kt-' + prefix + '-'.join(('',) + extra))}",
+                     "data.max_length=256", *extra]
         return setup(load_config(None, overrides))
 
     def trl_trainer(lmbda: float):
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def kt_step(run):
         def step(k):
-            batch = collate_batch(run, run.train_ids, list(range(k * args.batch, (k + 1) * args.batch)))
+            batch = collate_batch(run, run.data.train_ids, list(range(k * args.batch, (k + 1) * args.batch)))
             result = train_step(run, [batch])
             if not result["finite"]:
                 raise RuntimeError(f"non-finite ktransfer step: {result}")
@@ -200,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         return step
 
     kt_on, kt_off = ktransfer_run("learner"), ktransfer_run("reference")
-    if len(kt_on.train_ids[0]) < n:
-        parser.error(f"ktransfer kept {len(kt_on.train_ids[0])} of {n} conversations (data.max_length)")
+    if len(kt_on.data.train_ids[0]) < n:
+        parser.error(f"ktransfer kept {len(kt_on.data.train_ids[0])} of {n} conversations (data.max_length)")
     rows = [SimpleNamespace(name="ktransfer on", pair="on", fn=kt_step(kt_on), times=[]),
             SimpleNamespace(name="TRL GKD lmbda=1", pair="on", fn=trl_step(trl_trainer(1.0)), times=[]),
             SimpleNamespace(name="ktransfer off", pair="off", fn=kt_step(kt_off), times=[]),
             SimpleNamespace(name="TRL GKD lmbda=0", pair="off", fn=trl_step(trl_trainer(0.0)), times=[])]
+    if args.fused_head:
+        rows.insert(3, SimpleNamespace(name="ktransfer off, fused head", pair="off", times=[],
+                                       fn=kt_step(ktransfer_run("reference", "train.fused_head=true"))))
     random.seed(0)
     for k in range(args.warmup + args.steps):
         shift = k % len(rows)
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("learner", kt_on.model),
                                                                            ("teacher", kt_on.teacher))}
-    ref_tokens = [len(t) for t in kt_on.train_ids[1][:n]]
+    ref_tokens = [len(t) for t in kt_on.data.train_ids[1][:n]]
     print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; {torch.get_num_threads()} torch threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); torch {torch.__version__}, transformers "
           f"{transformers.__version__}, trl {trl.__version__}, Python {platform.python_version()}; "
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         entry = dict(step=r.name, median_s=statistics.median(r.times), times=r.times)
         if r.name.startswith("ktransfer"):
-            other = next(x for x in rows if x.pair == r.pair and x is not r)
+            other = next(x for x in rows if x.pair == r.pair and x.name.startswith("TRL"))
             entry["ratio"] = _summary([a / b for a, b in zip(r.times, other.times, strict=True)])
         table.append(entry)
         q = entry.get("ratio")
