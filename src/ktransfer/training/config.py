@@ -183,9 +183,9 @@ class ObjectiveConfig(_Section):
                                ge=0)
     sample_max_length: int | None = option(None, "most tokens sampled per prefix (None = eval.max_length)", ge=1)
     sample_length_scale: float | None = option(
-        2.0, "a sample stops after ceil(scale x its reference's tokens) + sample_length_margin tokens, at most "
+        1.5, "a sample stops after ceil(scale x its reference's tokens) + sample_length_margin tokens, at most "
         "sample_max_length (None = sample_max_length alone)", gt=0.0)
-    sample_length_margin: int = option(8, "tokens added to the reference-bounded sample length", ge=0)
+    sample_length_margin: int = option(4, "tokens added to the reference-bounded sample length", ge=0)
 
 
 @dataclass
