@@ -21,7 +21,7 @@ from ktransfer.training.config import RunConfig, load_config
 from ktransfer.training.train import setup, train
 
 CORPUS_SETTINGS = ("data.train_limit=300", "data.valid_subset=20", "data.vocab_size=500", "model.preset=tiny",
-                   "eval.max_length=16", "optim.lr=1e-3", "train.num_threads=1", "train.seed=3")
+                   "eval.max_length=16", "optim.lr=1e-3", "train.num_threads=1", "train.seed=3", "train.epochs=1")
 
 
 def config(shared_data: Path, out_dir: Path, *extra: str) -> RunConfig:
@@ -104,15 +104,15 @@ def test_decay_schedules_equal_transformers_and_survive_a_resume(schedule, share
                  f"optim.schedule={schedule}", "optim.warmup_steps=3", "train.log_every=1", "train.save_every=4")
     real_step = loop.train_step
 
-    def killed_at_step_7(run, batches, **kw):
-        if run.state.step == 7:
+    def killed_at_step_9(run, batches, **kw):
+        if run.state.step == 9:
             raise RuntimeError("killed")
         return real_step(run, batches, **kw)
 
-    monkeypatch.setattr(loop, "train_step", killed_at_step_7)
+    monkeypatch.setattr(loop, "train_step", killed_at_step_9)
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg)
-    assert state_of(out / "checkpoints/last")["step"] == 4  # the kill loses steps 5-7
+    assert state_of(out / "checkpoints/last")["step"] == 8  # mid-epoch 2; the kill loses step 9
     monkeypatch.setattr(loop, "train_step", real_step)
     result = train(load_config(out / "config.yaml", []))
     n = len(setup(config(shared_data, tmp_path / "count", "data.batch_size=32")).data.train_ids[0])
