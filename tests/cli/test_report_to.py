@@ -17,8 +17,8 @@ from ktransfer.cli import main
 def tiny(shared_data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=60", "data.valid_subset=4",
             "data.vocab_size=300", "data.batch_size=8", "model.preset=tiny", "eval.max_length=8",
-            "train.num_threads=1", "train.seed=3", "train.log_every=2", "train.eval_every=3", f"train.out_dir={out}",
-            *extra]
+            "train.num_threads=1", "train.seed=3", "train.epochs=2", "train.log_every=2", "train.eval_every=3",
+            f"train.out_dir={out}", *extra]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -101,6 +101,7 @@ def test_wandb_offline_run_logs_the_numbers_of_metrics_jsonl(shared_data, tmp_pa
     assert {"train/loss", "train/nll", "valid/loss"} <= set(expected)
     assert logged.keys() == expected.keys()
     for key, by_step in expected.items():
+        assert sorted(logged[key]) == sorted(by_step), (key, sorted(set(by_step) - set(logged[key])))
         assert logged[key] == pytest.approx(by_step, rel=1e-12), key
     assert not (out / "tensorboard").exists()
 
