@@ -92,7 +92,8 @@ def test_override_conversion(item, field, value):
         ("optim.lr=nan", r"optim.lr: must be a finite number"),
         ("optim.betas=0.9,1.0", r"optim.betas: must be >= 0.0 and < 1.0, got \(0.9, 1.0\)"),
         ("optim.betas=0.9", r"optim.betas: must have 2 values"),
-        ("optim.schedule=cosine", r"optim.schedule: must be one of constant, inverse_sqrt, got 'cosine'"),
+        ("optim.schedule=exponential", r"optim.schedule: must be one of constant, inverse_sqrt, linear, cosine, got "
+                                        "'exponential'"),
         ("objective.objective=kdd", r"must be one of nll, kd, ka.*got 'kdd'; did you mean 'kd'"),
         ("objective.lam=1.5", r"objective.lam: must be >= 0.0 and <= 1.0, got 1.5"),
         ("objective.beta=1.5", r"objective.beta: must be >= 0.0 and <= 1.0, got 1.5"),

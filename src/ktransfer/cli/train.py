@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     last = (f"last valid BLEU {valid['bleu']:.2f}" if valid.get("bleu") is not None else
             f"last valid ppl {valid.get('ppl', float('nan')):.2f}")
     print(f"{result['out_dir']}: {result['stopped']} after {result['step']} steps; best "
-          f"{'BLEU' if cfg.train.valid_bleu else 'valid loss'} {result['best']} (epoch {result['best_epoch']}); "
+          f"{'BLEU' if cfg.train.valid_bleu else 'valid loss'} {result['best']} (epoch {result['best_epoch']}, "
+          f"step {result['best_step']}); "
           f"{last}")
     return 0

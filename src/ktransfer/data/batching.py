@@ -1,4 +1,4 @@
-"""Encoding parallel pairs, batching by tokens, and collation into model inputs (Marian convention)."""
+"""Encoding parallel pairs, batching by tokens or by examples, and collation into model inputs (Marian convention)."""
 
 from __future__ import annotations
 
@@ -128,6 +128,39 @@ class TokenBatchSampler:
 
     def __len__(self) -> int:
         return len(self.epoch_batches(self.epoch))
+
+
+class ExampleBatchSampler:
+    """Batches of ``batch_size`` example indices, as a ``DataLoader`` with ``shuffle=True, batch_size=N`` (Hugging
+    Face's ``per_device_train_batch_size``): each epoch permutes the examples (from ``seed`` and the epoch) and cuts
+    the permutation into consecutive runs of ``batch_size``; the last batch of an epoch holds the rest (no example
+    dropped). Same ``(seed, epoch)``, same batches; every example exactly once per epoch. The same interface as
+    ``TokenBatchSampler``.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), shuffle, int(seed)
+        self.epoch = 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches (lists of indices) of ``epoch``; deterministic in ``(seed, epoch)``."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return [order[i:i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.epoch_batches(self.epoch))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

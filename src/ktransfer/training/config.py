@@ -39,7 +39,8 @@ from ktransfer.training.values import (
 
 Objective = Literal[OBJECTIVES]  # "nll", "kd", "ka", and every divergence kind
 Support = Literal[SUPPORTS]
-Schedule = Literal["constant", "inverse_sqrt"]
+Schedule = Literal["constant", "inverse_sqrt", "linear", "cosine"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
 
 
 class _Section:
@@ -87,7 +88,12 @@ class DataConfig(_Section):
     train: str = option("train", "name of the training split")
     valid: str = option("valid", "name of the validation split (early stopping, best checkpoint)")
     test: str = option("test2016", "name of the test split")
-    max_tokens: int = option(4096, "batch size in tokens: padded rows x longest sentence, per side", ge=1)
+    max_tokens: int = option(4096, "batch size in tokens: padded rows x longest sentence, per side (training "
+                             "batches unless data.batch_size is set; validation batches always)", ge=1)
+    batch_size: int | None = option(None, "training batch size in examples (as Hugging Face's "
+                                    "per_device_train_batch_size): shuffled batches of exactly N examples, the last "
+                                    "of an epoch shorter; when set it replaces data.max_tokens for training batches "
+                                    "(None = batches of data.max_tokens tokens)", ge=1)
     max_length: int = option(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
     vocab_size: int = option(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
     tokenizer: str | None = option(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
@@ -147,7 +153,10 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = option((0.9, 0.98), "Adam beta1, beta2", ge=0.0, lt=1.0)
     eps: float = option(1e-8, "Adam epsilon", gt=0.0)
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW)", ge=0.0)
-    schedule: Schedule = option("constant", "learning-rate schedule after warm-up: constant or inverse_sqrt")
+    schedule: Schedule = option("constant", "learning-rate schedule after warm-up: constant, inverse_sqrt, or "
+                                "linear / cosine decay to 0 at the run's last update (transformers' "
+                                "get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup; the total is "
+                                "train.max_steps, else the updates of train.epochs, fixed when the run starts)")
     warmup_steps: int = option(0, "linear warm-up from 0 over this many updates", ge=0)
     clip_norm: float | None = option(None, "clip the gradient's global L2 norm to this (None = no clipping)", gt=0.0)
     accumulate: int = option(1, "batches whose gradients are summed per update", ge=1)
@@ -195,7 +204,15 @@ class TrainConfig(_Section):
                                  "<hash of the config>: the same command finds its folder again, another never)")
     epochs: int = option(10, "passes over the training data", ge=1)
     max_steps: int | None = option(None, "stop after this many updates (None = after the epochs)", ge=1)
-    patience: int = option(5, "stop after this many validations without improvement (0 = never stop early)", ge=0)
+    patience: int = option(0, "stop after this many validations without improvement (0 = never stop early, as "
+                           "Hugging Face Trainer without EarlyStoppingCallback)", ge=0)
+    eval_every: int | None = option(None, "validate (best checkpoint, early stopping) every N updates instead of "
+                                    "after each epoch, and once more at the end when the last update was not "
+                                    "validated (None = after each epoch)", ge=1)
+    report_to: ReportTo = option("none", "where the training and validation numbers also go besides metrics.jsonl: "
+                                 "none, tensorboard (RUN/tensorboard; pip install 'ktransfer[tensorboard]') or wandb "
+                                 "(Weights & Biases; pip install 'ktransfer[wandb]', WANDB_PROJECT / WANDB_MODE "
+                                 "respected)")
     seed: int = option(1, "seed of every random generator", ge=0)
     bf16: bool = option(False, "bfloat16 autocast for forward passes (weights and optimiser stay float32)")
     distributed: Literal["ddp", "fsdp"] = option(

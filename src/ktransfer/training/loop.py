@@ -1,6 +1,6 @@
 """The training loop: ``train(cfg)`` runs the epochs of a run that ``ktransfer.training.setup`` built; each epoch
 ends with validation (``ktransfer.training.validation``), the ``best`` and ``last`` checkpoints and the
-early-stopping check.
+early-stopping check (with ``train.eval_every``: validation, ``best`` and early stopping every N updates instead).
 
 - ``train_step(run, batches)``: one update from one or more (accumulated) batches;
 - ``compute_loss(run, batch)``: the objective on one batch, from the source of the teacher's signal that setup chose
@@ -45,8 +45,8 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
     draw random numbers (exact resume).
 
     Returns:
-        The final metrics: ``epoch``, ``step``, ``best``, ``best_epoch``, ``stopped``, ``valid`` (last validation),
-        ``out_dir``.
+        The final metrics: ``epoch``, ``step``, ``best``, ``best_epoch``, ``best_step``, ``stopped``, ``valid`` (last
+        validation), ``out_dir``.
 
     Raises:
         ConfigError, CorpusError: see ``setup``.
@@ -65,7 +65,8 @@ def train(cfg: RunConfig, *, require_resume: bool = False, on_epoch_end=None) ->
             run.metrics.close()
     s = run.state
     return {"epoch": s.epoch, "step": s.step, "tokens": s.tokens, "best": s.best, "best_epoch": s.best_epoch,
-            "stopped": s.stopped, "valid": run.metrics.last_valid, "out_dir": str(run.out_dir)}
+            "best_step": s.best_step, "stopped": s.stopped, "valid": run.metrics.last_valid,
+            "out_dir": str(run.out_dir)}
 
 
 def _train_loop(run: Run) -> None:
@@ -98,6 +99,10 @@ def _train_loop(run: Run) -> None:
                         f"nll {result['nll']:.4f} div {result['divergence']:.4f} lr {result['lr']:.2e} "
                         f"|g| {result['grad_norm']:.3f} {window.rate():.0f} tok/s")
                 window = Throughput()
+            if cfg.train.eval_every and s.step % cfg.train.eval_every == 0:
+                validate_and_keep(run)
+                if _finished(run):  # early stopping
+                    break
             if cfg.train.max_steps and s.step >= cfg.train.max_steps:
                 break
             if save_every and s.step % save_every == 0 and s.batch < len(batches):
@@ -109,7 +114,7 @@ def _train_loop(run: Run) -> None:
             s.epoch, s.batch = s.epoch + 1, 0
         _end_of_epoch(run)  # also after max_steps mid-epoch: validate and save before stopping
     run.log(f"done ({s.stopped}): {s.step} steps, {s.tokens:,} target tokens, "
-            f"{run.elapsed():.0f}s; best {metric_name(run)} {s.best} after epoch {s.best_epoch}")
+            f"{run.elapsed():.0f}s; best {metric_name(run)} {s.best} after epoch {s.best_epoch} (step {s.best_step})")
 
 
 def rank_batches(group: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], int]:
@@ -217,26 +222,37 @@ def _finished(run: Run) -> bool:
 
 
 def _end_of_epoch(run: Run) -> None:
-    """Validate, keep the best checkpoint, save ``last``, count validations without improvement."""
+    """Validate (after each epoch; with ``train.eval_every`` only at the end of training, when the last update was
+    not validated yet), run the epoch hook, save ``last``."""
+    s = run.state
+    if run.cfg.train.eval_every is None or (_finished(run) and s.valid_step != s.step):
+        validate_and_keep(run)
+    if run.on_epoch_end is not None:  # before `last`: a kill in the hook redoes the epoch, and the hook, on resume
+        run.on_epoch_end(run)
+    save_checkpoint(run, "last")
+
+
+def validate_and_keep(run: Run) -> dict:
+    """Validate, keep the best checkpoint, count validations without improvement (early stopping); returns the
+    validation metrics."""
     s = run.state
     valid = validate(run)
     value = valid["bleu"] if run.cfg.train.valid_bleu else valid["loss"]
     improved = s.best is None or (value > s.best if run.cfg.train.valid_bleu else value < s.best)
     if improved:
-        s.best, s.best_epoch, s.bad_validations = value, s.epoch, 0
+        s.best, s.best_epoch, s.best_step, s.bad_validations = value, s.epoch, s.step, 0
     else:
         s.bad_validations += 1
+    s.valid_step = s.step
     run.metrics.write(run.state, {"kind": "valid", **valid, "best": s.best, "improved": improved,
                             "elapsed": run.elapsed()})
     bleu = f" BLEU {valid['bleu']:.2f} (beam {valid['beam']})" if valid["bleu"] is not None else ""
     run.log(f"epoch {s.epoch}/{run.cfg.train.epochs} (step {s.step}): valid loss {valid['loss']:.4f} "
             f"nll {valid['nll']:.4f} ppl {valid['ppl']:.2f}{bleu}"
-            + (" (best)" if improved else f" (best {metric_name(run)} {s.best:.4f} after epoch {s.best_epoch})"))
+            + (" (best)" if improved else f" (best {metric_name(run)} {s.best:.4f} at step {s.best_step})"))
     if improved:
         save_checkpoint(run, "best")
-    if run.on_epoch_end is not None:  # before `last`: a kill in the hook redoes the epoch, and the hook, on resume
-        run.on_epoch_end(run)
-    save_checkpoint(run, "last")
+    return valid
 
 
 def save_checkpoint(run: Run, name: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ktransfer.data.batching import TokenBatchSampler
+from ktransfer.data.batching import ExampleBatchSampler, TokenBatchSampler
 from ktransfer.models import family as models
 from ktransfer.models.tokenizer import Tokenizer
 from ktransfer.runtime.runlog import RunLog
@@ -39,6 +39,9 @@ class TrainState:
     tokens: int = 0  # target tokens trained on
     best: float | None = None  # best validation value (BLEU with train.valid_bleu, else loss)
     best_epoch: int | None = None
+    best_step: int | None = None  # the update after which the best validation came
+    valid_step: int | None = None  # the update of the latest validation (train.eval_every)
+    schedule_steps: int | None = None  # total updates of a linear / cosine schedule, fixed at the start
     bad_validations: int = 0  # validations since the best one (early stopping)
     nonfinite: int = 0  # consecutive non-finite steps
     metrics_lines: int = 0  # lines of metrics.jsonl written up to this state
@@ -59,7 +62,7 @@ class RunData:
     train_ids: tuple[list[list[int]], list[list[int]]]  # (source, target) or (prompt, response) ids: family.encode
     valid_ids: tuple[list[list[int]], list[list[int]]]
     valid_pairs: list[tuple[str, str]]  # (prompt, completion) text of the validation (subset): BLEU, examples
-    sampler: TokenBatchSampler  # the training batches of each epoch
+    sampler: TokenBatchSampler | ExampleBatchSampler  # the training batches of each epoch (data.batch_size)
 
 
 @dataclass

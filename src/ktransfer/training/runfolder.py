@@ -26,7 +26,7 @@ SAFE_KEYS = (
     "train.resume",  # how to treat the folder
     "train.epochs", "train.max_steps", "train.patience",  # when to stop (extending a finished run goes on)
     "train.max_nonfinite",  # when to give up on non-finite steps
-    "train.log_every", "train.save_every",  # how often to log and save `last`
+    "train.log_every", "train.save_every", "train.report_to",  # how often to log and save `last`, where to report
     "train.num_threads", "train.device",  # where it runs (the same float32 math on another device, not bitwise)
     "train.distributed",  # ddp or fsdp: the same update (docs/distributed.md); optim.accumulate is checked apart
     "eval.batch_size", "eval.valid_examples",  # validation batching, and generations shown in train.log

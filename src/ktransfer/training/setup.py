@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ktransfer.data import formats
-from ktransfer.data.batching import TokenBatchSampler
+from ktransfer.data.batching import ExampleBatchSampler, TokenBatchSampler
 from ktransfer.data.corpora import CorpusError, read_split, require_nonempty_pairs
 from ktransfer.losses.spec import LossSpec
 from ktransfer.models import checkpoint as ckpt_lib
@@ -28,8 +29,8 @@ from ktransfer.runtime import distributed, runlock
 from ktransfer.runtime.device import DeviceError, choose_device
 from ktransfer.runtime.runlog import RunLog
 from ktransfer.training import loading, runfolder, signals
-from ktransfer.training.config import ConfigError, RunConfig, check_rules, save_config
-from ktransfer.training.metrics import MetricsFile, tensorboard
+from ktransfer.training.config import ConfigError, RunConfig, check_rules, config_to_dict, save_config
+from ktransfer.training.metrics import MetricsFile, check_report_to, reporter
 from ktransfer.training.parallel import Parallel
 from ktransfer.training.run import Run, RunData, TrainState
 
@@ -45,6 +46,8 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     """
     parallel = Parallel.choose(cfg.train.distributed)
     check_rules(cfg, world=parallel.world)  # the option rules, before anything is read or loaded
+    if (missing := check_report_to(cfg.train.report_to)) is not None:
+        raise ConfigError(missing, key="train.report_to")
     out_dir = runfolder.choose(cfg)
     resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
     changes = runfolder.check_same_run(cfg, out_dir, parallel.world) if resume_from is not None else []
@@ -86,7 +89,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
         parallel.wrap(model, teacher, device)
     except ValueError as e:
         raise ConfigError(f"train.distributed: {e}", key="train.distributed") from None
-    optimizer, scheduler = _optimizer(cfg, model, resumed, parallel)
+    optimizer, scheduler = _optimizer(cfg, model, resumed, parallel, state, data.sampler, log)
     chosen = signals.choose(cfg, spec, model=model, teacher=teacher, family=family, tokenizer=tokenizer, state=state,
                             device=device, cache=cache)
     log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
@@ -114,7 +117,7 @@ def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path
     if main:
         save_config(cfg, out_dir / "config.yaml")
     metrics = MetricsFile(out_dir / "metrics.jsonl", keep_lines=state.metrics_lines if resumed else 0, enabled=main,
-                          writer=tensorboard(out_dir) if main else None)
+                          writer=reporter(cfg.train.report_to, out_dir, config_to_dict(cfg)) if main else None)
     return log, metrics, resumed, state
 
 
@@ -155,7 +158,10 @@ def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, l
     src, tgt = family.encode(train_pairs, tokenizer, max_length, **kw)
     if not src:
         raise ConfigError(f"data.max_length: no training example fits in {max_length} tokens", key="data.max_length")
-    sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
+    if cfg.data.batch_size is not None:  # examples per batch (Hugging Face's per_device_train_batch_size)
+        sampler = ExampleBatchSampler(len(src), cfg.data.batch_size, seed=cfg.train.seed)
+    else:
+        sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
     return RunData(format=read.format, train_ids=(src, tgt),
                    valid_ids=family.encode(valid_pairs, tokenizer, positions, **kw), valid_pairs=valid_pairs,
                    sampler=sampler)
@@ -175,14 +181,19 @@ def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_li
     return resumed, state
 
 
-def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, parallel: Parallel):
+def _optimizer(cfg: RunConfig, model, resumed: ckpt_lib.Checkpoint | None, parallel: Parallel, state: TrainState,
+               sampler, log):
     """AdamW and the learning-rate schedule; restored from ``resumed`` with the RNG states (last: nothing after this
     may draw random numbers)."""
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                   fused=fused_adamw(trainable, parallel.sharded))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o.schedule, o.warmup_steps))
+    if o.schedule in DECAYS:
+        scheduler = DECAYS[o.schedule](optimizer, o.warmup_steps, _schedule_steps(cfg, state, sampler, parallel, log))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: lr_factor(step, o.schedule, o.warmup_steps))
     if resumed is not None:
         parallel.load_optimizer_state(model, optimizer, resumed)
         scheduler.load_state_dict(resumed.scheduler_state)
@@ -199,6 +210,11 @@ def fused_adamw(params, sharded: bool) -> bool | None:
     return True if ok and params and not sharded else None
 
 
+# optim.schedule linear / cosine: transformers' own schedules (update k+1 uses the factor of step k: 0 at the first
+# update when optim.warmup_steps > 0, as there), decaying to 0 at the run's total number of updates.
+DECAYS = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
+
+
 def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
     """Multiplier of the peak learning rate for update ``step + 1``: linear warm-up, then constant or 1/sqrt(step)."""
     n = step + 1
@@ -207,6 +223,31 @@ def lr_factor(step: int, schedule: str, warmup_steps: int) -> float:
     if schedule == "inverse_sqrt":
         return math.sqrt(max(warmup_steps, 1) / n)
     return 1.0
+
+
+def total_steps(cfg: RunConfig, sampler, world: int = 1) -> int:
+    """The updates of a whole run: ``train.max_steps`` when it comes first, else the updates of ``train.epochs``
+    epochs (each ``ceil(batches / (optim.accumulate x world))``, batches as ``sampler`` cuts that epoch)."""
+    per_step = cfg.optim.accumulate * world
+    total, epoch = 0, 0
+    while epoch < cfg.train.epochs and not (cfg.train.max_steps and total >= cfg.train.max_steps):
+        total += -(-len(sampler.epoch_batches(epoch)) // per_step)
+        epoch += 1
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def _schedule_steps(cfg: RunConfig, state: TrainState, sampler, parallel: Parallel, log) -> int:
+    """The total updates the linear / cosine decay spans: fixed when the run starts and kept in the train state, so
+    a resume continues the same schedule (also when train.epochs or train.max_steps changed since)."""
+    now = total_steps(cfg, sampler, parallel.world)
+    if state.schedule_steps is None:
+        state.schedule_steps = now
+    elif state.schedule_steps != now:
+        log(f"optim.schedule={cfg.optim.schedule}: keeps the run's {state.schedule_steps} total updates (the config "
+            f"now gives {now}); start a new run for another schedule")
+    log(f"optim.schedule={cfg.optim.schedule}: warm-up {cfg.optim.warmup_steps} updates, then decay to 0 at update "
+        f"{state.schedule_steps}")
+    return state.schedule_steps
 
 
 def _find_resume(cfg: RunConfig, last: Path, require: bool) -> Path | None:
