@@ -5,6 +5,7 @@ never in code running, a pickle opened, random weights used, or a memory bomb go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -251,3 +252,119 @@ def test_cuda_without_cuda_is_one_line(tmp_path, small_tokenizer, capsys, comman
     err = capsys.readouterr().err
     assert rc == 2 and "'cuda' requested but CUDA is not available on this machine" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- clean failures: nothing left behind, one line for the loser of a race ------------------------------------------
+def train_args(tmp_path: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"a man {i}", "completion": "rides a horse"}) + "\n"
+                              for i in range(20)))
+    return ["train", f"data.corpus={corpus}", "data.max_length=24",
+            "objective.objective=kd", "objective.top_k=4", f"model.teacher={teacher}", "model.preset=gpt2-tiny",
+            "eval.max_length=4", "train.num_threads=1", "train.epochs=1", "train.max_steps=1", f"train.out_dir={out}",
+            *extra]
+
+
+@pytest.mark.parametrize("case", ["weights are a folder", "bad tokenizer.json"])
+def test_a_setup_failure_leaves_no_folder(tmp_path, small_tokenizer, capsys, case):
+    """A teacher that fails to load after the run folder was made: the old code left ``new/deeper/run`` (config.yaml,
+    train.log, metrics.jsonl, .lock) for an OSError, and the parent folders it made for any error."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "teacher", tok=small_tokenizer)
+    if case == "weights are a folder":
+        (tmp_path / "teacher/model.safetensors").unlink()
+        (tmp_path / "teacher/model.safetensors").mkdir()
+    else:
+        (tmp_path / "teacher/tokenizer.json").write_text('{"added_tokens": [], "model": {"type": "Nope"}}')
+    capsys.readouterr()
+    rc = main(train_args(tmp_path, tmp_path / "teacher", tmp_path / "new/deeper/run"))
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and str(tmp_path / "teacher") in err and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists(), sorted(tmp_path.rglob("new/**/*"))
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: Path):
+    """Another live process holding ``lock`` as ktransfer's builders do (``fcntl.flock`` and its PID inside)."""
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, f'{os.getpid()}\\n'.encode())\nprint('held', flush=True)\n"
+            "time.sleep(600)\n")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_exports_leftover_goes_and_a_second_export_is_refused(tmp_path, small_tokenizer, capsys):
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    out = tmp_path / "published"
+    dead, live = tmp_path / f".published.tmp-{dead_pid()}-x1", tmp_path / f".published.tmp-{os.getppid()}-x2"
+    for leftover in (dead, live):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half")
+    with lock_held_elsewhere(tmp_path / ".published.lock") as pid:  # an export into `out` still running
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "m"), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{out} is being exported by PID {pid}" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and dead.exists()
+    assert main(["export", str(tmp_path / "m"), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not dead.exists() and live.exists()  # a live PID's is kept
+    assert not (tmp_path / ".published.lock").exists()
+
+
+def test_a_second_distill_data_into_one_out_is_one_line(tmp_path, small_tokenizer, capsys):
+    """The old loser said "[Errno 2] No such file ... .tmp" (both wrote the same temporary names)."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a man", "completion": "rides"}) + "\n" for _ in range(3)))
+    out = tmp_path / "seqkd"
+    args = ["distill-data", str(tmp_path / "m"), "--corpus", str(data), "--out", str(out), "--beam", "1",
+            "--max-length", "4", "--no-progress"]
+    with lock_held_elsewhere(tmp_path / ".seqkd.lock") as pid:
+        capsys.readouterr()
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert f"{out} is being made by PID {pid} (another distill-data into this --out)" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists() and not (tmp_path / ".seqkd.partial").exists()
+    assert main(args) == 0 and (out / "train.jsonl").is_file() and not (tmp_path / ".seqkd.lock").exists()
+
+
+def test_two_trainings_building_one_teacher_cache(tmp_path, small_tokenizer, capsys):
+    """The loser names the builder and leaves neither its run folder nor a temporary cache folder (the old code said
+    "Directory not empty" after its own teacher pass and left both); a killed build's ``.CACHE.tmp-PID`` is removed
+    by the next build."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "teacher", tok=small_tokenizer)
+    cache = tmp_path / "cache"
+    with lock_held_elsewhere(tmp_path / ".cache.lock") as pid:
+        capsys.readouterr()
+        rc = main(train_args(tmp_path, tmp_path / "teacher", tmp_path / "run1", f"train.teacher_cache={cache}"))
+        err = capsys.readouterr().err
+        assert rc == 1 and f"{cache} is being built by PID {pid} (another training with this teacher cache)" in err, err
+        assert "Traceback" not in err and not (tmp_path / "run1").exists(), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "short.jsonl", "teacher"]  # the holder's
+    killed = tmp_path / f".cache.tmp-{dead_pid()}"
+    killed.mkdir()
+    (killed / "shard-00000.safetensors").write_bytes(b"half")
+    rc = main(train_args(tmp_path, tmp_path / "teacher", tmp_path / "run2", f"train.teacher_cache={cache}"))
+    assert rc == 0 and (cache / "manifest.json").is_file() and not killed.exists(), capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run2", "short.jsonl", "teacher"]
+    assert f"removed {killed.name} (left by killed builds)" in (tmp_path / "run2/train.log").read_text()
