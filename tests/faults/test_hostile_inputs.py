@@ -368,3 +368,36 @@ def test_two_trainings_building_one_teacher_cache(tmp_path, small_tokenizer, cap
     assert rc == 0 and (cache / "manifest.json").is_file() and not killed.exists(), capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run2", "short.jsonl", "teacher"]
     assert f"removed {killed.name} (left by killed builds)" in (tmp_path / "run2/train.log").read_text()
+
+
+# --- records: size limit and lone surrogates, the same answer from `data check` and `train` -------------------------
+@pytest.mark.parametrize("case", ["huge line", "huge chat turn", "lone surrogate"])
+def test_bad_records_are_refused_at_file_line_by_check_and_train(tmp_path, monkeypatch, capsys, case):
+    """The old code: a 50 MB line went to the tokenizer (8 GB); ``"\\ud800"`` passed ``data check`` and crashed
+    ``train``. Now both refuse the record at FILE:LINE before any tokenizer runs (a 2 kB limit stands in for 1 MB)."""
+    from ktransfer.cli import main
+    from ktransfer.data import formats
+
+    assert formats.max_record_bytes() == formats.MAX_RECORD_BYTES == 1_000_000
+    monkeypatch.setenv("KTRANSFER_MAX_RECORD_BYTES", "2000")
+    data = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a man", "completion": "rides a horse"})
+    if case == "huge line":
+        bad, message = json.dumps({"prompt": "a " * 7000, "completion": "b"}), "a line of 14,0"
+    elif case == "huge chat turn":  # escapes keep the line short: the record's text is measured
+        bad = json.dumps({"messages": [{"role": "user", "content": "\u00e9" * 700},
+                                       {"role": "assistant", "content": "\u00e9" * 700}]}, ensure_ascii=True)
+        good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        message = "a record of 2,800 bytes of text, over the limit of 2,000 bytes per record"
+    else:
+        bad, message = '{"prompt": "a \\ud800 b", "completion": "c"}', "the prompt holds a lone surrogate escape"
+    data.write_text(good + "\n" + good + "\n" + bad + "\n")
+    tokenized = []
+    monkeypatch.setattr(formats, "to_pairs", lambda *a, **k: tokenized.append(a))
+    for args in (["data", "check", str(data)], ["train", f"data.corpus={data}", "model.preset=gpt2-tiny",
+                                                   f"train.out_dir={tmp_path / 'run'}"]):
+        capsys.readouterr()
+        rc = main(args)
+        out, err = capsys.readouterr()
+        assert rc in (1, 2) and f"{data}:3: {message}" in out + err and "Traceback" not in err, (args, out, err)
+    assert tokenized == [] and not (tmp_path / "run").exists()

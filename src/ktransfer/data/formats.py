@@ -27,7 +27,9 @@ pair per turn (its history as the prompt) for sequence-level KD.
 ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
 ``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
-Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written.
+Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written: a
+record over ``max_record_bytes()`` (1 MB of UTF-8 text unless ``KTRANSFER_MAX_RECORD_BYTES`` says otherwise) and a
+string with a lone surrogate escape (``"\\ud800"``: not Unicode text, no tokenizer can encode it) included.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from ktransfer.data.corpora import CorpusError, corpus_layout, read_split
 from ktransfer.data.download import ensure_corpus
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
+# Most bytes of text (UTF-8) one record may hold; a larger one is refused naming FILE:LINE before any tokenizer sees
+# it (one 50 MB line drove a tokenizer to 8 GB). KTRANSFER_MAX_RECORD_BYTES in the environment overrides it.
+MAX_RECORD_BYTES = 1_000_000
 ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -246,9 +251,13 @@ def _jsonl_rows(path: Path):
                 raise CorpusError(f"{path}: item {i + 1} is a {type(row).__name__}, not an object")
             yield i + 1, row
         return
+    limit = max_record_bytes()
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > 6 * limit + 1024:  # more than its text can be (an escape: 6 characters per byte): not parsed
+            raise CorpusError(f"{path}:{number}: a line of {len(line):,} characters, over the limit of {limit:,} "
+                              "bytes of text per record (KTRANSFER_MAX_RECORD_BYTES); shorten or split it")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -265,6 +274,8 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
             raise CorpusError(f"{path}: a plain-text file holds text data, but data.format is {fmt!r}")
         lines = _read_text(path).split("\n")
         kept = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+        for i, line in kept:
+            _record_size(line, f"{path}:{i}")
         return _checked(fmt, [line for _, line in kept], [f"{path}:{i}" for i, _ in kept], str(path))
     records, where = [], []
     for number, row in _jsonl_rows(path):
@@ -296,6 +307,39 @@ def _dataset_columns(path: Path) -> list[str]:
     return list(info.get("features", {}))
 
 
+def max_record_bytes() -> int:
+    """The most bytes of UTF-8 text a record may hold: ``KTRANSFER_MAX_RECORD_BYTES``, else ``MAX_RECORD_BYTES``."""
+    value = os.environ.get("KTRANSFER_MAX_RECORD_BYTES", "")
+    if not value:
+        return MAX_RECORD_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise CorpusError(f"KTRANSFER_MAX_RECORD_BYTES must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _utf8_bytes(text: str, where: str, what: str) -> int:
+    """The UTF-8 length of ``text``; a lone surrogate (``"\\ud800"`` in JSON) is a CorpusError naming ``where``."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise CorpusError(f"{where}: {what} holds a lone surrogate escape ({text[e.start:e.end]!r} at character "
+                          f"{e.start + 1}): not Unicode text; fix the file's \\uD800-\\uDFFF escapes") from None
+
+
+def _record_size(record, where: str) -> None:
+    """Refuse a record (as ``_record`` returns it) with a lone surrogate or more than ``max_record_bytes()``."""
+    if isinstance(record, str):
+        parts = [("the text", record)]
+    elif isinstance(record, tuple):
+        parts = [("the prompt", record[0]), ("the completion", record[1])]
+    else:
+        parts = [(f"message {i + 1}", m["content"]) for i, m in enumerate(record)]
+    size, limit = sum(_utf8_bytes(text, where, what) for what, text in parts), max_record_bytes()
+    if size > limit:
+        raise CorpusError(f"{where}: a record of {size:,} bytes of text, over the limit of {limit:,} bytes per "
+                          "record (KTRANSFER_MAX_RECORD_BYTES); shorten or split it")
+
+
 def _text_value(row: dict, key: str, where: str) -> str:
     if key not in row:
         raise CorpusError(f"{where}: missing key {key!r} (keys: {', '.join(map(repr, row)) or 'none'})")
@@ -306,7 +350,13 @@ def _text_value(row: dict, key: str, where: str) -> str:
 
 
 def _record(row: dict, fmt: str, keys: Keys, where: str):
-    """One example of ``fmt`` from a JSON object or datasets row, checked."""
+    """One example of ``fmt`` from a JSON object or datasets row, checked (its size and Unicode too)."""
+    record = _record_fields(row, fmt, keys, where)
+    _record_size(record, where)
+    return record
+
+
+def _record_fields(row: dict, fmt: str, keys: Keys, where: str):
     if fmt == "prompt_completion":
         prompt, completion = _text_value(row, keys.prompt, where), _text_value(row, keys.completion, where)
         if not completion.strip():
