@@ -401,3 +401,34 @@ def test_bad_records_are_refused_at_file_line_by_check_and_train(tmp_path, monke
         out, err = capsys.readouterr()
         assert rc in (1, 2) and f"{data}:3: {message}" in out + err and "Traceback" not in err, (args, out, err)
     assert tokenized == [] and not (tmp_path / "run").exists()
+
+
+# --- chat templates: errors and endless loops are one line naming the record ---------------------------------------
+@pytest.mark.parametrize("template, message", [
+    ("{{ raise_exception('no system turns here') }}", r"failed \(TemplateError: no system turns here\)"),
+    ("{% for m in messages %}{{ m['content'] }", r"failed \(TemplateSyntaxError: "),
+    ("{{ messages.append(1) }}", r"failed \(SecurityError: access to attribute 'append' of 'list' object is unsafe"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+     r"ran for more than 2 s on one conversation \(a loop that does not end\?\)"),
+])
+def test_a_bad_chat_template_is_one_line(tmp_path, small_tokenizer, monkeypatch, capsys, template, message):
+    """The old code: a traceback for the first three, and training hung on the fourth."""
+    import re
+
+    from ktransfer.cli import main
+
+    monkeypatch.setenv("KTRANSFER_TEMPLATE_SECONDS", "2")
+    folder = tmp_path / "tok"
+    small_tokenizer.save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "a man"},
+                                                     {"role": "assistant", "content": "rides"}]}) + "\n"
+                            for _ in range(4)))
+    capsys.readouterr()
+    rc = main(["train", f"data.corpus={data}", f"data.tokenizer={folder}", "model.preset=gpt2-tiny",
+               f"train.out_dir={tmp_path / 'run'}", "train.num_threads=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(rf"the chat template of {folder} {message}", err), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 4 and not (tmp_path / "run").exists(), err

@@ -43,11 +43,13 @@ from pathlib import Path
 
 from ktransfer.data.corpora import CorpusError, corpus_layout, read_split
 from ktransfer.data.download import ensure_corpus
+from ktransfer.runtime import timelimit
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
 # Most bytes of text (UTF-8) one record may hold; a larger one is refused naming FILE:LINE before any tokenizer sees
 # it (one 50 MB line drove a tokenizer to 8 GB). KTRANSFER_MAX_RECORD_BYTES in the environment overrides it.
 MAX_RECORD_BYTES = 1_000_000
+TEMPLATE_SECONDS = 10.0  # most seconds a chat template may take on one conversation (KTRANSFER_TEMPLATE_SECONDS)
 ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -442,9 +444,27 @@ def check_chat_template(tokenizer, label: str = "the tokenizer") -> None:
                           "or the teacher's), or set its chat_template in tokenizer_config.json")
 
 
-def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    """The conversation as the tokenizer's chat template writes it (text, special tokens as text)."""
-    return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer, messages: list[dict], *, generation_prompt: bool, where: str = "") -> str:
+    """The conversation as the tokenizer's chat template writes it (text, special tokens as text), in at most
+    ``TEMPLATE_SECONDS`` (``KTRANSFER_TEMPLATE_SECONDS``).
+
+    Raises:
+        CorpusError: the template raises (``raise_exception``), has a syntax error, breaks the sandbox or runs out
+            of time; the message names the record ``where`` and the tokenizer.
+    """
+    import jinja2
+
+    label = f"the chat template of {getattr(tokenizer.hf, 'name_or_path', '') or type(tokenizer.hf).__name__}"
+    seconds = float(os.environ.get("KTRANSFER_TEMPLATE_SECONDS") or TEMPLATE_SECONDS)
+    try:
+        with timelimit.within(seconds, f"{label} ran for more than {seconds:g} s on one conversation (a loop that "
+                                       "does not end?); fix the template, or raise KTRANSFER_TEMPLATE_SECONDS"):
+            return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TimeoutError as e:
+        raise CorpusError(f"{where or 'chat data'}: {e}") from None
+    except jinja2.TemplateError as e:  # raise_exception(...), a syntax error, the sandbox's SecurityError
+        raise CorpusError(f"{where or 'chat data'}: {label} failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())})") from None
 
 
 @dataclass(frozen=True)
@@ -467,13 +487,13 @@ def chat_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, l
         CorpusError: the template renders a shorter conversation as no prefix of the longer one (then a turn's
             tokens cannot be told apart from the rest).
     """
-    text = render(tokenizer, messages, generation_prompt=False)
+    text = render(tokenizer, messages, generation_prompt=False, where=where)
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:k], generation_prompt=True)
-        upto = render(tokenizer, messages[:k + 1], generation_prompt=False)
+        prompt = render(tokenizer, messages[:k], generation_prompt=True, where=where)
+        upto = render(tokenizer, messages[:k + 1], generation_prompt=False, where=where)
         if not (upto.startswith(prompt) and text.startswith(upto)) or (spans and len(prompt) < spans[-1][1]):
             raise CorpusError(f"{where}: the chat template does not render the conversation before assistant turn "
                               f"{k + 1} as a prefix of the conversation with it, so the turn cannot be scored alone")
@@ -489,7 +509,7 @@ def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[s
         CorpusError: as ``chat_spans``.
     """
     text, spans = chat_spans(tokenizer, messages, where)
-    prompts = [render(tokenizer, messages[:k], generation_prompt=True)
+    prompts = [render(tokenizer, messages[:k], generation_prompt=True, where=where)
                for k, m in enumerate(messages) if m["role"] == "assistant"]
     return [(prompt, text[a:b]) for prompt, (a, b) in zip(prompts, spans, strict=True)]
 
