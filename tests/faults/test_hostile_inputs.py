@@ -376,9 +376,9 @@ def test_bad_records_are_refused_at_file_line_by_check_and_train(tmp_path, monke
     """The old code: a 50 MB line went to the tokenizer (8 GB); ``"\\ud800"`` passed ``data check`` and crashed
     ``train``. Now both refuse the record at FILE:LINE before any tokenizer runs (a 2 kB limit stands in for 1 MB)."""
     from ktransfer.cli import main
-    from ktransfer.data import formats
+    from ktransfer.data import formats, limits
 
-    assert formats.max_record_bytes() == formats.MAX_RECORD_BYTES == 1_000_000
+    assert limits.max_record_bytes() == limits.MAX_RECORD_BYTES == 1_000_000
     monkeypatch.setenv("KTRANSFER_MAX_RECORD_BYTES", "2000")
     data = tmp_path / "d.jsonl"
     good = json.dumps({"prompt": "a man", "completion": "rides a horse"})

@@ -27,9 +27,9 @@ pair per turn (its history as the prompt) for sequence-level KD.
 ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
 ``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
-Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written: a
-record over ``max_record_bytes()`` (1 MB of UTF-8 text unless ``KTRANSFER_MAX_RECORD_BYTES`` says otherwise) and a
-string with a lone surrogate escape (``"\\ud800"``: not Unicode text, no tokenizer can encode it) included.
+Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written
+(and before any tokenizer sees it): a record over ``ktransfer.data.limits.max_record_bytes()`` or with a lone
+surrogate escape, a broken ``datasets`` folder, a chat template that fails or runs out of time (``render``).
 """
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ktransfer.data import limits
 from ktransfer.data.corpora import CorpusError, corpus_layout, read_split
 from ktransfer.data.download import ensure_corpus
 from ktransfer.runtime import timelimit
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
-# Most bytes of text (UTF-8) one record may hold; a larger one is refused naming FILE:LINE before any tokenizer sees
-# it (one 50 MB line drove a tokenizer to 8 GB). KTRANSFER_MAX_RECORD_BYTES in the environment overrides it.
-MAX_RECORD_BYTES = 1_000_000
 TEMPLATE_SECONDS = 10.0  # most seconds a chat template may take on one conversation (KTRANSFER_TEMPLATE_SECONDS)
 ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -253,7 +251,7 @@ def _jsonl_rows(path: Path):
                 raise CorpusError(f"{path}: item {i + 1} is a {type(row).__name__}, not an object")
             yield i + 1, row
         return
-    limit = max_record_bytes()
+    limit = limits.max_record_bytes()
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -277,7 +275,7 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
         lines = _read_text(path).split("\n")
         kept = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
         for i, line in kept:
-            _record_size(line, f"{path}:{i}")
+            limits.check_record(line, f"{path}:{i}")
         return _checked(fmt, [line for _, line in kept], [f"{path}:{i}" for i, _ in kept], str(path))
     records, where = [], []
     for number, row in _jsonl_rows(path):
@@ -289,12 +287,18 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
 def _read_dataset(path: Path, split: str, fmt: str, keys: Keys) -> Examples:
     from datasets import load_from_disk  # arrow files and JSON state: nothing is unpickled
 
-    data = load_from_disk(str(path))
-    if hasattr(data, "keys"):  # a DatasetDict
-        if split not in data:
-            raise CorpusError(f"{path}: the datasets folder has no split {split!r} (splits: {', '.join(data)})")
-        data = data[split]
-    records = [_record(row, fmt, keys, f"{path} [{split}] row {i + 1}") for i, row in enumerate(data)]
+    try:
+        data = load_from_disk(str(path))
+        if hasattr(data, "keys"):  # a DatasetDict
+            if split not in data:
+                raise CorpusError(f"{path}: the datasets folder has no split {split!r} (splits: {', '.join(data)})")
+            data = data[split]
+        records = [_record(row, fmt, keys, f"{path} [{split}] row {i + 1}") for i, row in enumerate(data)]
+    except CorpusError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing or cut arrow file, a broken state.json
+        raise CorpusError(f"{path}: a broken datasets folder ({type(e).__name__}: {' '.join(str(e).split())})") \
+            from None
     return _checked(fmt, records, [f"{path} [{split}] row {i + 1}" for i in range(len(records))], str(path))
 
 
@@ -309,39 +313,6 @@ def _dataset_columns(path: Path) -> list[str]:
     return list(info.get("features", {}))
 
 
-def max_record_bytes() -> int:
-    """The most bytes of UTF-8 text a record may hold: ``KTRANSFER_MAX_RECORD_BYTES``, else ``MAX_RECORD_BYTES``."""
-    value = os.environ.get("KTRANSFER_MAX_RECORD_BYTES", "")
-    if not value:
-        return MAX_RECORD_BYTES
-    if not value.isdigit() or int(value) < 1:
-        raise CorpusError(f"KTRANSFER_MAX_RECORD_BYTES must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _utf8_bytes(text: str, where: str, what: str) -> int:
-    """The UTF-8 length of ``text``; a lone surrogate (``"\\ud800"`` in JSON) is a CorpusError naming ``where``."""
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise CorpusError(f"{where}: {what} holds a lone surrogate escape ({text[e.start:e.end]!r} at character "
-                          f"{e.start + 1}): not Unicode text; fix the file's \\uD800-\\uDFFF escapes") from None
-
-
-def _record_size(record, where: str) -> None:
-    """Refuse a record (as ``_record`` returns it) with a lone surrogate or more than ``max_record_bytes()``."""
-    if isinstance(record, str):
-        parts = [("the text", record)]
-    elif isinstance(record, tuple):
-        parts = [("the prompt", record[0]), ("the completion", record[1])]
-    else:
-        parts = [(f"message {i + 1}", m["content"]) for i, m in enumerate(record)]
-    size, limit = sum(_utf8_bytes(text, where, what) for what, text in parts), max_record_bytes()
-    if size > limit:
-        raise CorpusError(f"{where}: a record of {size:,} bytes of text, over the limit of {limit:,} bytes per "
-                          "record (KTRANSFER_MAX_RECORD_BYTES); shorten or split it")
-
-
 def _text_value(row: dict, key: str, where: str) -> str:
     if key not in row:
         raise CorpusError(f"{where}: missing key {key!r} (keys: {', '.join(map(repr, row)) or 'none'})")
@@ -354,7 +325,7 @@ def _text_value(row: dict, key: str, where: str) -> str:
 def _record(row: dict, fmt: str, keys: Keys, where: str):
     """One example of ``fmt`` from a JSON object or datasets row, checked (its size and Unicode too)."""
     record = _record_fields(row, fmt, keys, where)
-    _record_size(record, where)
+    limits.check_record(record, where)
     return record
 
 

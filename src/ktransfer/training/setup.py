@@ -98,6 +98,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
     data = _encode(cfg, read, family, model, teacher, tokenizer, log)
     spec = LossSpec.from_config(cfg.objective, vocab_size)
+    _check_spec(spec, vocab_size or getattr(model.config, "vocab_size", None))
     cache = None
     if cfg.train.teacher_cache:
         from ktransfer.training.teacher_cache import open_for_run
@@ -118,6 +119,21 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
                teacher=teacher, data=data, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
                metrics=metrics, parallel=parallel, signals=chosen)
+
+
+MIN_TEMPERATURE = 1e-6  # below it, logits divided by T overflow float32 (3.4e38) for logits of size 1e32 and less
+
+
+def _check_spec(spec: LossSpec, vocab: int | None) -> None:
+    """The loss settings that the vocabulary or float32 rule out, as config errors naming the key."""
+    if spec.top_k is not None and vocab and spec.top_k > vocab:
+        raise ConfigError(f"objective.top_k: {spec.top_k} is larger than the vocabulary ({vocab:,} ids the learner "
+                          "and teacher share); choose at most that, or leave it unset for the full vocabulary",
+                          key="objective.top_k")
+    if spec.needs_teacher and spec.temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"objective.temperature: {spec.temperature:g} divides the logits into overflow (float32 "
+                          f"ends at 3.4e38); use at least {MIN_TEMPERATURE:g} (near 0 the softmax is the argmax "
+                          "already)", key="objective.temperature")
 
 
 def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path | None, notes: list[str]):
