@@ -432,3 +432,113 @@ def test_a_bad_chat_template_is_one_line(tmp_path, small_tokenizer, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 2 and re.search(rf"the chat template of {folder} {message}", err), err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 4 and not (tmp_path / "run").exists(), err
+
+
+# --- one line for the rest of issue 30's inputs ---------------------------------------------------------------------
+@pytest.mark.parametrize("case, message", [
+    ("missing arrow", r"FileNotFoundError: .*No such file or directory: .*data-00000-of-00001.arrow"),
+    ("truncated arrow", r"ArrowInvalid: Expected to read \d+ metadata bytes"),
+    ("bad state.json", r"JSONDecodeError: Expecting property name"),
+])
+def test_a_broken_datasets_folder_is_one_line(tmp_path, capsys, case, message):
+    """The old code: "Expecting property name ..." or "Expected to read 344 metadata bytes" with no path, rc 1 for the
+    missing file; ``data check`` and ``train`` now both name the folder."""
+    import re
+
+    from datasets import Dataset
+
+    from ktransfer.cli import main
+
+    folder = tmp_path / "ds"
+    Dataset.from_list([{"prompt": "a man", "completion": "rides"}] * 5).save_to_disk(str(folder))
+    (arrow,) = folder.glob("*.arrow")
+    if case == "missing arrow":
+        arrow.unlink()
+    elif case == "truncated arrow":
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    else:
+        (folder / "state.json").write_text("{bad")
+    for args in (["data", "check", str(folder)], ["train", f"data.corpus={folder}", "model.preset=gpt2-tiny",
+                                                     f"train.out_dir={tmp_path / 'run'}"]):
+        capsys.readouterr()
+        rc = main(args)
+        out, err = capsys.readouterr()
+        assert rc == (1 if args[0] == "data" else 2) and re.search(rf"{folder}: a broken datasets folder \(.*{message}", out + err), (out, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("objective.top_k=100000", "objective.top_k: 100000 is larger than the vocabulary (2,000 ids"),
+    ("objective.temperature=1e-30", "objective.temperature: 1e-30 divides the logits into overflow"),
+])
+def test_loss_settings_the_vocabulary_or_float32_rule_out(tmp_path, small_tokenizer, capsys, setting, message):
+    """The old code: "top_k must be ... in [1, V=2000]" and "every logit is -inf" from the first training step, with
+    no key named and the run folder left."""
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "teacher", tok=small_tokenizer)
+    capsys.readouterr()
+    rc = main(train_args(tmp_path, tmp_path / "teacher", tmp_path / "run", setting))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"config error: {message}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_translate_on_a_plain_causal_folder_says_what_it_is(tmp_path, small_tokenizer, monkeypatch, capsys):
+    import io
+
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a man\n"))
+    capsys.readouterr()
+    assert main(["translate", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'm'} is a causal model that ktransfer did not train (its config.json has no " \
+           "ktransfer_instruction" in err and "ktransfer generate" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_export_onto_a_full_disk_names_the_path_and_leaves_nothing(tmp_path, small_tokenizer, monkeypatch, capsys):
+    import errno
+
+    import transformers.modeling_utils
+
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    out = tmp_path / "published"
+
+    def full(tensors, filename, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # what save_pretrained writes with
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/.published.tmp-" in err and "model.safetensors: No space left on device" in err, err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_evaluate_into_a_read_only_folder_names_the_path(tmp_path, small_tokenizer, monkeypatch, capsys):
+    import errno
+
+    from ktransfer.cli import main
+
+    tiny_gpt2(tmp_path / "m", tok=small_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a man", "completion": "rides"}) + "\n" for _ in range(2)))
+    out = tmp_path / "eval"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):  # what a read-only mount answers (root ignores chmod, so it is simulated)
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    capsys.readouterr()
+    rc = main(["evaluate", str(tmp_path / "m"), "--corpus", str(data), "--out", str(out), "--max-length", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{out}/" in err and "Read-only file system" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
