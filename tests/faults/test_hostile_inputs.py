@@ -463,7 +463,8 @@ def test_a_broken_datasets_folder_is_one_line(tmp_path, capsys, case, message):
         capsys.readouterr()
         rc = main(args)
         out, err = capsys.readouterr()
-        assert rc == (1 if args[0] == "data" else 2) and re.search(rf"{folder}: a broken datasets folder \(.*{message}", out + err), (out, err)
+        found = re.search(rf"{folder}: a broken datasets folder \(.*{message}", out + err)
+        assert rc == (1 if args[0] == "data" else 2) and found, (out, err)  # data check: rc 1 for bad data
     assert not (tmp_path / "run").exists()
 
 
