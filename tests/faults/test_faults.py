@@ -238,6 +238,28 @@ def test_a_wait_that_runs_out_takes_the_python_path(tmp_path, monkeypatch, caplo
         os.close(holder)
 
 
+@pytest.mark.skipif(not shutil.which("c++"), reason="needs a C++ compiler")
+def test_a_truncated_cached_kernel_is_rebuilt_not_loaded(tmp_path):
+    """A cached library cut in half with a newer mtime (ninja sees nothing to do): the old code mapped it and the
+    next process died of SIGBUS, or fell back to the Python path for good. Now its sha256 (written beside it at
+    build time) differs, and it is rebuilt with a warning. A small module stands in for the kernel (same path)."""
+    import hashlib
+
+    src, ext = slow_source(tmp_path, loops=0), tmp_path / "ext"
+    out, err = start_build(src, ext).communicate(timeout=300)
+    assert out.strip() == "built", err
+    (lib,) = ext.glob("*/*.so")
+    digest = lib.with_name(lib.name + ".sha256")
+    assert digest.read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+    lib.write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])
+    os.utime(lib, (time.time() + 60, time.time() + 60))
+    proc = start_build(src, ext)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == "built", (proc.returncode, err)
+    assert f"the cached kernel {lib} does not match the sha256 written when it was built" in err, err
+    assert digest.read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
 def test_two_virtualenvs_build_in_two_folders(monkeypatch):
     from ktransfer.losses import native
 

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ktransfer.data.corpora import CorpusError
     from ktransfer.evaluation.seqkd import distill_corpus, distill_examples
     from ktransfer.models.checkpoint import CheckpointError
+    from ktransfer.runtime.runlock import RunFolderBusy
 
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:
@@ -82,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, CorpusError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFolderBusy as e:  # another distill-data into the same --out
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # an output folder that is read-only or full: one line naming the path
         print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1

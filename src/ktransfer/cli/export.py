@@ -29,12 +29,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ktransfer.models.checkpoint import CheckpointError
     from ktransfer.models.export import export_model
+    from ktransfer.runtime.runlock import RunFolderBusy
 
     try:
         out = export_model(args.model, Path(args.out))
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFolderBusy as e:  # another export into the same folder
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk or read-only folder: one line naming the path
         print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1

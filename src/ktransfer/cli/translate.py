@@ -84,6 +84,14 @@ def _translate(args: argparse.Namespace, checkpoint, chunk: int) -> int:
         print(f"error: {checkpoint} was trained on chat data: its prompts need its chat template; use `ktransfer "
               "generate MODEL` (one user message a line, the template applied)", file=sys.stderr)
         return 2
+    from ktransfer.models.family import family_of
+    from ktransfer.models.generation import INSTRUCTION_KEY, unwrap
+
+    if family_of(model).name == "causal" and not isinstance(getattr(unwrap(model).config, INSTRUCTION_KEY, None), str):
+        print(f"error: {checkpoint} is a causal model that ktransfer did not train (its config.json has no "
+              f"{INSTRUCTION_KEY}, the prompt a ktransfer training stores): use `ktransfer generate MODEL` for a chat "
+              "model, or train or distil it with ktransfer first", file=sys.stderr)
+        return 2
     # Rank 0 alone opens the input and the output; the other ranks get each chunk from it (broadcast).
     main, src, dst, status = distributed.is_main(), None, None, 0
     if main:

@@ -27,7 +27,9 @@ pair per turn (its history as the prompt) for sequence-level KD.
 ``text`` has an empty prompt. The model family turns a pair into ids (``ktransfer.models.causal``,
 ``ktransfer.models.seq2seq``). Text is kept exactly as read: multi-line values, any Unicode, every space.
 
-Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written.
+Bad data raises ``CorpusError`` naming the file, the line (JSONL) and what is wrong, before anything is written
+(and before any tokenizer sees it): a record over ``ktransfer.data.limits.max_record_bytes()`` or with a lone
+surrogate escape, a broken ``datasets`` folder, a chat template that fails or runs out of time (``render``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ktransfer.data import limits
 from ktransfer.data.corpora import CorpusError, corpus_layout, read_split
 from ktransfer.data.download import ensure_corpus
+from ktransfer.runtime import timelimit
 
 FORMATS = ("parallel", "prompt_completion", "chat", "text")
+TEMPLATE_SECONDS = 10.0  # most seconds a chat template may take on one conversation (KTRANSFER_TEMPLATE_SECONDS)
 ROLES = ("system", "user", "assistant", "tool")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -246,9 +251,13 @@ def _jsonl_rows(path: Path):
                 raise CorpusError(f"{path}: item {i + 1} is a {type(row).__name__}, not an object")
             yield i + 1, row
         return
+    limit = limits.max_record_bytes()
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > 6 * limit + 1024:  # more than its text can be (an escape: 6 characters per byte): not parsed
+            raise CorpusError(f"{path}:{number}: a line of {len(line):,} characters, over the limit of {limit:,} "
+                              "bytes of text per record (KTRANSFER_MAX_RECORD_BYTES); shorten or split it")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -265,6 +274,8 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
             raise CorpusError(f"{path}: a plain-text file holds text data, but data.format is {fmt!r}")
         lines = _read_text(path).split("\n")
         kept = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+        for i, line in kept:
+            limits.check_record(line, f"{path}:{i}")
         return _checked(fmt, [line for _, line in kept], [f"{path}:{i}" for i, _ in kept], str(path))
     records, where = [], []
     for number, row in _jsonl_rows(path):
@@ -276,12 +287,18 @@ def _read_file(path: Path, fmt: str, keys: Keys) -> Examples:
 def _read_dataset(path: Path, split: str, fmt: str, keys: Keys) -> Examples:
     from datasets import load_from_disk  # arrow files and JSON state: nothing is unpickled
 
-    data = load_from_disk(str(path))
-    if hasattr(data, "keys"):  # a DatasetDict
-        if split not in data:
-            raise CorpusError(f"{path}: the datasets folder has no split {split!r} (splits: {', '.join(data)})")
-        data = data[split]
-    records = [_record(row, fmt, keys, f"{path} [{split}] row {i + 1}") for i, row in enumerate(data)]
+    try:
+        data = load_from_disk(str(path))
+        if hasattr(data, "keys"):  # a DatasetDict
+            if split not in data:
+                raise CorpusError(f"{path}: the datasets folder has no split {split!r} (splits: {', '.join(data)})")
+            data = data[split]
+        records = [_record(row, fmt, keys, f"{path} [{split}] row {i + 1}") for i, row in enumerate(data)]
+    except CorpusError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing or cut arrow file, a broken state.json
+        raise CorpusError(f"{path}: a broken datasets folder ({type(e).__name__}: {' '.join(str(e).split())})") \
+            from None
     return _checked(fmt, records, [f"{path} [{split}] row {i + 1}" for i in range(len(records))], str(path))
 
 
@@ -306,7 +323,13 @@ def _text_value(row: dict, key: str, where: str) -> str:
 
 
 def _record(row: dict, fmt: str, keys: Keys, where: str):
-    """One example of ``fmt`` from a JSON object or datasets row, checked."""
+    """One example of ``fmt`` from a JSON object or datasets row, checked (its size and Unicode too)."""
+    record = _record_fields(row, fmt, keys, where)
+    limits.check_record(record, where)
+    return record
+
+
+def _record_fields(row: dict, fmt: str, keys: Keys, where: str):
     if fmt == "prompt_completion":
         prompt, completion = _text_value(row, keys.prompt, where), _text_value(row, keys.completion, where)
         if not completion.strip():
@@ -392,9 +415,27 @@ def check_chat_template(tokenizer, label: str = "the tokenizer") -> None:
                           "or the teacher's), or set its chat_template in tokenizer_config.json")
 
 
-def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    """The conversation as the tokenizer's chat template writes it (text, special tokens as text)."""
-    return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer, messages: list[dict], *, generation_prompt: bool, where: str = "") -> str:
+    """The conversation as the tokenizer's chat template writes it (text, special tokens as text), in at most
+    ``TEMPLATE_SECONDS`` (``KTRANSFER_TEMPLATE_SECONDS``).
+
+    Raises:
+        CorpusError: the template raises (``raise_exception``), has a syntax error, breaks the sandbox or runs out
+            of time; the message names the record ``where`` and the tokenizer.
+    """
+    import jinja2
+
+    label = f"the chat template of {getattr(tokenizer.hf, 'name_or_path', '') or type(tokenizer.hf).__name__}"
+    seconds = float(os.environ.get("KTRANSFER_TEMPLATE_SECONDS") or TEMPLATE_SECONDS)
+    try:
+        with timelimit.within(seconds, f"{label} ran for more than {seconds:g} s on one conversation (a loop that "
+                                       "does not end?); fix the template, or raise KTRANSFER_TEMPLATE_SECONDS"):
+            return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TimeoutError as e:
+        raise CorpusError(f"{where or 'chat data'}: {e}") from None
+    except jinja2.TemplateError as e:  # raise_exception(...), a syntax error, the sandbox's SecurityError
+        raise CorpusError(f"{where or 'chat data'}: {label} failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())})") from None
 
 
 @dataclass(frozen=True)
@@ -417,13 +458,13 @@ def chat_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, l
         CorpusError: the template renders a shorter conversation as no prefix of the longer one (then a turn's
             tokens cannot be told apart from the rest).
     """
-    text = render(tokenizer, messages, generation_prompt=False)
+    text = render(tokenizer, messages, generation_prompt=False, where=where)
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:k], generation_prompt=True)
-        upto = render(tokenizer, messages[:k + 1], generation_prompt=False)
+        prompt = render(tokenizer, messages[:k], generation_prompt=True, where=where)
+        upto = render(tokenizer, messages[:k + 1], generation_prompt=False, where=where)
         if not (upto.startswith(prompt) and text.startswith(upto)) or (spans and len(prompt) < spans[-1][1]):
             raise CorpusError(f"{where}: the chat template does not render the conversation before assistant turn "
                               f"{k + 1} as a prefix of the conversation with it, so the turn cannot be scored alone")
@@ -439,7 +480,7 @@ def chat_turns(tokenizer, messages: list[dict], where: str = "") -> list[tuple[s
         CorpusError: as ``chat_spans``.
     """
     text, spans = chat_spans(tokenizer, messages, where)
-    prompts = [render(tokenizer, messages[:k], generation_prompt=True)
+    prompts = [render(tokenizer, messages[:k], generation_prompt=True, where=where)
                for k, m in enumerate(messages) if m["role"] == "assistant"]
     return [(prompt, text[a:b]) for prompt, (a, b) in zip(prompts, spans, strict=True)]
 

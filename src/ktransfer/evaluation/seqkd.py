@@ -37,7 +37,7 @@ from ktransfer.models.checkpoint import STATE_FILE, run_config_of
 from ktransfer.models.family import load_model, resolve_source
 from ktransfer.models.generation import DecodeSettings
 from ktransfer.models.tokenizer import load_tokenizer
-from ktransfer.runtime import nofollow
+from ktransfer.runtime import nofollow, tempdirs
 from ktransfer.runtime.device import choose_device
 
 MANIFEST = ".seqkd.json"
@@ -54,6 +54,14 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _one_writer(out: Path):
+    """Hold ``.OUT.lock`` beside ``out`` while this process makes it: a second ``distill-data`` into the same folder
+    stops at once naming the first one's PID (``ktransfer.runtime.tempdirs``)."""
+    return tempdirs.building(out, lambda who: f"{out} is being made by {who} (another distill-data into this --out); "
+                                              "wait for it to finish and run again (the finished folder is reused), "
+                                              "or choose another --out")
 
 
 def _one_line(text: str) -> str:
@@ -99,23 +107,24 @@ def distill_corpus(teacher: str | os.PathLike, out: str | os.PathLike, *, corpus
     job, decode, sources = _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_length, limit,
                                 chunk_lines)
     out = Path(out).expanduser()
-    if out.exists():
-        return _finished(out, job, log)
-    work, chunks = _work_folder(out, job)
-    t0 = time.time()
-    hyps = _translate_chunks(where, chunks, sources, chunk_lines, decode, batch_size, device, progress, log)
-    copied = _assemble(work, job, sources, hyps)
-    manifest = {
-        "kind": "seqkd", "job": job, "teacher": job["teacher"], "corpus": job["corpus"], "split": split,
-        "src_lang": job["src_lang"], "tgt_lang": job["tgt_lang"], "decode": _decode_info(decode),
-        "lines": len(sources), "empty_hypotheses": sum(not h for h in hyps), "copied_splits": copied,
-        "seconds_last_session": round(time.time() - t0, 3),
-    }
-    _publish(work, out, manifest)
-    log(f"wrote {out}: {len(sources)} {split} pairs ({job['src_lang']} source, {job['tgt_lang']} = teacher's "
-        f"beam-{decode.beam} translations), copied {', '.join(copied) or 'no other splits'}; train on it with "
-        f"data.corpus={out}")
-    return manifest
+    with _one_writer(out):
+        if out.exists():
+            return _finished(out, job, log)
+        work, chunks = _work_folder(out, job)
+        t0 = time.time()
+        hyps = _translate_chunks(where, chunks, sources, chunk_lines, decode, batch_size, device, progress, log)
+        copied = _assemble(work, job, sources, hyps)
+        manifest = {
+            "kind": "seqkd", "job": job, "teacher": job["teacher"], "corpus": job["corpus"], "split": split,
+            "src_lang": job["src_lang"], "tgt_lang": job["tgt_lang"], "decode": _decode_info(decode),
+            "lines": len(sources), "empty_hypotheses": sum(not h for h in hyps), "copied_splits": copied,
+            "seconds_last_session": round(time.time() - t0, 3),
+        }
+        _publish(work, out, manifest)
+        log(f"wrote {out}: {len(sources)} {split} pairs ({job['src_lang']} source, {job['tgt_lang']} = teacher's "
+            f"beam-{decode.beam} translations), copied {', '.join(copied) or 'no other splits'}; train on it with "
+            f"data.corpus={out}")
+        return manifest
 
 
 def _job(where, corpus, split, src_lang, tgt_lang, beam, length_penalty, max_length, limit, chunk_lines):
@@ -295,36 +304,38 @@ def distill_examples(teacher: str | os.PathLike, out: str | os.PathLike, *, data
            "length_penalty": float(decode.length_penalty), "max_length": decode.max_length, "limit": limit,
            "chunk_lines": chunk_lines, "records_sha256": hashlib.sha256(records.encode("utf-8")).hexdigest()}
     out = Path(out).expanduser()
-    if out.exists():
-        return _finished(out, job, log)
-    work, chunks = _work_folder(out, job)
-    t0 = time.time()
+    with _one_writer(out):
+        if out.exists():
+            return _finished(out, job, log)
+        work, chunks = _work_folder(out, job)
+        t0 = time.time()
 
-    def generate(model, tokenizer, part):
-        family = prepare_for_data(model, tokenizer, fmt)
-        prompts, _ = family.encode(part, tokenizer, None, model=model, fmt=fmt, log=log)
-        return family.complete(model, tokenizer, prompts, decode, batch_size=batch_size)
+        def generate(model, tokenizer, part):
+            family = prepare_for_data(model, tokenizer, fmt)
+            prompts, _ = family.encode(part, tokenizer, None, model=model, fmt=fmt, log=log)
+            return family.complete(model, tokenizer, prompts, decode, batch_size=batch_size)
 
-    pairs = formats.turn_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
-    completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
-                                    generate=generate)
-    if completions and not any(completions):  # not a corpus of empty completions, rc 0
-        raise ValueError(f"{path} {split}: the teacher completed none of the {len(completions)} examples (every "
-                         "completion is empty: prompts longer than its positions, or it ends at once)")
-    rows = formats.replace_completions(examples, completions, keys)
-    _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    copied = []
-    if path.is_dir() and not formats.is_datasets_folder(path):
-        for other in sorted(path.glob("*.jsonl")):
-            if other.stem != split:
-                shutil.copyfile(other, work / other.name)
-                copied.append(other.stem)
-    manifest = {"kind": "seqkd", "job": job, "format": fmt, "teacher": job["teacher"], "data": str(path),
-                "split": split, "examples": len(examples), "completions": len(completions),
-                "empty_completions": sum(not c for c in completions), "copied_splits": copied,
-                "decode": _decode_info(decode), "seconds_last_session": round(time.time() - t0, 3)}
-    _publish(work, out, manifest)
-    log(f"wrote {out}: {len(examples)} {fmt} examples of {split} with the teacher's completions "
-        f"({len(completions)}), copied {', '.join(copied) or 'no other splits'}; train on it with data.corpus={out}")
-    return manifest
+        pairs = formats.turn_pairs(examples, load_tokenizer(where))  # chat: the teacher's template renders the turns
+        completions = _translate_chunks(where, chunks, pairs, chunk_lines, decode, batch_size, device, progress, log,
+                                        generate=generate)
+        if completions and not any(completions):  # not a corpus of empty completions, rc 0
+            raise ValueError(f"{path} {split}: the teacher completed none of the {len(completions)} examples (every "
+                             "completion is empty: prompts longer than its positions, or it ends at once)")
+        rows = formats.replace_completions(examples, completions, keys)
+        _write_atomic(work / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        copied = []
+        if path.is_dir() and not formats.is_datasets_folder(path):
+            for other in sorted(path.glob("*.jsonl")):
+                if other.stem != split:
+                    shutil.copyfile(other, work / other.name)
+                    copied.append(other.stem)
+        manifest = {"kind": "seqkd", "job": job, "format": fmt, "teacher": job["teacher"], "data": str(path),
+                    "split": split, "examples": len(examples), "completions": len(completions),
+                    "empty_completions": sum(not c for c in completions), "copied_splits": copied,
+                    "decode": _decode_info(decode), "seconds_last_session": round(time.time() - t0, 3)}
+        _publish(work, out, manifest)
+        log(f"wrote {out}: {len(examples)} {fmt} examples of {split} with the teacher's completions "
+            f"({len(completions)}), copied {', '.join(copied) or 'no other splits'}; train on it with "
+            f"data.corpus={out}")
+        return manifest
 

@@ -253,7 +253,7 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
         if need_grad:
             grad = torch.empty(z2.shape, dtype=z2.dtype) if rows is None else torch.zeros(z2.shape, dtype=z2.dtype)
         values, nll, bad = _native_sweep(mod, z2, u2, labels, rows, spec, div_scale, nll_scale, grad)
-        _raise_on_bad_rows(bad, rows)
+        _raise_on_bad_rows(bad, rows, spec.temperature)
         return values, nll, grad
     cdt = compute_dtype(z2, u2)
     n_sel = N if rows is None else rows.numel()
@@ -285,18 +285,20 @@ def _sweep(z2, u2, labels, rows, spec, div_scale, nll_scale, need_grad, chunk_si
             grad[sel] = g.to(grad.dtype)
         bad_rows.append(bad)
     if bad_rows:
-        _raise_on_bad_rows(torch.cat(bad_rows), rows)
+        _raise_on_bad_rows(torch.cat(bad_rows), rows, spec.temperature)
     return values, nll, grad
 
 
-def _raise_on_bad_rows(bad, rows):
+def _raise_on_bad_rows(bad, rows, temperature: float = 1.0):
     """ValueError naming the first processed row (``bad`` ``[n_sel]`` bool) whose logits are all -inf."""
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
         row = first if rows is None else int(rows[first])
+        hint = (f" (or the logits divided by temperature {temperature:g} overflow: use a larger temperature)"
+                if temperature < 1 else "")
         raise ValueError(
             f"position {row} (flattened) has no finite logit in the learner or the teacher: "
-            "every logit is -inf, so softmax is undefined there; mask that position out"
+            f"every logit is -inf, so softmax is undefined there; mask that position out{hint}"
         )
 
 

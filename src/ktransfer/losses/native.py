@@ -11,7 +11,9 @@ Building needs a C++ compiler (and ninja, which the ``ninja`` Python package pro
 once, then the library is cached in ``build_folder()``: ``ktransfer_divergence_cpu_<isa>-<tag>`` in torch's extension
 folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where ``<tag>`` hashes the Python
 environment (``sys.prefix``, Python and torch versions): two virtualenvs build into two folders and never race. It is
-reloaded in well under a second. ``ktransfer build-kernel`` builds it ahead of time.
+reloaded in well under a second. ``ktransfer build-kernel`` builds it ahead of time. The library's sha256 is written
+beside it (``NAME.so.sha256``) when it is built and checked before every load: a corrupt or truncated cached library
+(or one without the file) is rebuilt with a warning instead of being mapped.
 
 A build holds an ``fcntl.flock`` on ``build.flock`` in that folder, which the OS releases when its holder dies (even by
 SIGKILL): a second process (another torchrun rank, another run) waits for it at most ``KTRANSFER_BUILD_WAIT`` seconds
@@ -136,6 +138,44 @@ def build_lock(folder: Path, wait_s: float | None = None):
         os.close(fd)  # releases the flock
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_cached(folder: Path, name: str) -> None:
+    """Under the build lock: a cached ``NAME.so`` whose sha256 differs from ``NAME.so.sha256`` (written by ``seal``
+    when it was built), or that has none, is removed with its object files, with a warning, so that it is rebuilt
+    rather than loaded (a truncated library kills the process that maps it with SIGBUS)."""
+    lib, digest_file = folder / f"{name}.so", folder / f"{name}.so.sha256"
+    if not lib.exists():
+        return
+    try:
+        expected = digest_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        expected = None
+    if expected == _sha256(lib):
+        return
+    why = ("does not match the sha256 written when it was built (corrupt or truncated)" if expected else
+           f"has no {digest_file.name} beside it (built by an older ktransfer, or its write was cut)")
+    _log.warning("ktransfer.losses.native: the cached kernel %s %s; rebuilding it", lib, why)
+    for stale in (*folder.glob("*.so"), *folder.glob("*.o")):
+        stale.unlink(missing_ok=True)
+    digest_file.unlink(missing_ok=True)
+
+
+def seal(folder: Path, name: str) -> None:
+    """Write ``NAME.so.sha256`` beside a library just built (atomically; kept when it is there already)."""
+    lib, digest_file = folder / f"{name}.so", folder / f"{name}.so.sha256"
+    if lib.exists() and not digest_file.exists():
+        tmp = digest_file.with_name(f".{digest_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(_sha256(lib) + "\n", encoding="utf-8")
+        os.replace(tmp, digest_file)
+
+
 def kernel():
     """The compiled module (with ``sweep``), building it on first call; None when switched off or unbuildable."""
     if not native_enabled():
@@ -154,11 +194,13 @@ def kernel():
         _ninja_on_path()
         folder = build_folder(cap_name)
         with build_lock(folder):
+            check_cached(folder, name)  # a corrupt or truncated library is rebuilt, never loaded (SIGBUS)
             if not (folder / f"{name}.so").exists():
                 _log.warning("ktransfer.losses.native: building ktransfer's CPU kernel in %s, ~45 s, once", folder)
             module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
                                         extra_cflags=["-O3", "-fopenmp", *arch, *defines],
                                         extra_ldflags=["-fopenmp"], verbose=False)
+            seal(folder, name)
     except Exception as exc:  # no compiler, no ninja, unsupported platform, a wait that ran out: the Python path
         _STATE["failed"] = True
         lines = str(exc).strip().splitlines() or [""]

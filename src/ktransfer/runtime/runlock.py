@@ -22,7 +22,8 @@ class RunFolderBusy(RuntimeError):
     """Another live process is writing the run folder."""
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except (ProcessLookupError, OverflowError):
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(lock: Path, wait: float = 2.0) -> str:
+def holder(lock: Path, wait: float = 2.0) -> str:
     """The holder's PID as written in ``lock``, waiting up to ``wait`` s while the file holds none or a dead
     process's: a holder writes its own just after it locks, over what an earlier holder left."""
     deadline = time.monotonic() + wait
@@ -41,7 +42,7 @@ def _holder(lock: Path, wait: float = 2.0) -> str:
             pid = lock.read_text(encoding="utf-8").strip()
         except OSError:
             pid = ""
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and alive(int(pid)):
             return f"PID {pid}"
         if time.monotonic() >= deadline:
             return "another process"
@@ -55,28 +56,43 @@ def acquire(folder) -> None:
         RunFolderBusy: another process holds it (the message names its PID).
         OSError: the folder or its lock file cannot be created, or the lock file is a symbolic link (named).
     """
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _HELD:
         return
     lock = folder / LOCK_NAME
+    _HELD[key] = lock_file(lock, lambda who: f"{folder} is being written by {who} (it holds {lock}); wait for it to "
+                                             "finish, stop it, or choose another train.out_dir")
+
+
+def lock_file(lock: Path, busy) -> int:
+    """``flock`` the file ``lock`` (created, never through a link) and write this process's PID in it; returns its
+    descriptor (closing it releases the lock).
+
+    Raises:
+        RunFolderBusy: another process holds it: ``busy(holder)`` is the message (``holder``: "PID N").
+    """
+    import fcntl
+
     while True:
         fd = nofollow.open_fd(lock, os.O_RDWR | os.O_CREAT)  # never a link's target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunFolderBusy(f"{folder} is being written by {_holder(lock)} (it holds {lock}); wait for it to "
-                                "finish, stop it, or choose another train.out_dir") from None
+            raise RunFolderBusy(busy(holder(lock))) from None
         if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the holder removed the file as we opened it: lock the new one
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = fd
+    return fd
+
+
+def holds(folder) -> bool:
+    """Whether this process holds ``folder``'s lock."""
+    return Path(folder).resolve() in _HELD
 
 
 def release(folder) -> None:

@@ -4,7 +4,8 @@ In order: the option rules (``ktransfer.training.rules``, before anything is rea
 folder and its lock, the train state (resumed or new), the models and tokenizer (``ktransfer.training.loading``), the
 encoded data and batches, the loss spec and where the teacher's signal comes from (``ktransfer.training.signals``),
 the process layout (``ktransfer.training.parallel``) and the optimiser. A new run folder that fails half-way is
-removed again.
+removed again, whatever the error (a model, tokenizer or checkpoint that fails to load too), with the parent
+folders made for it; a folder this process did not lock (another run's) is never touched.
 """
 
 from __future__ import annotations
@@ -58,14 +59,34 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
         runlock.acquire(out_dir)  # not while another process writes it
         runlock.release(out_dir)
         notes.append(f"train.resume=false: moved the old run aside to {runfolder.move_aside(out_dir)}")
-    fresh = not out_dir.exists()  # a new run folder is removed again if setup fails (nothing written half)
+    created = _missing_folders(out_dir)  # a new run folder (and parents made for it) goes again if setup fails
     try:
         return _setup(cfg, out_dir, resume_from, data, parallel, notes)
-    except (ConfigError, CorpusError, ValueError):
-        if fresh and distributed.is_main():
-            runlock.release(out_dir)
-            shutil.rmtree(out_dir, ignore_errors=True)
+    except BaseException:
+        if created and distributed.is_main() and runlock.holds(out_dir):  # never another process's folder
+            _remove_new(out_dir, created)
         raise
+
+
+def _missing_folders(out_dir: Path) -> list[Path]:
+    """``out_dir`` and those of its parents that do not exist yet, deepest first."""
+    missing, folder = [], out_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_new(out_dir: Path, created: list[Path]) -> None:
+    """Remove the run folder this setup created, and the parents it made when they are empty (another run may
+    have begun in one meanwhile)."""
+    runlock.release(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadData, parallel: Parallel,
@@ -80,6 +101,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
     data = _encode(cfg, read, family, model, teacher, tokenizer, log)
     spec = LossSpec.from_config(cfg.objective, vocab_size)
+    _check_spec(spec, vocab_size or getattr(model.config, "vocab_size", None))
     cache = None
     if cfg.train.teacher_cache:
         from ktransfer.training.teacher_cache import open_for_run
@@ -100,6 +122,21 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
                teacher=teacher, data=data, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
                metrics=metrics, parallel=parallel, signals=chosen)
+
+
+MIN_TEMPERATURE = 1e-6  # below it, logits divided by T overflow float32 (3.4e38) for logits of size 1e32 and less
+
+
+def _check_spec(spec: LossSpec, vocab: int | None) -> None:
+    """The loss settings that the vocabulary or float32 rule out, as config errors naming the key."""
+    if spec.top_k is not None and vocab and spec.top_k > vocab:
+        raise ConfigError(f"objective.top_k: {spec.top_k} is larger than the vocabulary ({vocab:,} ids the learner "
+                          "and teacher share); choose at most that, or leave it unset for the full vocabulary",
+                          key="objective.top_k")
+    if spec.needs_teacher and spec.temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"objective.temperature: {spec.temperature:g} divides the logits into overflow (float32 "
+                          f"ends at 3.4e38); use at least {MIN_TEMPERATURE:g} (near 0 the softmax is the argmax "
+                          "already)", key="objective.temperature")
 
 
 def _run_folder(cfg: RunConfig, out_dir: Path, read: ReadData, resume_from: Path | None, notes: list[str]):

@@ -49,6 +49,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from ktransfer.runtime import tempdirs
 from ktransfer.training.rules import exact_for  # noqa: F401  (re-exported: which objectives the cache serves)
 
 FORMAT = "ktransfer-teacher-cache"
@@ -166,7 +167,8 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     ``path``. ``vocab_size``: the ids learner and teacher share; the teacher's output rows above it (padding) are
     left out before the softmax, as the live loss slices them (``LossSpec.vocab_size``).
     """
-    from ktransfer.data.batching import TokenBatchSampler
+    src, tgt = ids
+    device = torch.device(device)
 
     def batch_of(idx):
         batch = family.collate([src[i] for i in idx], [tgt[i] for i in idx], model, tokenizer)
@@ -179,9 +181,35 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     path = Path(path)
     if path.exists():
         raise TeacherCacheError(f"{path} already exists; delete it to rebuild the teacher cache")
-    src, tgt = ids
-    device = torch.device(device)
-    t0 = time.perf_counter()
+    busy = lambda who: (f"{path} is being built by {who} (another training with this teacher cache); "  # noqa: E731
+                        "wait for it to finish and run again (the finished cache is reused), or choose another path")
+    with tempdirs.building(path, busy) as removed:  # the loser stops at once; a killed build's .tmp-PID goes
+        if removed and log is not None:
+            log(f"teacher cache: removed {', '.join(p.name for p in removed)} (left by killed builds)")
+        if path.exists():  # built by another process while this one loaded
+            return load(path)
+        t0, tmp = time.perf_counter(), tempdirs.temp_folder(path)
+        try:
+            manifest = _write(tmp, path, teacher, ids, k=k, family=family, batch_of=batch_of, temperature=temperature,
+                              max_tokens=max_tokens, device=device, bf16=bf16, dtype=dtype,
+                              shard_examples=shard_examples, key=key, vocab_size=vocab_size, t0=t0)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if log is not None:
+        log(f"teacher cache: {manifest['positions']:,} positions x top-{k} ({manifest['dtype']}) of "
+            f"{manifest['num_examples']:,} examples written to {path} in {manifest['build_seconds']:.1f}s "
+            f"({disk_bytes(path) / 2**20:.1f} MiB)")
+    return load(path)
+
+
+@torch.no_grad()
+def _write(tmp: Path, path: Path, teacher, ids, *, k, family, batch_of, temperature, max_tokens, device, bf16, dtype,
+           shard_examples, key, vocab_size, t0) -> dict[str, Any]:
+    """``build``'s teacher pass and files, written into ``tmp`` and renamed to ``path``; returns the manifest."""
+    from ktransfer.data.batching import TokenBatchSampler
+
+    tgt = ids[1]
     was_training = teacher.training
     teacher.eval()
     lengths = np.asarray([len(t) for t in tgt], dtype=np.int64)
@@ -218,9 +246,6 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
     if V is None:
         raise ValueError("no training examples to cache")
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shards = []
     for first in range(0, len(tgt), shard_examples):
         last = min(first + shard_examples, len(tgt))
@@ -237,10 +262,7 @@ def build(path: str | os.PathLike, teacher: torch.nn.Module, ids: tuple[list[lis
                 "build_seconds": round(time.perf_counter() - t0, 3)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    if log is not None:
-        log(f"teacher cache: {P:,} positions x top-{k} ({manifest['dtype']}) of {len(tgt):,} examples written to "
-            f"{path} in {manifest['build_seconds']:.1f}s ({disk_bytes(path) / 2**20:.1f} MiB)")
-    return load(path)
+    return manifest
 
 
 def load(path: str | os.PathLike, *, expect: dict[str, Any] | None = None) -> TeacherCache:
