@@ -16,7 +16,8 @@ from ktransfer.training.runfolder import SAFE_KEYS, check_same_run
 
 
 def tiny(shared_data: Path, *extra: str) -> list[str]:
-    return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=40", "data.valid_subset=4",
+    return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=40",
+            "data.max_eval_samples=4",
             "data.vocab_size=300", "data.max_tokens=200", "model.preset=tiny", "eval.max_length=8",
             "train.num_threads=1", "train.max_steps=1", "train.seed=3", *extra]
 
@@ -88,7 +89,8 @@ def test_safe_keys_and_the_global_batch(shared_data, tmp_path):
         "eval.batch_size", "train.epochs", "train.num_threads"]  # 2 x 1 process = 1 x 2 processes: the same step
     with pytest.raises(ConfigError, match=r"optim.accumulate x processes: '2 x 1' -> '1 x 1'"):
         check_same_run(safe, tmp_path, 1)
-    for key, value in (("objective.lam", "0.2"), ("data.train_limit", "5"), ("eval.max_length", "9"),
+    for key, value in (("objective.divergence_weight", "0.2"), ("data.max_train_samples", "5"), ("eval.max_length",
+                                                                                                 "9"),
                        ("optim.lr", "1e-3")):
         assert key not in SAFE_KEYS
         with pytest.raises(ConfigError, match=key):

@@ -80,7 +80,8 @@ def test_transfer_trainer_step_is_hf_loss_of_the_batch_seq2seq(tok, shared_data,
     start = copy.deepcopy(learner)
     trainer = type("T", (_Recorder, TransferTrainer), {})(
         model=learner, teacher_model=teacher, args=_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
-        train_dataset=data, data_collator=_collator(tok), objective="ka", lam=0.3, top_k=4, temperature=2.0)
+        train_dataset=data, data_collator=_collator(tok), objective="ka", divergence_weight=0.3, top_k=4,
+        temperature=2.0)
     trainer.train()
     inputs, n = trainer.seen[0]
     labels = inputs.pop("labels")
@@ -141,7 +142,7 @@ def test_transfer_gkd_trainer_trains_top_k_ka(tok, shared_data, tmp_path):
 
     trainer, _ = _gkd(tok, shared_data, tmp_path, TransferGKDTrainer, n=4, teacher_scale=3.0, lmbda=0.0,
                       gradient_accumulation_steps=1, max_steps=8, optim="adamw_torch", learning_rate=1e-2,
-                      objective="ka", lam=0.5, top_k=8)
+                      objective="ka", divergence_weight=0.5, top_k=8)
     inputs, n = trainer.seen[0]
     start = hf_tiny.gpt2(tok, 0)
     x = {k: inputs[k] for k in ("input_ids", "attention_mask")}

@@ -90,8 +90,9 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     chosen = signals.choose(cfg, spec, model=model, teacher=teacher, family=family, tokenizer=tokenizer, state=state,
                             device=device, cache=cache)
     log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
-        + parallel.describe(teacher is not None) + f"; objective {cfg.objective.objective}"
-        + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
+        + parallel.describe(teacher is not None) + f"; objective {cfg.objective.kind}"
+        + (f" (divergence_weight {cfg.objective.divergence_weight}) from teacher {cfg.model.teacher}"
+           if teacher is not None else "")
         + f"; {len(data.train_ids[0])} training pairs in {len(data.sampler.epoch_batches(state.epoch))} batches, "
           f"{len(data.valid_ids[0])} validation pairs")
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
@@ -133,7 +134,7 @@ def _models(cfg: RunConfig, resumed, read: ReadData, device, log):
     except ValueError as e:
         raise ConfigError(f"data.format: {e}", key="data.format") from None
     vocab_size = loading.shared_vocab_size(cfg, teacher, model, teacher_tokenizer, tokenizer, log)
-    if cfg.objective.objective == "nll":
+    if cfg.objective.kind == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
     if cfg.train.fused_head:
         loading.check_fused_head(model, teacher)
@@ -221,8 +222,8 @@ class ReadData:
 
 
 def _read_data(cfg: RunConfig) -> ReadData:
-    """The training examples (first data.train_limit) and validation examples (first data.valid_subset), in the
-    format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
+    """The training examples (first data.max_train_samples) and validation examples (first data.max_eval_samples),
+    in the format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
 
     Raises:
         ConfigError: nothing at data.corpus. CorpusError: bad data (naming the file and line).
@@ -236,9 +237,9 @@ def _read_data(cfg: RunConfig) -> ReadData:
     fmt, why = (d.format, "data.format") if d.format != "auto" else formats.infer_format(path, keys)
     valid_split, valid_why = formats.find_split(d.corpus, d.valid, fmt)  # data.valid, else validation/val/dev
     if fmt == "parallel":
-        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.max_train_samples]
         require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
-        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.max_eval_samples]
         return ReadData(fmt, f"{why}; validation: {valid_why}", formats.Examples(fmt, train_pairs),
                         formats.Examples(fmt, valid_pairs))
     train = formats.read_examples(d.corpus, d.train, fmt, keys=keys)
@@ -249,7 +250,7 @@ def _read_data(cfg: RunConfig) -> ReadData:
         train, valid = formats.hold_out(train, d.valid_fraction, d.split_seed)
         why += (f"; validation: {len(valid)} examples held out of {train.source} (data.valid_fraction "
                 f"{d.valid_fraction}, data.split_seed {d.split_seed})")
-    return ReadData(fmt, why, train.head(d.train_limit), valid.head(d.valid_subset))
+    return ReadData(fmt, why, train.head(d.max_train_samples), valid.head(d.max_eval_samples))
 
 
 def _seed_everything(seed: int) -> None:
