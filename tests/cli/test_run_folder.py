@@ -96,3 +96,29 @@ def test_safe_keys_and_the_global_batch(shared_data, tmp_path):
         with pytest.raises(ConfigError, match=key):
             check_same_run(load_config(None, [f"train.out_dir={tmp_path}", "optim.accumulate=2", f"{key}={value}"]),
                            tmp_path, 1)
+
+
+def test_a_folder_written_with_the_old_key_names_resumes_as_the_same_run(shared_data, tmp_path, monkeypatch, capsys):
+    """A run folder of the last release (config.yaml with objective.objective, data.train_limit, ...): the same
+    command, spelled with the old names or the new ones, finds the same folder and resumes it; each old name logs one
+    deprecation line naming the new key (issue 26, point 8)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny(shared_data, "objective.divergence_weight=0.3")) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = (run / "config.yaml").read_text()
+    assert "divergence_weight: 0.3" in saved and "max_train_samples: 40" in saved and "lam:" not in saved
+    old = (saved.replace("  kind:", "  objective:").replace("divergence_weight:", "lam:")
+           .replace("max_train_samples:", "train_limit:").replace("max_eval_samples:", "valid_subset:"))
+    (run / "config.yaml").write_text(old)  # as the last release wrote it
+    capsys.readouterr()
+    old_command = [x.replace("data.max_train_samples", "data.train_limit").replace("data.max_eval_samples",
+                                                                                     "data.valid_subset")
+                   for x in tiny(shared_data, "objective.lam=0.3")]
+    for command in (tiny(shared_data, "objective.divergence_weight=0.3"), old_command):
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert f"resuming from runs/{run.name}/checkpoints/last" in err and "nothing to do" in err, err
+        assert "objective.lam is deprecated" in err and "use objective.divergence_weight" in err
+        assert "data.train_limit is deprecated" in err and "use data.max_train_samples" in err
+        assert "holds another run" not in err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name] and step(run) == 1

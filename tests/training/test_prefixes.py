@@ -242,6 +242,10 @@ def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, m
     monkeypatch.setattr(Seq2SeqFamily, "on_policy_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
     train(learner_config(shared_data, tmp_path / "straight", teacher, *extra, "train.max_steps=4"))
     assert 0 < len(sampled) < 4  # both prefix sources were used
+    log = (tmp_path / "straight/train.log").read_text(encoding="utf-8")  # the source and its settings, at start
+    assert ("prefixes: mixed (objective.prefix), on-policy: the learner's samples on a batch with probability 0.5 "
+            "(objective.on_policy_fraction), the reference otherwise; temperature 1, top-p 1, top-k all") in log
+    assert "at most min(12, ceil(2 x the reference's tokens) + 8) tokens per sample" in log
     a, b = weights(tmp_path / "resumed/checkpoints/last"), weights(tmp_path / "straight/checkpoints/last")
     assert a.keys() == b.keys()
     for key in a:

@@ -39,7 +39,7 @@ def test_old_names_in_overrides_give_the_same_config_with_one_line_each(caplog):
     assert config_to_dict(old) == config_to_dict(load_config(None, NEW))
     lines = deprecations(caplog)
     assert len(lines) == 4
-    for item, new in zip(OLD, NEW):
+    for item, new in zip(OLD, NEW, strict=True):
         if item != new:
             (line,) = [x for x in lines if item.split("=")[0] + " is deprecated" in x]
             assert new.split("=")[0] in line and repr(item) in line  # names the new key and where the old one was
@@ -75,3 +75,18 @@ def test_reproduce_option_test_limit_is_max_predict_samples(caplog):
     assert Options.saved({"seeds": [1], "test_limit": 4}, "reproduce.json").max_predict_samples == 4
     opts, _ = parse_overrides(PRESETS["smoke"], ["max_predict_samples=12"])
     assert opts.max_predict_samples == 12
+
+
+def test_the_prefix_source_is_described_for_the_run_log():
+    """train.log states the prefix source at start (issue 26, point 8): reference, or on-policy with its fraction,
+    temperature, top-p/top-k and length rule (the mixed case is checked in train.log by tests/training/
+    test_prefixes.py)."""
+    from ktransfer.training.prefixes import describe_source
+
+    base = ["objective.kind=kd", "model.teacher=t"]
+    assert "prefixes: reference" in describe_source(load_config(None, base))
+    text = describe_source(load_config(None, [*base, "objective.prefix=learner", "objective.sample_temperature=0.7",
+                                              "objective.sample_top_k=5", "objective.sample_length_scale=null",
+                                              "objective.sample_max_length=30"]))
+    assert "prefixes: learner" in text and "on every batch" in text and "probability" not in text
+    assert "temperature 0.7, top-p 1, top-k 5" in text and "at most 30 tokens per sample" in text

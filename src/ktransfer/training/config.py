@@ -26,6 +26,7 @@ import yaml
 
 from ktransfer.losses.divergences import SUPPORTS
 from ktransfer.losses.spec import OBJECTIVES
+from ktransfer.models.generation import DEFAULT_BEAM
 from ktransfer.training import aliases, remote_code, rules
 from ktransfer.training.values import (
     ConfigError,
@@ -235,7 +236,7 @@ class TrainConfig(_Section):
 @dataclass
 class EvalConfig(_Section):
     name: ClassVar[str] = "eval"
-    beam: int = option(6, "beam size", ge=1)
+    beam: int = option(DEFAULT_BEAM, "beam size (the default of evaluate/translate/distill-data --beam too)", ge=1)
     length_penalty: float = option(1.0, "beam-search length penalty (exponent on length; 1.0 = average log-prob)")
     max_length: int = option(256, "longest translation in sub-words", ge=1)
     batch_size: int = option(64, "sentences per beam-search batch", ge=1)
