@@ -22,11 +22,14 @@ class Preset:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-_PAPER = ("objective.divergence_weight=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
+# data.max_length=128: every preset keeps the limit its runs were measured with (the default before it became what
+# the model reads, issue 26), so a reproduce folder of the last release resumes as the same run
+_KEEP = ("data.max_length=128",)
+_PAPER = (*_KEEP, "objective.divergence_weight=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
 
 
 # The CPU presets share models, schedule and stages; only the corpus and decoding lengths differ.
-_CPU_BASE = ("data.vocab_size=8000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
+_CPU_BASE = (*_KEEP, "data.vocab_size=8000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
              "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50",
              "train.log_every=20", "train.patience=0", "data.max_eval_samples=500", "eval.valid_beam=1", "eval.beam=5",
              "objective.divergence_weight=0.5", "objective.top_k=8", "model.dropout=0.1")
@@ -46,7 +49,8 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
     )
 
 # The first command (README): teacher, learner, nll / KD / KA fine-tuning, one seed, in about 15 minutes on 2 cores.
-_QUICK_BASE = ("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0", "eval.max_length=80",
+_QUICK_BASE = (*_KEEP, "data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0",
+               "eval.max_length=80",
                "data.vocab_size=6000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
                "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=200",
                "train.log_every=50", "train.patience=0", "data.max_eval_samples=500", "eval.valid_beam=1",
@@ -70,7 +74,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         doc="Seconds to a minute on 2 cores (the tests run it): tiny models, 300 Multi30k pairs, 1-2 epochs, "
             "2 seeds, greedy decoding of 30 test sentences.",
-        base=("data.corpus=multi30k-de-en", "data.max_train_samples=300", "data.max_eval_samples=30",
+        base=(*_KEEP, "data.corpus=multi30k-de-en", "data.max_train_samples=300", "data.max_eval_samples=30",
               "data.vocab_size=400",
               "data.max_tokens=400", "model.preset=tiny", "optim.lr=1e-3", "train.epochs=1", "train.num_threads=1",
               "train.log_every=20", "train.save_every=0", "eval.beam=1", "eval.max_length=24",

@@ -90,7 +90,9 @@ class DataConfig(_Section):
     valid: str = option("valid", "name of the validation split (early stopping, best checkpoint)")
     test: str = option("test2016", "name of the test split")
     max_tokens: int = option(4096, "batch size in tokens: padded rows x longest sentence, per side", ge=1)
-    max_length: int = option(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
+    max_length: int | None = option(None, "longest training example kept, in tokens including </s> (None = what "
+                                    "the models read: their max positions, capped by the tokenizer's "
+                                    "model_max_length; ktransfer.training.lengths)", ge=2)
     vocab_size: int = option(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
     tokenizer: str | None = option(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
     max_eval_samples: int | None = option(None, "use only the first N validation examples (None = the whole split; "

@@ -92,7 +92,7 @@ RULES: tuple[Rule, ...] = (
                            "NLL is always on the reference (use objective.prefix=reference)"),
     Rule(("data.max_length", "model.preset", "model.init"), "at most the positions of model.preset, when model.init "
          "is unset (with model.init the model's own positions cap it when the data is encoded)",
-         broken=lambda c, f: (p := _preset_positions(c)) is not None and c.data.max_length > p,
+         broken=lambda c, f: (p := _preset_positions(c)) is not None and (c.data.max_length or 0) > p,
          message=lambda c, f: f"{c.data.max_length} exceeds the {_preset_positions(c)} positions of "
                            f"model.preset={c.model.preset!r}"),
     Rule(("eval.max_length", "model.preset", "model.init"), "at most the positions of model.preset, when "

@@ -27,7 +27,7 @@ from ktransfer.models import family as models
 from ktransfer.runtime import distributed, runlock
 from ktransfer.runtime.device import DeviceError, choose_device
 from ktransfer.runtime.runlog import RunLog
-from ktransfer.training import loading, runfolder, signals
+from ktransfer.training import lengths, loading, runfolder, signals
 from ktransfer.training.config import ConfigError, RunConfig, check_rules, save_config
 from ktransfer.training.metrics import MetricsFile, tensorboard
 from ktransfer.training.parallel import Parallel
@@ -75,7 +75,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     log, metrics, resumed, state = _run_folder(cfg, out_dir, read, resume_from, notes)
     state.processes = parallel.world
     teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
-    data = _encode(cfg, read, family, model, teacher, tokenizer, log)
+    data, dropped = _encode(cfg, read, family, model, teacher, tokenizer, log)
     spec = LossSpec.from_config(cfg.objective, vocab_size)
     cache = None
     if cfg.train.teacher_cache:
@@ -95,6 +95,8 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
            if teacher is not None else "")
         + f"; {len(data.train_ids[0])} training pairs in {len(data.sampler.epoch_batches(state.epoch))} batches, "
           f"{len(data.valid_ids[0])} validation pairs")
+    if dropped:  # the last word of setup, on the terminal too: examples that will not be trained on as written
+        log(f"warning: {dropped}")
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
                teacher=teacher, data=data, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
                metrics=metrics, parallel=parallel, signals=chosen)
@@ -141,8 +143,9 @@ def _models(cfg: RunConfig, resumed, read: ReadData, device, log):
     return teacher, model, tokenizer, family, vocab_size
 
 
-def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, log) -> RunData:
-    """The examples as the family's ids, within what both models read, and the batches of each epoch.
+def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, log) -> tuple[RunData, str | None]:
+    """The examples as the family's ids, within what both models read (``ktransfer.training.lengths``), and the
+    batches of each epoch; and a line on the training examples dropped or cut (None when none were).
 
     Raises:
         ConfigError: no training pair fits in ``data.max_length`` tokens.
@@ -151,15 +154,19 @@ def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, l
     if distributed.is_main():
         tokenizer.save(Path(cfg.train.out_dir) / "tokenizer")
     positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
-    max_length = min(cfg.data.max_length, positions)
-    kw = {"model": model, "fmt": read.format, "truncate": cfg.data.truncate, "log": log}
-    src, tgt = family.encode(train_pairs, tokenizer, max_length, **kw)
+    lim = lengths.limit(cfg.data.max_length, positions, tokenizer)
+    log(f"longest training example: {lim.tokens} tokens ({lim.why})")
+    counter = lengths.Counter(log)
+    kw = {"model": model, "fmt": read.format, "truncate": cfg.data.truncate, "log": counter}
+    src, tgt = family.encode(train_pairs, tokenizer, lim.tokens, **kw)
     if not src:
-        raise ConfigError(f"data.max_length: no training example fits in {max_length} tokens", key="data.max_length")
+        raise ConfigError(f"data.max_length: no training example fits in {lim.tokens} tokens ({lim.why})",
+                          key="data.max_length")
     sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
+    dropped = lengths.report("training examples", len(train_pairs), len(src), counter.cut, lim)
     return RunData(format=read.format, train_ids=(src, tgt),
                    valid_ids=family.encode(valid_pairs, tokenizer, positions, **kw), valid_pairs=valid_pairs,
-                   sampler=sampler)
+                   sampler=sampler), dropped
 
 
 def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_lib.Checkpoint | None, TrainState]:
