@@ -2,11 +2,14 @@
 holds what the examples name (``chat.jsonl``, ``llama-teacher/``, ``runs/teacher`` once the first train example made
 it, ...), with tiny settings appended (later options and keys win) so that the whole file stays within minutes.
 
-What is changed in an example line is listed in ``SWAPS`` with the reason; the only examples not run are the
-``data download`` lines, which need the network (``NOT_RUN``)."""
+What is changed in an example line is listed in ``SWAPS`` with the reason; ``data download multi30k`` fetches from a
+local mirror of the shared corpus (``file://``, with its checksums) into the scratch folder, and the only examples
+not run are the ``data download wmt16:...`` lines, which need sacrebleu's archive from the network (``NOT_RUN``)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import shlex
@@ -42,7 +45,7 @@ SWAPS = [  # (text in an example, its replacement, why)
     ("train.device=cuda", "train.device=cpu", "as above"),
     ("/tmp/", "tmp/", "the scratch folder, not the machine's /tmp"),
 ]
-NOT_RUN = ("data download",)  # needs the network
+NOT_RUN = ("data download wmt16",)  # sacrebleu's test-set archive: the network
 
 
 def examples(command: str, capsys) -> list[str]:
@@ -98,6 +101,21 @@ def workspace(root: Path, shared_data: Path, lines, llama: Path) -> None:
     (root / "tmp").mkdir()
 
 
+def mirror(root: Path, shared_data: Path) -> list[str]:
+    """``data download multi30k``'s options for a local mirror of its six gzipped files (and their SHA-256), written
+    into the scratch folder instead of $KTRANSFER_DATA (the shared corpora are read-only)."""
+    from ktransfer.data.download import MULTI30K_SPLITS
+
+    folder, options = root / "mirror", ["--dest", "tmp/data"]
+    folder.mkdir()
+    for split, stem in MULTI30K_SPLITS.items():
+        for lang in ("de", "en"):
+            data = gzip.compress((shared_data / "multi30k-de-en" / f"{split}.{lang}").read_bytes(), mtime=0)
+            (folder / f"{stem}.{lang}.gz").write_bytes(data)
+            options += ["--checksum", f"{stem}.{lang}.gz={hashlib.sha256(data).hexdigest()}"]
+    return [*options, "--base-url", folder.as_uri()]
+
+
 def before(line: str, root: Path) -> None:
     """Runs an example reads that no earlier example made: made here from the ones that exist."""
     runs = root / "runs"
@@ -126,6 +144,8 @@ def test_every_help_example_runs(shared_data, multi30k_lines, llama_folder, tmp_
             argv, stdin, stdout = as_call(line)
             if argv != ["reproduce", "--list"] and argv[:1] != ["data"]:
                 argv += TINY.get(argv[0], [])
+            if argv[:2] == ["data", "download"]:
+                argv += mirror(tmp_path, shared_data)
             before(line, tmp_path)
             monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
             capsys.readouterr()
@@ -145,3 +165,5 @@ def test_every_help_example_runs(shared_data, multi30k_lines, llama_folder, tmp_
     assert (tmp_path / "data/multi30k-seqkd/train.en").is_file() and (tmp_path / "data/chat-seqkd").is_dir()
     assert (tmp_path / "published/chat-ka/config.json").is_file() and (tmp_path / "tmp/merged/config.json").is_file()
     assert (tmp_path / "results/ka").is_dir() and (tmp_path / "runs/toy/toy.json").is_file()
+    assert (tmp_path / "tmp/data/multi30k-de-en/train.de").read_bytes() == (
+        shared_data / "multi30k-de-en/train.de").read_bytes()
