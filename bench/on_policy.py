@@ -13,7 +13,8 @@ not depend on the weights, and an untrained model samples to the length limit on
 
 The same ``--batch`` conversations go through every row at step k (rows interleaved, the order rotated from step to
 step, so load from other processes hits them alike); the first ``--warmup`` steps are not timed. Both sides use the
-forward KL KL(teacher || learner) on the completion (ktransfer ``objective.objective=kd``, ``lam=1``; GKD
+forward KL KL(teacher || learner) on the completion (ktransfer ``objective.kind=kd``,
+``objective.divergence_weight=1``; GKD
 ``beta=0``), sampling temperature ``--temperature``, top-k and top-p off, ``--max-new-tokens`` tokens at most, AdamW,
 gradient clipping at 1, fp32 on CPU:
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ktransfer_run(prefix: str, *extra: str):
         overrides = [f"data.corpus={work / 'chat'}", f"model.preset={work / 'learner'}",
-                     f"model.teacher={work / 'teacher'}", "objective.objective=kd", "objective.lam=1",
+                     f"model.teacher={work / 'teacher'}", "objective.kind=kd", "objective.divergence_weight=1",
                      f"objective.prefix={prefix}", f"objective.sample_temperature={args.temperature}",
                      f"objective.sample_max_length={args.max_new_tokens}", "objective.sample_length_scale=null",
                      "model.dropout=0", "optim.clip_norm=1.0", "train.seed=0", f"train.num_threads={args.threads}",

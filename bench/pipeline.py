@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         # forward, teacher forward, transfer_loss, backward, gradient norm, AdamW update. Only the batches are ours (the
         # same for all).
         name = f"{preset}-{objective}-{'bf16' if bf16 else 'fp32'}"
-        overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
-                     f"model.preset={preset}", f"objective.objective={objective}", f"train.bf16={bf16}",
+        overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}",
+                     "data.max_eval_samples=1",
+                     f"model.preset={preset}", f"objective.kind={objective}", f"train.bf16={bf16}",
                      f"train.out_dir={work / name}", "train.seed=0", f"train.num_threads={args.threads}",
                      "train.device=cpu"]
         if objective != "nll":

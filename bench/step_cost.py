@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4096, help="batch size in tokens per side (default: 4096)")
     parser.add_argument("--vocab-size", type=int, default=10000, help="joint BPE vocabulary (default: 10000)")
     parser.add_argument("--top-k", type=int, default=8, help="objective.top_k of the top-k rows; 0: none (default: 8)")
-    parser.add_argument("--lam", type=float, default=0.5, help="objective.lam of kd / ka (default: 0.5)")
+    parser.add_argument("--lam", type=float, default=0.5,
+                        help="objective.divergence_weight of kd / ka (default: 0.5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 rows")
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_run(objective: str, bf16: bool, top_k: int | None, *extra: str, tag: str = ""):
         name = f"{objective}-{'bf16' if bf16 else 'fp32'}-{top_k or 'all'}{tag}"
-        overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}", "data.valid_subset=1",
-                     f"model.preset={args.learner}", f"objective.objective={objective}", f"objective.lam={args.lam}",
+        overrides = [f"data.corpus={args.corpus}", f"data.tokenizer={work / 'tokenizer.json'}",
+                     "data.max_eval_samples=1", f"model.preset={args.learner}", f"objective.kind={objective}",
+                     f"objective.divergence_weight={args.lam}",
                      f"train.bf16={bf16}", f"train.out_dir={work / name}", "train.seed=0",
                      f"train.num_threads={args.threads}", "train.device=cpu"]
         if top_k:

@@ -76,9 +76,9 @@ def main() -> None:
         def cfg(name: str, cached: bool):
             shutil.rmtree(work / name, ignore_errors=True)
             return load_config(None, [
-                f"data.corpus={corpus}", f"data.train_limit={args.pairs}", "data.valid_subset=1",
+                f"data.corpus={corpus}", f"data.max_train_samples={args.pairs}", "data.max_eval_samples=1",
                 f"data.max_tokens={args.max_tokens}", f"model.preset={args.learner}", f"model.teacher={teacher_dir}",
-                "objective.objective=kd", "objective.lam=0.5", f"objective.top_k={args.top_k}",
+                "objective.kind=kd", "objective.divergence_weight=0.5", f"objective.top_k={args.top_k}",
                 f"train.num_threads={args.threads}", f"train.out_dir={work / name}", "train.device=cpu",
                 *([f"train.teacher_cache={cache}"] if cached else [])])
 

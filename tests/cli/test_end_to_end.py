@@ -24,7 +24,7 @@ from ktransfer.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # 300 training pairs, 40 validation pairs, 24-token validation translations, one thread: ~1 s per epoch.
-COMMON = ["data.corpus=multi30k-de-en", "data.train_limit=300", "data.valid_subset=40", "data.vocab_size=800",
+COMMON = ["data.corpus=multi30k-de-en", "data.max_train_samples=300", "data.max_eval_samples=40", "data.vocab_size=800",
           "eval.max_length=24", "model.preset=tiny", "optim.lr=1e-3", "train.num_threads=1", "train.device=cpu",
           "train.seed=3"]
 EVAL = ["--corpus", "multi30k-de-en", "--split", "test2016", "--limit", "50", "--beam", "2", "--max-length", "24"]
@@ -81,7 +81,7 @@ def test_pipeline_teacher_learner_distillation_evaluation_resume(shared_data, tm
     teacher, learner = tmp_path / "teacher", tmp_path / "learner"
 
     # BPE (trained by the teacher's run on its training slice) and the teacher, pre-trained with nll.
-    _train("objective.objective=nll", f"train.out_dir={teacher}", "train.epochs=3")
+    _train("objective.kind=nll", f"train.out_dir={teacher}", "train.epochs=3")
     for name in ("config.yaml", "tokenizer/tokenizer.json", "metrics.jsonl", "train.log",
                  "checkpoints/best/training_state.json", "checkpoints/last/training_state.json"):
         assert (teacher / name).is_file(), name
@@ -89,7 +89,7 @@ def test_pipeline_teacher_learner_distillation_evaluation_resume(shared_data, tm
     assert len(valid) == 3 and valid[-1]["nll"] < valid[0]["nll"]  # it learns something
 
     # The learner, pre-trained with nll on the teacher's tokenizer.
-    _train("objective.objective=nll", f"train.out_dir={learner}", "train.epochs=1",
+    _train("objective.kind=nll", f"train.out_dir={learner}", "train.epochs=1",
            f"data.tokenizer={teacher / 'tokenizer'}")
     assert (learner / "tokenizer/tokenizer.json").read_text() == (teacher / "tokenizer/tokenizer.json").read_text()
 
@@ -97,7 +97,7 @@ def test_pipeline_teacher_learner_distillation_evaluation_resume(shared_data, tm
     scores = {}
     for objective in ("kd", "ka", "half"):
         run = tmp_path / objective
-        _train(f"objective.objective={objective}", f"train.out_dir={run}", "train.epochs=1",
+        _train(f"objective.kind={objective}", f"train.out_dir={run}", "train.epochs=1",
                f"model.init={learner / 'checkpoints' / 'best'}", f"model.teacher={teacher / 'checkpoints' / 'best'}")
         valid = [m for m in _metrics(run) if m["kind"] == "valid"]
         assert len(valid) == 1 and valid[0]["divergence"] > 0  # the teacher term was there
@@ -109,7 +109,7 @@ def test_pipeline_teacher_learner_distillation_evaluation_resume(shared_data, tm
     # Resume after a kill: a ka run killed (SIGKILL, no chance to save) after its first checkpoints, resumed with
     # --resume to the end; then --resume of the finished run has nothing left to do.
     run = tmp_path / "ka-killed"
-    distil = ["objective.objective=ka", "train.epochs=4", f"model.init={learner / 'checkpoints' / 'best'}",
+    distil = ["objective.kind=ka", "train.epochs=4", f"model.init={learner / 'checkpoints' / 'best'}",
               f"model.teacher={teacher / 'checkpoints' / 'best'}"]
     items = [*COMMON, *distil, f"train.out_dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train_args(data: Path, teacher: Path, out: Path, *extra) -> list[str]:
     return ["train", f"data.corpus={data}", f"model.teacher={teacher}", "model.preset=llama-tiny",
-            "objective.objective=kd", "data.max_tokens=800", "data.max_length=120", "eval.max_length=8",
+            "objective.kind=kd", "data.max_tokens=800", "data.max_length=120", "eval.max_length=8",
             "train.max_steps=1", "train.epochs=1", "train.num_threads=1", f"train.out_dir={out}", *extra]
 
 
@@ -310,13 +310,13 @@ def test_transfer_gkd_trainer_takes_a_padded_teacher_and_logs_the_loss_parts(sha
     with pytest.raises(ValueError, match="vocab_size"):  # TRL's own check, unchanged for the stock trainer
         GKDTrainer(model=hf_tiny.gpt2(tok, 0), teacher_model=padded, args=_gkd_config(tmp_path / "s"),
                    processing_class=tok, train_dataset=hf_tiny.chat_dataset(shared_data, 8))
-    ours = _gkd_run(tok, shared_data, tmp_path / "a", padded, objective="kd", lam=0.5, vocab_size=800)
+    ours = _gkd_run(tok, shared_data, tmp_path / "a", padded, objective="kd", divergence_weight=0.5, vocab_size=800)
     assert padded.config.vocab_size == 832  # restored
-    same = _gkd_run(tok, shared_data, tmp_path / "b", teacher, objective="kd", lam=0.5, vocab_size=800)
+    same = _gkd_run(tok, shared_data, tmp_path / "b", teacher, objective="kd", divergence_weight=0.5, vocab_size=800)
     assert len(ours.losses) == 2 and ours.losses == pytest.approx(same.losses, rel=1e-5)
     logged = [r for r in ours.state.log_history if "loss" in r]
     assert logged and all(r["nll"] > 0 and r["divergence"] > 0 for r in logged)
-    for r in logged:  # the loss is its parts' mix: (1 - lam) nll + lam divergence
+    for r in logged:  # the loss is its parts' mix: (1 - w) nll + w divergence
         assert r["loss"] == pytest.approx(0.5 * r["nll"] + 0.5 * r["divergence"], rel=1e-3)
 
 

@@ -18,7 +18,7 @@ from ktransfer.evaluation.analysis import novel_token_counts, token_entropy
 from ktransfer.experiments.reproduce import PRESETS, model_names, parse_overrides, reproduce
 from ktransfer.training.config import ConfigError
 
-FAST = ["data.train_limit=200", "data.valid_subset=20", "data.vocab_size=300", "test_limit=20",
+FAST = ["data.max_train_samples=200", "data.max_eval_samples=20", "data.vocab_size=300", "max_predict_samples=20",
         "analysis_sample=20", "sweep=topk", "topk_values=2", "bootstrap=50"]
 
 
@@ -279,7 +279,7 @@ def test_prefix_sources_add_stages_rows_and_resume(shared_data, tmp_path):
 
     learner_ckpt = str(run / "learner/checkpoints/best")
     c = config("finetune/ka-learner/seed1")
-    assert c["objective"]["prefix"] == "learner" and c["objective"]["objective"] == "ka"
+    assert c["objective"]["prefix"] == "learner" and c["objective"]["kind"] == "ka"
     assert c["data"]["corpus"] == "multi30k-de-en" and c["model"]["init"] == learner_ckpt
     c = config("finetune/ka-teacher/seed1")
     assert c["data"]["corpus"] == str(run / "seqkd") and c["objective"]["prefix"] == "reference"
@@ -436,9 +436,9 @@ def test_column_options_are_checked():
 # ----------------------------------------------------------------------------------------------------------------
 # The first command: `ktransfer reproduce quick`, tiny
 # ----------------------------------------------------------------------------------------------------------------
-QUICK_TINY = ["model.preset=tiny", "data.train_limit=300", "data.valid_subset=30", "data.vocab_size=400",
+QUICK_TINY = ["model.preset=tiny", "data.max_train_samples=300", "data.max_eval_samples=30", "data.vocab_size=400",
               "data.max_tokens=400", "train.epochs=1", "train.num_threads=1", "train.save_every=0", "eval.beam=2",
-              "eval.max_length=24", "test_limit=40", "analysis_sample=20", "bootstrap=100"]
+              "eval.max_length=24", "max_predict_samples=40", "analysis_sample=20", "bootstrap=100"]
 
 
 def test_quick_prints_the_table_and_resumes(shared_data, tmp_path, capsys):

@@ -16,7 +16,8 @@ from ktransfer.training.runfolder import SAFE_KEYS, check_same_run
 
 
 def tiny(shared_data: Path, *extra: str) -> list[str]:
-    return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=40", "data.valid_subset=4",
+    return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=40",
+            "data.max_eval_samples=4",
             "data.vocab_size=300", "data.max_tokens=200", "model.preset=tiny", "eval.max_length=8",
             "train.num_threads=1", "train.max_steps=1", "train.seed=3", *extra]
 
@@ -88,9 +89,41 @@ def test_safe_keys_and_the_global_batch(shared_data, tmp_path):
         "eval.batch_size", "train.epochs", "train.num_threads"]  # 2 x 1 process = 1 x 2 processes: the same step
     with pytest.raises(ConfigError, match=r"optim.accumulate x processes: '2 x 1' -> '1 x 1'"):
         check_same_run(safe, tmp_path, 1)
-    for key, value in (("objective.lam", "0.2"), ("data.train_limit", "5"), ("eval.max_length", "9"),
+    for key, value in (("objective.divergence_weight", "0.2"), ("data.max_train_samples", "5"), ("eval.max_length",
+                                                                                                 "9"),
                        ("optim.lr", "1e-3")):
         assert key not in SAFE_KEYS
         with pytest.raises(ConfigError, match=key):
             check_same_run(load_config(None, [f"train.out_dir={tmp_path}", "optim.accumulate=2", f"{key}={value}"]),
                            tmp_path, 1)
+
+
+def test_a_folder_written_with_the_old_key_names_resumes_as_the_same_run(shared_data, tmp_path, monkeypatch, capsys,
+                                                                        caplog):
+    """A run folder of the last release (config.yaml with objective.objective, data.train_limit, ...): the same
+    command, spelled with the old names or the new ones, finds the same folder and resumes it; each old name logs one
+    deprecation line naming the new key (issue 26, point 8)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny(shared_data, "objective.divergence_weight=0.3")) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = (run / "config.yaml").read_text()
+    assert "divergence_weight: 0.3" in saved and "max_train_samples: 40" in saved and "lam:" not in saved
+    old = (saved.replace("  kind:", "  objective:").replace("divergence_weight:", "lam:")
+           .replace("max_train_samples:", "train_limit:").replace("max_eval_samples:", "valid_subset:"))
+    capsys.readouterr()
+    old_command = [x.replace("data.max_train_samples", "data.train_limit").replace("data.max_eval_samples",
+                                                                                     "data.valid_subset")
+                   for x in tiny(shared_data, "objective.lam=0.3")]
+    caplog.set_level("WARNING")
+    for command in (tiny(shared_data, "objective.divergence_weight=0.3"), old_command):
+        caplog.clear()
+        (run / "config.yaml").write_text(old)  # as the last release wrote it (a resume writes the new names)
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert f"resuming from runs/{run.name}/checkpoints/last" in err and "nothing to do" in err, err
+        lines = [r.getMessage() for r in caplog.records]  # logging's (stderr without a handler of the user's)
+        assert any("config.yaml" in x and "objective.lam is deprecated" in x and "objective.divergence_weight" in x
+                   for x in lines), lines
+        assert any("data.train_limit is deprecated" in x and "use data.max_train_samples" in x for x in lines)
+        assert "holds another run" not in err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name] and step(run) == 1

@@ -27,7 +27,7 @@ SETTINGS = {"beam": 2, "max_length": 16, "batch_size": 4, "limit": 25, "chunk_li
 def teacher(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     train(load_config(None, [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=200", "data.valid_subset=4",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=200", "data.max_eval_samples=4",
         "data.vocab_size=500", "data.max_tokens=300", "model.preset=tiny", "eval.max_length=24", "eval.beam=1",
         "optim.lr=1e-3", "train.num_threads=1", "train.seed=3", "train.epochs=1", f"train.out_dir={out}"]))
     return out
@@ -131,7 +131,7 @@ def test_cli(teacher, tmp_path, capsys):
 def test_a_causal_teacher_gives_seq_kd_data_for_its_learner(shared_data, tmp_path):
     """Seq-KD with a decoder-only teacher (gpt2-tiny): the corpus holds the teacher's greedy responses to the
     instruction prompts (its own ``translate``, batched differently), and a causal learner trains on it."""
-    base = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=200", "data.valid_subset=4",
+    base = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=200", "data.max_eval_samples=4",
             "data.vocab_size=500", "data.max_tokens=400", "model.preset=gpt2-tiny", "eval.max_length=16",
             "eval.beam=1", "optim.lr=3e-3", "train.num_threads=1", "train.seed=3"]
     teacher = tmp_path / "teacher"
@@ -143,7 +143,8 @@ def test_a_causal_teacher_gives_seq_kd_data_for_its_learner(shared_data, tmp_pat
     assert read_lines(out / "train.de") == sources
     model, tokenizer = load_model(teacher / "checkpoints" / "best")
     assert read_lines(out / "train.en") == translate(model, tokenizer, sources, beam=1, max_length=12, batch_size=5)
-    result = train(load_config(None, [*base, f"data.corpus={out}", "objective.objective=kd", "objective.lam=0.5",
+    result = train(load_config(None, [*base, f"data.corpus={out}", "objective.kind=kd",
+                                      "objective.divergence_weight=0.5",
                                       f"model.teacher={teacher / 'checkpoints/best'}",
                                       f"data.tokenizer={teacher / 'tokenizer'}", "train.max_steps=2",
                                       f"train.out_dir={tmp_path / 'learner'}"]))

@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=300", "data.valid_subset=12",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=300", "data.max_eval_samples=12",
         "data.vocab_size=500", "data.max_tokens=300", "model.preset=tiny", "model.dropout=0", "eval.max_length=16",
         "optim.lr=1e-3", "train.num_threads=1", "train.log_every=1", "train.seed=3", "train.epochs=1",
         "train.save_every=0", f"train.out_dir={out_dir}", *extra,
@@ -79,7 +79,7 @@ def setting(shared_data, tmp_path_factory) -> dict:
     whole epoch) and ``one`` (its first 5 steps)."""
     root = tmp_path_factory.mktemp("ddp")
     train(load_config(None, overrides(shared_data, root / "teacher", "train.max_steps=2")))
-    kd = ("objective.objective=kd", f"model.teacher={root / 'teacher/checkpoints/last'}")
+    kd = ("objective.kind=kd", f"model.teacher={root / 'teacher/checkpoints/last'}")
     reference, one = root / "reference", root / "one"
     train(load_config(None, overrides(shared_data, reference, *kd, "optim.accumulate=2")))
     train(load_config(None, overrides(shared_data, one, *kd, "optim.accumulate=2", "train.max_steps=5")))
@@ -181,7 +181,7 @@ def test_causal_learner_on_two_processes_equals_one(shared_data, tmp_path):
     gpt2 = ("model.preset=gpt2-tiny", "data.max_tokens=400")
     teacher = tmp_path / "teacher"
     train(load_config(None, overrides(shared_data, teacher, *gpt2, "train.max_steps=2")))
-    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
+    ka = (*gpt2, "objective.kind=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
           "train.max_steps=3")
     proc = torchrun(overrides(shared_data, tmp_path / "two", *ka))
     assert proc.stdout.count("max_steps after 3 steps") == 1
@@ -198,7 +198,7 @@ def test_on_policy_learner_on_two_processes_equals_one(shared_data, tmp_path):
     2 processes x 3 steps == 1 process with accumulate=2."""
     teacher = tmp_path / "teacher"
     train(load_config(None, overrides(shared_data, teacher, "train.max_steps=2")))
-    on = ("objective.objective=kd", f"model.teacher={teacher / 'checkpoints/last'}", "objective.prefix=learner",
+    on = ("objective.kind=kd", f"model.teacher={teacher / 'checkpoints/last'}", "objective.prefix=learner",
           "objective.sample_max_length=10", "train.max_steps=3")
     proc = torchrun(overrides(shared_data, tmp_path / "two", *on))
     assert proc.stdout.count("max_steps after 3 steps") == 1
@@ -226,8 +226,9 @@ def test_reproduce_on_two_processes(shared_data, tmp_path, monkeypatch):
     """``torchrun ... ktransfer reproduce``: every stage runs once, rank 0 alone writes the run's files and logs."""
     monkeypatch.setenv("KTRANSFER_DATA", str(shared_data))
     run = tmp_path / "run"
-    args = ["smoke", "--out", str(run), "data.train_limit=120", "data.valid_subset=8", "data.vocab_size=300",
-            "test_limit=8", "analysis_sample=8", "table_sentences=1", "seeds=1", "objectives=kd,ka", "control=false",
+    args = ["smoke", "--out", str(run), "data.max_train_samples=120", "data.max_eval_samples=8", "data.vocab_size=300",
+            "max_predict_samples=8", "analysis_sample=8", "table_sentences=1", "seeds=1", "objectives=kd,ka",
+            "control=false",
             "bootstrap=20", "teacher.train.epochs=1", "finetune.train.epochs=1"]
     proc = torchrun(args, command="reproduce", timeout=900)
     stages = json.loads((run / "stages.json").read_text())
@@ -270,7 +271,7 @@ def test_fsdp_causal_one_process_checkpoint_resumed_on_two(shared_data, tmp_path
     gpt2 = ("model.preset=gpt2-tiny", "data.max_tokens=400")
     teacher = tmp_path / "teacher"
     train(load_config(None, overrides(shared_data, teacher, *gpt2, "train.max_steps=2")))
-    ka = (*gpt2, "objective.objective=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
+    ka = (*gpt2, "objective.kind=ka", "objective.top_k=8", f"model.teacher={teacher / 'checkpoints/last'}",
           "optim.schedule=inverse_sqrt", "optim.warmup_steps=4")  # the restored schedule matters
     train(load_config(None, overrides(shared_data, tmp_path / "ref", *ka, "optim.accumulate=2", "train.max_steps=6")))
     mixed = tmp_path / "mixed"

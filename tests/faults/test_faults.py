@@ -72,7 +72,7 @@ def test_evil_folder_is_live_with_plain_transformers(tmp_path):
 def test_auto_map_folder_never_runs_its_code(tmp_path, shared_data):
     folder, marker = evil_folder(tmp_path)
     rc, _, err = run_cli("train", f"model.preset={folder}", f"data.corpus={shared_data / 'multi30k-de-en'}",
-                         "data.train_limit=200", "data.vocab_size=300", f"train.out_dir={tmp_path / 'run'}",
+                         "data.max_train_samples=200", "data.vocab_size=300", f"train.out_dir={tmp_path / 'run'}",
                          stdin="y\ny\ny\n")
     assert rc == 2 and not marker.exists()
     assert "auto_map" in err and "trust_remote_code" in err and "Traceback" not in err
@@ -413,7 +413,8 @@ def test_a_write_error_in_training_is_one_line_naming_the_path(tmp_path, shared_
 
     monkeypatch.setattr("builtins.open", read_only)
     monkeypatch.setattr("os.open", read_only_fd)
-    rc = main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=50", "data.vocab_size=200",
+    rc = main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=50",
+               "data.vocab_size=200",
                "model.preset=tiny", f"train.out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert rc == 1 and f"ktransfer train: error: {tmp_path / 'run' / 'train.log'}: Read-only file system" in err
@@ -474,8 +475,9 @@ def test_the_pid_is_named_when_the_holder_writes_it_just_after_locking(tmp_path,
 
 def test_two_trainings_into_one_folder(tmp_path, shared_data):
     """Two identical commands at once: one trains, the other stops at once naming the first one's PID."""
-    args = ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.vocab_size=200",
-            "data.valid_subset=10", "model.preset=tiny", "eval.max_length=8", "train.num_threads=1",
+    args = ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=100",
+            "data.vocab_size=200",
+            "data.max_eval_samples=10", "model.preset=tiny", "eval.max_length=8", "train.num_threads=1",
             f"train.out_dir={tmp_path / 'run'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     procs = [subprocess.Popen([sys.executable, "-m", "ktransfer", *args], env=env, cwd=REPO_ROOT, text=True,
@@ -500,7 +502,7 @@ def test_ten_kills_at_random_moments_then_resume_bit_identical(shared_data, tmp_
     from ktransfer.training.config import load_config
     from ktransfer.training.train import train
 
-    args = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=300", "data.valid_subset=10",
+    args = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=300", "data.max_eval_samples=10",
             "data.vocab_size=300", "data.max_tokens=200", "model.preset=tiny", "model.dropout=0.3",
             "eval.max_length=8", "train.num_threads=1", "train.seed=5", "train.epochs=2", "train.save_every=1",
             "train.log_every=1"]
@@ -559,8 +561,8 @@ def test_links_inside_a_run_folder_are_refused_and_nothing_outside_changes(tmp_p
         target.write_text("line one\nline two\n")
     (run / entry).symlink_to(target)
     before = {p: p.read_bytes() for p in outside.iterdir()}
-    rc, _, err = run_cli("train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=40",
-                         "data.vocab_size=200", "data.valid_subset=5", "model.preset=tiny", "eval.max_length=4",
+    rc, _, err = run_cli("train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=40",
+                         "data.vocab_size=200", "data.max_eval_samples=5", "model.preset=tiny", "eval.max_length=4",
                          "train.num_threads=1", "train.epochs=1", f"train.out_dir={run}", timeout=300)
     assert rc != 0 and f"{run / entry}: is a symbolic link" in err and "Traceback" not in err, err
     assert {p: p.read_bytes() for p in outside.iterdir()} == before
@@ -626,8 +628,9 @@ def test_a_config_file_cannot_turn_on_remote_code(tmp_path, shared_data, monkeyp
     folder, marker = evil_folder(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    yaml_text = (f"data:\n  corpus: {shared_data / 'multi30k-de-en'}\n  train_limit: 40\nmodel:\n  teacher: {folder}\n"
-                 "  trust_remote_code: true\nobjective:\n  objective: kd\n")
+    yaml_text = (f"data:\n  corpus: {shared_data / 'multi30k-de-en'}\n  max_train_samples: 40\n"
+                 f"model:\n  teacher: {folder}\n"
+                 "  trust_remote_code: true\nobjective:\n  kind: kd\n")
     (run / "config.yaml").write_text(yaml_text)
     (tmp_path / "shared.yaml").write_text(yaml_text)
     for items in ([str(run)], [str(tmp_path / "shared.yaml"), f"train.out_dir={tmp_path / 'run2'}"]):

@@ -260,7 +260,7 @@ def train_args(tmp_path: Path, teacher: Path, out: Path, *extra: str) -> list[st
     corpus.write_text("".join(json.dumps({"prompt": f"a man {i}", "completion": "rides a horse"}) + "\n"
                               for i in range(20)))
     return ["train", f"data.corpus={corpus}", "data.max_length=24",
-            "objective.objective=kd", "objective.top_k=4", f"model.teacher={teacher}", "model.preset=gpt2-tiny",
+            "objective.kind=kd", "objective.top_k=4", f"model.teacher={teacher}", "model.preset=gpt2-tiny",
             "eval.max_length=4", "train.num_threads=1", "train.epochs=1", "train.max_steps=1", f"train.out_dir={out}",
             *extra]
 

@@ -262,7 +262,7 @@ def test_translate_batched_equals_one_by_one_and_skips_empty(small_tokenizer, pa
 # --------------------------------------------------------------------------------------------------------------
 def _config(shared_data: Path, out: Path, *extra: str):
     return load_config(None, [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=200", "data.valid_subset=16",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=200", "data.max_eval_samples=16",
         "data.vocab_size=500", "data.max_tokens=400", "model.preset=gpt2-tiny", "eval.max_length=16",
         "eval.batch_size=16", "optim.lr=3e-3", "train.num_threads=1", "train.log_every=5", "train.seed=2",
         "train.epochs=1", f"train.out_dir={out}", *extra])
@@ -273,8 +273,8 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
     from ktransfer.training.train import setup, train
 
     teacher = tmp_path / "teacher"
-    train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=10"))
-    run = setup(_config(shared_data, tmp_path / "probe", "objective.objective=ka", "objective.top_k=8",
+    train(_config(shared_data, teacher, "objective.kind=nll", "train.max_steps=10"))
+    run = setup(_config(shared_data, tmp_path / "probe", "objective.kind=ka", "objective.top_k=8",
                         f"model.teacher={teacher / 'checkpoints/best'}"))
     assert run.family is CAUSAL and family_of(run.teacher) is CAUSAL
     assert causal.instruction(run.model) == "Translate German to English:"
@@ -290,8 +290,8 @@ def test_distil_gpt2_tiny_learner_trains_resumes_and_evaluates(shared_data, tmp_
     assert out.loss.item() == pytest.approx(full.loss.item(), rel=1e-5) and int(out.num_tokens) == int(
         full.num_tokens) == sum(len(r) for r in run.data.valid_ids[1][:6])
 
-    learner = [f"model.teacher={teacher / 'checkpoints/best'}", "objective.objective=ka", "objective.top_k=8",
-               "objective.lam=0.5", "train.epochs=2"]
+    learner = [f"model.teacher={teacher / 'checkpoints/best'}", "objective.kind=ka", "objective.top_k=8",
+               "objective.divergence_weight=0.5", "train.epochs=2"]
     first = train(_config(shared_data, tmp_path / "learner", *learner, "train.max_steps=10"))
     assert first["stopped"] == "max_steps" and first["step"] == 10
     second = train(_config(shared_data, tmp_path / "learner", *learner, "train.max_steps=20"))
@@ -324,8 +324,8 @@ def test_bf16_autocast_on_a_causal_learner_with_its_own_samples(shared_data, tmp
     from ktransfer.training.train import collate_batch, compute_loss, setup, train
 
     teacher = tmp_path / "teacher"
-    train(_config(shared_data, teacher, "objective.objective=nll", "train.max_steps=5"))
-    args = ["objective.objective=ka", "objective.top_k=8", "objective.lam=0.5",
+    train(_config(shared_data, teacher, "objective.kind=nll", "train.max_steps=5"))
+    args = ["objective.kind=ka", "objective.top_k=8", "objective.divergence_weight=0.5",
             f"model.teacher={teacher / 'checkpoints/best'}"]
     losses = {}
     for bf16 in ("false", "true"):

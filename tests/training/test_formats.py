@@ -129,7 +129,7 @@ def test_chat_data_needs_a_chat_template(lines, shared_data, tmp_path, capsys, s
     data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(lines, 20))
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={data}", f"data.tokenizer={tmp_path / 'tok'}", "model.preset=llama-tiny",
-                 "objective.objective=nll", f"train.out_dir={out}"]) == 2
+                 "objective.kind=nll", f"train.out_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert "chat data needs a tokenizer with a chat template" in err and "Traceback" not in err
     assert not out.exists()
@@ -140,7 +140,7 @@ def test_an_encoder_decoder_refuses_chat_data(lines, tmp_path, capsys, small_tok
     data = _write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in lines["en"][:20]])
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={data}", f"data.tokenizer={tmp_path / 'tok'}", "model.preset=tiny",
-                 "objective.objective=nll", f"train.out_dir={out}"]) == 2
+                 "objective.kind=nll", f"train.out_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert "data.format: encoder-decoder models take parallel or prompt_completion data, not 'text'" in err
     assert not out.exists()
@@ -235,7 +235,7 @@ def _data(kind: str, lines, folder: Path) -> Path:
 
 def _args(data: Path, teacher: Path, out: Path, *extra) -> list[str]:
     return ["train", f"data.corpus={data}", f"model.teacher={teacher}", "model.preset=llama-tiny",
-            "objective.objective=ka", "objective.top_k=8", "data.max_tokens=800", "data.max_length=120",
+            "objective.kind=ka", "objective.top_k=8", "data.max_tokens=800", "data.max_length=120",
             "eval.max_length=12", "eval.valid_examples=2", "optim.lr=3e-3", "train.max_steps=4", "train.epochs=1",
             "train.num_threads=1", f"train.out_dir={out}", *extra]
 
@@ -333,7 +333,7 @@ def test_distill_data_gives_the_teachers_completions(lines, teacher, tmp_path):
     assert [m["content"] for r in got for m in r["messages"] if m["role"] == "assistant"] == want
     assert (out / "valid.jsonl").read_text() == (data / "valid.jsonl").read_text()  # other splits copied
     assert main(["train", f"data.corpus={out}", f"model.teacher={teacher}", "model.preset=llama-tiny",
-                 "objective.objective=kd", "train.max_steps=2", "train.epochs=1", "data.max_length=120",
+                 "objective.kind=kd", "train.max_steps=2", "train.epochs=1", "data.max_length=120",
                  "eval.max_length=6", f"train.out_dir={tmp_path / 'run'}"]) == 0
 
 

@@ -95,10 +95,10 @@ def test_fused_training_equals_unfused(shared_data, teacher_dir, tmp_path, objec
     for fused in (False, True):
         out = tmp_path / f"fused{fused}"
         cfg = load_config(None, [
-            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.valid_subset=8",
+            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=100", "data.max_eval_samples=8",
             "data.max_tokens=300", "model.preset=tiny", "eval.max_length=12", "optim.lr=1e-3",
             "train.num_threads=1", "train.seed=3", "train.epochs=1", "train.max_steps=3", f"train.out_dir={out}",
-            f"model.teacher={teacher_dir}", f"objective.objective={objective}", "objective.lam=0.6",
+            f"model.teacher={teacher_dir}", f"objective.kind={objective}", "objective.divergence_weight=0.6",
             f"objective.top_k={'null' if top_k is None else top_k}", "objective.temperature=1.5",
             f"train.fused_head={str(fused).lower()}"])
         calls.clear()

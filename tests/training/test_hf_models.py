@@ -182,8 +182,8 @@ def test_chat_special_tokens_are_single_ids(lines, tmp_path):
 # Distil, evaluate, reload with transformers, generate the same
 # --------------------------------------------------------------------------------------------------------------
 def _train_args(shared_data: Path, out: Path, folder: Path, preset: str) -> list[str]:
-    return ["train", f"model.teacher={folder}", f"model.preset={preset}", "objective.objective=kd",
-            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=120", "data.valid_subset=6",
+    return ["train", f"model.teacher={folder}", f"model.preset={preset}", "objective.kind=kd",
+            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=120", "data.max_eval_samples=6",
             "data.max_tokens=600", "data.max_length=60", "eval.max_length=12", "eval.batch_size=8",
             "optim.lr=3e-3", "train.max_steps=3", "train.epochs=1", "train.num_threads=1", f"train.out_dir={out}"]
 

@@ -9,6 +9,7 @@ wrong loss scale would show in the weights, a few steps each.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 
 import hf_tiny
@@ -80,7 +81,8 @@ def test_transfer_trainer_step_is_hf_loss_of_the_batch_seq2seq(tok, shared_data,
     start = copy.deepcopy(learner)
     trainer = type("T", (_Recorder, TransferTrainer), {})(
         model=learner, teacher_model=teacher, args=_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
-        train_dataset=data, data_collator=_collator(tok), objective="ka", lam=0.3, top_k=4, temperature=2.0)
+        train_dataset=data, data_collator=_collator(tok), objective="ka", divergence_weight=0.3, top_k=4,
+        temperature=2.0)
     trainer.train()
     inputs, n = trainer.seen[0]
     labels = inputs.pop("labels")
@@ -104,7 +106,8 @@ def _gkd(tok, shared_data, tmp_path, cls, n=16, teacher_scale=1.0, **kw):
     except ImportError:
         from trl import GKDConfig
 
-    loss_kw = {k: kw.pop(k) for k in list(kw) if k in ("objective", "lam", *TRANSFER_OPTIONS) and k != "beta"}
+    names = ("objective", "divergence_weight", "lam", *TRANSFER_OPTIONS)
+    loss_kw = {k: kw.pop(k) for k in list(kw) if k in names and k != "beta"}
     args = GKDConfig(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                 max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
                                 report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0, lmbda=0.5,
@@ -141,7 +144,7 @@ def test_transfer_gkd_trainer_trains_top_k_ka(tok, shared_data, tmp_path):
 
     trainer, _ = _gkd(tok, shared_data, tmp_path, TransferGKDTrainer, n=4, teacher_scale=3.0, lmbda=0.0,
                       gradient_accumulation_steps=1, max_steps=8, optim="adamw_torch", learning_rate=1e-2,
-                      objective="ka", lam=0.5, top_k=8)
+                      objective="ka", divergence_weight=0.5, top_k=8)
     inputs, n = trainer.seen[0]
     start = hf_tiny.gpt2(tok, 0)
     x = {k: inputs[k] for k in ("input_ids", "attention_mask")}
@@ -153,3 +156,31 @@ def test_transfer_gkd_trainer_trains_top_k_ka(tok, shared_data, tmp_path):
     losses = trainer.losses
     assert losses[0] == pytest.approx(float(top8.loss), rel=1e-5) and abs(float(full.loss - top8.loss)) > 1e-3
     assert all(x == x for x in losses) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_divergence_weight_keyword_and_its_deprecated_name_lam(tok, shared_data, tmp_path, caplog):
+    """``divergence_weight=`` is the trainers' name of the weight of D (TRL's ``lmbda`` is GKD's on-policy fraction);
+    ``lam=`` still works for this release with one deprecation line, and both at once is an error."""
+    import logging
+
+    from ktransfer.integrations.hf_trainer import TransferTrainer
+
+    caplog.set_level(logging.WARNING)
+    kw = dict(model=hf_tiny.marian(tok, 0), teacher_model=hf_tiny.marian(tok, 1), args=_args(tmp_path),
+              data_collator=_collator(tok), objective="ka")
+    assert TransferTrainer(**kw).transfer_spec.lam == 0.5  # the default
+    new = TransferTrainer(**kw, divergence_weight=0.3)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    old = TransferTrainer(**kw, lam=0.3)
+    assert old.transfer_spec == new.transfer_spec and new.transfer_spec.lam == 0.3
+    (line,) = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert "TransferTrainer(lam=...): lam is deprecated" in line and "use divergence_weight" in line
+    with pytest.raises(TypeError, match="both divergence_weight= and lam="):
+        TransferTrainer(**kw, divergence_weight=0.3, lam=0.3)
+    if importlib.util.find_spec("trl") is not None:
+        from ktransfer.integrations.gkd import TransferGKDTrainer
+
+        trainer, _ = _gkd(tok, shared_data, tmp_path / "gkd", TransferGKDTrainer, n=4, max_steps=1, lam=0.7,
+                          objective="kd")
+        assert trainer.transfer_spec.lam == 0.7
+        assert any("TransferGKDTrainer(lam=...): lam is deprecated" in r.getMessage() for r in caplog.records)

@@ -20,7 +20,7 @@ from ktransfer.training import loop
 from ktransfer.training.config import RunConfig, load_config
 from ktransfer.training.train import setup, train
 
-CORPUS_SETTINGS = ("data.train_limit=300", "data.valid_subset=20", "data.vocab_size=500", "model.preset=tiny",
+CORPUS_SETTINGS = ("data.max_train_samples=300", "data.max_eval_samples=20", "data.vocab_size=500", "model.preset=tiny",
                    "eval.max_length=16", "optim.lr=1e-3", "train.num_threads=1", "train.seed=3", "train.epochs=1")
 
 
@@ -134,7 +134,7 @@ def test_eval_every_validates_by_steps_and_resumes_with_the_cadence(shared_data,
     """train.eval_every=4 over 2 epochs of 10 updates: validations at updates 4, 8, ..., 20 (not at the epoch's end),
     the best checkpoint is the best of them, and a run killed mid-epoch resumes with the same validations as an
     uninterrupted one (same steps, same losses)."""
-    extra = ("data.batch_size=30", "data.train_limit=300", "train.epochs=2", "train.eval_every=6", "train.log_every=1",
+    extra = ("data.batch_size=30", "data.max_train_samples=300", "train.epochs=2", "train.eval_every=6", "train.log_every=1",
              "train.save_every=3")
     reference = train(config(shared_data, tmp_path / "reference", *extra))
     n = reference["step"]

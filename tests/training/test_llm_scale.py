@@ -29,8 +29,9 @@ def seq2seq_teacher(small_tokenizer, tmp_path_factory) -> Path:
 
 def _run(shared_data, tmp_path, teacher: Path, preset: str, *extra):
     cfg = load_config(None, [f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={teacher}",
-                             f"model.preset={preset}", "model.dropout=0.0", "objective.objective=kd",
-                             "objective.lam=0.5", "data.train_limit=64", "data.valid_subset=4", "data.max_tokens=400",
+                             f"model.preset={preset}", "model.dropout=0.0", "objective.kind=kd",
+                             "objective.divergence_weight=0.5", "data.max_train_samples=64",
+                             "data.max_eval_samples=4", "data.max_tokens=400",
                              "data.max_length=40", "train.seed=3", f"train.out_dir={tmp_path}", *extra])
     return setup(cfg)
 
@@ -77,8 +78,8 @@ def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, llama_
 
     out = tmp_path / "run"
     assert main(["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
-                 "model.preset=llama-tiny", "model.dtype=bfloat16", "objective.objective=kd", "data.train_limit=64",
-                 "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=8", "train.max_steps=3",
+                 "model.preset=llama-tiny", "model.dtype=bfloat16", "objective.kind=kd", "data.max_train_samples=64",
+                 "data.max_eval_samples=4", "data.max_tokens=400", "eval.max_length=8", "train.max_steps=3",
                  "train.epochs=1", f"train.out_dir={out}"]) == 0
     model, _ = load_model(out / "checkpoints" / "last")
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -89,7 +90,7 @@ def test_a_bf16_learner_trains_and_keeps_its_dtype(shared_data, tmp_path, llama_
 # --------------------------------------------------------------------------------------------------------------
 def _lora_args(shared_data, base: Path, out: Path, steps: int) -> list[str]:
     return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.init={base}", "model.lora_r=4",
-            "model.lora_alpha=8", "objective.objective=nll", "data.train_limit=96", "data.valid_subset=4",
+            "model.lora_alpha=8", "objective.kind=nll", "data.max_train_samples=96", "data.max_eval_samples=4",
             "data.max_tokens=400", "data.max_length=40", "eval.max_length=6", "optim.lr=1e-2",
             f"train.max_steps={steps}", "train.epochs=50", "train.log_every=1", "train.save_every=1",
             "train.num_threads=1", f"train.out_dir={out}"]
@@ -215,8 +216,8 @@ def test_causal_training_with_the_fused_head_equals_unfused(shared_data, tmp_pat
 
     def args(out, fused):
         return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
-                "model.preset=llama-tiny", "objective.objective=ka", "objective.top_k=4", "data.train_limit=48",
-                "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=3",
+                "model.preset=llama-tiny", "objective.kind=ka", "objective.top_k=4", "data.max_train_samples=48",
+                "data.max_eval_samples=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=3",
                 "train.epochs=1", f"train.fused_head={str(fused).lower()}", f"train.out_dir={out}"]
 
     assert main(args(tmp_path / "plain", False)) == 0 and main(args(tmp_path / "fused", True)) == 0
@@ -235,8 +236,8 @@ def test_causal_training_from_the_teacher_cache_equals_the_live_teacher(shared_d
 
     def args(out, *extra):
         return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", f"model.teacher={llama_folder}",
-                "model.preset=llama-tiny", "objective.objective=kd", "objective.top_k=4", "data.train_limit=48",
-                "data.valid_subset=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=4",
+                "model.preset=llama-tiny", "objective.kind=kd", "objective.top_k=4", "data.max_train_samples=48",
+                "data.max_eval_samples=4", "data.max_tokens=400", "eval.max_length=6", "train.max_steps=4",
                 "train.epochs=1", f"train.out_dir={out}", *extra]
 
     assert main(args(tmp_path / "live")) == 0

@@ -41,10 +41,10 @@ def models(small_tokenizer, tmp_path_factory):
 
 def _loss(shared_data, out, teacher, learner, *extra):
     cfg = load_config(None, [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=24", "data.valid_subset=4",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=24", "data.max_eval_samples=4",
         "data.max_tokens=300", "eval.max_length=12", "train.num_threads=1", "train.seed=3", f"train.out_dir={out}",
-        f"model.teacher={teacher}", f"model.init={learner}", "model.dropout=0", "objective.objective=kd",
-        "objective.lam=0.6", "objective.top_k=6", "objective.temperature=1.5", *extra])
+        f"model.teacher={teacher}", f"model.init={learner}", "model.dropout=0", "objective.kind=kd",
+        "objective.divergence_weight=0.6", "objective.top_k=6", "objective.temperature=1.5", *extra])
     run = setup(cfg)
     assert run.model.lm_head.weight.shape[0] == run.tokenizer.vocab_size + PAD_ROWS
     batch = training_batch(run, run.data.sampler.epoch_batches(0)[0])
@@ -69,10 +69,10 @@ def test_padded_learner_gets_the_same_loss_on_every_path(shared_data, models, tm
     # the padding rows matter: the softmax over all V + 8 rows gives another loss (what the old fused path did)
     from ktransfer.losses.spec import LossSpec
 
-    run = setup(load_config(None, [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=24",
-                                   "data.valid_subset=4", "data.max_tokens=300", "eval.max_length=12",
+    run = setup(load_config(None, [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=24",
+                                   "data.max_eval_samples=4", "data.max_tokens=300", "eval.max_length=12",
                                    f"train.out_dir={tmp_path / 'unsliced'}", f"model.teacher={teacher}",
-                                   f"model.init={learner}", "model.dropout=0", "objective.objective=nll"]))
+                                   f"model.init={learner}", "model.dropout=0", "objective.kind=nll"]))
     assert run.signals.spec == LossSpec(objective="nll", lam=0.5, vocab_size=run.tokenizer.vocab_size)
     batch = training_batch(run, run.data.sampler.epoch_batches(0)[0])
     sliced = compute_loss(run, batch)

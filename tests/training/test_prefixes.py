@@ -23,7 +23,7 @@ from ktransfer.training.train import collate_batch, compute_loss, setup, train
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=200", "data.valid_subset=4",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=200", "data.max_eval_samples=4",
         "data.vocab_size=500", "data.max_tokens=300", "model.preset=tiny", "eval.max_length=24", "eval.beam=1",
         "optim.lr=1e-3", "train.num_threads=1", "train.log_every=1", "train.seed=3", "train.epochs=1",
         f"train.out_dir={out_dir}", *extra,
@@ -39,7 +39,7 @@ def teacher(shared_data, tmp_path_factory) -> Path:
 
 
 def learner_config(shared_data, out_dir, teacher, *extra):
-    return load_config(None, overrides(shared_data, out_dir, "objective.objective=kd", f"model.teacher={teacher}",
+    return load_config(None, overrides(shared_data, out_dir, "objective.kind=kd", f"model.teacher={teacher}",
                                        "objective.prefix=learner", "objective.sample_max_length=20",
                                        "model.dropout=0", *extra))
 
@@ -70,12 +70,12 @@ def test_config_errors_name_the_key(items, key):
 
 def test_config_accepts_prefixes():
     assert load_config(None, []).objective.prefix == "reference"
-    cfg = load_config(None, ["objective.objective=ka", "model.teacher=t", "objective.prefix=mixed",
+    cfg = load_config(None, ["objective.kind=ka", "model.teacher=t", "objective.prefix=mixed",
                              "objective.on_policy_fraction=0.25", "objective.sample_top_p=0.9"])
     ob = cfg.objective
     assert (ob.prefix, ob.on_policy_fraction, ob.sample_top_p, ob.sample_max_length) == ("mixed", 0.25, 0.9, None)
     assert SampleSettings.from_config(cfg).max_new_tokens == cfg.eval.max_length
-    with pytest.raises(ConfigError, match="objective.objective=nll"):
+    with pytest.raises(ConfigError, match="objective.kind=nll"):
         load_config(None, ["objective.prefix=learner"])
 
 
@@ -166,7 +166,7 @@ def test_gradient_is_that_of_the_divergence_on_fixed_samples(teacher, shared_dat
     samples held fixed, computed separately in float64 with plain torch; with ``num_tokens`` = N the loss scales
     by n_ref / N (each micro-batch weighted by its share of reference tokens)."""
     lam = 0.3
-    run = setup(learner_config(shared_data, tmp_path / "run", teacher, f"objective.lam={lam}"))
+    run = setup(learner_config(shared_data, tmp_path / "run", teacher, f"objective.divergence_weight={lam}"))
     batch = first_batch(run)
     out = compute_loss(run, batch)
     out.loss.backward()
@@ -206,7 +206,7 @@ def test_gradient_is_that_of_the_divergence_on_fixed_samples(teacher, shared_dat
 def test_mixed_at_0_and_1_and_validation(teacher, shared_data, tmp_path):
     """mixed(0) gives the reference loss, mixed(1) the learner loss, on the same batch; learner and reference
     differ; without gradients (validation) every prefix source gives the reference loss."""
-    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.lam=0.5"))
+    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.divergence_weight=0.5"))
     batch = first_batch(run)
     ob = run.cfg.objective
 
@@ -242,6 +242,10 @@ def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, m
     monkeypatch.setattr(Seq2SeqFamily, "on_policy_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
     train(learner_config(shared_data, tmp_path / "straight", teacher, *extra, "train.max_steps=4"))
     assert 0 < len(sampled) < 4  # both prefix sources were used
+    log = (tmp_path / "straight/train.log").read_text(encoding="utf-8")  # the source and its settings, at start
+    assert ("prefixes: mixed (objective.prefix), on-policy: the learner's samples on a batch with probability 0.5 "
+            "(objective.on_policy_fraction), the reference otherwise; temperature 1, top-p 1, top-k all") in log
+    assert "at most min(12, ceil(2 x the reference's tokens) + 8) tokens per sample" in log
     a, b = weights(tmp_path / "resumed/checkpoints/last"), weights(tmp_path / "straight/checkpoints/last")
     assert a.keys() == b.keys()
     for key in a:
@@ -254,15 +258,15 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
     ``CausalFamily.on_policy_batch`` samples with the same settings, computed again here with plain torch."""
     def cfg(out, *extra):
         return load_config(None, [
-            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.valid_subset=4",
+            f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=100", "data.max_eval_samples=4",
             "data.vocab_size=500", "data.max_tokens=400", "model.preset=gpt2-tiny", "eval.max_length=12",
             "train.num_threads=1", "train.seed=2", f"train.out_dir={out}", *extra])
 
     train(cfg(tmp_path / "teacher", "train.max_steps=2"))
     lam = 0.4
     best = tmp_path / "teacher/checkpoints/best"
-    run = setup(cfg(tmp_path / "run", "objective.objective=kd", f"model.teacher={best}", "objective.prefix=learner",
-                    f"objective.lam={lam}", "objective.sample_max_length=8",
+    run = setup(cfg(tmp_path / "run", "objective.kind=kd", f"model.teacher={best}", "objective.prefix=learner",
+                    f"objective.divergence_weight={lam}", "objective.sample_max_length=8",
                     "model.dropout=0"))
     assert run.family is CAUSAL
     batch = first_batch(run)
@@ -284,7 +288,7 @@ def test_causal_learner_uses_causal_samples(shared_data, tmp_path):
 def test_lam_1_runs_only_the_sampled_rows(teacher, shared_data, tmp_path):
     """At lam = 1 the NLL has no weight: the learner runs once (over the sampled rows), the loss is the KL on the
     samples computed again with plain torch, and the reported nll is 0."""
-    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.lam=1"))
+    run = setup(learner_config(shared_data, tmp_path / "run", teacher, "objective.divergence_weight=1"))
     batch = first_batch(run)
     calls = []
 

@@ -132,11 +132,11 @@ def test_a_run_with_objective_tail(shared_data, tmp_path):
     from ktransfer.training.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="objective.tail: needs objective.top_k"):
-        load_config(None, ["objective.objective=ka", "objective.tail=true"])
+        load_config(None, ["objective.kind=ka", "objective.tail=true"])
     teacher = tmp_path / "teacher"
-    base = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=100", "data.valid_subset=4",
+    base = [f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=100", "data.max_eval_samples=4",
             "data.vocab_size=400", "data.max_tokens=400", "model.preset=tiny", "eval.max_length=6",
             "train.epochs=1", "train.num_threads=1"]
     assert main(["train", *base, "train.max_steps=2", f"train.out_dir={teacher}"]) == 0
-    assert main(["train", *base, "train.max_steps=3", "objective.objective=ka", "objective.top_k=4",
+    assert main(["train", *base, "train.max_steps=3", "objective.kind=ka", "objective.top_k=4",
                  "objective.tail=true", f"model.teacher={teacher}", f"train.out_dir={tmp_path / 'ka'}"]) == 0

@@ -187,10 +187,10 @@ def teacher_dir(shared_data, small_tokenizer, tmp_path_factory):
 
 def _cfg(shared_data, out, teacher_dir, *extra):
     return load_config(None, [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=120", "data.valid_subset=8",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=120", "data.max_eval_samples=8",
         "data.max_tokens=300", "model.preset=tiny", "eval.max_length=12", "optim.lr=1e-3", "train.num_threads=1",
         "train.seed=3", "train.epochs=1", "train.max_steps=4", f"train.out_dir={out}", f"model.teacher={teacher_dir}",
-        "objective.lam=0.6", "objective.top_k=6", *extra])
+        "objective.divergence_weight=0.6", "objective.top_k=6", *extra])
 
 
 def test_training_with_cache_equals_training_without(shared_data, teacher_dir, tmp_path):
@@ -198,7 +198,7 @@ def test_training_with_cache_equals_training_without(shared_data, teacher_dir, t
     runs = {}
     for name, extra in (("live", ()), ("cached", (f"train.teacher_cache={cache}",)),
                         ("reused", (f"train.teacher_cache={cache}",))):
-        runs[name] = train(_cfg(shared_data, tmp_path / name, teacher_dir, "objective.objective=kd",
+        runs[name] = train(_cfg(shared_data, tmp_path / name, teacher_dir, "objective.kind=kd",
                                 "objective.temperature=1.5", *extra))
         if name == "cached":
             built = (cache / "manifest.json").stat().st_mtime_ns
@@ -217,10 +217,10 @@ def test_training_with_cache_equals_training_without(shared_data, teacher_dir, t
 
 
 @pytest.mark.parametrize("extra,match", [
-    (("objective.objective=ka",), r"objective.objective='ka'.*reverse_kl"),
-    (("objective.objective=kd", "objective.top_k=null"), "full vocabulary"),
-    (("objective.objective=kd", "objective.prefix=learner"), "objective.prefix='learner'"),
-    (("objective.objective=kd", "train.fused_head=true"), "train.fused_head"),
+    (("objective.kind=ka",), r"objective.kind='ka'.*reverse_kl"),
+    (("objective.kind=kd", "objective.top_k=null"), "full vocabulary"),
+    (("objective.kind=kd", "objective.prefix=learner"), "objective.prefix='learner'"),
+    (("objective.kind=kd", "train.fused_head=true"), "train.fused_head"),
 ])
 def test_unsupported_settings_are_refused(shared_data, teacher_dir, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -230,12 +230,12 @@ def test_unsupported_settings_are_refused(shared_data, teacher_dir, tmp_path, ex
 
 def test_stale_cache_is_refused_in_setup(shared_data, teacher_dir, tmp_path):
     cache = tmp_path / "cache"
-    train(_cfg(shared_data, tmp_path / "a", teacher_dir, "objective.objective=kd", "train.max_steps=1",
+    train(_cfg(shared_data, tmp_path / "a", teacher_dir, "objective.kind=kd", "train.max_steps=1",
                f"train.teacher_cache={cache}"))
     with pytest.raises(ConfigError, match=r"train.teacher_cache: .*stale.*temperature 1.0 != 2.0"):
-        train(_cfg(shared_data, tmp_path / "b", teacher_dir, "objective.objective=kd", "objective.temperature=2",
+        train(_cfg(shared_data, tmp_path / "b", teacher_dir, "objective.kind=kd", "objective.temperature=2",
                    f"train.teacher_cache={cache}"))
     with pytest.raises(ConfigError, match=r"stale.*ids_sha256 .*train_limit 120 != 100"):
-        train(_cfg(shared_data, tmp_path / "c", teacher_dir, "objective.objective=kd", "data.train_limit=100",
+        train(_cfg(shared_data, tmp_path / "c", teacher_dir, "objective.kind=kd", "data.max_train_samples=100",
                    f"train.teacher_cache={cache}"))
     shutil.rmtree(cache)

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def overrides(shared_data: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.train_limit=300", "data.valid_subset=40",
+        f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=300", "data.max_eval_samples=40",
         "data.vocab_size=500", "data.max_tokens=300", "model.preset=tiny", "eval.max_length=24",
         "optim.lr=1e-3", "train.num_threads=1", "train.log_every=5", "train.seed=3", "train.epochs=1",
         f"train.out_dir={out_dir}", *extra,
@@ -71,7 +71,7 @@ def test_nll_training_reduces_loss(teacher):
 def test_one_distillation_epoch(objective, teacher, shared_data, tmp_path):
     before = (teacher / "checkpoints/best/model.safetensors").read_bytes()
     out = tmp_path / objective
-    result = train(config(shared_data, out, f"objective.objective={objective}", "objective.lam=0.5",
+    result = train(config(shared_data, out, f"objective.kind={objective}", "objective.divergence_weight=0.5",
                           f"model.teacher={teacher / 'checkpoints/best'}", "train.log_every=10"))
     assert result["stopped"] == "epochs" and result["epoch"] == 1
     valid = result["valid"]
@@ -85,7 +85,7 @@ def test_one_distillation_epoch(objective, teacher, shared_data, tmp_path):
 
 def test_teacher_is_frozen(teacher, shared_data, tmp_path):
     best = teacher / "checkpoints/best"
-    run = setup(config(shared_data, tmp_path / "kd", "objective.objective=kd", f"model.teacher={best}",
+    run = setup(config(shared_data, tmp_path / "kd", "objective.kind=kd", f"model.teacher={best}",
                        "objective.top_k=8"))
     assert not run.teacher.training
     learner_before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -103,7 +103,7 @@ def test_teacher_is_frozen(teacher, shared_data, tmp_path):
 def test_accumulated_half_batches_equal_one_batch(teacher, shared_data, tmp_path):
     """Two half batches accumulated give the update of the whole batch (the loss divides by all their tokens)."""
     best = teacher / "checkpoints/best"
-    extra = ("objective.objective=half", f"model.teacher={best}", "model.dropout=0", "optim.clip_norm=1.0")
+    extra = ("objective.kind=half", f"model.teacher={best}", "model.dropout=0", "optim.clip_norm=1.0")
     runs = [setup(config(shared_data, tmp_path / name, *extra)) for name in ("one", "two")]
     idx = max(runs[0].data.sampler.epoch_batches(0), key=len)
     whole = collate_batch(runs[0], runs[0].data.train_ids, idx)
@@ -157,7 +157,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, after_step: int,
 
 def test_kill_and_sigterm_resume_exactly(shared_data, tmp_path):
     """kill -9 mid-epoch, resume, SIGTERM, resume: the final weights equal those of an uninterrupted run, bitwise."""
-    args = overrides(shared_data, tmp_path / "resumed", "train.epochs=2", "data.train_limit=600", "model.dropout=0.3",
+    args = overrides(shared_data, tmp_path / "resumed", "train.epochs=2", "data.max_train_samples=600",
+                     "model.dropout=0.3",
                      "train.save_every=3")
 
     killed = _start(args)
@@ -215,7 +216,7 @@ def _nan_on(calls: set[int] | None, monkeypatch):
 def test_nonfinite_step_is_skipped(shared_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     _nan_on({2, 5}, monkeypatch)
-    result = train(config(shared_data, out, "train.log_every=1", "data.valid_subset=5"))
+    result = train(config(shared_data, out, "train.log_every=1", "data.max_eval_samples=5"))
     skipped = records(out, "nonfinite")
     assert [r["batch"] for r in skipped] == [2, 5]
     n_batches = records(out, "train")[-1]["batch"]
@@ -247,7 +248,7 @@ def test_cli_config_error_exits_2_without_traceback(capsys, tmp_path):
     assert main(["train", "optim.lrr=1e-3", f"train.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr" in err and "Traceback" not in err
-    assert main(["train", "model.teacher=/nonexistent", "objective.objective=kd", f"train.out_dir={tmp_path}"]) == 2
+    assert main(["train", "model.teacher=/nonexistent", "objective.kind=kd", f"train.out_dir={tmp_path}"]) == 2
     assert "model.teacher" in capsys.readouterr().err
     assert main(["train", "data.corpus=/nonexistent", f"train.out_dir={tmp_path / 'run'}"]) == 2
     assert "data.corpus" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -27,9 +27,9 @@ def test_defaults():
     assert cfg == RunConfig()
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
     assert cfg.optim.weight_decay == 0 and cfg.optim.schedule == "constant" and cfg.optim.accumulate == 1
-    assert cfg.objective.objective == "nll" and cfg.objective.lam == 0.5 and cfg.objective.top_k is None
+    assert cfg.objective.kind == "nll" and cfg.objective.divergence_weight == 0.5 and cfg.objective.top_k is None
     assert (cfg.objective.beta, cfg.objective.alpha, cfg.objective.renormalize) == (0.5, 0.1, False)
-    assert cfg.data.vocab_size == 10000 and cfg.data.valid_subset is None and cfg.data.train_limit is None
+    assert cfg.data.vocab_size == 10000 and cfg.data.max_eval_samples is None and cfg.data.max_train_samples is None
     assert cfg.eval.beam == 6 and cfg.eval.length_penalty == 1.0
     assert cfg.train.max_steps is None and cfg.train.num_threads is None and cfg.train.bf16 is False
 
@@ -48,16 +48,17 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "optim:\n  lr: 5e-4\n  betas: [0.8, 0.9]\n"
-        "objective:\n  objective: ka\n  top_k: 8\n"
+        "objective:\n  kind: ka\n  top_k: 8\n"
         "model:\n  teacher: runs/teacher/checkpoints/best\n"
         "train.epochs: 3\n"  # a dotted key at the top level works too
     )
-    cfg = load_config(path, ["optim.lr=3e-4", "objective.temperature=2", "train.bf16=true", "data.valid_subset=100"])
+    cfg = load_config(path, ["optim.lr=3e-4", "objective.temperature=2", "train.bf16=true",
+                             "data.max_eval_samples=100"])
     assert cfg.optim.lr == 3e-4  # the override wins over the file
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.objective.objective == "ka" and cfg.objective.top_k == 8
+    assert cfg.objective.kind == "ka" and cfg.objective.top_k == 8
     assert cfg.objective.temperature == 2.0 and isinstance(cfg.objective.temperature, float)
-    assert cfg.train.epochs == 3 and cfg.train.bf16 is True and cfg.data.valid_subset == 100
+    assert cfg.train.epochs == 3 and cfg.train.bf16 is True and cfg.data.max_eval_samples == 100
 
 
 @pytest.mark.parametrize(
@@ -94,8 +95,8 @@ def test_override_conversion(item, field, value):
         ("optim.betas=0.9", r"optim.betas: must have 2 values"),
         ("optim.schedule=exponential", r"optim.schedule: must be one of constant, inverse_sqrt, linear, cosine, got "
                                         "'exponential'"),
-        ("objective.objective=kdd", r"must be one of nll, kd, ka.*got 'kdd'; did you mean 'kd'"),
-        ("objective.lam=1.5", r"objective.lam: must be >= 0.0 and <= 1.0, got 1.5"),
+        ("objective.kind=kdd", r"must be one of nll, kd, ka.*got 'kdd'; did you mean 'kd'"),
+        ("objective.divergence_weight=1.5", r"objective.divergence_weight: must be >= 0.0 and <= 1.0, got 1.5"),
         ("objective.beta=1.5", r"objective.beta: must be >= 0.0 and <= 1.0, got 1.5"),
         ("objective.top_k=0", r"objective.top_k: must be >= 1, got 0"),
         ("train.epochs=2.5", r"train.epochs: must be an integer, got 2.5"),
@@ -117,9 +118,9 @@ def test_override_errors(item, message):
 
 
 def test_distillation_needs_teacher():
-    with pytest.raises(ConfigError, match="model.teacher: objective.objective='kd' needs a teacher"):
-        load_config(None, ["objective.objective=kd"])
-    cfg = load_config(None, ["objective.objective=kd", "model.teacher=runs/t/checkpoints/best"])
+    with pytest.raises(ConfigError, match="model.teacher: objective.kind='kd' needs a teacher"):
+        load_config(None, ["objective.kind=kd"])
+    cfg = load_config(None, ["objective.kind=kd", "model.teacher=runs/t/checkpoints/best"])
     assert cfg.model.teacher == "runs/t/checkpoints/best"
 
 
@@ -162,8 +163,8 @@ def test_round_trip(tmp_path):
     cfg = load_config(None, [
         "optim.lr=3e-4", "optim.betas=0.85,0.99", "optim.eps=1e-9", "optim.clip_norm=0.5",
         "optim.schedule=inverse_sqrt",
-        "objective.objective=half", "objective.top_k=16", "model.teacher=runs/t/checkpoints/best",
-        "objective.support=teacher", "train.max_steps=100", "train.out_dir=runs/x y", "data.train_limit=1000",
+        "objective.kind=half", "objective.top_k=16", "model.teacher=runs/t/checkpoints/best",
+        "objective.support=teacher", "train.max_steps=100", "train.out_dir=runs/x y", "data.max_train_samples=1000",
         "model.dropout=0.1", "eval.length_penalty=0.6",
     ])
     path = tmp_path / "sub" / "config.yaml"
@@ -199,7 +200,7 @@ def test_model_init_lifts_the_preset_position_limit():
     (("train.fused_head=true",), "train.fused_head: not with several processes"),
     (("train.distributed=fsdp", "train.fused_head=true"), "train.fused_head: not with several processes"),
     (("train.distributed=fsdp", "model.lora_r=4"), "model.lora_r: not with train.distributed=fsdp"),
-    (("train.distributed=fsdp", "objective.objective=kd", "model.teacher=t", "objective.prefix=learner"),
+    (("train.distributed=fsdp", "objective.kind=kd", "model.teacher=t", "objective.prefix=learner"),
      "objective.prefix: not with train.distributed=fsdp"),
 ])
 def test_process_rules_are_checked_before_any_model_loads(tmp_path, monkeypatch, extra, match):

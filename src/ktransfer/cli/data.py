@@ -10,6 +10,7 @@ examples:
   ktransfer data list
   ktransfer data check multi30k-de-en
   ktransfer data check chat.jsonl data.messages_key=conversation   # the data.* keys of train (--help-config)
+  ktransfer data check chat.jsonl --model path/to/llama   # + the examples training would drop or cut, per split
   ktransfer data download multi30k                      # train/valid/test2016 into $KTRANSFER_DATA/multi30k-de-en
   ktransfer data download wmt16:de-en                   # newstest2016 as wmt16-de-en/test.{de,en}
   ktransfer data download wmt16:de-en --corpus wmt-news-de-en --split valid
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "multi30k-de-en)")
     p.add_argument("--tgt", default=None, help="target language")
     p.add_argument("--splits", nargs="+", default=None, help="splits to check (default: all)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="also count, per split, the examples training would drop or cut with this model's tokenizer "
+                        "and positions (data.max_length, data.truncate; a run, checkpoint or Hugging Face folder)")
     p.add_argument("keys", nargs="*", metavar="data.KEY=VALUE",
                    help="data settings as train takes them: data.format, data.prompt_key, data.completion_key, "
                         "data.messages_key, data.text_key")
@@ -70,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
                         formats.infer_format(formats.locate(args.name), keys))
             if fmt != "parallel":
                 print(formats.describe(args.name, fmt, why, args.splits, keys=keys))
-                return 0
+                return _lengths(args, data, fmt)
             if (args.src is None) != (args.tgt is None):
                 raise corpora.CorpusError("give both --src and --tgt, or neither")
             folder, src, tgt, stats, errors = corpora.check_corpus(args.name, args.src, args.tgt, args.splits)
             print(corpora.format_stats(folder, src, tgt, stats, errors))
-            return 1 if errors else 0
+            return 1 if errors else _lengths(args, data, fmt, src, tgt, stats)
         if args.action == "list":
             root = corpora.data_dir()
             names = corpora.list_corpora(root)
@@ -87,6 +91,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled action {args.action!r}")  # argparse only allows the actions above
+
+
+def _lengths(args, data, fmt: str, src: str | None = None, tgt: str | None = None, stats=None) -> int:
+    """With ``--model``: the examples of each split that training would drop or cut (``ktransfer.training.lengths``)."""
+    if args.model is None:
+        return 0
+    import dataclasses
+
+    from ktransfer.training.lengths import check_splits
+
+    langs = {"src_lang": src, "tgt_lang": tgt} if src else {}
+    data = dataclasses.replace(data, corpus=str(args.name), format=fmt, **langs)
+    splits = args.splits or ([s.split for s in stats] if stats else None)
+    print("\n".join(check_splits(data, args.model, splits)))
+    return 0
 
 
 def _data_settings(items: list[str]):

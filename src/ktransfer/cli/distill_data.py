@@ -26,6 +26,9 @@ replaced by the teacher's, the other SPLIT.jsonl files copied; resumable in chun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ktransfer.models.generation import DEFAULT_BEAM
+    from ktransfer.runtime.device import DEFAULT_DEVICE
+
     parser.epilog = EPILOG
     parser.add_argument("teacher", metavar="TEACHER", help="teacher checkpoint folder, or run folder (uses "
                                                            "RUN/checkpoints/best)")
@@ -42,14 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="format of --corpus (default: inferred from the path and the first record); "
                            "prompt_completion and chat give OUT/SPLIT.jsonl with the teacher's completions")
     dec = parser.add_argument_group("decoding")
-    dec.add_argument("--beam", type=int, default=5, help="beam width; 1 = greedy (default: 5)")
+    dec.add_argument("--beam", type=int, default=DEFAULT_BEAM, help=f"beam width; 1 = greedy (default: {DEFAULT_BEAM})")
     dec.add_argument("--length-penalty", type=float, default=1.0, help="length normalisation exponent (default: 1.0)")
     dec.add_argument("--max-length", type=int, default=None, metavar="N",
                      help="most target tokens per sentence (default: the teacher run's eval.max_length)")
     dec.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
     dec.add_argument("--chunk-lines", type=int, default=1000, metavar="N",
                      help="lines per resumable chunk, written as it finishes (default: 1000)")
-    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    dec.add_argument("--device", default=DEFAULT_DEVICE,
+                     help=f"cpu, cuda, cuda:1, mps, or auto = cuda when available (default: {DEFAULT_DEVICE})")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 

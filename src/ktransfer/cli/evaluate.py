@@ -24,6 +24,9 @@ rank 0 alone scores, prints and writes, with the same hypotheses and scores as o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ktransfer.models.generation import DEFAULT_BEAM
+    from ktransfer.runtime.device import DEFAULT_DEVICE
+
     parser.epilog = EPILOG
     parser.add_argument("checkpoint", metavar="MODEL", help="a ktransfer checkpoint or run folder (uses "
                                                                  "RUN/checkpoints/best)")
@@ -46,15 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--tgt-lang", default=None, help="target language (default: as --src-lang; with --ref: its "
                                                        "suffix)")
     dec = parser.add_argument_group("decoding")
-    dec.add_argument("--beam", type=int, default=6, help="beam width; 1 = greedy (default: 6)")
+    dec.add_argument("--beam", type=int, default=DEFAULT_BEAM, help=f"beam width; 1 = greedy (default: {DEFAULT_BEAM})")
     dec.add_argument("--length-penalty", type=float, default=1.0,
                      help="length normalisation exponent: hypotheses ranked by log p / length**LP (default: 1.0)")
     dec.add_argument("--max-length", type=int, default=256,
                      help="most target tokens per sentence, </s> included; capped by the model's positions "
                           "(default: 256)")
     dec.add_argument("--batch-size", type=int, default=64, help="sentences per generate() call (default: 64)")
-    dec.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...; under torchrun cuda means GPU "
-                                                     "LOCAL_RANK (default: cpu)")
+    dec.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1, mps, or auto = cuda when available; "
+                     f"under torchrun cuda means GPU LOCAL_RANK (default: {DEFAULT_DEVICE})")
     parser.add_argument("--out", default=None, metavar="DIR", help="folder for hyp.SPLIT.LANG and scores.SPLIT.json")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")

@@ -19,17 +19,21 @@ generation prompt), others get the line as it is, tokenized as tokenizer(line) t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ktransfer.runtime.device import DEFAULT_DEVICE
+
     parser.epilog = EPILOG
     parser.add_argument("model", metavar="MODEL", help="run folder, checkpoint or causal model folder")
     parser.add_argument("-i", "--input", default="-", metavar="FILE", help="prompts, one a line (default: stdin)")
     parser.add_argument("-o", "--output", default="-", metavar="FILE", help="JSONL generations (default: stdout)")
     parser.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
                         help="apply the chat template (default auto: when the model was trained on chat data)")
-    parser.add_argument("--beam", type=int, default=1, help="beam width; 1 = greedy (default: 1)")
+    parser.add_argument("--beam", type=int, default=1, help="beam width; 1 = greedy (default: 1, as transformers' "
+                        "generate(); evaluate, translate and distill-data default to beam 6)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="length normalisation exponent")
     parser.add_argument("--max-length", type=int, default=256, help="most new tokens per prompt (default: 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call (default: 16)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ... (default: cpu)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help=f"cpu, cuda, cuda:1, mps, or auto = cuda when available (default: {DEFAULT_DEVICE})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,10 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from ktransfer.models.checkpoint import CheckpointError
     from ktransfer.models.family import family_of, load_model, resolve_source
     from ktransfer.models.generation import DecodeSettings
+    from ktransfer.runtime.device import choose_device
 
     try:
         settings = DecodeSettings(beam=args.beam, length_penalty=args.length_penalty, max_length=args.max_length)
-        model, tokenizer = load_model(resolve_source(args.model), device=args.device)
+        model, tokenizer = load_model(resolve_source(args.model), device=str(choose_device(args.device)))
         family = family_of(model)
         if family.name != "causal":
             raise ValueError(f"{args.model} is an encoder-decoder model: use `ktransfer translate`")

@@ -18,11 +18,11 @@ examples:
   ktransfer reproduce --list                                      # the presets and what they do
 
 Overrides (later ones win):
-  SECTION.KEY=V          every training stage (train.num_threads=1, data.train_limit=5000, eval.beam=4)
+  SECTION.KEY=V          every training stage (train.num_threads=1, data.max_train_samples=5000, eval.beam=4)
   STAGE.SECTION.KEY=V    one stage: teacher, learner, finetune (with the nll control) or sweep
                          (teacher.train.epochs=3, finetune.objective.top_k=8)
   OPTION=V               seeds=1,2,3  objectives=kd,ka,half  control=true  sweep=topk|none
-                         topk_values=2,4,8,16,V  analysis_sample=2000  table_sentences=3  test_limit=N
+                         topk_values=2,4,8,16,V  analysis_sample=2000  table_sentences=3  max_predict_samples=N
                          bootstrap=1000  stop_after=bpe|teacher|learner|analysis0|finetune|sweep|eval|significance
                          prefixes=learner,mixed,teacher (extra rows: those prefix sources; teacher = seq-KD data)
                          prefix_objectives=kd,ka  prefix_seeds=1,2 (default: seeds)

@@ -9,20 +9,20 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  ktransfer train model.preset=cpu-teacher objective.objective=nll train.out_dir=runs/teacher
+  ktransfer train model.preset=cpu-teacher objective.kind=nll train.out_dir=runs/teacher
   torchrun --nproc_per_node 8 -m ktransfer train model.preset=cpu-teacher train.out_dir=runs/teacher
   ktransfer train runs/teacher train.epochs=20        # a run folder stands for its config.yaml (here: more epochs)
   ktransfer train model.preset=cpu-learner model.teacher=runs/teacher/checkpoints/best \\
-      objective.objective=ka objective.lam=0.5 train.out_dir=runs/ka
+      objective.kind=ka objective.divergence_weight=0.5 train.out_dir=runs/ka
   ktransfer train --resume runs/ka          # continue a run folder exactly where it stopped
-  ktransfer train runs/ka objective.lam=0.2 train.resume=false   # start over there (old run moved aside)
+  ktransfer train runs/ka objective.divergence_weight=0.2 train.resume=false   # start over there (old run moved aside)
   ktransfer train --help-config             # every key, its default and help; the rules over options
 
   # a Hugging Face teacher (folder or cached hub id): the learner takes its tokenizer, no BPE is trained
-  ktransfer train model.teacher=Helsinki-NLP/opus-mt-de-en model.preset=cpu-learner objective.objective=kd
+  ktransfer train model.teacher=Helsinki-NLP/opus-mt-de-en model.preset=cpu-learner objective.kind=kd
   # your own data: prompt/completion or chat JSONL, text, a datasets folder (data.format=auto says which)
   ktransfer train data.corpus=chat.jsonl model.teacher=llama-teacher/ model.init=small-llama/ \\
-      model.lora_r=16 train.gradient_checkpointing=true objective.objective=ka objective.top_k=8
+      model.lora_r=16 train.gradient_checkpointing=true objective.kind=ka objective.top_k=8
 
 Settings: defaults < CONFIG.yaml < KEY=VALUE overrides (dotted keys; --help-config lists them all). The run folder
 (train.out_dir) receives config.yaml, tokenizer/, metrics.jsonl, train.log and checkpoints/{last,best}: Hugging

@@ -25,13 +25,17 @@ reading it from several would split the lines among them). The output is that of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ktransfer.models.generation import DEFAULT_BEAM
+    from ktransfer.runtime.device import DEFAULT_DEVICE
+
     parser.epilog = EPILOG
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder, or run folder (uses "
                                                                  "RUN/checkpoints/best)")
     parser.add_argument("-i", "--input", default="-", metavar="FILE", help="source text, one sentence per line "
                                                                            "(default: - = stdin)")
     parser.add_argument("-o", "--output", default="-", metavar="FILE", help="translations (default: - = stdout)")
-    parser.add_argument("--beam", type=int, default=6, help="beam width; 1 = greedy (default: 6)")
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM,
+                        help=f"beam width; 1 = greedy (default: {DEFAULT_BEAM})")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="length normalisation exponent (default: 1.0)")
     parser.add_argument("--max-length", type=int, default=256, help="most target tokens per sentence (default: 256)")
@@ -39,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, metavar="N",
                         help="lines read before translating and writing (default: 16 x batch size); output is "
                              "flushed after each chunk")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...; under torchrun cuda means GPU "
-                                                        "LOCAL_RANK (default: cpu)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1, mps, or auto = cuda when "
+                        f"available; under torchrun cuda means GPU LOCAL_RANK (default: {DEFAULT_DEVICE})")
     parser.add_argument("--progress", action="store_true", help="progress bar with sentences/s on stderr")
 
 

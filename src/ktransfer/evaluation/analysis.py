@@ -67,9 +67,9 @@ def novel_token_counts(topk_by_epoch: list[torch.Tensor], vocab_size: int) -> li
 
 @torch.no_grad()
 def analyze_model(model, tokenizer, pairs: list[tuple[str, str]], *, table_sentences: int = 3,
-                  batch_size: int = 32, max_length: int = 128) -> tuple[dict, torch.Tensor]:
+                  batch_size: int = 32, max_length: int | None = 128) -> tuple[dict, torch.Tensor]:
     """Teacher-forced pass of ``model`` over ``pairs`` (in order; the model's family encodes them, dropping any
-    longer than ``max_length`` tokens).
+    longer than ``max_length`` tokens; None: the model's positions, as ``data.max_length=null``).
 
     Returns:
         ``({"entropy": mean token entropy, "positions": N, "table": [{"sentence", "position", "reference",
@@ -82,7 +82,8 @@ def analyze_model(model, tokenizer, pairs: list[tuple[str, str]], *, table_sente
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    src, tgt = family.encode(pairs, tokenizer, max_length, model=model, log=lambda _: None)
+    limit = family.positions(model) if max_length is None else min(max_length, family.positions(model))
+    src, tgt = family.encode(pairs, tokenizer, limit, model=model, log=lambda _: None)
     total, count, tops, table = 0.0, 0, [], []
     k = min(NOVEL_TOP_K, tokenizer.vocab_size)
     try:

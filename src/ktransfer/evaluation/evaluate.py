@@ -301,7 +301,7 @@ def evaluate_examples(model_path, examples, corpus, split: str, settings: Decode
     """
     from ktransfer.data import formats
 
-    model, tokenizer = load_model(model_path, device=device)
+    model, tokenizer = load_model(model_path, device=rank_device(device))
     if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files: save the tokenizer into the model folder")
     examples, fmt = examples.head(limit), examples.format

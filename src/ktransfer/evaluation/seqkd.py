@@ -7,7 +7,7 @@ and the divergence see the teacher's outputs as prefixes. The translation is don
 standard layout, and training uses it as any corpus::
 
     ktransfer distill-data runs/teacher --out data/multi30k-seqkd --beam 5
-    ktransfer train data.corpus=data/multi30k-seqkd objective.objective=kd model.teacher=runs/teacher/checkpoints/best
+    ktransfer train data.corpus=data/multi30k-seqkd objective.kind=kd model.teacher=runs/teacher/checkpoints/best
 
 The folder holds ``SPLIT.SRC`` (the source lines of the corpus, unchanged), ``SPLIT.TGT`` (the teacher's
 translations, line-aligned), the corpus's other splits copied unchanged (validation and test keep their human

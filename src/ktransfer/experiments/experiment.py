@@ -38,7 +38,7 @@ class Options:
     topk_values: list[int | None] = field(default_factory=lambda: [2, 4, 8, 16, None])  # None = |V|
     analysis_sample: int = 2000  # training pairs of the Sec. 5 analyses
     table_sentences: int = 3  # sentences of the sample whose top-10 tokens are kept (Table 3)
-    test_limit: int | None = None  # only the first N test sentences
+    max_predict_samples: int | None = None  # only the first N test sentences
     bootstrap: int = 1000  # paired bootstrap resamples
     stop_after: str | None = None  # a stage kind: stop once its stages are done
     prefixes: list[str] = field(default_factory=list)  # extra prefix sources: learner, mixed, teacher (seq-KD)
@@ -46,6 +46,14 @@ class Options:
     prefix_seeds: list[int] | None = None  # None = seeds
     smoothing_target: str = "ka"  # column "smooth": label smoothing matched to this column's learner entropy
     smoothing_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # epsilons tried first
+
+    @classmethod
+    def saved(cls, values: dict, source: str) -> Options:
+        """The options saved in ``source`` (``reproduce.json``, ``results.json``); old option names
+        (``ktransfer.training.aliases.RENAMED_OPTIONS``) are read as their new ones."""
+        from ktransfer.training import aliases
+
+        return cls(**{aliases.canonical(k, source, aliases.RENAMED_OPTIONS): v for k, v in values.items()})
 
 
 def column(name: str) -> tuple[str, tuple[str, ...]]:

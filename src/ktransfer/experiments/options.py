@@ -8,6 +8,7 @@ import typing
 
 from ktransfer.experiments.experiment import PREFIX_SOURCES, SMOOTHING, STAGE_KINDS, TRAIN_STAGES, Options, column
 from ktransfer.experiments.presets import Preset
+from ktransfer.training import aliases
 from ktransfer.training.config import SECTIONS, ConfigError, RunConfig, convert_value, load_config
 
 _TOPK_ALL = ("V", "v")  # topk_values: the whole vocabulary (None)
@@ -24,7 +25,7 @@ def parse_overrides(preset: Preset, items: list[str]) -> tuple[Options, dict[str
     names = {f.name for f in dataclasses.fields(Options)}
     for item in items:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key = aliases.canonical(key.strip(), f"override {item!r}", aliases.RENAMED_OPTIONS)
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. train.num_threads=1, "
                               "teacher.train.epochs=3 or seeds=1,2,3)")
@@ -100,8 +101,9 @@ def check_options(o: Options) -> None:
     for key in ("analysis_sample", "table_sentences", "bootstrap"):
         if getattr(o, key) < (1 if key != "table_sentences" else 0):
             raise ConfigError(f"option {key}: must be positive, got {getattr(o, key)}", key=key)
-    if o.test_limit is not None and o.test_limit < 1:
-        raise ConfigError(f"option test_limit: must be positive, got {o.test_limit}", key="test_limit")
+    if o.max_predict_samples is not None and o.max_predict_samples < 1:
+        raise ConfigError(f"option max_predict_samples: must be positive, got {o.max_predict_samples}",
+                          key="max_predict_samples")
 
 
 def _valid_column(name: str) -> bool:

@@ -22,15 +22,18 @@ class Preset:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-_PAPER = ("objective.lam=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
+# data.max_length=128: every preset keeps the limit its runs were measured with (the default before it became what
+# the model reads, issue 26), so a reproduce folder of the last release resumes as the same run
+_KEEP = ("data.max_length=128",)
+_PAPER = (*_KEEP, "objective.divergence_weight=0.5", "eval.beam=6", "eval.length_penalty=1.0", "train.valid_bleu=true")
 
 
 # The CPU presets share models, schedule and stages; only the corpus and decoding lengths differ.
-_CPU_BASE = ("data.vocab_size=8000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
+_CPU_BASE = (*_KEEP, "data.vocab_size=8000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
              "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=50",
-             "train.log_every=20", "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1", "eval.beam=5",
-             "objective.lam=0.5", "objective.top_k=8", "model.dropout=0.1")
-_CPU_FINETUNE = ("model.preset=cpu-learner", "data.train_limit=6000", "optim.warmup_steps=0",
+             "train.log_every=20", "train.patience=0", "data.max_eval_samples=500", "eval.valid_beam=1", "eval.beam=5",
+             "objective.divergence_weight=0.5", "objective.top_k=8", "model.dropout=0.1")
+_CPU_FINETUNE = ("model.preset=cpu-learner", "data.max_train_samples=6000", "optim.warmup_steps=0",
                  "optim.schedule=constant", "optim.lr=2e-4")
 
 
@@ -46,11 +49,12 @@ def _cpu_preset(doc: str, data: tuple[str, ...]) -> Preset:
     )
 
 # The first command (README): teacher, learner, nll / KD / KA fine-tuning, one seed, in about 15 minutes on 2 cores.
-_QUICK_BASE = ("data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0", "eval.max_length=80",
+_QUICK_BASE = (*_KEEP, "data.corpus=multi30k-de-en", "data.test=test2016", "eval.length_penalty=1.0",
+               "eval.max_length=80",
                "data.vocab_size=6000", "data.max_tokens=1200", "optim.lr=1e-3", "optim.warmup_steps=400",
                "optim.schedule=inverse_sqrt", "optim.clip_norm=1.0", "train.num_threads=2", "train.save_every=200",
-               "train.log_every=50", "train.patience=0", "data.valid_subset=500", "eval.valid_beam=1",
-               "eval.beam=5", "objective.lam=0.5", "objective.top_k=8", "model.dropout=0.1")
+               "train.log_every=50", "train.patience=0", "data.max_eval_samples=500", "eval.valid_beam=1",
+               "eval.beam=5", "objective.divergence_weight=0.5", "objective.top_k=8", "model.dropout=0.1")
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -62,7 +66,7 @@ PRESETS: dict[str, Preset] = {
         base=_QUICK_BASE,
         teacher=("model.preset=cpu-teacher", "train.epochs=2"),
         learner=("model.preset=cpu-learner", "train.epochs=2"),
-        finetune=("model.preset=cpu-learner", "data.train_limit=6000", "optim.warmup_steps=0",
+        finetune=("model.preset=cpu-learner", "data.max_train_samples=6000", "optim.warmup_steps=0",
                   "optim.schedule=constant", "optim.lr=5e-4", "train.epochs=2", "train.valid_bleu=true"),
         options={"seeds": [1], "objectives": ["kd", "ka"], "sweep": "none", "analysis_sample": 200,
                  "table_sentences": 2},
@@ -70,15 +74,17 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         doc="Seconds to a minute on 2 cores (the tests run it): tiny models, 300 Multi30k pairs, 1-2 epochs, "
             "2 seeds, greedy decoding of 30 test sentences.",
-        base=("data.corpus=multi30k-de-en", "data.train_limit=300", "data.valid_subset=30", "data.vocab_size=400",
+        base=(*_KEEP, "data.corpus=multi30k-de-en", "data.max_train_samples=300", "data.max_eval_samples=30",
+              "data.vocab_size=400",
               "data.max_tokens=400", "model.preset=tiny", "optim.lr=1e-3", "train.epochs=1", "train.num_threads=1",
-              "train.log_every=20", "train.save_every=0", "eval.beam=1", "eval.max_length=24", "objective.lam=0.5",
+              "train.log_every=20", "train.save_every=0", "eval.beam=1", "eval.max_length=24",
+              "objective.divergence_weight=0.5",
               "train.patience=0"),
         teacher=("train.epochs=2", "model.dropout=0.1"),
         finetune=("train.epochs=2", "objective.top_k=8"),
         sweep=("train.epochs=1",),
         options={"seeds": [1, 2], "topk_values": [2, None], "analysis_sample": 40, "table_sentences": 2,
-                 "test_limit": 30, "bootstrap": 100},
+                 "max_predict_samples": 30, "bootstrap": 100},
     ),
     "multi30k-cpu": _cpu_preset(
         doc="The whole Multi30k de-en (29k pairs; valid; test2016 as test), cpu-teacher (7.7M) / cpu-learner (1.75M), "

@@ -67,7 +67,7 @@ def build_results(run_dir: str | os.PathLike) -> dict:
     spec = _read_json(run / "reproduce.json")
     if spec is None:
         raise FileNotFoundError(f"{run} is not a reproduce run folder (no reproduce.json)")
-    opts = Options(**spec["options"])
+    opts = Options.saved(spec["options"], str(run / "reproduce.json"))
     models = {}
     for name in model_names(opts):
         s = _scores(run / "eval" / name)
@@ -185,7 +185,7 @@ def draw_figures(results: dict, figures: Path) -> dict[str, str]:
         fig.tight_layout()
         fig.savefig(figures / "fig4a_topk.png", dpi=120)
         plt.close(fig)
-        notes["fig4a"] = "first seed, best checkpoint, beam search on the valid split (data.valid_subset)"
+        notes["fig4a"] = "first seed, best checkpoint, beam search on the valid split (data.max_eval_samples)"
 
     novel = _curves(results["analysis"], "novel", 1)
     entropy = _curves(results["analysis"], "entropy", 0)
@@ -362,7 +362,7 @@ def render_report(results: dict, notes: dict[str, str], run: Path) -> str:
         if path.is_file():
             lines += [f"<details><summary>{name}/config.yaml</summary>", "", "```yaml",
                       path.read_text(encoding="utf-8").rstrip(), "```", "", "</details>", ""]
-    lines += ["Other fine-tuning runs differ only in `objective.objective`, `train.seed`, `train.out_dir` "
+    lines += ["Other fine-tuning runs differ only in `objective.kind`, `train.seed`, `train.out_dir` "
               "(and no `model.teacher` for the nll control); see each `RUN/finetune/OBJ/seedS/config.yaml`.", ""]
     if any("-" in o or o == SMOOTHING for o in opts["objectives"]):
         lines += ["Variant columns add `objective.tail=true` (OBJ-tail) or `objective.renormalize=true` "

@@ -17,8 +17,8 @@ Stages, in order (each is skipped when ``RUN/stages.json`` marks it done; a stag
                                                      then finetune/smooth/seedS with the epsilon chosen
     seqkd                    RUN/seqkd/              (prefixes has teacher) seq-KD data: the teacher's beam search
                                                      (eval.beam, eval.max_length) of the fine-tuning pairs (first
-                                                     data.train_limit of the training split); a corpus folder whose
-                                                     valid and test splits are the original files, copied
+                                                     data.max_train_samples of the training split); a corpus folder
+                                                     whose valid and test splits are the original files, copied
     finetune/OBJ-P/seedS     RUN/finetune/OBJ-P/seedS/ (option prefixes) OBJ in prefix_objectives with prefix source
                                                      P: objective.prefix=P (learner, mixed;
                                                      ktransfer.training.prefixes) or
@@ -39,8 +39,8 @@ Overrides (``key=value``; later ones win):
   and ``smooth``, with ``smoothing_target=ka`` and ``smoothing_grid=0.02,0.05,0.1,0.2``), ``control=true``,
   ``sweep=topk|none``,
   ``topk_values=2,4,8,16,V`` (``V`` = the whole vocabulary), ``analysis_sample=2000``, ``table_sentences=3``,
-  ``test_limit=N``, ``bootstrap=1000``, ``stop_after=STAGE`` (bpe, teacher, learner, analysis0, finetune, sweep,
-  eval, significance; finetune includes seqkd and the prefix-source runs);
+  ``max_predict_samples=N`` (formerly ``test_limit``), ``bootstrap=1000``, ``stop_after=STAGE`` (bpe, teacher,
+  learner, analysis0, finetune, sweep, eval, significance; finetune includes seqkd and the prefix-source runs);
 - prefix sources (extra rows of Table 2; none by default): ``prefixes=learner,mixed,teacher``,
   ``prefix_objectives=kd,ka``, ``prefix_seeds=1,2`` (default: ``seeds``). Added to a finished run, only the new
   stages run (seqkd, finetune/OBJ-P/seedS, their eval/ stages, significance/prefixes), then the report.
@@ -49,7 +49,7 @@ The modules: ``presets`` (the presets), ``options`` (overrides and stage configs
 resume), ``steps`` (the stage bodies); ``experiment`` names the stages and models, ``report`` reads the run back.
 
 Settings the layout needs are set by the stages themselves and cannot be overridden: ``train.out_dir``,
-``data.tokenizer``, ``model.init`` and ``model.teacher`` (fine-tuning), ``objective.objective`` and ``train.seed``
+``data.tokenizer``, ``model.init`` and ``model.teacher`` (fine-tuning), ``objective.kind`` and ``train.seed``
 (fine-tuning), ``objective.top_k`` (sweep), ``objective.prefix`` and ``data.corpus`` (prefix-source runs).
 """
 

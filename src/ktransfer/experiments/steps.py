@@ -70,12 +70,12 @@ def bpe(ctx: Context) -> None:
 
 
 def teacher(ctx: Context) -> None:
-    ctx.stages.run("teacher", lambda: train_stage(ctx.cfg("teacher", "teacher", "objective.objective=nll")),
+    ctx.stages.run("teacher", lambda: train_stage(ctx.cfg("teacher", "teacher", "objective.kind=nll")),
                    index="[teacher]")
 
 
 def learner(ctx: Context) -> None:
-    ctx.stages.run("learner", lambda: train_stage(ctx.cfg("learner", "learner", "objective.objective=nll")),
+    ctx.stages.run("learner", lambda: train_stage(ctx.cfg("learner", "learner", "objective.kind=nll")),
                    index="[learner]")
 
 
@@ -110,7 +110,7 @@ def finetune(ctx: Context) -> None:
     for i, (objective, prefix, seed) in enumerate(extra, 1):
         name = f"finetune/{objective}-{prefix}/seed{seed}"
         source = f"data.corpus={seqkd_dir}" if prefix == "teacher" else f"objective.prefix={prefix}"
-        c = ctx.tuned(name, f"objective.objective={objective}", f"train.seed={seed}", source)
+        c = ctx.tuned(name, f"objective.kind={objective}", f"train.seed={seed}", source)
         ctx.stages.run(name, lambda c=c, name=name: tune(c, name), index=f"[prefixes {i}/{len(extra)}]")
 
 
@@ -119,7 +119,7 @@ def sweep(ctx: Context) -> None:
     names = sweep_names(ctx.opts)
     for i, name in enumerate(names, 1):
         _, objective, k = name.split("/")  # sweep/OBJ/kK, K = V for the whole vocabulary
-        c = ctx.tuned(name, f"objective.objective={objective}", f"objective.top_k={'null' if k == 'kV' else k[1:]}",
+        c = ctx.tuned(name, f"objective.kind={objective}", f"objective.top_k={'null' if k == 'kV' else k[1:]}",
                       f"train.seed={ctx.opts.seeds[0]}", kind="sweep")
         ctx.stages.run(name, lambda c=c, name=name: _train_and_validate(c, ctx.run / "eval" / name),
                        index=f"[sweep {i}/{len(names)}]")
@@ -131,7 +131,7 @@ def evaluation(ctx: Context) -> None:
     names = model_names(ctx.opts)
     for i, name in enumerate(names, 1):
         ctx.stages.run(f"eval/{name}", lambda name=name: _evaluate(test_cfg, ctx.run / name, ctx.run / "eval" / name,
-                                                                   test_cfg.data.test, ctx.opts.test_limit),
+                                                                   test_cfg.data.test, ctx.opts.max_predict_samples),
                        index=f"[eval {i}/{len(names)}]")
 
 
@@ -184,7 +184,7 @@ class _FineTune:
         objective, fixed = column(name)
         ctx = self.ctx
         teacher = [f"model.teacher={ctx.teacher_ckpt}"] if objective != "nll" else ["objective.prefix=reference"]
-        return ctx.cfg("finetune", out, f"model.init={ctx.learner_ckpt}", *teacher, f"objective.objective={objective}",
+        return ctx.cfg("finetune", out, f"model.init={ctx.learner_ckpt}", *teacher, f"objective.kind={objective}",
                        *fixed, *extra, f"train.seed={seed}")
 
     def column(self, index: str, name: str, seed: int, *extra: str) -> None:
@@ -283,14 +283,14 @@ def _write_entropy(cfg: RunConfig, model_dir: Path, out: Path) -> None:
 
 
 def _train_bpe(cfg: RunConfig, path: Path, log) -> None:
-    """One joint BPE on the training split (first data.train_limit pairs), shared by every model: training's own
+    """One joint BPE on the training split (first data.max_train_samples pairs), shared by every model: training's own
     (``ktransfer.training.bpe``), saved by rank 0."""
     from ktransfer.data.corpora import read_split
     from ktransfer.data.formats import Examples
     from ktransfer.training.bpe import train_joint_bpe
 
     d = cfg.data
-    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.max_train_samples]
     tokenizer = train_joint_bpe(Examples("parallel", pairs), d.vocab_size, log)
     on_main(lambda: tokenizer.save(path))
     log(f"the joint BPE of {d.corpus}/{d.train}, shared by every model: {path}")
@@ -301,7 +301,7 @@ def _analysis_sample(cfg: RunConfig, opts: Options) -> list[tuple[str, str]]:
     from ktransfer.evaluation.analysis import sample_pairs
 
     d = cfg.data
-    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+    pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.max_train_samples]
     return sample_pairs(pairs, opts.analysis_sample)
 
 
@@ -339,21 +339,22 @@ def _evaluate(cfg: RunConfig, model_dir: Path, out_dir: Path, split: str, limit:
 
 def _seqkd(cfg: RunConfig, teacher_ckpt: str, out: Path, log) -> dict:
     """Sequence-level KD data (``ktransfer.evaluation.seqkd``): the teacher's beam search (eval.beam,
-    eval.length_penalty, eval.max_length, eval.batch_size) of the first data.train_limit pairs of the training split,
-    the fine-tuning data; ``out`` is a corpus folder whose other splits (valid, test) are the original files, copied."""
+    eval.length_penalty, eval.max_length, eval.batch_size) of the first data.max_train_samples pairs of the training
+    split, the fine-tuning data; ``out`` is a corpus folder whose other splits (valid, test) are the original files,
+    copied."""
     from ktransfer.evaluation.seqkd import distill_corpus
 
     _use_threads(cfg)
     d, e = cfg.data, cfg.eval
     return distill_corpus(teacher_ckpt, out, corpus=d.corpus, split=d.train, src_lang=d.src_lang, tgt_lang=d.tgt_lang,
                           beam=e.beam, length_penalty=e.length_penalty, max_length=e.max_length,
-                          batch_size=e.batch_size, limit=d.train_limit, device=cfg.train.device, log=log)
+                          batch_size=e.batch_size, limit=d.max_train_samples, device=cfg.train.device, log=log)
 
 
 def _train_and_validate(cfg: RunConfig, out_dir: Path) -> dict:
-    """A sweep point: fine-tune, then the valid BLEU of its best checkpoint (beam eval.beam, data.valid_subset)."""
+    """A sweep point: fine-tune, then the valid BLEU of its best checkpoint (beam eval.beam, data.max_eval_samples)."""
     train_stage(cfg)
-    return _evaluate(cfg, Path(cfg.train.out_dir), out_dir, cfg.data.valid, cfg.data.valid_subset)
+    return _evaluate(cfg, Path(cfg.train.out_dir), out_dir, cfg.data.valid, cfg.data.max_eval_samples)
 
 
 def significance_tests(opts: Options) -> list[tuple[int, str, str]]:
@@ -389,7 +390,7 @@ def _write_paired_tests(cfg: RunConfig, opts: Options, run: Path, pairs: list[tu
     from ktransfer.data.corpora import read_split
 
     d = cfg.data
-    refs = [t for _, t in read_split(d.corpus, d.test, d.src_lang, d.tgt_lang)][:opts.test_limit]
+    refs = [t for _, t in read_split(d.corpus, d.test, d.src_lang, d.tgt_lang)][:opts.max_predict_samples]
     tests, signature = [], None
     for seed, base, system in pairs:
         hyps = {}

@@ -48,7 +48,7 @@ def summary_table(results: dict, run: str | Path) -> str:
     """The summary as text: a table, then the report and model folders of ``run``."""
     rows = summary_rows(results)
     split, n = results.get("test_split"), results.get("test_sentences")
-    seeds = Options(**results["options"]).seeds
+    seeds = Options.saved(results["options"], "results.json").seeds
     title = f"{split} ({n} sentences), BLEU / chrF" + (f", mean of seeds {seeds}" if len(seeds) > 1 else "")
     width = max(len(r["name"]) for r in rows) if rows else 10
     lines = [title, f"{'model':{width}s}  {'BLEU':>6s}  {'chrF':>6s}  {'Δ BLEU vs nll':>13s}  p (paired bootstrap)"]
@@ -58,7 +58,7 @@ def summary_table(results: dict, run: str | Path) -> str:
         lines.append(f"{r['name']:{width}s}  {_cell(r['bleu'], '6.2f')}  {_cell(r['chrf'], '6.2f')}  "
                      f"{delta:>13s}  {p}".rstrip())
     run = Path(run)
-    names = model_names(Options(**results["options"]))
+    names = model_names(Options.saved(results["options"], "results.json"))
     lines += [f"report: {run / 'report.md'}",
               f"models: {run}/NAME/checkpoints/best for NAME in {', '.join(names)} (Hugging Face folders)"]
     return "\n".join(lines)

@@ -3,12 +3,13 @@
 Importing this package imports neither ``transformers.Trainer`` nor TRL; the ready trainers live in submodules that do:
 
 - ``ktransfer.integrations.hf_trainer.TransferTrainer``: a ``transformers.Trainer`` that trains ``model`` on
-  ``(1 - lam) NLL + lam D(p, q)`` with a frozen ``teacher_model``;
+  ``(1 - w) NLL + w D(p, q)`` (``w`` = ``divergence_weight``) with a frozen ``teacher_model``;
 - ``ktransfer.integrations.gkd.TransferGKDTrainer``: TRL's ``GKDTrainer`` (on-policy sampling, ``lmbda``, ``seq_kd``
   untouched) with its ``generalized_jsd_loss`` replaced by ktransfer's (same value and gradient for every beta, and
   every other kind, top-k supports and an NLL mix besides).
 
-Both take the loss settings as keyword arguments (``objective``, ``lam`` and the options of
+Both take the loss settings as keyword arguments (``objective``, ``divergence_weight`` (formerly ``lam``, still
+accepted for this release with a deprecation line; not TRL's ``lmbda``, the on-policy fraction) and the options of
 ``ktransfer.losses.spec.OPTIONS``: ``top_k``, ``support``, ``tail``, ``renormalize``, ``temperature``, ``beta``,
 ``alpha``, ``label_smoothing``, ``vocab_size``, ``chunk_size``), checked once into a ``LossSpec``, and compute the loss
 with ``TransferLossMixin.compute_loss``, which any other ``Trainer`` subclass can mix in.
@@ -20,6 +21,7 @@ import torch
 
 from ktransfer.losses.hf_loss import hf_loss
 from ktransfer.losses.spec import OPTIONS, LossSpec
+from ktransfer.training import aliases
 
 # Keyword arguments of the trainers that are ktransfer loss settings (the rest go to the trainer).
 TRANSFER_OPTIONS = OPTIONS
@@ -28,6 +30,21 @@ TRANSFER_OPTIONS = OPTIONS
 def pop_transfer_options(kwargs: dict) -> dict:
     """Remove the ``TRANSFER_OPTIONS`` keys from ``kwargs`` (in place) and return them as a dict."""
     return {k: kwargs.pop(k) for k in TRANSFER_OPTIONS if k in kwargs}
+
+
+def divergence_weight_of(kwargs: dict, given: float | None, default: float, source: str) -> float:
+    """The divergence weight of a trainer call: ``given`` (``divergence_weight=``), else the deprecated ``lam=`` popped
+    from ``kwargs`` (logging one deprecation line), else ``default``.
+
+    Raises:
+        TypeError: both ``divergence_weight=`` and ``lam=`` were given.
+    """
+    if "lam" not in kwargs:
+        return default if given is None else given
+    if given is not None:
+        raise TypeError(f"{source}: got both divergence_weight= and lam= (the deprecated name of divergence_weight=)")
+    aliases.canonical("lam", f"{source}(lam=...)", aliases.RENAMED_KEYWORDS)
+    return kwargs.pop("lam")
 
 
 class TransferLossMixin:
@@ -43,13 +60,14 @@ class TransferLossMixin:
     ``Trainer.compute_loss`` does, since DDP averages gradients), else by this batch's token count.
     """
 
-    def init_transfer(self, teacher_model, objective: str, lam: float, options: dict) -> None:
+    def init_transfer(self, teacher_model, objective: str, divergence_weight: float, options: dict) -> None:
         """Store the loss settings; ``teacher_model`` None keeps ``self.teacher_model`` (set by e.g. GKDTrainer).
 
         Raises:
-            ValueError: unknown objective, lam outside [0, 1], an unknown option, or no teacher for a divergence.
+            ValueError: unknown objective, divergence_weight outside [0, 1], an unknown option, or no teacher for a
+                divergence.
         """
-        self.transfer_spec = LossSpec.of(objective, lam, **options)
+        self.transfer_spec = LossSpec.of(objective, divergence_weight, **options)
         if teacher_model is not None:
             teacher_model.requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
@@ -71,7 +89,7 @@ class TransferLossMixin:
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``(1 - lam) NLL + lam D`` on this batch (``TransferLoss.loss``), and the model's outputs if asked."""
+        """``(1 - w) NLL + w D`` on this batch (``TransferLoss.loss``), and the model's outputs if asked."""
         model_inputs = self.transfer_inputs(model, inputs)
         outputs = model(**model_inputs)
         teacher_outputs = None

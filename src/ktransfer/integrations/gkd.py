@@ -1,10 +1,11 @@
 """``TransferGKDTrainer``: TRL's ``GKDTrainer`` with ktransfer's divergences in place of ``generalized_jsd_loss``.
 
 Everything of GKD stays (the ChatML collator, on-policy sampling with probability ``lmbda``, ``seq_kd``); only the
-loss changes. With the defaults (``objective="jsd"``, ``beta`` = ``GKDConfig.beta``, ``lam=1``, temperature 1, as
-GKDTrainer's loss is called) the loss equals stock GKD's, β = 0 and β = 1 included; any other kind, a top-k support
-or an NLL mix (``lam < 1``) is one keyword away. ``GKDConfig.temperature`` stays GKD's sampling temperature; pass
-``temperature=`` for the loss's own.
+loss changes. With the defaults (``objective="jsd"``, ``beta`` = ``GKDConfig.beta``, ``divergence_weight=1``,
+temperature 1, as GKDTrainer's loss is called) the loss equals stock GKD's, β = 0 and β = 1 included; any other kind,
+a top-k support or an NLL mix (``divergence_weight < 1``) is one keyword away. ``GKDConfig.lmbda`` stays GKD's
+on-policy fraction; the divergence weight was called ``lam`` before (still accepted, with a deprecation line).
+``GKDConfig.temperature`` stays GKD's sampling temperature; pass ``temperature=`` for the loss's own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ktransfer.integrations import TransferLossMixin, pop_transfer_options
+from ktransfer.integrations import TransferLossMixin, divergence_weight_of, pop_transfer_options
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 try:  # TRL >= 1.0 keeps GKD under trl.experimental
@@ -28,20 +29,22 @@ class TransferGKDTrainer(TransferLossMixin, GKDTrainer):
         *args, **kwargs: those of ``GKDTrainer`` (``model``, ``teacher_model``, ``args`` a ``GKDConfig``, ...).
         objective: ``"jsd"`` (default: GKD's generalized JSD with ``beta = args.beta`` unless ``beta=`` is given),
             ``"kd"``, ``"ka"``, ``"half"``, any kind of ``ktransfer.KINDS``, or ``"nll"``.
-        lam: weight of the divergence; ``1 - lam`` weighs the NLL of the batch's labels (the reference completion,
+        divergence_weight: weight ``w`` of the divergence (``lam=`` is its deprecated old name; not GKD's ``lmbda``);
+            ``1 - w`` weighs the NLL of the batch's labels (the reference completion,
             or the sampled one on on-policy steps). Default 1: divergence only, as GKD.
         top_k, support, tail, renormalize, temperature, beta, alpha, label_smoothing, vocab_size, chunk_size: as in
             ``ktransfer.transfer_loss``.
     """
 
-    def __init__(self, *args, objective: str = "jsd", lam: float = 1.0, **kwargs):
+    def __init__(self, *args, objective: str = "jsd", divergence_weight: float | None = None, **kwargs):
+        weight = divergence_weight_of(kwargs, divergence_weight, 1.0, "TransferGKDTrainer")
         options = pop_transfer_options(kwargs)
         with _same_vocab_size_for_trl(kwargs.get("model", args[0] if args else None), kwargs.get("teacher_model"),
                                       options.get("vocab_size")):
             super().__init__(*args, **kwargs)
         if objective == "jsd":
             options.setdefault("beta", self.beta)
-        self.init_transfer(None, objective, lam, options)
+        self.init_transfer(None, objective, weight, options)
 
     def transfer_inputs(self, model, inputs: dict) -> dict:
         """What GKDTrainer feeds both models: ``input_ids`` and ``attention_mask``."""

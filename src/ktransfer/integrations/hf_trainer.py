@@ -1,10 +1,11 @@
-"""``TransferTrainer``: a ``transformers.Trainer`` whose loss is ktransfer's ``(1 - lam) NLL + lam D(p, q)``."""
+"""``TransferTrainer``: a ``transformers.Trainer`` whose loss is ktransfer's ``(1 - w) NLL + w D(p, q)``, ``w`` =
+``divergence_weight``."""
 
 from __future__ import annotations
 
 from transformers import Trainer
 
-from ktransfer.integrations import TransferLossMixin, pop_transfer_options
+from ktransfer.integrations import TransferLossMixin, divergence_weight_of, pop_transfer_options
 
 
 class TransferTrainer(TransferLossMixin, Trainer):
@@ -16,12 +17,15 @@ class TransferTrainer(TransferLossMixin, Trainer):
         teacher_model: the frozen teacher (same tokenizer; its gradients are switched off); None for ``"nll"``.
         objective: ``"kd"`` (KL(q || p)), ``"ka"`` (KL(p || q)), ``"half"``, any kind of ``ktransfer.KINDS``, or
             ``"nll"``.
-        lam: weight of the divergence; ``1 - lam`` weighs the NLL of the labels.
+        divergence_weight: weight ``w`` of the divergence; ``1 - w`` weighs the NLL of the labels (default 0.5;
+            ``lam=`` is its deprecated old name).
         top_k, support, tail, renormalize, temperature, beta, alpha, label_smoothing, vocab_size, chunk_size: as in
             ``ktransfer.transfer_loss`` (keyword arguments).
     """
 
-    def __init__(self, *args, teacher_model=None, objective: str = "kd", lam: float = 0.5, **kwargs):
+    def __init__(self, *args, teacher_model=None, objective: str = "kd", divergence_weight: float | None = None,
+                 **kwargs):
+        weight = divergence_weight_of(kwargs, divergence_weight, 0.5, "TransferTrainer")
         options = pop_transfer_options(kwargs)
         super().__init__(*args, **kwargs)
-        self.init_transfer(teacher_model, objective, lam, options)
+        self.init_transfer(teacher_model, objective, weight, options)

@@ -75,7 +75,7 @@ class LossSpec:
     def from_config(cls, objective, vocab_size: int | None = None) -> LossSpec:
         """The spec of a run's ``objective`` section (``ktransfer.training.config.ObjectiveConfig``)."""
         ob = objective
-        return cls(objective=ob.objective, lam=ob.lam, top_k=ob.top_k, support=ob.support, tail=ob.tail,
+        return cls(objective=ob.kind, lam=ob.divergence_weight, top_k=ob.top_k, support=ob.support, tail=ob.tail,
                    renormalize=ob.renormalize, temperature=ob.temperature, beta=ob.beta, alpha=ob.alpha,
                    label_smoothing=ob.label_smoothing, vocab_size=vocab_size)
 

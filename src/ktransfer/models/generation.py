@@ -15,6 +15,11 @@ INSTRUCTION_KEY = "ktransfer_instruction"  # model.config attribute: the instruc
 FORMAT_KEY = "ktransfer_data_format"  # model.config attribute: the data format a causal model was trained on
 
 
+# the one beam default of `evaluate`, `translate`, `distill-data` and eval.beam (the paper's beam size); `generate`
+# decodes greedily by default, as transformers' generate() does
+DEFAULT_BEAM = 6
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """Beam-search settings that change a hypothesis (and so a score).
@@ -26,7 +31,7 @@ class DecodeSettings:
         max_length: most target tokens generated per sentence, ``</s>`` included.
     """
 
-    beam: int = 6
+    beam: int = DEFAULT_BEAM
     length_penalty: float = 1.0
     max_length: int = 256
 

@@ -11,6 +11,9 @@ import torch
 
 from ktransfer.runtime import distributed
 
+# the one device default of `train` (train.device), `evaluate`, `translate`, `generate` and `distill-data`
+DEFAULT_DEVICE = "auto"
+
 
 class DeviceError(ValueError):
     """A device that this machine does not have (``cuda`` without CUDA)."""

@@ -4,7 +4,8 @@ A run is described by one ``RunConfig`` with six sections (``data``, ``model``, 
 ``eval``). Keys are dotted: ``optim.lr=3e-4``, ``objective.top_k=8``. Values are read as YAML scalars and converted to
 the field's type (``1e-4`` is a float, ``null``/``none`` is None for optional fields, ``0.9,0.98`` or ``[0.9, 0.98]`` a
 tuple). Every field carries help text and a range check; a bad key or value raises ``ConfigError`` naming the key, the
-value and where it came from (``file.yaml:LINE`` or the override), with close key names suggested for typos.
+value and where it came from (``file.yaml:LINE`` or the override), with close key names suggested for typos. Old key
+names (``ktransfer.training.aliases.RENAMED``) are read as their new names, each use logging a deprecation line.
 
 The resolved config is saved with each run (``save_config``) and loads back equal (``load_config(saved, [])``).
 """
@@ -25,7 +26,8 @@ import yaml
 
 from ktransfer.losses.divergences import SUPPORTS
 from ktransfer.losses.spec import OBJECTIVES
-from ktransfer.training import remote_code, rules
+from ktransfer.models.generation import DEFAULT_BEAM
+from ktransfer.training import aliases, remote_code, rules
 from ktransfer.training.values import (
     ConfigError,
     bounds_text,
@@ -94,11 +96,15 @@ class DataConfig(_Section):
                                     "per_device_train_batch_size): shuffled batches of exactly N examples, the last "
                                     "of an epoch shorter; when set it replaces data.max_tokens for training batches "
                                     "(None = batches of data.max_tokens tokens)", ge=1)
-    max_length: int = option(128, "longest sentence kept for training, in sub-words including </s>", ge=2)
+    max_length: int | None = option(None, "longest training example kept, in tokens including </s> (None = what "
+                                    "the models read: their max positions, capped by the tokenizer's "
+                                    "model_max_length; ktransfer.training.lengths)", ge=2)
     vocab_size: int = option(10000, "joint BPE vocabulary size when a tokenizer is trained", ge=4)
     tokenizer: str | None = option(None, "tokenizer.json to reuse; None = the teacher's, else train one on train")
-    valid_subset: int | None = option(None, "use only the first N validation pairs (None = the whole split)", ge=1)
-    train_limit: int | None = option(None, "use only the first N training pairs (None = all)", ge=1)
+    max_eval_samples: int | None = option(None, "use only the first N validation examples (None = the whole split; "
+                                          "formerly data.valid_subset)", ge=1)
+    max_train_samples: int | None = option(None, "use only the first N training examples (None = all; formerly "
+                                           "data.train_limit)", ge=1)
 
     def _check_more(self) -> None:
         from ktransfer.data.formats import FORMATS
@@ -165,11 +171,13 @@ class OptimConfig(_Section):
 @dataclass
 class ObjectiveConfig(_Section):
     name: ClassVar[str] = "objective"
-    objective: Objective = option(
+    kind: Objective = option(
         "nll", "nll (no teacher), kd (forward KL), ka (reverse KL), half, or a divergence kind of "
-        "ktransfer.losses.divergences"
+        "ktransfer.losses.divergences (formerly objective.objective)"
     )
-    lam: float = option(0.5, "weight of the divergence: (1 - lam) * NLL + lam * D", ge=0.0, le=1.0)
+    divergence_weight: float = option(0.5, "weight w of the divergence: (1 - w) * NLL + w * D (formerly "
+                                      "objective.lam; not TRL's lmbda, which is objective.on_policy_fraction)",
+                                      ge=0.0, le=1.0)
     top_k: int | None = option(None, "restrict the divergence to the top-k support (None = all of V)", ge=1)
     temperature: float = option(1.0, "softmax temperature of both models inside the divergence", gt=0.0)
     label_smoothing: float = option(0.0, "label smoothing of the NLL term", ge=0.0, lt=1.0)
@@ -247,7 +255,7 @@ class TrainConfig(_Section):
 @dataclass
 class EvalConfig(_Section):
     name: ClassVar[str] = "eval"
-    beam: int = option(6, "beam size", ge=1)
+    beam: int = option(DEFAULT_BEAM, "beam size (the default of evaluate/translate/distill-data --beam too)", ge=1)
     length_penalty: float = option(1.0, "beam-search length penalty (exponent on length; 1.0 = average log-prob)")
     max_length: int = option(256, "longest translation in sub-words", ge=1)
     batch_size: int = option(64, "sentences per beam-search batch", ge=1)
@@ -383,7 +391,8 @@ def _yaml_entries(path: Path) -> list[tuple[str, Any, str]]:
 def _build(entries: list[tuple[str, Any, str]]) -> RunConfig:
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     sources: dict[str, str] = {}
-    for key, value, source in entries:
+    for old, value, source in entries:
+        key = aliases.canonical(old, source)
         _field_type(key, source)
         section, _, name = key.partition(".")
         values[section][name] = value
@@ -415,7 +424,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         source = f"override {item!r}"
         if not sep or not key:
             raise ConfigError(f"{source}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
-        entries.append((key, _parse_text(raw, _field_type(key, source)), source))
+        tp = _field_type(aliases.RENAMED.get(key, key), source)  # _build resolves (and logs) the old name
+        entries.append((key, _parse_text(raw, tp), source))
     return _build(entries)
 
 

@@ -38,10 +38,9 @@ def load_teacher(cfg: RunConfig, device: torch.device, log) -> tuple[torch.nn.Mo
     teacher.to(dtype)
     log(f"teacher: {cfg.model.teacher} ({type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} "
         f"parameters, frozen, {str(dtype).removeprefix('torch.')})")
-    if cfg.objective.prefix != "reference":
-        from ktransfer.training.prefixes import SampleSettings
+    from ktransfer.training.prefixes import describe_source
 
-        log(f"on-policy samples ({cfg.objective.prefix}): {SampleSettings.from_config(cfg).describe()}")
+    log(describe_source(cfg))
     return teacher, tokenizer
 
 

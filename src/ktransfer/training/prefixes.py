@@ -103,6 +103,20 @@ class SampleSettings:
         return describe(self.max_new_tokens, self.length_scale, self.length_margin)
 
 
+def describe_source(cfg) -> str:
+    """The prefix source of a ``RunConfig``'s divergence in words, with the sampling settings when it samples (the run
+    log states it at start)."""
+    ob = cfg.objective
+    if ob.prefix == "reference":
+        return "prefixes: reference (objective.prefix): the divergence is computed on the data's targets, no sampling"
+    s = SampleSettings.from_config(cfg)
+    when = ("on every batch" if ob.prefix == "learner" else
+            f"on a batch with probability {ob.on_policy_fraction:g} (objective.on_policy_fraction), the reference "
+            "otherwise")
+    return (f"prefixes: {ob.prefix} (objective.prefix), on-policy: the learner's samples {when}; temperature "
+            f"{s.temperature:g}, top-p {s.top_p:g}, top-k {s.top_k or 'all'} (objective.sample_*); {s.describe()}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Randomness
 # --------------------------------------------------------------------------------------------------------------

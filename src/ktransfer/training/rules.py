@@ -85,14 +85,14 @@ RULES: tuple[Rule, ...] = (
     Rule(("objective.tail", "objective.top_k", "objective.renormalize"), "needs objective.top_k (the rest is what "
          "lies outside the top-k) and excludes objective.renormalize",
          broken=lambda c, f: c.objective.tail and (c.objective.top_k is None or c.objective.renormalize)),
-    Rule(("objective.prefix", "objective.objective"), "learner or mixed prefixes need a divergence objective",
-         broken=lambda c, f: c.objective.prefix != "reference" and c.objective.objective == "nll",
+    Rule(("objective.prefix", "objective.kind"), "learner or mixed prefixes need a divergence objective",
+         broken=lambda c, f: c.objective.prefix != "reference" and c.objective.kind == "nll",
          message=lambda c, f: f"{c.objective.prefix!r} needs a divergence objective (kd, ka, ...): with "
-                           "objective.objective=nll there is no teacher term to compute on the sampled prefixes, and "
+                           "objective.kind=nll there is no teacher term to compute on the sampled prefixes, and "
                            "NLL is always on the reference (use objective.prefix=reference)"),
     Rule(("data.max_length", "model.preset", "model.init"), "at most the positions of model.preset, when model.init "
          "is unset (with model.init the model's own positions cap it when the data is encoded)",
-         broken=lambda c, f: (p := _preset_positions(c)) is not None and c.data.max_length > p,
+         broken=lambda c, f: (p := _preset_positions(c)) is not None and (c.data.max_length or 0) > p,
          message=lambda c, f: f"{c.data.max_length} exceeds the {_preset_positions(c)} positions of "
                            f"model.preset={c.model.preset!r}"),
     Rule(("eval.max_length", "model.preset", "model.init"), "at most the positions of model.preset, when "
@@ -100,22 +100,22 @@ RULES: tuple[Rule, ...] = (
          broken=lambda c, f: (p := _preset_positions(c)) is not None and c.eval.max_length > p,
          message=lambda c, f: f"{c.eval.max_length} exceeds the {_preset_positions(c)} positions of "
                            f"model.preset={c.model.preset!r}"),
-    Rule(("model.teacher", "objective.objective"), "every objective but nll needs a teacher",
-         broken=lambda c, f: c.objective.objective != "nll" and not c.model.teacher,
-         message=lambda c, f: f"objective.objective={c.objective.objective!r} needs a teacher checkpoint (set "
-                           "model.teacher=PATH, or use objective.objective=nll)"),
+    Rule(("model.teacher", "objective.kind"), "every objective but nll needs a teacher",
+         broken=lambda c, f: c.objective.kind != "nll" and not c.model.teacher,
+         message=lambda c, f: f"objective.kind={c.objective.kind!r} needs a teacher checkpoint (set "
+                           "model.teacher=PATH, or use objective.kind=nll)"),
     Rule(("train.valid_bleu", "data.format"), "BLEU needs translation pairs (parallel data; data.format=auto is "
          "decided when the data is read)", "data",
          broken=lambda c, f: c.train.valid_bleu and (f.format or c.data.format) not in ("auto", "parallel"),
          message=lambda c, f: f"BLEU needs translation pairs, the data is {f.format or c.data.format}; select on "
                               "the validation loss (train.valid_bleu=false)"),
-    Rule(("train.teacher_cache", "objective.objective", "objective.top_k", "objective.support"),
+    Rule(("train.teacher_cache", "objective.kind", "objective.top_k", "objective.support"),
          "the cache serves only divergences on the teacher's top-k support (kd, skew_forward_kl, or "
          "support=teacher, with objective.top_k)",
          broken=lambda c, f: bool(c.train.teacher_cache)
-         and exact_for(c.objective.objective, c.objective.top_k, c.objective.support) is not None,
-         message=lambda c, f: f"the cache cannot give objective.objective={c.objective.objective!r} exactly: "
-                           f"{exact_for(c.objective.objective, c.objective.top_k, c.objective.support)}"),
+         and exact_for(c.objective.kind, c.objective.top_k, c.objective.support) is not None,
+         message=lambda c, f: f"the cache cannot give objective.kind={c.objective.kind!r} exactly: "
+                           f"{exact_for(c.objective.kind, c.objective.top_k, c.objective.support)}"),
     Rule(("train.teacher_cache", "objective.prefix"), "the cache holds the teacher on the reference prefixes only",
          broken=lambda c, f: bool(c.train.teacher_cache) and c.objective.prefix != "reference",
          message=lambda c, f: f"objective.prefix={c.objective.prefix!r}: the cache holds the teacher on the reference "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ktransfer.models.checkpoint import STATE_FILE, run_config_of
+from ktransfer.training import aliases
 from ktransfer.training.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
 
 # Keys a resumed run may change: none of them changes what the weights trained so far are, nor the updates still to
@@ -43,10 +44,11 @@ def choose(cfg: RunConfig) -> Path:
 
 
 def default_out_dir(cfg: RunConfig) -> str:
-    """``runs/<objective>-<8 hex digits>``: a hash of every key of ``cfg`` but ``SAFE_KEYS``."""
-    flat = {k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in SAFE_KEYS}
+    """``runs/<objective>-<8 hex digits>``: a hash of every key of ``cfg`` but ``SAFE_KEYS``, each under the name it
+    had before ``ktransfer.training.aliases.RENAMED`` (so a folder named before the renames is found again)."""
+    flat = {aliases.old_name(k): v for k, v in _flat(config_to_dict(cfg)).items() if k not in SAFE_KEYS}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"runs/{cfg.objective.objective}-{digest}"
+    return f"runs/{cfg.objective.kind}-{digest}"
 
 
 def check_same_run(cfg: RunConfig, out_dir: Path, processes: int) -> list[str]:

@@ -29,7 +29,7 @@ from ktransfer.models import family as models
 from ktransfer.runtime import distributed, runlock
 from ktransfer.runtime.device import DeviceError, choose_device
 from ktransfer.runtime.runlog import RunLog
-from ktransfer.training import loading, runfolder, signals
+from ktransfer.training import lengths, loading, runfolder, signals
 from ktransfer.training.config import ConfigError, RunConfig, check_rules, config_to_dict, save_config
 from ktransfer.training.metrics import MetricsFile, check_report_to, reporter
 from ktransfer.training.parallel import Parallel
@@ -99,7 +99,7 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     log, metrics, resumed, state = _run_folder(cfg, out_dir, read, resume_from, notes)
     state.processes = parallel.world
     teacher, model, tokenizer, family, vocab_size = _models(cfg, resumed, read, device, log)
-    data = _encode(cfg, read, family, model, teacher, tokenizer, log)
+    data, dropped = _encode(cfg, read, family, model, teacher, tokenizer, log)
     spec = LossSpec.from_config(cfg.objective, vocab_size)
     _check_spec(spec, vocab_size or getattr(model.config, "vocab_size", None))
     cache = None
@@ -115,10 +115,13 @@ def _setup(cfg: RunConfig, out_dir: Path, resume_from: Path | None, read: ReadDa
     chosen = signals.choose(cfg, spec, model=model, teacher=teacher, family=family, tokenizer=tokenizer, state=state,
                             device=device, cache=cache)
     log(f"learner: {sum(p.numel() for p in model.parameters()):,} parameters ({family.name}) on {device}"
-        + parallel.describe(teacher is not None) + f"; objective {cfg.objective.objective}"
-        + (f" (lam {cfg.objective.lam}) from teacher {cfg.model.teacher}" if teacher is not None else "")
+        + parallel.describe(teacher is not None) + f"; objective {cfg.objective.kind}"
+        + (f" (divergence_weight {cfg.objective.divergence_weight}) from teacher {cfg.model.teacher}"
+           if teacher is not None else "")
         + f"; {len(data.train_ids[0])} training pairs in {len(data.sampler.epoch_batches(state.epoch))} batches, "
           f"{len(data.valid_ids[0])} validation pairs")
+    if dropped:  # the last word of setup, on the terminal too: examples that will not be trained on as written
+        log(f"warning: {dropped}")
     return Run(cfg=cfg, out_dir=out_dir, device=device, tokenizer=tokenizer, model=model, family=family,
                teacher=teacher, data=data, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
                metrics=metrics, parallel=parallel, signals=chosen)
@@ -173,15 +176,16 @@ def _models(cfg: RunConfig, resumed, read: ReadData, device, log):
     except ValueError as e:
         raise ConfigError(f"data.format: {e}", key="data.format") from None
     vocab_size = loading.shared_vocab_size(cfg, teacher, model, teacher_tokenizer, tokenizer, log)
-    if cfg.objective.objective == "nll":
+    if cfg.objective.kind == "nll":
         teacher = None  # its tokenizer was wanted, not its predictions
     if cfg.train.fused_head:
         loading.check_fused_head(model, teacher)
     return teacher, model, tokenizer, family, vocab_size
 
 
-def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, log) -> RunData:
-    """The examples as the family's ids, within what both models read, and the batches of each epoch.
+def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, log) -> tuple[RunData, str | None]:
+    """The examples as the family's ids, within what both models read (``ktransfer.training.lengths``), and the
+    batches of each epoch; and a line on the training examples dropped or cut (None when none were).
 
     Raises:
         ConfigError: no training pair fits in ``data.max_length`` tokens.
@@ -190,18 +194,22 @@ def _encode(cfg: RunConfig, read: ReadData, family, model, teacher, tokenizer, l
     if distributed.is_main():
         tokenizer.save(Path(cfg.train.out_dir) / "tokenizer")
     positions = min(family.positions(m) for m in (model, teacher) if m is not None)  # both models read each batch
-    max_length = min(cfg.data.max_length, positions)
-    kw = {"model": model, "fmt": read.format, "truncate": cfg.data.truncate, "log": log}
-    src, tgt = family.encode(train_pairs, tokenizer, max_length, **kw)
+    lim = lengths.limit(cfg.data.max_length, positions, tokenizer)
+    log(f"longest training example: {lim.tokens} tokens ({lim.why})")
+    counter = lengths.Counter(log)
+    kw = {"model": model, "fmt": read.format, "truncate": cfg.data.truncate, "log": counter}
+    src, tgt = family.encode(train_pairs, tokenizer, lim.tokens, **kw)
     if not src:
-        raise ConfigError(f"data.max_length: no training example fits in {max_length} tokens", key="data.max_length")
+        raise ConfigError(f"data.max_length: no training example fits in {lim.tokens} tokens ({lim.why})",
+                          key="data.max_length")
     if cfg.data.batch_size is not None:  # examples per batch (Hugging Face's per_device_train_batch_size)
         sampler = ExampleBatchSampler(len(src), cfg.data.batch_size, seed=cfg.train.seed)
     else:
         sampler = TokenBatchSampler(*family.lengths((src, tgt)), cfg.data.max_tokens, seed=cfg.train.seed)
+    dropped = lengths.report("training examples", len(train_pairs), len(src), counter.cut, lim)
     return RunData(format=read.format, train_ids=(src, tgt),
                    valid_ids=family.encode(valid_pairs, tokenizer, positions, **kw), valid_pairs=valid_pairs,
-                   sampler=sampler)
+                   sampler=sampler), dropped
 
 
 def _train_state(cfg: RunConfig, resume_from: Path | None, log) -> tuple[ckpt_lib.Checkpoint | None, TrainState]:
@@ -309,8 +317,8 @@ class ReadData:
 
 
 def _read_data(cfg: RunConfig) -> ReadData:
-    """The training examples (first data.train_limit) and validation examples (first data.valid_subset), in the
-    format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
+    """The training examples (first data.max_train_samples) and validation examples (first data.max_eval_samples),
+    in the format data.format names or ``auto`` infers; a single data file gives up a held-out validation share.
 
     Raises:
         ConfigError: nothing at data.corpus. CorpusError: bad data (naming the file and line).
@@ -324,9 +332,9 @@ def _read_data(cfg: RunConfig) -> ReadData:
     fmt, why = (d.format, "data.format") if d.format != "auto" else formats.infer_format(path, keys)
     valid_split, valid_why = formats.find_split(d.corpus, d.valid, fmt)  # data.valid, else validation/val/dev
     if fmt == "parallel":
-        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.train_limit]
+        train_pairs = read_split(d.corpus, d.train, d.src_lang, d.tgt_lang)[:d.max_train_samples]
         require_nonempty_pairs(train_pairs, d.corpus, d.train, d.src_lang, d.tgt_lang)  # before any file is written
-        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.valid_subset]
+        valid_pairs = read_split(d.corpus, valid_split or d.valid, d.src_lang, d.tgt_lang)[:d.max_eval_samples]
         return ReadData(fmt, f"{why}; validation: {valid_why}", formats.Examples(fmt, train_pairs),
                         formats.Examples(fmt, valid_pairs))
     train = formats.read_examples(d.corpus, d.train, fmt, keys=keys)
@@ -337,7 +345,7 @@ def _read_data(cfg: RunConfig) -> ReadData:
         train, valid = formats.hold_out(train, d.valid_fraction, d.split_seed)
         why += (f"; validation: {len(valid)} examples held out of {train.source} (data.valid_fraction "
                 f"{d.valid_fraction}, data.split_seed {d.split_seed})")
-    return ReadData(fmt, why, train.head(d.train_limit), valid.head(d.valid_subset))
+    return ReadData(fmt, why, train.head(d.max_train_samples), valid.head(d.max_eval_samples))
 
 
 def _seed_everything(seed: int) -> None:

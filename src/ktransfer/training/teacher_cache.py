@@ -60,7 +60,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MIN_RESIDUAL = 1e-30
 # manifest keys recorded for the reader but not compared on their own: the digests of the teacher's weights, the
 # tokenizer and the encoded training ids decide whether a cache is stale
-INFO_KEYS = ("teacher_path", "corpus", "train", "src_lang", "tgt_lang", "train_limit", "max_length")
+INFO_KEYS = ("teacher_path", "corpus", "train", "src_lang", "tgt_lang", "train_limit", "max_length")  # train_limit:
+# data.max_train_samples, under its manifest name of format 1
 
 
 class TeacherCacheError(ValueError):
@@ -358,7 +359,7 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
     return {"teacher_path": str(Path(cfg.model.teacher).resolve()), "teacher_sha256": digest,
             "tokenizer_sha256": tokenizer.fingerprint(),
             "corpus": d.corpus, "train": d.train, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
-            "train_limit": d.train_limit, "max_length": d.max_length}
+            "train_limit": d.max_train_samples, "max_length": d.max_length}
 
 
 def open_for_run(cfg, spec, teacher: torch.nn.Module, tokenizer, train_ids, family, model, device: torch.device,
