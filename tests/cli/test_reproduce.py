@@ -382,7 +382,7 @@ def test_variant_and_smoothing_columns(shared_data, tmp_path):
     assert config("finetune/ka-renorm/seed1")["renormalize"] is True and not config("finetune/ka/seed1")["tail"]
     smoothing = json.loads((run / "smoothing.json").read_text())
     smooth = config("finetune/smooth/seed1")
-    assert smooth["objective"] == "nll" and smooth["label_smoothing"] == pytest.approx(smoothing["chosen"])
+    assert smooth["kind"] == "nll" and smooth["label_smoothing"] == pytest.approx(smoothing["chosen"])
     assert yaml.safe_load((run / "finetune/smooth/seed1/config.yaml").read_text())["model"]["teacher"] is None
 
     # the entropies are those of the models' final weights on the whole valid split (float64 recomputation)

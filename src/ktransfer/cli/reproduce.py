@@ -8,7 +8,7 @@ import sys
 
 EPILOG = """\
 examples:
-  ktransfer reproduce quick --out runs/quick                      # ~15 minutes: teacher, learner, nll vs KD vs KA
+  ktransfer reproduce quick --out runs/quick                      # ~25 minutes: teacher, learner, nll vs KD vs KA
   ktransfer reproduce smoke --out runs/smoke                      # a minute: every stage on tiny models
   ktransfer reproduce multi30k-cpu --out runs/m30k                # about 50 minutes on 2 idle cores (see --list)
   ktransfer reproduce multi30k-cpu --out runs/m30k seeds=1 stop_after=learner
