@@ -91,6 +91,9 @@ def test_wandb_offline_run_logs_the_numbers_of_metrics_jsonl(shared_data, tmp_pa
     (tmp_path / "wandb-dir").mkdir()
     out = tmp_path / "run"
     assert main(tiny(shared_data, out, "train.report_to=wandb")) == 0
+    import wandb
+
+    wandb.teardown()  # wait for wandb's background service to close the run's files before they are read
     (run_file,) = (tmp_path / "wandb-dir").rglob("run-*.wandb")
     logged: dict[str, dict[int, float]] = {}
     for row in wandb_history(run_file):

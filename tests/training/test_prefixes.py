@@ -245,7 +245,7 @@ def test_resume_is_exact_with_learner_prefixes(teacher, shared_data, tmp_path, m
     log = (tmp_path / "straight/train.log").read_text(encoding="utf-8")  # the source and its settings, at start
     assert ("prefixes: mixed (objective.prefix), on-policy: the learner's samples on a batch with probability 0.5 "
             "(objective.on_policy_fraction), the reference otherwise; temperature 1, top-p 1, top-k all") in log
-    assert "at most min(12, ceil(2 x the reference's tokens) + 8) tokens per sample" in log
+    assert "at most min(12, ceil(1.5 x the reference's tokens) + 4) tokens per sample" in log
     a, b = weights(tmp_path / "resumed/checkpoints/last"), weights(tmp_path / "straight/checkpoints/last")
     assert a.keys() == b.keys()
     for key in a:

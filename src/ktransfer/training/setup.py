@@ -52,6 +52,7 @@ def setup(cfg: RunConfig, *, require_resume: bool = False) -> Run:
     out_dir = runfolder.choose(cfg)
     resume_from = _find_resume(cfg, out_dir / "checkpoints" / "last", require_resume)
     changes = runfolder.check_same_run(cfg, out_dir, parallel.world) if resume_from is not None else []
+    distributed.barrier()  # every process has read the folder's config before the main one rewrites it
     data = _read_data(cfg)
     check_rules(cfg, world=parallel.world, fmt=data.format)  # data.format=auto is known now
     notes = [f"resuming with changed keys that cannot change the run: {'; '.join(changes)}"] if changes else []
