@@ -134,8 +134,8 @@ def test_eval_every_validates_by_steps_and_resumes_with_the_cadence(shared_data,
     """train.eval_every=4 over 2 epochs of 10 updates: validations at updates 4, 8, ..., 20 (not at the epoch's end),
     the best checkpoint is the best of them, and a run killed mid-epoch resumes with the same validations as an
     uninterrupted one (same steps, same losses)."""
-    extra = ("data.batch_size=30", "data.max_train_samples=300", "train.epochs=2", "train.eval_every=6", "train.log_every=1",
-             "train.save_every=3")
+    extra = ("data.batch_size=30", "data.max_train_samples=300", "train.epochs=2", "train.eval_every=6",
+             "train.log_every=1", "train.save_every=3")
     reference = train(config(shared_data, tmp_path / "reference", *extra))
     n = reference["step"]
     assert n == 20  # 300 pairs (none longer than data.max_length) in batches of 30, two epochs
