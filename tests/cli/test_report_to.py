@@ -16,7 +16,8 @@ from ktransfer.cli import main
 
 def tiny(shared_data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", f"data.corpus={shared_data / 'multi30k-de-en'}", "data.max_train_samples=60",
-            "data.max_eval_samples=4", "data.vocab_size=300", "data.batch_size=8", "model.preset=tiny", "eval.max_length=8",
+            "data.max_eval_samples=4", "data.vocab_size=300", "data.batch_size=8", "model.preset=tiny",
+            "eval.max_length=8",
             "train.num_threads=1", "train.seed=3", "train.epochs=2", "train.log_every=2", "train.eval_every=3",
             f"train.out_dir={out}", *extra]
 
