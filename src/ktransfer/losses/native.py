@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ktransfer.runtime.digest import file_sha256
+
 _log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "divergence_cpu.cpp"
 # Compiler flags per ATen CPU capability: the same instruction sets ATen's own kernels are built for.
@@ -138,14 +140,6 @@ def build_lock(folder: Path, wait_s: float | None = None):
         os.close(fd)  # releases the flock
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_cached(folder: Path, name: str) -> None:
     """Under the build lock: a cached ``NAME.so`` whose sha256 differs from ``NAME.so.sha256`` (written by ``seal``
     when it was built), or that has none, is removed with its object files, with a warning, so that it is rebuilt
@@ -157,7 +151,7 @@ def check_cached(folder: Path, name: str) -> None:
         expected = digest_file.read_text(encoding="utf-8").strip()
     except OSError:
         expected = None
-    if expected == _sha256(lib):
+    if expected == file_sha256(lib):
         return
     why = ("does not match the sha256 written when it was built (corrupt or truncated)" if expected else
            f"has no {digest_file.name} beside it (built by an older ktransfer, or its write was cut)")
@@ -172,7 +166,7 @@ def seal(folder: Path, name: str) -> None:
     lib, digest_file = folder / f"{name}.so", folder / f"{name}.so.sha256"
     if lib.exists() and not digest_file.exists():
         tmp = digest_file.with_name(f".{digest_file.name}.tmp-{os.getpid()}")
-        tmp.write_text(_sha256(lib) + "\n", encoding="utf-8")
+        tmp.write_text(file_sha256(lib) + "\n", encoding="utf-8")
         os.replace(tmp, digest_file)
 
 

@@ -50,6 +50,7 @@ import safetensors.torch
 import torch
 
 from ktransfer.runtime import tempdirs
+from ktransfer.runtime.digest import file_sha256
 from ktransfer.training.rules import exact_for  # noqa: F401  (re-exported: which objectives the cache serves)
 
 FORMAT = "ktransfer-teacher-cache"
@@ -256,7 +257,7 @@ def _write(tmp: Path, path: Path, teacher, ids, *, k, family, batch_of, temperat
                                      "ids": all_ids[lo:hi].contiguous(), "logq": all_logq[lo:hi].contiguous(),
                                      "lse": all_lse[lo:hi].contiguous()}, tmp / name, metadata={"format": "pt"})
         shards.append({"file": name, "first_example": first, "num_examples": last - first, "positions": hi - lo,
-                       "sha256": _sha256(tmp / name)})
+                       "sha256": file_sha256(tmp / name)})
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "k": k, "temperature": float(temperature),
                 "dtype": next(n for n, d in DTYPES.items() if d == dtype), "bf16": bool(bf16), "vocab_size": V,
                 "num_examples": len(tgt), "positions": P, "key": key or {}, "shards": shards,
@@ -289,7 +290,7 @@ def load(path: str | os.PathLike, *, expect: dict[str, Any] | None = None) -> Te
     base = 0
     for shard in manifest["shards"]:
         file = path / shard["file"]
-        if not file.is_file() or _sha256(file) != shard["sha256"]:
+        if not file.is_file() or file_sha256(file) != shard["sha256"]:
             raise TeacherCacheError(f"{file}: missing or corrupt (sha256 differs from {mf}); delete {path} to rebuild")
         tensors = safetensors.torch.load_file(file)
         parts["offsets"].append(tensors["offsets"][:-1] + base)
@@ -321,14 +322,6 @@ def _check_fresh(path: Path, manifest: dict[str, Any], expect: dict[str, Any]) -
                                 + f". Delete {path} to rebuild it, or choose another path")
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def disk_bytes(path: str | os.PathLike) -> int:
     """Total size of the files of a cache folder."""
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
@@ -349,7 +342,7 @@ def run_key(cfg, tokenizer) -> dict[str, Any]:
         if state_file.is_file():
             digest = json.loads(state_file.read_text(encoding="utf-8"))["files"][ckpt_lib.MODEL_FILE]["sha256"]
         elif weights:
-            digest = hashlib.sha256("".join(_sha256(w) for w in weights).encode()).hexdigest()
+            digest = hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest()
         else:
             raise FileNotFoundError(f"no {ckpt_lib.STATE_FILE} and no *.safetensors in {folder}")
     except (OSError, ValueError, KeyError, TypeError) as e:
