@@ -24,6 +24,19 @@ CORPUS_SETTINGS = ("data.max_train_samples=300", "data.max_eval_samples=20", "da
                    "eval.max_length=16", "optim.lr=1e-3", "train.num_threads=1", "train.seed=3", "train.epochs=1")
 
 
+def kill_at_step(monkeypatch, step: int):
+    """Make training raise "killed" when it reaches update ``step`` (before it runs); returns the real step."""
+    real_step = loop.train_step
+
+    def killed(run, batches, **kw):
+        if run.state.step == step:
+            raise RuntimeError("killed")
+        return real_step(run, batches, **kw)
+
+    monkeypatch.setattr(loop, "train_step", killed)
+    return real_step
+
+
 def config(shared_data: Path, out_dir: Path, *extra: str) -> RunConfig:
     return load_config(None, [f"data.corpus={shared_data / 'multi30k-de-en'}", *CORPUS_SETTINGS,
                               f"train.out_dir={out_dir}", *extra])
@@ -102,14 +115,7 @@ def test_decay_schedules_equal_transformers_and_survive_a_resume(schedule, share
     out = tmp_path / schedule
     cfg = config(shared_data, out, "data.batch_size=32", "optim.accumulate=2", "train.epochs=2",
                  f"optim.schedule={schedule}", "optim.warmup_steps=3", "train.log_every=1", "train.save_every=4")
-    real_step = loop.train_step
-
-    def killed_at_step_9(run, batches, **kw):
-        if run.state.step == 9:
-            raise RuntimeError("killed")
-        return real_step(run, batches, **kw)
-
-    monkeypatch.setattr(loop, "train_step", killed_at_step_9)
+    real_step = kill_at_step(monkeypatch, 9)
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg)
     assert state_of(out / "checkpoints/last")["step"] == 8  # mid-epoch 2; the kill loses step 9
@@ -147,14 +153,7 @@ def test_eval_every_validates_by_steps_and_resumes_with_the_cadence(shared_data,
     assert state_of(tmp_path / "reference/checkpoints/best")["step"] == best["step"]
 
     out = tmp_path / "killed"
-    real_step = loop.train_step
-
-    def killed_at_step_8(run, batches, **kw):
-        if run.state.step == 8:
-            raise RuntimeError("killed")
-        return real_step(run, batches, **kw)
-
-    monkeypatch.setattr(loop, "train_step", killed_at_step_8)
+    real_step = kill_at_step(monkeypatch, 8)
     with pytest.raises(RuntimeError, match="killed"):
         train(config(shared_data, out, *extra))
     assert state_of(out / "checkpoints/last")["step"] == 6 and state_of(out / "checkpoints/last")["batch"] > 0
